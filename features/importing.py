@@ -1,0 +1,372 @@
+"""Generic import: any retailer's order lines (or contract-shaped tables) into a workspace.
+
+``read_table_file`` is the I/O; ``order_lines_to_tables`` is a pure mapping from a frame
+of order lines to contract tables; ``import_transactions`` and ``import_table`` wire them
+to :func:`features.workspace.write_workspace`, which validates everything before it
+writes anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from features.contract import TABLES, ContractError, coerce_table
+from features.workspace import Workspace, write_workspace
+
+__all__ = [
+    "OrderLineMapping",
+    "import_table",
+    "import_transactions",
+    "order_lines_to_tables",
+    "read_table_file",
+]
+
+OfferLevel = Literal["item", "category"]
+_SNIFF_BYTES = 8192
+
+
+def _looks_binary(head: bytes) -> bool:
+    return b"\x00" in head
+
+
+def read_table_file(path: Path | str, *, table: str = "transactions") -> pd.DataFrame:
+    """Read a CSV/TSV or parquet file into a frame (CSV columns stay text, as written).
+
+    Raises :class:`ContractError` naming the file when it is missing, empty, has a header
+    but no rows, or is not a table at all.
+    """
+    file = Path(path)
+    source = str(file)
+    if not file.is_file():
+        raise ContractError(table, "does not exist", source=source, hint="Check the path")
+    if file.stat().st_size == 0:
+        raise ContractError(
+            table,
+            "is empty (0 bytes)",
+            source=source,
+            hint="Export the table again, with a header row and data",
+        )
+    with file.open("rb") as handle:
+        head = handle.read(_SNIFF_BYTES)
+    if head.startswith(b"PAR1") or file.suffix.lower() in (".parquet", ".pq"):
+        try:
+            frame = pq.read_table(file).to_pandas()
+        except Exception as error:  # pyarrow raises several types for a broken file
+            raise ContractError(
+                table,
+                f"is not a readable parquet table ({error})",
+                source=source,
+                hint="Give a CSV or parquet file",
+            ) from error
+    else:
+        if _looks_binary(head):
+            raise ContractError(
+                table,
+                "is not a table: it holds binary data, not CSV text",
+                source=source,
+                hint="Give a CSV (with a header row) or parquet",
+            )
+        separator = "\t" if file.suffix.lower() in (".tsv", ".tab") else ","
+        try:
+            frame = pd.read_csv(
+                file,
+                sep=separator,
+                dtype=str,
+                keep_default_na=False,
+                na_values=[""],
+                skipinitialspace=True,
+            )
+        except UnicodeDecodeError as error:
+            raise ContractError(
+                table,
+                "is not a text table (it is not UTF-8)",
+                source=source,
+                hint="Save it as UTF-8 CSV",
+            ) from error
+        except pd.errors.EmptyDataError as error:
+            raise ContractError(
+                table,
+                "is empty (no header row)",
+                source=source,
+                hint="Give a CSV with a header row and data",
+            ) from error
+        except pd.errors.ParserError as error:
+            raise ContractError(
+                table,
+                f"is not a well-formed CSV table ({error})",
+                source=source,
+                hint="Check the quoting and the number of fields per row",
+            ) from error
+    if frame.shape[1] == 0:
+        raise ContractError(
+            table, "has no columns", source=source, hint="Give a table with a header row"
+        )
+    if frame.shape[1] == 1 and separator_mismatch(frame.columns[0]):
+        raise ContractError(
+            table,
+            f"is not a table: its header {frame.columns[0]!r} has no column separators",
+            source=source,
+            hint="Give a comma-separated file (or .tsv for tabs) with a header row",
+        )
+    if len(frame) == 0:
+        raise ContractError(
+            table,
+            "has a header but no rows",
+            source=source,
+            hint="Export the table again, with its data",
+        )
+    return frame
+
+
+def separator_mismatch(header: object) -> bool:
+    """A one-column header that contains a separator nobody splits on is not a table."""
+    text = str(header)
+    return any(mark in text for mark in (";", "\t", "|")) or text.startswith(("{", "[", "<"))
+
+
+@dataclass(frozen=True)
+class OrderLineMapping:
+    """Which source column means what. Only ``customer``, ``time`` and ``item`` are needed."""
+
+    customer: str
+    time: str
+    item: str
+    category: str | None = None
+    amount: str | None = None
+    quantity: str | None = None
+    order: str | None = None
+    time_format: str | None = None
+
+    def columns(self) -> dict[str, str]:
+        """Contract column → source column, for the columns that are mapped."""
+        pairs = {
+            "customer_id": self.customer,
+            "ordered_at": self.time,
+            "product_id": self.item,
+            "category": self.category,
+            "amount": self.amount,
+            "quantity": self.quantity,
+            "order_id": self.order,
+        }
+        return {contract: source for contract, source in pairs.items() if source}
+
+
+_OPTION_FOR = {
+    "customer_id": "--customer",
+    "ordered_at": "--time",
+    "product_id": "--item",
+    "category": "--category",
+    "amount": "--amount",
+    "quantity": "--quantity",
+    "order_id": "--order",
+}
+
+
+def _rename_error(error: ContractError, mapping: dict[str, str]) -> ContractError:
+    source_column = mapping.get(error.column or "")
+    if source_column is None:
+        return error
+    return ContractError(
+        error.table,
+        error.problem,
+        column=f"{source_column} (→ {error.column})",
+        row=error.row,
+        value=error.value,
+        hint=error.hint,
+        source=error.source,
+        more=error.more,
+    )
+
+
+def order_lines_to_tables(
+    lines: pd.DataFrame, mapping: OrderLineMapping, *, offer_level: OfferLevel = "item"
+) -> dict[str, pd.DataFrame]:
+    """Map order lines to customers, products, orders and offers.
+
+    ``lines`` has at least the mapped customer, time and item columns. Lines of one
+    customer at one time form one order unless an ``order`` column is mapped. Offers are
+    one per item (``offer_id`` = the item id as given) or, with ``offer_level="category"``,
+    one per category (``offer_id`` = the category as given). Raises
+    :class:`ContractError` naming the source column, row and value of the first problem.
+    """
+    columns = mapping.columns()
+    missing = [source for source in columns.values() if source not in lines.columns]
+    if missing:
+        contract = {source: name for name, source in columns.items()}
+        raise ContractError(
+            "transactions",
+            "is missing column "
+            + ", ".join(f"'{m}' (given with {_OPTION_FOR[contract[m]]})" for m in missing),
+            hint=f"Found columns: {', '.join(map(str, lines.columns))}",
+        )
+    if offer_level == "category" and mapping.category is None:
+        raise ContractError(
+            "transactions",
+            "cannot make category offers without a category column",
+            hint="Pass --category COL, or use --offer-level item",
+        )
+    raw = pd.DataFrame({name: lines[source] for name, source in columns.items()})
+    raw = raw.reset_index(drop=True)
+    if "order_id" not in raw:
+        raw["order_id"] = raw["customer_id"].astype("str") + "@" + raw["ordered_at"].astype("str")
+    if "quantity" not in raw:
+        raw["quantity"] = 1.0
+    if "amount" not in raw:
+        raw["amount"] = np.nan
+    try:
+        orders = coerce_table("orders", raw, time_format=mapping.time_format)
+    except ContractError as error:
+        raise _rename_error(error, columns) from None
+    for required in ("customer_id", "product_id"):
+        empty = orders[required].isna().to_numpy()
+        if empty.any():
+            raise _rename_error(
+                ContractError(
+                    "transactions",
+                    "is empty but every line needs one",
+                    column=required,
+                    row=int(np.flatnonzero(empty)[0]) + 1,
+                    more=int(empty.sum()) - 1,
+                    hint="Fill it in or drop the line",
+                ),
+                columns,
+            )
+
+    products = _products_from_lines(orders, raw.get("category"), columns)
+    customers = pd.DataFrame({"customer_id": orders["customer_id"].drop_duplicates().sort_values()})
+    line_value = orders.loc[orders["quantity"] > 0].groupby("product_id")["amount"].mean()
+    if offer_level == "item":
+        offers = pd.DataFrame(
+            {
+                "offer_id": products["product_id"],
+                "kind": "item",
+                "title": products["title"],
+                "product_ids": [[product] for product in products["product_id"]],
+                "category": products["category"],
+                "value": products["product_id"].map(line_value).round(2),
+            }
+        )
+    else:
+        category_value = (
+            orders.loc[orders["quantity"] > 0, "amount"]
+            .groupby(orders["product_id"].map(products.set_index("product_id")["category"]))
+            .mean()
+        )
+        names = products["category"].dropna().drop_duplicates().sort_values()
+        offers = pd.DataFrame(
+            {
+                "offer_id": names.to_numpy(),
+                "kind": "category",
+                "title": names.to_numpy(),
+                "category": names.to_numpy(),
+                "value": names.map(category_value).round(2).to_numpy(),
+            }
+        )
+    return {"customers": customers, "products": products, "orders": orders, "offers": offers}
+
+
+def _products_from_lines(
+    orders: pd.DataFrame, category: pd.Series | None, columns: dict[str, str]
+) -> pd.DataFrame:
+    items = pd.DataFrame({"product_id": orders["product_id"]})
+    if category is not None:
+        items["category"] = category.astype("str").str.strip().replace("", None)
+        pairs = items.dropna(subset=["category"]).drop_duplicates()
+        conflicting = pairs["product_id"].duplicated(keep=False)
+        if conflicting.any():
+            item = pairs.loc[conflicting, "product_id"].iloc[0]
+            seen = items[(items["product_id"] == item) & items["category"].notna()]
+            first, other = seen.iloc[0], seen[seen["category"] != seen["category"].iloc[0]].iloc[0]
+            raise ContractError(
+                "transactions",
+                f"is a duplicate key: item {item!r} has two categories, "
+                f"{first['category']!r} (row {seen.index[0] + 1}) and "
+                f"{other['category']!r} (row {other.name + 1})",
+                column=f"{columns['category']} (→ category)",
+                row=int(other.name) + 1,
+                value=other["category"],
+                hint="An item belongs to one category: fix the file, or leave out --category",
+                more=int(pairs.loc[conflicting, "product_id"].nunique()) - 1,
+            )
+    else:
+        items["category"] = None
+    sold = orders[orders["quantity"] > 0]
+    unit_price = (sold["amount"] / sold["quantity"]).groupby(sold["product_id"]).median()
+    products = (
+        items.dropna(subset=["category"])
+        .drop_duplicates("product_id")
+        .set_index("product_id")
+        .reindex(pd.Index(orders["product_id"].unique(), name="product_id"))
+        .reset_index()
+        .sort_values("product_id", ignore_index=True)
+    )
+    products["title"] = products["product_id"]
+    products["price"] = products["product_id"].map(unit_price).round(2)
+    return products
+
+
+def import_transactions(
+    path: Path | str,
+    mapping: OrderLineMapping,
+    workspace: Path | str,
+    *,
+    offer_level: OfferLevel = "item",
+) -> Workspace:
+    """Read order lines from ``path`` and write them as the workspace ``workspace``."""
+    source = str(path)
+    try:
+        lines = read_table_file(path)
+        tables = order_lines_to_tables(lines, mapping, offer_level=offer_level)
+    except ContractError as error:
+        raise (error if error.source else error.with_source(source)) from None
+    return write_workspace(
+        workspace,
+        tables,
+        source={
+            "name": "import",
+            "file": str(Path(path).resolve()),
+            "mapping": {k: v for k, v in asdict(mapping).items() if v is not None},
+            "offer_level": offer_level,
+        },
+    )
+
+
+def import_table(
+    table: str, path: Path | str, workspace: Path | str, *, time_format: str | None = None
+) -> Workspace:
+    """Replace one contract table of an existing workspace with a contract-shaped file.
+
+    The file's columns carry the contract's names. Every reference to and from the new
+    table is checked against the workspace (strictly: unknown ids are errors).
+    """
+    if table not in TABLES:
+        raise ContractError(table, "is not a contract table", hint=f"Use one of {list(TABLES)}")
+    existing = Workspace(Path(workspace)).require()
+    source = str(path)
+    try:
+        frame = coerce_table(table, read_table_file(path, table=table), time_format=time_format)
+        tables = existing.read_all()
+        tables[table] = frame
+        manifest = existing.manifest
+        imported = list(manifest["source"].get("imported_tables", []))
+        return write_workspace(
+            existing.path,
+            tables,
+            source=dict(manifest["source"])
+            | {"imported_tables": [*imported, {"table": table, "file": str(Path(path).resolve())}]},
+            synthetic=manifest["synthetic"],
+            allow_orphans=manifest.get("tolerated_unknown_ids", ()),
+            data_quality={
+                key: value
+                for key, value in manifest["data_quality"].items()
+                if not key.startswith("unknown_ids.")
+            },
+        )
+    except ContractError as error:
+        raise (error if error.source else error.with_source(source)) from None

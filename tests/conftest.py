@@ -1,0 +1,36 @@
+"""Shared fixtures: small synthetic worlds built by the tests, and the real demo workspace."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from features import ScenarioConfig, Workspace, World, make_world, write_demo_workspace, write_world
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+
+
+@pytest.fixture(scope="session")
+def small_world() -> World:
+    """A seeded synthetic world: 120 customers over 120 days."""
+    return make_world(ScenarioConfig(n_customers=120, n_days=120, seed=7))
+
+
+@pytest.fixture(scope="session")
+def small_workspace(small_world: World, tmp_path_factory: pytest.TempPathFactory) -> Workspace:
+    return write_world(small_world, tmp_path_factory.mktemp("world") / "ws")
+
+
+@pytest.fixture(scope="session")
+def demo_workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
+    """The real Complete Journey demo, mapped into a workspace once per test session.
+
+    Set ``NEXTBEST_TEST_DEMO`` to an existing demo workspace to reuse it.
+    """
+    existing = os.environ.get("NEXTBEST_TEST_DEMO")
+    if existing and Workspace(Path(existing)).exists():
+        return Workspace(Path(existing))
+    return write_demo_workspace(tmp_path_factory.mktemp("demo") / "demo")
