@@ -1,0 +1,25 @@
+"""policy: the guardrails between candidates and the ranker.
+
+Declarative eligibility rules with reason codes (``rules``, ``eligibility``), and slate
+assembly without collisions (``slate``). Training and serving both use it.
+"""
+
+from policy.eligibility import REASONS, Eligibility, Ledger, SnapshotLedger, evaluate, trace
+from policy.rules import DEFAULT_RULES, RulesError, RuleSet, load_rules, parse_rules
+from policy.slate import Slate, assemble_slate
+
+__all__ = [
+    "DEFAULT_RULES",
+    "REASONS",
+    "Eligibility",
+    "Ledger",
+    "RuleSet",
+    "RulesError",
+    "Slate",
+    "SnapshotLedger",
+    "assemble_slate",
+    "evaluate",
+    "load_rules",
+    "parse_rules",
+    "trace",
+]

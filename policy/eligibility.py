@@ -1,0 +1,378 @@
+"""The eligibility engine: rules evaluated vectorised over candidate rows, with reasons.
+
+Every row (a request paired with an offer) gets a bitmask of the reasons it is excluded;
+0 means eligible. :func:`trace` turns that into the auditable "why not shown" view for
+one customer: every offer, eligible or with all its reasons.
+
+Caps, cooldowns and sequencing read past exposures and outcomes through a
+:class:`Ledger`. :class:`SnapshotLedger` reads them from the workspace snapshot; the
+service backs the same interface with its database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import pandas as pd
+
+from features.builder import Requests
+from features.contract import CHANNELS, OFFER_KINDS
+from features.snapshot import Snapshot
+from policy.rules import (
+    ActiveWindow,
+    AlreadyOwns,
+    BlockedForSegment,
+    Bundles,
+    ChannelAllowed,
+    CompatibilityRequired,
+    Consent,
+    DeclineCooldown,
+    FrequencyCap,
+    Killed,
+    OutOfStock,
+    RuleSet,
+    Sequencing,
+    Targeting,
+)
+
+__all__ = ["REASONS", "Eligibility", "Ledger", "SnapshotLedger", "evaluate", "reasons_of", "trace"]
+
+DAY = 86_400
+Exclude = Callable[[str, np.ndarray], None]
+
+REASONS: dict[str, str] = {
+    "offer_not_active": "outside the offer's valid window",
+    "channel_not_allowed": "the offer is not allowed on this channel",
+    "no_consent": "the customer did not consent to this channel",
+    "consent_unknown": "the customer's consent for this channel is unknown",
+    "not_in_audience": "the customer is not in the offer's target audience",
+    "not_in_segment": "the customer is not in the offer's target segments",
+    "already_owns": "the customer already bought it",
+    "bought_recently": "the customer bought it recently",
+    "not_compatible": "nothing the customer bought makes it compatible",
+    "offer_killed": "the offer is switched off",
+    "out_of_stock": "its products are out of stock",
+    "frequency_cap_channel": "the customer reached the frequency cap on this channel",
+    "frequency_cap_total": "the customer reached the frequency cap across channels",
+    "declined_cooldown": "the customer declined it recently",
+    "sequence_not_met": "it comes only after an offer the customer has not had yet",
+    "bundle_mostly_owned": "the customer already owns most of the bundle",
+    "bundle_product_unavailable": "a product of the bundle is unavailable",
+    "blocked_for_segment": "a reviewer blocked it for the customer's segment",
+    "mutually_exclusive": "an offer of the same exclusion group is already in the slate",
+    "bundle_ladder_conflict": "another tier of the same bundle ladder is already in the slate",
+}
+_BIT = {code: 1 << i for i, code in enumerate(REASONS)}
+
+
+def reasons_of(mask: int) -> list[str]:
+    """The reason codes in a bitmask, in the order of :data:`REASONS`."""
+    return [code for code, bit in _BIT.items() if mask & bit]
+
+
+class Ledger(Protocol):
+    """Past touches and outcomes, for caps, cooldowns and sequencing."""
+
+    def touches(
+        self, customers: np.ndarray, start_s: np.ndarray, end_s: np.ndarray, channel: int | None
+    ) -> np.ndarray:
+        """Touches (slates or mailings) per customer in [start, end), on a channel or all."""
+        ...
+
+    def last_declined_s(
+        self, customers: np.ndarray, offers: np.ndarray, before_s: np.ndarray
+    ) -> np.ndarray:
+        """Time (seconds) each customer last declined each offer before ``before_s``, NaN
+        if never."""
+        ...
+
+    def had_offer(
+        self, customers: np.ndarray, offers: np.ndarray, before_s: np.ndarray, event: str
+    ) -> np.ndarray:
+        """Whether each customer was shown (or accepted) each offer before ``before_s``."""
+        ...
+
+
+@dataclass(frozen=True)
+class SnapshotLedger:
+    """The ledger as recorded in a workspace's exposures and outcomes."""
+
+    snapshot: Snapshot
+
+    def touches(
+        self, customers: np.ndarray, start_s: np.ndarray, end_s: np.ndarray, channel: int | None
+    ) -> np.ndarray:
+        s = self.snapshot
+        if channel is None:
+            return s.touches_by_customer.count(customers, start_s, end_s)
+        return s.touches_by_customer_channel.count(
+            customers * len(CHANNELS) + channel, start_s, end_s
+        )
+
+    def last_declined_s(
+        self, customers: np.ndarray, offers: np.ndarray, before_s: np.ndarray
+    ) -> np.ndarray:
+        s = self.snapshot
+        index = s.declined_by_cust_offer
+        return index.seconds_at(
+            index.last_before(s.cust_offer_declined.encode(customers, offers), before_s)
+        )
+
+    def had_offer(
+        self, customers: np.ndarray, offers: np.ndarray, before_s: np.ndarray, event: str
+    ) -> np.ndarray:
+        s = self.snapshot
+        if event == "accepted":
+            pair = s.accepted_by_cust_offer_pairs.encode(customers, offers)
+            return s.accepted_by_cust_offer.last_before(pair, before_s) >= 0
+        pair = s.cust_offer_shown.encode(customers, offers)
+        return s.shown_by_cust_offer.last_before(pair, before_s) >= 0
+
+
+@dataclass
+class Eligibility:
+    """Reason bitmasks per row (0 = eligible)."""
+
+    mask: np.ndarray
+
+    @property
+    def eligible(self) -> np.ndarray:
+        return self.mask == 0
+
+    def reasons(self, row: int) -> list[str]:
+        return reasons_of(int(self.mask[row]))
+
+
+def evaluate(
+    snapshot: Snapshot,
+    rules: RuleSet,
+    requests: Requests,
+    request_of_row: np.ndarray,
+    offer_of_row: np.ndarray,
+    *,
+    ledger: Ledger | None = None,
+    features: Mapping[str, np.ndarray] | None = None,
+    killed: Sequence[str] = (),
+    out_of_stock: Sequence[str] = (),
+) -> Eligibility:
+    """Evaluate every enabled rule on every row at once.
+
+    ``features`` (feature name → per-row values) is needed only by
+    ``compatibility_required``. ``killed`` and ``out_of_stock`` add run-time lists (the
+    stop-loss, an inventory feed) to the rules file's own. Rules that depend on the
+    channel are skipped for requests without one.
+    """
+    s = snapshot
+    ledger = ledger or SnapshotLedger(snapshot)
+    r = np.asarray(request_of_row, dtype=np.int64)
+    o = np.asarray(offer_of_row, dtype=np.int64)
+    c = requests.customer[r]
+    t = requests.as_of_s[r]
+    channel = requests.channel[r]
+    has_channel = channel >= 0
+    mask = np.zeros(len(r), dtype=np.int64)
+
+    def exclude(code: str, where: np.ndarray) -> None:
+        mask[np.asarray(where, dtype=bool)] |= _BIT[code]
+
+    if rules.rule(ActiveWindow):
+        exclude("offer_not_active", (t < s.offer_valid_from_s[o]) | (t > s.offer_valid_to_s[o]))
+
+    if rules.rule(ChannelAllowed):
+        allowed = (s.offer_channels[o] >> np.maximum(channel, 0)) & 1
+        exclude("channel_not_allowed", has_channel & (allowed == 0))
+
+    if rules.rule(Consent):
+        purpose = s.consent_purposes.index(rules.consent_purpose)
+        group = (c * len(CHANNELS) + np.maximum(channel, 0)) * len(s.consent_purposes) + purpose
+        last = s.consent_index.last_before(group, t + 1)  # a consent set at the moment counts
+        granted = s.consent_index.payload_at("granted", last)
+        exclude("no_consent", has_channel & (granted == 0))
+        if rules.unknown_consent == "deny":
+            exclude("consent_unknown", has_channel & np.isnan(granted))
+
+    if rules.rule(Targeting):
+        _targeting(s, c, o, t, exclude)
+
+    owns_rule = rules.rule(AlreadyOwns)
+    if owns_rule:
+        _already_owns(s, owns_rule, c, o, t, exclude)
+
+    compatibility = rules.rule(CompatibilityRequired)
+    if compatibility and (compatibility.kinds or compatibility.categories):
+        if features is None:
+            raise ValueError("the compatibility_required rule needs the candidates' features")
+        applies = np.isin(s.offer_kind[o], [OFFER_KINDS.index(k) for k in compatibility.kinds])
+        applies |= np.isin(
+            s.offer_category[o], s.categories.encode(compatibility.categories, missing=-1)
+        )
+        lift = np.fmax(
+            np.nan_to_num(features["copurchase_lift"], nan=0.0),
+            np.nan_to_num(features["item_copurchase_lift"], nan=0.0),
+        )
+        evidence = (
+            (lift >= compatibility.min_lift)
+            | (features["family_owned"] > 0)
+            | ~np.isnan(features["days_since_compatible_purchase"])
+        )
+        exclude("not_compatible", applies & ~evidence)
+
+    killed_rule = rules.rule(Killed)
+    killed_ids = [*(killed_rule.offers if killed_rule else []), *killed]
+    if killed_ids:
+        exclude("offer_killed", np.isin(o, s.offers.encode(killed_ids, missing=-1)))
+
+    stock_rule = rules.rule(OutOfStock)
+    missing_ids = [*(stock_rule.products if stock_rule else []), *out_of_stock]
+    if missing_ids:
+        _out_of_stock(s, o, s.products.encode(missing_ids, missing=-1), exclude)
+
+    cap = rules.rule(FrequencyCap)
+    if cap:
+        _frequency_caps(ledger, cap, requests, r, exclude)
+
+    cooldown = rules.rule(DeclineCooldown)
+    if cooldown:
+        declined = ledger.last_declined_s(c, o, t)
+        exclude("declined_cooldown", ~np.isnan(declined) & (t - declined <= cooldown.days * DAY))
+
+    sequencing = rules.rule(Sequencing)
+    if sequencing:
+        for step in sequencing.steps:
+            gated = o == s.offers.encode([step.offer], missing=-2)[0]
+            if gated.any():
+                before = s.offers.encode([step.requires], missing=-1)[0]
+                had = ledger.had_offer(
+                    c[gated], np.full(int(gated.sum()), before), t[gated], step.event
+                )
+                where = np.zeros(len(r), dtype=bool)
+                where[np.flatnonzero(gated)[~had]] = True
+                exclude("sequence_not_met", where)
+
+    bundles = rules.rule(Bundles)
+    if bundles:
+        _bundles(s, bundles, c, o, t, s.products.encode(missing_ids, missing=-1), exclude)
+
+    blocks = rules.rule(BlockedForSegment)
+    if blocks and blocks.blocks:
+        segment = s.customer_segment[c]
+        for block in blocks.blocks:
+            offer = s.offers.encode([block.offer], missing=-2)[0]
+            seg = s.segments.encode([block.segment], missing=-2)[0]
+            exclude("blocked_for_segment", (o == offer) & (segment == seg))
+    return Eligibility(mask)
+
+
+def _targeting(s: Snapshot, c: np.ndarray, o: np.ndarray, t: np.ndarray, exclude: Exclude) -> None:
+    n = len(o)
+    targeted = s.offer_audiences.lengths()[o] > 0
+    if targeted.any():
+        rows = np.flatnonzero(targeted)
+        owner, audience = s.offer_audiences.expand(o[rows])
+        member = (
+            s.audience_index.last_before(
+                s.audience_pairs.encode(c[rows][owner], audience), t[rows][owner] + 1
+            )
+            >= 0
+        )
+        in_any = np.bincount(owner, weights=member, minlength=len(rows)) > 0
+        where = np.zeros(n, dtype=bool)
+        where[rows[~in_any]] = True
+        exclude("not_in_audience", where)
+    segmented = s.offer_segments.lengths()[o] > 0
+    if segmented.any():
+        rows = np.flatnonzero(segmented)
+        owner, segment = s.offer_segments.expand(o[rows])
+        hit = segment == s.customer_segment[c[rows]][owner]
+        in_any = np.bincount(owner, weights=hit, minlength=len(rows)) > 0
+        where = np.zeros(n, dtype=bool)
+        where[rows[~in_any]] = True
+        exclude("not_in_segment", where)
+
+
+def _already_owns(
+    s: Snapshot, rule: AlreadyOwns, c: np.ndarray, o: np.ndarray, t: np.ndarray, exclude: Exclude
+) -> None:
+    applies = np.isin(s.offer_kind[o], [OFFER_KINDS.index(k) for k in rule.kinds])
+    applies &= s.offer_kind[o] != OFFER_KINDS.index("bundle")  # bundles: the bundles rule
+    bought = s.bought_by_cust_offer
+    last = bought.last_before(s.cust_offer_bought.encode(c, o), t)
+    days_since = (t - bought.seconds_at(last)) / DAY
+    limit = np.full(len(o), np.inf if rule.default_days is None else rule.default_days)
+    for category, days in rule.category_days.items():
+        limit[s.offer_category[o] == s.categories.encode([category], missing=-2)[0]] = days
+    owned = applies & (last >= 0)
+    exclude("already_owns", owned & np.isinf(limit))
+    exclude("bought_recently", owned & np.isfinite(limit) & (days_since <= limit))
+
+
+def _out_of_stock(s: Snapshot, o: np.ndarray, missing: np.ndarray, exclude: Exclude) -> None:
+    owner, product = s.offer_products.expand(o)
+    unavailable = np.isin(product, missing)
+    count = np.bincount(owner, weights=unavailable, minlength=len(o))
+    size = s.offer_products.lengths()[o]
+    coupon = s.offer_kind[o] == OFFER_KINDS.index("coupon")
+    exclude("out_of_stock", np.where(coupon, (size > 0) & (count == size), count > 0))
+
+
+def _frequency_caps(
+    ledger: Ledger, rule: FrequencyCap, requests: Requests, r: np.ndarray, exclude: Exclude
+) -> None:
+    c, t, channel = requests.customer, requests.as_of_s, requests.channel
+    if rule.per_channel is not None:
+        capped = np.zeros(len(c), dtype=bool)
+        for code in np.unique(channel[channel >= 0]):
+            asking = channel == code
+            window = rule.per_channel.days * DAY
+            seen = ledger.touches(c[asking], t[asking] - window, t[asking], int(code))
+            capped[np.flatnonzero(asking)[seen >= rule.per_channel.max]] = True
+        exclude("frequency_cap_channel", capped[r])
+    if rule.total is not None:
+        window = rule.total.days * DAY
+        seen = ledger.touches(c, t - window, t, None)
+        exclude("frequency_cap_total", (seen >= rule.total.max)[r])
+
+
+def _bundles(
+    s: Snapshot,
+    rule: Bundles,
+    c: np.ndarray,
+    o: np.ndarray,
+    t: np.ndarray,
+    missing: np.ndarray,
+    exclude,
+) -> None:
+    bundle = s.offer_kind[o] == OFFER_KINDS.index("bundle")
+    if not bundle.any():
+        return
+    rows = np.flatnonzero(bundle)
+    owner, product = s.offer_products.expand(o[rows])
+    pair = s.cust_product.encode(c[rows][owner], product)
+    owned = s.orders_by_cust_product.last_before(pair, t[rows][owner]) >= 0
+    size = np.maximum(s.offer_products.lengths()[o[rows]], 1)
+    share = np.bincount(owner, weights=owned, minlength=len(rows)) / size
+    where = np.zeros(len(o), dtype=bool)
+    where[rows[share > rule.max_owned_share]] = True
+    exclude("bundle_mostly_owned", where)
+    unavailable = np.bincount(owner, weights=np.isin(product, missing), minlength=len(rows)) > 0
+    where = np.zeros(len(o), dtype=bool)
+    where[rows[unavailable]] = True
+    exclude("bundle_product_unavailable", where)
+
+
+def trace(snapshot: Snapshot, eligibility: Eligibility, offer_of_row: np.ndarray) -> pd.DataFrame:
+    """The "why not shown" view: one row per offer with ``eligible`` and ``reasons``."""
+    offers = snapshot.offers.decode(offer_of_row)
+    reasons = [reasons_of(int(m)) for m in eligibility.mask]
+    return pd.DataFrame(
+        {
+            "offer_id": offers,
+            "title": snapshot.offer_title.to_numpy()[offer_of_row],
+            "eligible": eligibility.eligible,
+            "reasons": reasons,
+            "explanations": [[REASONS[code] for code in codes] for codes in reasons],
+        }
+    )

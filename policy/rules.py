@@ -1,0 +1,273 @@
+"""Eligibility rules: a declarative YAML file, validated, versioned by content hash.
+
+Example (``policy/default_rules.yaml`` is the full default)::
+
+    version: 1
+    name: default
+    consent_purpose: marketing
+    unknown_consent: allow        # customers with no consent row for the channel
+    rules:
+      - type: active_window
+      - type: frequency_cap
+        per_channel: {max: 3, days: 7}
+        total: {max: 6, days: 7}
+
+Each rule has a ``type`` and its own settings; a rule can be switched off with
+``enabled: false``. ``load_rules`` raises :class:`RulesError` naming the file, the rule
+(by position and type) and the field that is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+__all__ = ["DEFAULT_RULES", "RuleSet", "RulesError", "load_rules", "parse_rules"]
+
+DEFAULT_RULES = Path(__file__).with_name("default_rules.yaml")
+
+
+class _Rule(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    enabled: bool = True
+
+
+class ActiveWindow(_Rule):
+    """The offer's valid_from ≤ moment ≤ valid_to."""
+
+    type: Literal["active_window"]
+
+
+class ChannelAllowed(_Rule):
+    """The asking channel is among the offer's channels (no channels = all)."""
+
+    type: Literal["channel_allowed"]
+
+
+class Consent(_Rule):
+    """The customer agreed to the channel for the rule set's consent purpose."""
+
+    type: Literal["consent"]
+
+
+class Targeting(_Rule):
+    """Targeted offers only go to their audiences (e.g. a campaign's households) and
+    segments."""
+
+    type: Literal["targeting"]
+
+
+class AlreadyOwns(_Rule):
+    """Not offered again after a purchase of its products: never for durables
+    (``default_days: null``), or only within N days (per category) for consumables."""
+
+    type: Literal["already_owns"]
+    kinds: list[Literal["item", "category", "coupon", "bundle"]] = ["item", "bundle"]
+    default_days: float | None = None
+    category_days: dict[str, float] = {}
+
+
+class CompatibilityRequired(_Rule):
+    """Offers of these kinds (or categories) need compatibility evidence: a catalog
+    relation, a basket lift of at least ``min_lift`` with something bought, or the
+    product family already in use."""
+
+    type: Literal["compatibility_required"]
+    kinds: list[Literal["item", "category", "coupon", "bundle"]] = []
+    categories: list[str] = []
+    min_lift: float = Field(1.5, gt=0)
+
+
+class Killed(_Rule):
+    """Offers switched off (by hand, or by the stop-loss at run time)."""
+
+    type: Literal["killed"]
+    offers: list[str] = []
+
+
+class OutOfStock(_Rule):
+    """Offers whose products are out of stock (any product of an item or bundle; all
+    products of a coupon)."""
+
+    type: Literal["out_of_stock"]
+    products: list[str] = []
+
+
+class Cap(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    max: int = Field(ge=0)
+    days: float = Field(gt=0)
+
+
+class FrequencyCap(_Rule):
+    """At most N offers shown per window: on the asking channel, and across channels."""
+
+    type: Literal["frequency_cap"]
+    per_channel: Cap | None = None
+    total: Cap | None = None
+
+
+class DeclineCooldown(_Rule):
+    """Not shown again within N days after the customer declined it."""
+
+    type: Literal["decline_cooldown"]
+    days: float = Field(30, gt=0)
+
+
+class Prerequisite(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    offer: str
+    requires: str
+    event: Literal["shown", "accepted"] = "shown"
+
+
+class Sequencing(_Rule):
+    """Offer B only after offer A was shown (or accepted)."""
+
+    type: Literal["sequencing"]
+    steps: list[Prerequisite] = []
+
+
+class MutualExclusion(_Rule):
+    """Never two offers of one group in a slate (applied when the slate is assembled)."""
+
+    type: Literal["mutual_exclusion"]
+    groups: dict[str, list[str]] = {}
+
+
+class Bundles(_Rule):
+    """A bundle needs its products available and must not be mostly owned already; a
+    slate never shows two tiers of one good-better-best ladder."""
+
+    type: Literal["bundles"]
+    max_owned_share: float = Field(0.5, ge=0, le=1)
+
+
+class SegmentBlock(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    offer: str
+    segment: str
+    reason: str = ""
+    by: str = ""
+
+
+class BlockedForSegment(_Rule):
+    """Offers a reviewer blocked for a segment."""
+
+    type: Literal["blocked_for_segment"]
+    blocks: list[SegmentBlock] = []
+
+
+Rule = Annotated[
+    ActiveWindow
+    | ChannelAllowed
+    | Consent
+    | Targeting
+    | AlreadyOwns
+    | CompatibilityRequired
+    | Killed
+    | OutOfStock
+    | FrequencyCap
+    | DeclineCooldown
+    | Sequencing
+    | MutualExclusion
+    | Bundles
+    | BlockedForSegment,
+    Field(discriminator="type"),
+]
+
+
+class RuleSet(BaseModel):
+    """A validated rules file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    version: int = Field(1, ge=1)
+    name: str = "rules"
+    consent_purpose: Literal["marketing", "personalisation"] = "marketing"
+    unknown_consent: Literal["allow", "deny"] = "allow"
+    rules: list[Rule]
+
+    def rule(self, kind: type[_Rule]) -> Any:
+        """The enabled rule of this type, or None."""
+        for rule in self.rules:
+            if isinstance(rule, kind) and rule.enabled:
+                return rule
+        return None
+
+    @property
+    def content_hash(self) -> str:
+        """A short hash of the rules' content: their version identity."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=False), sort_keys=False)
+
+    def with_blocks(self, blocks: list[SegmentBlock]) -> RuleSet:
+        """A copy with extra segment blocks (from a review)."""
+        existing = self.rule(BlockedForSegment)
+        others = [r for r in self.rules if not isinstance(r, BlockedForSegment)]
+        merged = BlockedForSegment(
+            type="blocked_for_segment",
+            blocks=[*(existing.blocks if existing else []), *blocks],
+        )
+        return self.model_copy(update={"rules": [*others, merged]})
+
+
+class RulesError(ValueError):
+    """A rules file is not valid."""
+
+
+def parse_rules(data: Any, *, source: str = "<rules>") -> RuleSet:
+    """Validate parsed YAML (a mapping) into a :class:`RuleSet`."""
+    if not isinstance(data, dict):
+        raise RulesError(
+            f"{source}: a rules file is a mapping with a 'rules' list, not {type(data).__name__}"
+        )
+    try:
+        rule_set = RuleSet.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        location = list(first["loc"])
+        where = ""
+        if len(location) >= 2 and location[0] == "rules" and isinstance(location[1], int):
+            index = location[1]
+            rules = data.get("rules") or []
+            kind = (
+                rules[index].get("type")
+                if index < len(rules) and isinstance(rules[index], dict)
+                else None
+            )
+            rest = [str(part) for part in location[2:] if part != kind]
+            where = f"rule {index + 1} ({kind or 'no type'})" + (
+                f", field '{'.'.join(rest)}'" if rest else ""
+            )
+        else:
+            where = "field '" + ".".join(str(part) for part in location) + "'"
+        raise RulesError(
+            f"{source}: {where}: {first['msg']} (got {first.get('input')!r})"
+        ) from None
+    types = [rule.type for rule in rule_set.rules]
+    duplicated = sorted({t for t in types if types.count(t) > 1})
+    if duplicated:
+        raise RulesError(
+            f"{source}: rule type {duplicated[0]!r} appears more than once; merge them"
+        )
+    return rule_set
+
+
+def load_rules(path: Path | str | None = None) -> RuleSet:
+    """Read and validate a rules file (default: the packaged ``default_rules.yaml``)."""
+    file = Path(path) if path is not None else DEFAULT_RULES
+    try:
+        data = yaml.safe_load(file.read_text())
+    except FileNotFoundError:
+        raise RulesError(f"{file}: no such rules file") from None
+    except yaml.YAMLError as error:
+        raise RulesError(f"{file}: not valid YAML ({error})") from None
+    return parse_rules(data, source=str(file))
