@@ -4,6 +4,7 @@ The public API is exported here; submodules are stages (``contract``, ``workspac
 ``demo``, ``importing``, ``scenario``).
 """
 
+from features.builder import FeatureBuilder, FeatureMatrix, Requests
 from features.contract import (
     TABLES,
     ColumnSpec,
@@ -22,27 +23,38 @@ from features.importing import (
     order_lines_to_tables,
     read_table_file,
 )
+from features.registry import FEATURES, FeatureSpec, feature_names, phrase
 from features.scenario import PlantedTruth, ScenarioConfig, World, make_world, write_world
+from features.snapshot import Snapshot, load_snapshot
 from features.workspace import Workspace, WorkspaceError, summarize, write_workspace
 
 __all__ = [
+    "FEATURES",
     "TABLES",
     "ColumnSpec",
     "ContractError",
+    "FeatureBuilder",
+    "FeatureMatrix",
+    "FeatureSpec",
     "OrderLineMapping",
     "PlantedTruth",
+    "Requests",
     "ScenarioConfig",
+    "Snapshot",
     "TableSpec",
     "Workspace",
     "WorkspaceError",
     "World",
     "coerce_table",
+    "feature_names",
     "import_table",
     "import_transactions",
     "load_complete_journey",
+    "load_snapshot",
     "make_world",
     "map_complete_journey",
     "order_lines_to_tables",
+    "phrase",
     "read_table_file",
     "summarize",
     "validate_foreign_keys",

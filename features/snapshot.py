@@ -23,7 +23,7 @@ import pandas as pd
 from features.contract import CHANNELS, OFFER_KINDS, TABLES
 from features.history import TimeIndex, to_seconds
 
-__all__ = ["MOMENTS", "PLACEMENTS", "UNKNOWN", "Codes", "PairCodes", "Snapshot"]
+__all__ = ["MOMENTS", "PLACEMENTS", "UNKNOWN", "Codes", "PairCodes", "Snapshot", "load_snapshot"]
 
 UNKNOWN = "UNKNOWN"
 PLACEMENTS = ("home", "pdp", "cart", "checkout", "post_purchase", "search", "inbox", "mailer")
@@ -327,15 +327,15 @@ class Snapshot:
         category = self.product_category[product]
         department = self.product_department[product]
 
-        # order level: one event per order
+        # order level: one event per order (lines of one order at different times stay
+        # apart, so a line is never read before its own time)
         per_order = (
             pd.DataFrame(
                 {"order": order_code, "customer": customer, "seconds": seconds, "amount": amount}
             )
-            .groupby("order", sort=False)
-            .agg(
-                customer=("customer", "first"), seconds=("seconds", "min"), amount=("amount", "sum")
-            )
+            .groupby(["order", "seconds"], sort=False)
+            .agg(customer=("customer", "first"), amount=("amount", "sum"))
+            .reset_index()
         )
         self.orders_by_customer = TimeIndex.build(
             per_order["customer"].to_numpy(),
@@ -399,8 +399,8 @@ class Snapshot:
             }
         )
         per = (
-            frame.groupby(["group", "order"], sort=False)
-            .agg(seconds=("seconds", "min"), amount=("amount", "sum"), product=("product", "last"))
+            frame.groupby(["group", "order", "seconds"], sort=False)
+            .agg(amount=("amount", "sum"), product=("product", "last"))
             .reset_index()
         )
         return TimeIndex.build(
@@ -594,3 +594,8 @@ class Snapshot:
             self.compatible_by_cust_offer = TimeIndex.build(
                 np.zeros(0), np.zeros(0), payload={"product": np.zeros(0, dtype=np.int64)}
             )
+
+
+def load_snapshot(workspace: Any) -> Snapshot:
+    """Read every table of a workspace and index it."""
+    return Snapshot.from_tables(workspace.read_all())

@@ -16,6 +16,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from features.contract import CHANNELS
 from nextbest.settings import Settings
 
 app = typer.Typer(
@@ -60,12 +61,13 @@ F = TypeVar("F", bound=Callable[..., Any])
 def _user_errors(function: F) -> F:
     """Turn errors in the user's input into one clear line and exit code 2."""
     from features import ContractError, WorkspaceError
+    from policy import RulesError
 
     @wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return function(*args, **kwargs)
-        except (ContractError, WorkspaceError) as error:
+        except (ContractError, WorkspaceError, RulesError) as error:
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(code=2) from None
 
@@ -208,6 +210,9 @@ def data_contract(
             typer.echo(f"  {c['name']:<24} {', '.join(flags):<32} {c['description']}")
 
 
+ChannelName = StrEnum("ChannelName", {name: name for name in CHANNELS})  # type: ignore[misc]
+
+
 class OfferLevel(StrEnum):
     item = "item"
     category = "category"
@@ -291,6 +296,134 @@ def scenario_generate(
     )
     write_world(world, workspace)
     typer.echo(_format_summary(summarize(Workspace(workspace))))
+
+
+def _read_customer_ids(file: Path) -> list[str]:
+    from features import read_table_file
+
+    frame = read_table_file(file, table="customers")
+    column = "customer_id" if "customer_id" in frame.columns else frame.columns[0]
+    return frame[column].astype("str").str.strip().tolist()
+
+
+@app.command("features")
+@_user_errors
+def features_command(
+    workspace: WorkspaceOption = None,
+    as_of: Annotated[
+        str | None, typer.Option("--as-of", help="The moment: features use only events before it.")
+    ] = None,
+    customers: Annotated[
+        Path | None,
+        typer.Option(help="CSV/parquet with a customer_id column (default: every customer)."),
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Output file, .parquet or .csv.")] = None,
+    list_features: Annotated[
+        bool, typer.Option("--list", help="Print the feature registry and exit.")
+    ] = False,
+) -> None:
+    """Write the point-in-time feature table (customer × offer at --as-of), or print the
+    registry of every feature with its family, unit, meaning and "because" phrase."""
+    from features import FEATURES
+
+    if list_features:
+        for spec in FEATURES:
+            typer.echo(f"{spec.name}  [{spec.family}, {spec.unit}]")
+            typer.echo(f"    {spec.description}")
+            if spec.because:
+                typer.echo(f'    because: "{spec.because}"')
+        return
+    if as_of is None or out is None:
+        raise typer.BadParameter("--as-of and --out are needed (or --list)")
+    import numpy as np
+    import pandas as pd
+
+    from features import FeatureBuilder, Requests, Workspace, load_snapshot
+
+    snapshot = load_snapshot(Workspace(resolve_workspace(workspace)))
+    moment = pd.Timestamp(as_of)
+    builder = FeatureBuilder().fit(snapshot, moment)
+    ids = (
+        _read_customer_ids(customers)
+        if customers
+        else [str(c) for c in snapshot.customers.values if c != "UNKNOWN"]
+    )
+    requests = Requests.build(snapshot, ids, [moment] * len(ids))
+    offers = np.flatnonzero(snapshot.offer_known)
+    rows = np.repeat(np.arange(len(ids)), len(offers))
+    offer_rows = np.tile(offers, len(ids))
+    matrix = builder.build(snapshot, requests, rows, offer_rows)
+    table = matrix.frame()
+    table.insert(0, "as_of", moment)
+    table.insert(0, "offer_id", snapshot.offers.decode(offer_rows))
+    table.insert(0, "customer_id", np.asarray(ids, dtype=object)[rows])
+    if out.suffix.lower() == ".csv":
+        table.to_csv(out, index=False)
+    else:
+        table.to_parquet(out, index=False)
+    typer.echo(f"Wrote {len(table):,} rows × {len(matrix.names)} features to {out}.", err=True)
+
+
+@app.command("eligibility")
+@_user_errors
+def eligibility_command(
+    customer: Annotated[str, typer.Argument(help="Customer id, as the data gives it.")],
+    as_of: Annotated[str, typer.Option("--as-of", help="The moment to evaluate at.")],
+    channel: Annotated[ChannelName, typer.Option(help="The channel asking.")],
+    placement: Annotated[str | None, typer.Option(help="Placement, e.g. home, pdp, cart.")] = None,
+    workspace: WorkspaceOption = None,
+    rules: Annotated[
+        Path | None, typer.Option(help="Rules YAML (default: the packaged default rules).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """The "why not shown" trace: for every offer, eligible, or every reason it is not."""
+    import pandas as pd
+
+    from features import FeatureBuilder, Workspace, load_snapshot
+    from policy import customer_trace, load_rules
+
+    rule_set = load_rules(rules)
+    snapshot = load_snapshot(Workspace(resolve_workspace(workspace)))
+    moment = pd.Timestamp(as_of)
+    builder = FeatureBuilder().fit(snapshot, moment)
+    table = customer_trace(
+        snapshot, rule_set, builder, customer, moment, channel=channel.value, placement=placement
+    )
+    known = customer in set(snapshot.customers.values)
+    payload = {
+        "customer_id": customer,
+        "known_customer": known,
+        "as_of": moment.isoformat(),
+        "channel": channel.value,
+        "placement": placement,
+        "rules": {
+            "name": rule_set.name,
+            "version": rule_set.version,
+            "hash": rule_set.content_hash,
+        },
+        "eligible": int(table["eligible"].sum()),
+        "excluded": int((~table["eligible"]).sum()),
+        "offers": [
+            {
+                "offer_id": row.offer_id,
+                "title": row.title,
+                "eligible": bool(row.eligible),
+                "reasons": list(row.reasons),
+            }
+            for row in table.itertuples()
+        ],
+    }
+    if as_json:
+        _echo_json(payload)
+        return
+    typer.echo(
+        f"{customer} at {moment} on {channel.value}: {payload['eligible']} eligible, "
+        f"{payload['excluded']} excluded (rules {rule_set.name} {rule_set.content_hash})"
+    )
+    for row in table.itertuples():
+        status = "eligible" if row.eligible else "excluded: " + ", ".join(row.reasons)
+        typer.echo(f"  {row.offer_id:<32} {status}")
 
 
 if __name__ == "__main__":

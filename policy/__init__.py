@@ -4,7 +4,15 @@ Declarative eligibility rules with reason codes (``rules``, ``eligibility``), an
 assembly without collisions (``slate``). Training and serving both use it.
 """
 
-from policy.eligibility import REASONS, Eligibility, Ledger, SnapshotLedger, evaluate, trace
+from policy.eligibility import (
+    REASONS,
+    Eligibility,
+    Ledger,
+    SnapshotLedger,
+    customer_trace,
+    evaluate,
+    trace,
+)
 from policy.rules import DEFAULT_RULES, RulesError, RuleSet, load_rules, parse_rules
 from policy.slate import Slate, assemble_slate
 
@@ -18,6 +26,7 @@ __all__ = [
     "Slate",
     "SnapshotLedger",
     "assemble_slate",
+    "customer_trace",
     "evaluate",
     "load_rules",
     "parse_rules",

@@ -18,7 +18,7 @@ from typing import Protocol
 import numpy as np
 import pandas as pd
 
-from features.builder import Requests
+from features.builder import FeatureBuilder, Requests
 from features.contract import CHANNELS, OFFER_KINDS
 from features.snapshot import Snapshot
 from policy.rules import (
@@ -38,7 +38,16 @@ from policy.rules import (
     Targeting,
 )
 
-__all__ = ["REASONS", "Eligibility", "Ledger", "SnapshotLedger", "evaluate", "reasons_of", "trace"]
+__all__ = [
+    "REASONS",
+    "Eligibility",
+    "Ledger",
+    "SnapshotLedger",
+    "customer_trace",
+    "evaluate",
+    "reasons_of",
+    "trace",
+]
 
 DAY = 86_400
 Exclude = Callable[[str, np.ndarray], None]
@@ -376,3 +385,26 @@ def trace(snapshot: Snapshot, eligibility: Eligibility, offer_of_row: np.ndarray
             "explanations": [[REASONS[code] for code in codes] for codes in reasons],
         }
     )
+
+
+def customer_trace(
+    snapshot: Snapshot,
+    rules: RuleSet,
+    builder: FeatureBuilder,
+    customer_id: str,
+    as_of: object,
+    *,
+    channel: str | None = None,
+    placement: str | None = None,
+    ledger: Ledger | None = None,
+) -> pd.DataFrame:
+    """Every known offer for one customer at one moment: eligible, or all its reasons."""
+    requests = Requests.build(
+        snapshot, [customer_id], [as_of], channel=[channel], placement=[placement]
+    )
+    offers = np.flatnonzero(snapshot.offer_known)
+    rows = np.zeros(len(offers), dtype=np.int64)
+    matrix = builder.build(snapshot, requests, rows, offers)
+    features = {name: matrix.values[:, j] for j, name in enumerate(matrix.names)}
+    result = evaluate(snapshot, rules, requests, rows, offers, ledger=ledger, features=features)
+    return trace(snapshot, result, offers)

@@ -1,0 +1,241 @@
+"""Point-in-time features: no leakage, one code path, and the numbers mean what they say."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from features import (
+    FEATURES,
+    TABLES,
+    FeatureBuilder,
+    Requests,
+    ScenarioConfig,
+    Snapshot,
+    World,
+    coerce_table,
+    make_world,
+    phrase,
+)
+from features.registry import FAMILIES
+from nextbest.cli import app
+
+WORLD = make_world(ScenarioConfig(n_customers=60, n_days=100, seed=11))
+START = pd.Timestamp(WORLD.config.start)
+
+
+def _tables(world: World) -> dict[str, pd.DataFrame]:
+    return {name: coerce_table(name, world.tables[name]) for name in TABLES}
+
+
+TABLES_0 = _tables(WORLD)
+SNAPSHOT = Snapshot.from_tables(TABLES_0)
+OFFERS = TABLES_0["offers"]["offer_id"].tolist()
+CUSTOMERS = TABLES_0["customers"]["customer_id"].tolist()
+
+
+def _queries(customers: list[str], as_of: pd.Timestamp, **context: object) -> pd.DataFrame:
+    rows = [(c, o, as_of) for c in customers for o in OFFERS]
+    frame = pd.DataFrame(rows, columns=["customer_id", "offer_id", "as_of"])
+    for name, value in context.items():
+        frame[name] = [value] * len(frame)
+    return frame
+
+
+def _future_changes(
+    tables: dict[str, pd.DataFrame], as_of: pd.Timestamp, how: str, rng: np.random.Generator
+) -> dict[str, pd.DataFrame]:
+    """Change only what happens at or after ``as_of``."""
+    changed = {name: frame.copy() for name, frame in tables.items()}
+    for name, column in (
+        ("orders", "ordered_at"),
+        ("events", "occurred_at"),
+        ("exposures", "shown_at"),
+        ("outcomes", "occurred_at"),
+    ):
+        frame = changed[name]
+        future = frame[column] >= as_of
+        if how == "remove":
+            keep = ~future | (rng.random(len(frame)) < 0.5)
+            changed[name] = frame[keep].reset_index(drop=True)
+        elif how == "add":
+            extra = frame.sample(n=min(40, len(frame)), random_state=int(rng.integers(1 << 30)))
+            extra = extra.assign(
+                **{
+                    column: as_of
+                    + pd.to_timedelta(rng.integers(0, 30 * 86400, len(extra)), unit="s")
+                }
+            )
+            if name == "exposures":
+                extra = extra.assign(exposure_id=[f"X{i}" for i in range(len(extra))])
+            changed[name] = pd.concat([frame, extra], ignore_index=True)
+        elif how == "alter":
+            if name == "orders":
+                frame.loc[future, "amount"] = frame.loc[future, "amount"] * 3 + 1
+                frame.loc[future, "product_id"] = rng.permutation(
+                    frame.loc[future, "product_id"].to_numpy()
+                )
+            if name == "events":
+                frame.loc[future, "value"] = 0.99
+            if name == "outcomes":
+                frame.loc[future, "outcome"] = "accepted"
+    # an exact tie: an event stamped at the very moment is not "before" it
+    tie = changed["orders"].iloc[[0]].assign(ordered_at=as_of)
+    changed["orders"] = pd.concat([changed["orders"], tie], ignore_index=True)
+    return changed
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    day=st.integers(min_value=20, max_value=95),
+    second=st.integers(min_value=0, max_value=86_399),
+    how=st.sampled_from(["remove", "add", "alter"]),
+    seed=st.integers(min_value=0, max_value=2**16),
+)
+def test_no_feature_changes_when_the_future_changes(
+    day: int, second: int, how: str, seed: int
+) -> None:
+    as_of = START + pd.Timedelta(days=day, seconds=second)
+    rng = np.random.default_rng(seed)
+    customers = list(rng.choice(CUSTOMERS, size=8, replace=False))
+    queries = _queries(customers, as_of, channel="web", cart=["F1-A1"])
+    before = FeatureBuilder(min_pair_orders=3).fit(SNAPSHOT, as_of).transform(SNAPSHOT, queries)
+    changed = Snapshot.from_tables(_future_changes(TABLES_0, as_of, how, rng))
+    after = FeatureBuilder(min_pair_orders=3).fit(changed, as_of).transform(changed, queries)
+    pd.testing.assert_frame_equal(before, after)
+
+
+def test_the_past_does_change_features() -> None:
+    """The leakage test could pass vacuously if nothing ever changed features."""
+    as_of = START + pd.Timedelta(days=60)
+    queries = _queries(CUSTOMERS[:10], as_of)
+    before = FeatureBuilder(min_pair_orders=3).fit(SNAPSHOT, as_of).transform(SNAPSHOT, queries)
+    past = {name: frame.copy() for name, frame in TABLES_0.items()}
+    early = past["orders"]["ordered_at"] < as_of
+    past["orders"] = past["orders"][~early | (np.arange(len(early)) % 2 == 0)]
+    changed = Snapshot.from_tables(past)
+    after = FeatureBuilder(min_pair_orders=3).fit(changed, as_of).transform(changed, queries)
+    assert not before.equals(after)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_batch_equals_online(seed: int) -> None:
+    """Many customers at many moments in one batch = each one alone, as the service asks."""
+    rng = np.random.default_rng(seed)
+    builder = FeatureBuilder(min_pair_orders=3).fit(SNAPSHOT, START + pd.Timedelta(days=15))
+    n = 25
+    customers = [*rng.choice(CUSTOMERS, size=n - 1), "never-seen"]
+    moments = START + pd.to_timedelta(rng.integers(16 * 86400, 100 * 86400, n), unit="s")
+    channels = rng.choice(["web", "app", "email", None], size=n)
+    carts = [
+        list(rng.choice(["F1-A1", "F2-D1", "G-BAK1"], size=int(rng.integers(0, 3))))
+        for _ in range(n)
+    ]
+    batch = Requests.build(SNAPSHOT, customers, moments, channel=list(channels), cart=carts)
+    offers = np.flatnonzero(SNAPSHOT.offer_known)
+    rows = np.repeat(np.arange(n), len(offers))
+    together = builder.build(SNAPSHOT, batch, rows, np.tile(offers, n)).values
+    for i in range(n):
+        one = Requests.build(
+            SNAPSHOT, [customers[i]], [moments[i]], channel=[channels[i]], cart=[carts[i]]
+        )
+        alone = builder.build(SNAPSHOT, one, np.zeros(len(offers), dtype=np.int64), offers).values
+        np.testing.assert_array_equal(together[rows == i], alone)
+
+
+def test_window_counts_match_a_pandas_reference() -> None:
+    """Orders, spend and category recency recomputed the slow, obvious way."""
+    as_of = START + pd.Timedelta(days=70, hours=5)
+    builder = FeatureBuilder(min_pair_orders=3).fit(SNAPSHOT, as_of)
+    queries = _queries(CUSTOMERS[:20], as_of)
+    got = builder.transform(SNAPSHOT, queries)
+    orders = TABLES_0["orders"]
+    orders = orders[(orders["quantity"] > 0) & (orders["ordered_at"] < as_of)]
+    category = TABLES_0["products"].set_index("product_id")["category"]
+    offer_category = TABLES_0["offers"].set_index("offer_id")["category"]
+    for i, query in queries.iterrows():
+        mine = orders[orders["customer_id"] == query["customer_id"]]
+        last30 = mine[mine["ordered_at"] >= as_of - pd.Timedelta(days=30)]
+        assert got.at[i, "orders_30d"] == last30["order_id"].nunique()
+        assert got.at[i, "spend_30d"] == pytest.approx(last30["amount"].sum(), rel=1e-5)
+        in_category = mine[mine["product_id"].map(category) == offer_category[query["offer_id"]]]
+        expected = (as_of - in_category["ordered_at"].max()).total_seconds() / 86400
+        if in_category.empty:
+            assert np.isnan(got.at[i, "days_since_category_purchase"])
+            assert got.at[i, "category_is_new"] == 1
+        else:
+            assert got.at[i, "days_since_category_purchase"] == pytest.approx(expected, rel=1e-5)
+            assert got.at[i, "category_is_new"] == 0
+
+
+def test_planted_completion_and_evolution_are_visible(small_world: World) -> None:
+    tables = _tables(small_world)
+    snapshot = Snapshot.from_tables(tables)
+    as_of = pd.Timestamp(small_world.config.start) + pd.Timedelta(days=100)
+    builder = FeatureBuilder(min_pair_orders=3).fit(snapshot, as_of)
+    anchors = builder.category_anchors_.set_index(["target", "anchor"])["lift"]
+    for family in small_world.truth.families:
+        assert anchors[(f"{family} Accessories", f"{family} Devices")] > 2.0
+    queries = _queries(tables["customers"]["customer_id"].tolist(), as_of)
+    features = builder.transform(snapshot, queries)
+    next_step = features["is_next_ladder_step"] == 1
+    assert next_step.any()
+    offers = queries.loc[next_step, "offer_id"]
+    # the next device up, alone or as the first product of a better/best bundle
+    assert offers.str.endswith(("-D2", "-D3", ":better", ":best")).all()
+    assert offers.str.startswith("item:").any()
+
+
+def test_as_of_before_the_reference_time_is_refused() -> None:
+    builder = FeatureBuilder().fit(SNAPSHOT, START + pd.Timedelta(days=50))
+    with pytest.raises(ValueError, match=r"is before the reference time .* would leak"):
+        builder.transform(SNAPSHOT, _queries(CUSTOMERS[:1], START + pd.Timedelta(days=49)))
+
+
+def test_registry_is_complete_and_readable() -> None:
+    names = [spec.name for spec in FEATURES]
+    assert len(names) == len(set(names))
+    assert {spec.family for spec in FEATURES} == set(FAMILIES)
+    builder = FeatureBuilder().fit(SNAPSHOT, START + pd.Timedelta(days=30))
+    assert builder.get_feature_names_out() == names
+    assert phrase("days_since_category_purchase", 2.0, {"category": "Skincare"}) == (
+        "you bought Skincare 2 days ago"
+    )
+    assert phrase("category_spend_share", 0.33, {"category": "Skincare"}) == (
+        "Skincare is 33% of your basket"
+    )
+    assert phrase("days_since_anchor_purchase", 2.0, {}) is None
+    assert phrase("days_since_category_purchase", float("nan"), {"category": "x"}) is None
+    listed = CliRunner().invoke(app, ["features", "--list"])
+    assert listed.exit_code == 0
+    for spec in FEATURES:
+        assert spec.name in listed.stdout
+
+
+def test_features_command_writes_the_table(small_workspace, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "who.csv").write_text("customer_id\nS00001\nS00002\n")
+    out = tmp_path / "features.parquet"
+    result = CliRunner().invoke(
+        app,
+        [
+            "features",
+            "-w",
+            str(small_workspace.path),
+            "--as-of",
+            "2025-04-01",
+            "--customers",
+            str(tmp_path / "who.csv"),
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    table = pd.read_parquet(out)
+    offers = small_workspace.read("offers")
+    assert len(table) == 2 * len(offers)
+    assert set(table["customer_id"]) == {"S00001", "S00002"}
+    assert [c for c in table.columns[3:]] == [spec.name for spec in FEATURES]
