@@ -139,10 +139,14 @@ def cooccurrence_anchors(
     basket = sp.csr_matrix(
         (np.ones(len(item_codes)), (order_index, item_codes)), shape=(n_orders, n_items)
     )
-    basket.data[:] = 1.0  # duplicates within an order count once
     basket.sum_duplicates()
-    basket.data[:] = 1.0
+    basket.data[:] = 1.0  # an item counts once per order
     item_orders = np.asarray(basket.sum(axis=0)).ravel()
+    # A pair can reach the support threshold only if both items do: keep just those, so
+    # that a large catalog does not square its memory.
+    frequent = (item_orders >= min_pair_orders).astype(np.float64)
+    basket = basket @ sp.diags(frequent)
+    basket.eliminate_zeros()
     together = (basket.T @ basket).tocoo()
     a, b, count = together.row, together.col, together.data
     keep = (a != b) & (count >= min_pair_orders)
