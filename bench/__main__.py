@@ -8,9 +8,9 @@ import platform
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import import_transactions
+from bench import features, import_transactions
 
-BENCHMARKS = {"import_transactions": import_transactions.run}
+BENCHMARKS = {"import_transactions": import_transactions.run, "features": features.run}
 RESULTS = Path(__file__).with_name("results.json")
 
 

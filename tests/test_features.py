@@ -239,3 +239,29 @@ def test_features_command_writes_the_table(small_workspace, tmp_path) -> None:  
     assert len(table) == 2 * len(offers)
     assert set(table["customer_id"]) == {"S00001", "S00002"}
     assert [c for c in table.columns[3:]] == [spec.name for spec in FEATURES]
+
+
+def test_acceptance_rate_is_out_of_fold_in_training() -> None:
+    """fit_transform's acceptance rate for a customer = the plain rate computed without
+    any customer of that customer's fold (TargetEncoder's pattern)."""
+    from features.builder import _customer_fold
+
+    as_of = START + pd.Timedelta(days=90)
+    builder = FeatureBuilder(min_pair_orders=3, n_folds=5)
+    queries = _queries(CUSTOMERS[:12], as_of)
+    oof = builder.fit_transform(SNAPSHOT, queries, as_of)["offer_acceptance_rate"]
+    plain = builder.transform(SNAPSHOT, queries)["offer_acceptance_rate"]
+    assert not np.allclose(oof, plain)
+    folds = _customer_fold(np.asarray(CUSTOMERS), 5)
+    fold_of = dict(zip(CUSTOMERS, folds, strict=True))
+    for fold in sorted({fold_of[c] for c in CUSTOMERS[:12]}):
+        members = {c for c, f in fold_of.items() if f == fold}
+        tables = {name: frame.copy() for name, frame in TABLES_0.items()}
+        for name in ("exposures", "outcomes"):
+            tables[name] = tables[name][~tables[name]["customer_id"].isin(members)]
+        without = Snapshot.from_tables(tables)
+        reference = FeatureBuilder(min_pair_orders=3, n_folds=5).fit(without, as_of)
+        reference.global_acceptance_ = builder.global_acceptance_  # same prior
+        rows = queries["customer_id"].map(fold_of) == fold
+        expected = reference.transform(without, queries[rows])["offer_acceptance_rate"]
+        np.testing.assert_allclose(oof[rows], expected, rtol=1e-6)
