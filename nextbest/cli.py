@@ -497,5 +497,113 @@ def candidates_command(
             typer.echo(f"  {name:<24} {value:.3f}" if value < 1.5 else f"  {name:<24} {value:,.0f}")
 
 
+class Engine(StrEnum):
+    local = "local"
+    dask = "dask"
+
+
+@app.command("train")
+@_user_errors
+def train_command(
+    workspace: WorkspaceOption = None,
+    until: Annotated[
+        str | None, typer.Option(help="Train on what happened up to this date (default: all).")
+    ] = None,
+    engine: Annotated[
+        Engine, typer.Option(help="local, or dask for a Dask cluster.")
+    ] = Engine.local,
+    scheduler: Annotated[
+        str | None, typer.Option(help="Dask scheduler address (default: a local cluster).")
+    ] = None,
+    config: Annotated[Path | None, typer.Option(help="Training config YAML.")] = None,
+    rules: Annotated[Path | None, typer.Option(help="Rules YAML (default: packaged).")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """Train the ranker, log the run to MLflow, register a version with alias 'challenger',
+    and print JSON with run_id, model_version and the headline metrics."""
+    from features import Workspace, load_snapshot
+    from nextbest.registry import configure_tracking
+    from policy import load_rules
+    from training.config import load_config
+    from training.pipeline import Stages, train
+    from training.tracking import log_run
+
+    settings = load_config(config, until=until)
+    rule_set = load_rules(rules)
+    stages = Stages(show=not quiet)
+    target = Workspace(resolve_workspace(workspace))
+    with stages.stage("load snapshot"):
+        snapshot = load_snapshot(target)
+    if engine is Engine.dask:
+        from training.distributed import train_on_dask
+
+        result = train_on_dask(snapshot, rule_set, settings, scheduler=scheduler, stages=stages)
+    else:
+        result = train(snapshot, rule_set, settings, stages=stages)
+    configure_tracking()
+    with stages.stage("log to mlflow"):
+        summary = log_run(result, target, rule_set, engine=engine.value)
+    typer.echo("Stage timings:\n" + stages.summary(), err=True)
+    _echo_json(summary | {"timings": stages.seconds})
+
+
+@app.command("evaluate")
+@_user_errors
+def evaluate_command(
+    workspace: WorkspaceOption = None,
+    version: Annotated[
+        str | None, typer.Option(help="Model version (default: champion, else challenger).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Rank the workspace's test cut points with a registered version and with every
+    baseline, on the same candidates, and print their metrics per task."""
+    import yaml
+
+    from features import Workspace, load_snapshot
+    from nextbest.registry import CHALLENGER, configure_tracking, load_bundle
+    from policy import parse_rules
+    from policy.arbitration import Calibrator
+    from training.config import TrainConfig
+    from training.pipeline import evaluate_booster
+
+    configure_tracking()
+    try:
+        bundle = load_bundle(version) if version else _champion_or_challenger(load_bundle)
+    except LookupError as error:
+        typer.echo(f"error: {error}; train one with 'nextbest train'", err=True)
+        raise typer.Exit(code=2) from None
+    snapshot = load_snapshot(Workspace(resolve_workspace(workspace)))
+    calibrators = {task: Calibrator.from_dict(c) for task, c in bundle.meta["calibrators"].items()}
+    metrics = evaluate_booster(
+        snapshot,
+        parse_rules(yaml.safe_load(bundle.rules_yaml)),
+        bundle.booster,
+        calibrators,
+        TrainConfig.model_validate(bundle.meta["config"]),
+    )
+    payload = {
+        "model_version": bundle.version,
+        "alias": bundle.alias or CHALLENGER,
+        "metrics": metrics,
+    }
+    if as_json:
+        _echo_json(payload)
+        return
+    for task, report in metrics.items():
+        typer.echo(f"{task}: model NDCG@10 {report['model']['ndcg_at_10']:.4f}")
+        for name, values in report["baselines"].items():
+            typer.echo(f"  {name:<22} NDCG@10 {values['ndcg_at_10']:.4f}")
+
+
+def _champion_or_challenger(load: Any) -> Any:
+    from nextbest.registry import CHALLENGER
+
+    try:
+        return load(alias="champion")
+    except LookupError:
+        return load(alias=CHALLENGER)
+
+
 if __name__ == "__main__":
     app(prog_name="nextbest")

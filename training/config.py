@@ -1,0 +1,72 @@
+"""Training configuration: defaults, overridable from a YAML file (``--config``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+__all__ = ["ConfigError", "TrainConfig", "load_config"]
+
+
+class TrainConfig(BaseModel):
+    """Everything a training run depends on besides the data. Logged as MLflow params."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # opportunities and labels
+    start: str | None = Field(None, description="First cut point (default: 8 weeks in).")
+    until: str | None = Field(None, description="Last moment whose labels may be read.")
+    cut_every_days: int = Field(7, ge=1, description="Days between cut points.")
+    horizon_days: int = Field(14, ge=1, description="Label horizon for item/category offers.")
+    validation_share: float = Field(0.15, gt=0, lt=0.5)
+    test_share: float = Field(0.15, gt=0, lt=0.5)
+    # sampling (training only; evaluation ranks every candidate of every test opportunity)
+    train_customers_per_cut: int = Field(600, ge=1)
+    eval_customers_per_cut: int = Field(800, ge=1)
+    negatives_per_group: int = Field(40, ge=1)
+    # candidates and features
+    max_candidates: int = Field(200, ge=1)
+    min_pair_orders: int = Field(20, ge=1)
+    refit_features_every_days: int = Field(28, ge=1)
+    # model
+    n_estimators: int = Field(400, ge=1)
+    learning_rate: float = Field(0.05, gt=0)
+    num_leaves: int = Field(31, ge=2)
+    max_depth: int = Field(6, ge=1, description="Bounded so that explanations stay cheap.")
+    min_child_samples: int = Field(50, ge=1)
+    early_stopping_rounds: int = Field(40, ge=1)
+    eval_at: int = Field(10, ge=1)
+    # arbitration
+    lever_cap: float = Field(2.0, ge=1.0, description="Levers are clipped to [1/cap, cap].")
+    # reproducibility and resources
+    random_state: int = 0
+    n_jobs: int = Field(2, ge=1)
+    bootstrap_samples: int = Field(500, ge=10)
+
+
+class ConfigError(ValueError):
+    """A training config file is not valid."""
+
+
+def load_config(path: Path | str | None = None, **overrides: Any) -> TrainConfig:
+    """Defaults, then the YAML file's values, then keyword overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        file = Path(path)
+        try:
+            loaded = yaml.safe_load(file.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{file}: no such config file") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{file}: a config file is a mapping of settings")
+        values.update(loaded)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return TrainConfig.model_validate(values)
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(part) for part in first["loc"])
+        raise ConfigError(f"{path or 'config'}: field '{field}': {first['msg']}") from None

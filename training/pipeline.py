@@ -1,0 +1,324 @@
+"""Training and evaluation, end to end, with progress and a timing summary per stage.
+
+``train`` is pure with respect to I/O: it takes a snapshot, rules and a config and
+returns a :class:`TrainResult`. Logging to MLflow is a thin shell around it
+(``training.tracking``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from features import FeatureBuilder, Snapshot
+from features.candidates import CandidateGenerator
+from policy import RuleSet
+from policy.arbitration import Calibrator, arbitrate
+from training.baselines import BASELINES
+from training.config import TrainConfig
+from training.dataset import TASKS, RowSet, Splits, build_rows, cut_points
+from training.metrics import (
+    METRICS,
+    bootstrap_difference,
+    brier_score,
+    catalog_coverage,
+    ndcg_at_k,
+    ranks_within_groups,
+)
+from training.model import calibrate, fit_ranker, raw_scores
+
+__all__ = ["Stages", "TrainResult", "evaluate_booster", "evaluate_rows", "train"]
+
+KS = (5, 10)
+_SEED_OFFSET = {"train": 1, "validation": 2, "test": 3}
+SLATE = 3
+
+
+class Stages:
+    """Wall time per named stage, and rich progress bars for the long ones."""
+
+    def __init__(self, console: Console | None = None, show: bool = True) -> None:
+        self.seconds: dict[str, float] = {}
+        self.console = console or Console(stderr=True)
+        self.show = show
+
+    @contextmanager
+    def stage(self, name: str, total: int | None = None) -> Iterator[Callable[[int], None]]:
+        started = time.perf_counter()
+        if self.show and total:
+            with Progress(
+                TextColumn(f"[bold]{name}"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TimeElapsedColumn(),
+                console=self.console,
+                transient=False,
+            ) as progress:
+                task = progress.add_task(name, total=total)
+                yield lambda n: progress.advance(task, n)
+        else:
+            if self.show:
+                self.console.print(f"[bold]{name}[/bold] …")
+            yield lambda n: None
+        self.seconds[name] = round(time.perf_counter() - started, 2)
+
+    def summary(self) -> str:
+        width = max(map(len, self.seconds), default=0)
+        lines = [f"  {name:<{width}}  {seconds:8.2f} s" for name, seconds in self.seconds.items()]
+        lines.append(f"  {'total':<{width}}  {sum(self.seconds.values()):8.2f} s")
+        return "\n".join(lines)
+
+
+@dataclass
+class TrainResult:
+    booster: lgb.Booster
+    calibrators: dict[str, Calibrator]
+    config: TrainConfig
+    splits: Splits
+    metrics: dict[str, Any]
+    timings: dict[str, float]
+    rows: dict[str, int]
+    default_values: dict[str, float]
+    validation: RowSet
+    test: RowSet
+    test_scores: np.ndarray
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _Fitted:
+    """Feature builders and candidate generators refitted every N days along time."""
+
+    def __init__(self, snapshot: Snapshot, config: TrainConfig, first: pd.Timestamp) -> None:
+        self.snapshot, self.config, self.first = snapshot, config, first
+        self._cache: dict[pd.Timestamp, tuple[FeatureBuilder, CandidateGenerator]] = {}
+
+    def _anchor(self, t: pd.Timestamp) -> pd.Timestamp:
+        step = pd.Timedelta(days=self.config.refit_features_every_days)
+        return self.first + step * int((t - self.first) // step)
+
+    def _get(self, t: pd.Timestamp) -> tuple[FeatureBuilder, CandidateGenerator]:
+        anchor = self._anchor(t)
+        if anchor not in self._cache:
+            builder = FeatureBuilder(min_pair_orders=self.config.min_pair_orders).fit(
+                self.snapshot, anchor
+            )
+            generator = CandidateGenerator(
+                max_candidates=self.config.max_candidates,
+                min_pair_orders=self.config.min_pair_orders,
+            ).fit(self.snapshot, anchor)
+            self._cache[anchor] = (builder, generator)
+        return self._cache[anchor]
+
+    def builder(self, t: pd.Timestamp) -> FeatureBuilder:
+        return self._get(t)[0]
+
+    def generator(self, t: pd.Timestamp) -> CandidateGenerator:
+        return self._get(t)[1]
+
+
+def _rows(
+    snapshot: Snapshot,
+    rules: RuleSet,
+    fitted: _Fitted,
+    cuts: list[pd.Timestamp],
+    config: TrainConfig,
+    stages: Stages,
+    name: str,
+    *,
+    train: bool,
+) -> RowSet:
+    parts = []
+    with stages.stage(f"{name} rows", total=len(cuts)) as advance:
+        for index, cut in enumerate(cuts):
+            parts.append(
+                build_rows(
+                    snapshot,
+                    rules,
+                    fitted.builder,
+                    fitted.generator(cut),
+                    [cut],
+                    config,
+                    customers_per_cut=(
+                        config.train_customers_per_cut if train else config.eval_customers_per_cut
+                    ),
+                    negatives_per_group=config.negatives_per_group if train else None,
+                    out_of_fold=train,
+                    seed_offset=_SEED_OFFSET[name] + index * 7919,
+                )
+            )
+            advance(1)
+    offset = 0
+    for part in parts:  # groups stay unique across cut points
+        part.group = part.group + offset
+        offset = int(part.group.max()) + 1 if len(part) else offset
+    names = next((p.names for p in parts if p.names), [])
+    return RowSet.concat([p for p in parts if len(p)], names)
+
+
+def train(
+    snapshot: Snapshot, rules: RuleSet, config: TrainConfig, *, stages: Stages | None = None
+) -> TrainResult:
+    """Build the training set, fit and calibrate the ranker, evaluate it and the baselines."""
+    stages = stages or Stages(show=False)
+    with stages.stage("cut points"):
+        splits = cut_points(snapshot, config)
+    fitted = _Fitted(snapshot, config, splits.train[0])
+    train_rows = _rows(snapshot, rules, fitted, splits.train, config, stages, "train", train=True)
+    validation = _rows(
+        snapshot, rules, fitted, splits.validation, config, stages, "validation", train=False
+    )
+    test = _rows(snapshot, rules, fitted, splits.test, config, stages, "test", train=False)
+    if not train_rows.label.any() or not validation.label.any():
+        raise ValueError(
+            "no positive labels in the training or validation cut points: "
+            "there is nothing to learn; train on a longer history"
+        )
+    with stages.stage("fit ranker"):
+        booster = fit_ranker(train_rows, validation, config)
+    with stages.stage("calibrate"):
+        calibrators = calibrate(raw_scores(booster, validation), validation)
+    default_values = {
+        task: float(np.nanmedian(train_rows.value[train_rows.task == code]))
+        if (train_rows.task == code).any()
+        and not np.all(np.isnan(train_rows.value[train_rows.task == code]))
+        else 1.0
+        for code, task in enumerate(TASKS)
+    }
+    with stages.stage("evaluate"):
+        scores = raw_scores(booster, test)
+        metrics = evaluate_rows(test, scores, calibrators, config, snapshot)
+    return TrainResult(
+        booster=booster,
+        calibrators=calibrators,
+        config=config,
+        splits=splits,
+        metrics=metrics,
+        timings=dict(stages.seconds),
+        rows={
+            "train": len(train_rows),
+            "validation": len(validation),
+            "test": len(test),
+            "train_positives": int(train_rows.label.sum()),
+            "test_groups": len(np.unique(test.group)),
+        },
+        default_values=default_values,
+        validation=validation,
+        test=test,
+        test_scores=scores,
+    )
+
+
+def probabilities(
+    scores: np.ndarray, rows: RowSet, calibrators: dict[str, Calibrator]
+) -> np.ndarray:
+    out = np.zeros(len(scores))
+    for code, task in enumerate(TASKS):
+        mine = rows.task == code
+        if mine.any() and task in calibrators:
+            out[mine] = calibrators[task](scores[mine])
+    return out
+
+
+def _ranking_metrics(rows: RowSet, score: np.ndarray, catalog: int) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k in KS:
+        for name, metric in METRICS.items():
+            values = metric(rows.group, rows.label, score, k)
+            out[f"{name}_at_{k}"] = float(values.mean()) if len(values) else float("nan")
+    codes = np.unique(rows.group, return_inverse=True)[1]
+    ranks = ranks_within_groups(codes, score)
+    top = ranks <= 10
+    new = rows.column("category_is_new")
+    out["new_category_share_at_10"] = float(np.mean(new[top] == 1)) if top.any() else float("nan")
+    out["coverage_at_10"] = catalog_coverage(rows.group, rows.offer, score, 10, catalog)
+    return out
+
+
+def evaluate_rows(
+    rows: RowSet,
+    scores: np.ndarray,
+    calibrators: dict[str, Calibrator],
+    config: TrainConfig,
+    snapshot: Snapshot,
+) -> dict[str, Any]:
+    """Model and baseline metrics per task, with the model's NDCG@10 margin over the best
+    baseline and its bootstrap 95 % interval."""
+    probability = probabilities(scores, rows, calibrators)
+    report: dict[str, Any] = {}
+    for code, task in enumerate(TASKS):
+        mine = rows.task == code
+        if not mine.any() or not rows.label[mine].any():
+            continue
+        part = rows.subset(mine)
+        catalog = int(np.isin(np.arange(len(snapshot.offers)), np.unique(part.offer)).sum())
+        model = _ranking_metrics(part, scores[mine], catalog)
+        model["brier"] = brier_score(part.label, probability[mine])
+        model["mean_probability"] = float(probability[mine].mean())
+        model["label_rate"] = float(part.label.mean())
+        model["expected_attach_rate"] = _expected_attach(part, probability[mine])
+        model["arbitrated_ndcg_at_10"] = float(
+            ndcg_at_k(
+                part.group,
+                part.label,
+                arbitrate(probability[mine], part.value, part.lever, config.lever_cap, 1.0),
+                10,
+            ).mean()
+        )
+        baselines = {
+            name: _ranking_metrics(part, baseline(part), catalog)
+            for name, baseline in BASELINES.items()
+        }
+        best = max(baselines, key=lambda name: baselines[name]["ndcg_at_10"])
+        mean, low, high = bootstrap_difference(
+            ndcg_at_k(part.group, part.label, scores[mine], 10),
+            ndcg_at_k(part.group, part.label, BASELINES[best](part), 10),
+            config.bootstrap_samples,
+            config.random_state,
+        )
+        report[task] = {
+            "groups": len(np.unique(part.group)),
+            "groups_with_positive": len(ndcg_at_k(part.group, part.label, scores[mine], 10)),
+            "rows": int(mine.sum()),
+            "model": model,
+            "baselines": baselines,
+            "best_baseline": best,
+            "ndcg_at_10_margin": {"mean": mean, "ci95_low": low, "ci95_high": high},
+        }
+    return report
+
+
+def _expected_attach(rows: RowSet, probability: np.ndarray) -> float:
+    """Expected share of opportunities taking at least one offer of a 3-offer slate."""
+    codes = np.unique(rows.group, return_inverse=True)[1]
+    ranks = ranks_within_groups(codes, probability)
+    top = ranks <= SLATE
+    miss = np.ones(codes.max() + 1)
+    np.multiply.at(miss, codes[top], 1 - probability[top])
+    return float(np.mean(1 - miss))
+
+
+def evaluate_booster(
+    snapshot: Snapshot,
+    rules: RuleSet,
+    booster: lgb.Booster,
+    calibrators: dict[str, Calibrator],
+    config: TrainConfig,
+    *,
+    stages: Stages | None = None,
+) -> dict[str, Any]:
+    """Metrics of a trained booster and the baselines on this snapshot's test cut points."""
+    stages = stages or Stages(show=False)
+    splits = cut_points(snapshot, config)
+    fitted = _Fitted(snapshot, config, splits.train[0])
+    test = _rows(snapshot, rules, fitted, splits.test, config, stages, "test", train=False)
+    with stages.stage("evaluate"):
+        return evaluate_rows(test, raw_scores(booster, test), calibrators, config, snapshot)

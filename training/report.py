@@ -1,0 +1,186 @@
+"""What a run shows a person: plots and a model card (files written to a folder)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from features import FEATURES
+from training.dataset import TASKS, RowSet
+
+__all__ = ["model_card", "write_plots"]
+
+SHAP_SAMPLE = 1000
+
+
+def write_plots(
+    booster: Any,
+    validation: RowSet,
+    test: RowSet,
+    test_scores: np.ndarray,
+    probability: np.ndarray,
+    folder: Path,
+    seed: int,
+) -> list[Path]:
+    """SHAP beeswarm (validation sample), feature importance, lift and gain by decile,
+    and the calibration curve. Returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import shap
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    rng = np.random.default_rng(seed)
+    sample = rng.choice(len(validation), size=min(SHAP_SAMPLE, len(validation)), replace=False)
+    data = validation.values[np.sort(sample)]
+    contributions = booster.predict(data, pred_contrib=True)
+    explanation = shap.Explanation(
+        values=contributions[:, :-1],
+        base_values=contributions[:, -1],
+        data=data,
+        feature_names=validation.names,
+    )
+    plt.figure()
+    shap.plots.beeswarm(explanation, max_display=20, show=False)
+    plt.title("SHAP values, validation sample")
+    written.append(_save(plt, folder / "shap_beeswarm.png"))
+
+    gain = booster.feature_importance(importance_type="gain")
+    order = np.argsort(gain)[-20:]
+    _, ax = plt.subplots(figsize=(7, 6))
+    ax.barh(np.asarray(validation.names)[order], gain[order])
+    ax.set_title("Feature importance (total gain)")
+    written.append(_save(plt, folder / "feature_importance.png"))
+
+    _, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for code, task in enumerate(TASKS):
+        mine = test.task == code
+        if not mine.any() or not test.label[mine].any():
+            continue
+        lift, cumulative = _deciles(test_scores[mine], test.label[mine])
+        axes[0].plot(range(1, 11), lift, marker="o", label=task)
+        axes[1].plot(range(0, 11), np.r_[0, cumulative], marker="o", label=task)
+    axes[0].axhline(1, color="grey", lw=0.8)
+    axes[0].set(title="Lift by score decile (test)", xlabel="decile (1 = top)", ylabel="lift")
+    axes[1].plot([0, 10], [0, 1], color="grey", lw=0.8)
+    axes[1].set(title="Cumulative gain (test)", xlabel="deciles", ylabel="share of positives")
+    axes[0].legend()
+    written.append(_save(plt, folder / "lift_gain_by_decile.png"))
+
+    _, ax = plt.subplots(figsize=(5, 5))
+    for code, task in enumerate(TASKS):
+        mine = test.task == code
+        if not mine.any():
+            continue
+        predicted, observed = _calibration(probability[mine], test.label[mine])
+        ax.plot(predicted, observed, marker="o", label=task)
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8)
+    top = max(0.05, float(np.quantile(probability, 0.999)) if len(probability) else 0.05)
+    ax.set(
+        xlim=(0, top),
+        ylim=(0, top),
+        title="Calibration (test)",
+        xlabel="predicted P(accept)",
+        ylabel="observed rate",
+    )
+    ax.legend()
+    written.append(_save(plt, folder / "calibration_curve.png"))
+    return written
+
+
+def _save(plt: Any, path: Path) -> Path:
+    plt.tight_layout()
+    plt.savefig(path, dpi=110)
+    plt.close("all")
+    return path
+
+
+def _deciles(scores: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    order = np.argsort(-scores, kind="stable")
+    chunks = np.array_split(label[order], 10)
+    rate = label.mean()
+    lift = np.array([chunk.mean() / rate if len(chunk) else 0 for chunk in chunks])
+    cumulative = np.cumsum([chunk.sum() for chunk in chunks]) / max(label.sum(), 1)
+    return lift, cumulative
+
+
+def _calibration(probability: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    order = np.argsort(probability, kind="stable")
+    bins = np.array_split(order, 10)
+    return (
+        np.array([probability[b].mean() for b in bins if len(b)]),
+        np.array([label[b].mean() for b in bins if len(b)]),
+    )
+
+
+def model_card(
+    *,
+    version: str | None,
+    run_id: str,
+    fingerprint: str,
+    workspace: dict[str, Any],
+    config: dict[str, Any],
+    metrics: dict[str, Any],
+    splits: dict[str, list[str]],
+    rules_hash: str,
+    rows: dict[str, int],
+    trees: int,
+    timings: dict[str, float],
+) -> str:
+    """A markdown model card: what it is, what it was trained on, how it did, its limits."""
+    lines = [
+        f"# nextbest-ranker{f' v{version}' if version else ''}",
+        "",
+        "LightGBM lambdarank over eligible candidates, one group per (opportunity, task); "
+        "isotonic calibration per task on validation; arbitration = P(accept) × value × lever.",
+        "",
+        "## Data",
+        f"- workspace: {workspace.get('dataset') or workspace.get('name')} "
+        f"(fingerprint `{fingerprint}`)",
+        f"- cut points: train {splits['train'][0]} → {splits['train'][-1]} "
+        f"({len(splits['train'])}), validation {len(splits['validation'])}, "
+        f"test {splits['test'][0]} → {splits['test'][-1]} ({len(splits['test'])})",
+        f"- rows: {rows}",
+        f"- rules: `{rules_hash}`; run `{run_id}`; {trees} trees",
+        "",
+        "## Results on the test cut points (NDCG@10)",
+        "",
+        "| task | model | best baseline | margin [95 % CI] | recall@10 | Brier |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for task, report in metrics.items():
+        best = report["best_baseline"]
+        margin = report["ndcg_at_10_margin"]
+        lines.append(
+            f"| {task} | {report['model']['ndcg_at_10']:.4f} | {best} "
+            f"{report['baselines'][best]['ndcg_at_10']:.4f} | {margin['mean']:+.4f} "
+            f"[{margin['ci95_low']:+.4f}, {margin['ci95_high']:+.4f}] | "
+            f"{report['model']['recall_at_10']:.4f} | {report['model']['brier']:.5f} |"
+        )
+    lines += [
+        "",
+        "## Features",
+        "",
+        *[f"- `{spec.name}` ({spec.family}): {spec.description}" for spec in FEATURES],
+        "",
+        "## Configuration",
+        "",
+        "```",
+        *[f"{key}: {value}" for key, value in config.items()],
+        "```",
+        "",
+        "## Limits",
+        "- Trained on observational data: offers the old policy never showed are ranked "
+        "by what similar customers bought, not by measured response.",
+        "- The demo has no browse, support, usage or consent data: those features are flat.",
+        "- A person reviews the top recommendations before this version becomes champion.",
+        "",
+        "## Stage timings (s)",
+        "",
+        *[f"- {stage}: {seconds}" for stage, seconds in timings.items()],
+    ]
+    return "\n".join(lines) + "\n"

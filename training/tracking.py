@@ -1,0 +1,168 @@
+"""MLflow: one run per training, everything logged, then a registered version.
+
+This is the I/O shell around ``training.pipeline.train``.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from features import FEATURES, Workspace
+from nextbest.registry import CHALLENGER, MODEL_NAME
+from policy import RuleSet
+from training.pipeline import TrainResult, probabilities
+from training.report import model_card, write_plots
+
+__all__ = ["log_run"]
+
+PIP_REQUIREMENTS = ["lightgbm==4.7.0", "numpy==2.4.6", "pandas==3.1.1", "scikit-learn==1.9.1"]
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, float]) -> None:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _flatten(f"{prefix}.{key}" if prefix else str(key), item, out)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value):
+        out[prefix] = float(value)
+
+
+def log_run(
+    result: TrainResult, workspace: Workspace, rules: RuleSet, *, engine: str = "local"
+) -> dict[str, Any]:
+    """Log ``result`` as one MLflow run, register it, alias it ``challenger``.
+
+    Returns ``run_id``, ``model_version`` and the headline metrics.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.models import infer_signature
+
+    manifest = workspace.manifest
+    config = result.config.model_dump()
+    with mlflow.start_run(run_name=f"train-{manifest['fingerprint']}") as run:
+        mlflow.log_params(
+            {
+                **{f"config.{k}": v for k, v in config.items()},
+                "rules.hash": rules.content_hash,
+                "rules.name": rules.name,
+                "engine": engine,
+                "train.first_cut": result.splits.train[0].isoformat(),
+                "test.last_cut": result.splits.test[-1].isoformat(),
+            }
+        )
+        mlflow.set_tags(
+            {
+                "dataset.fingerprint": manifest["fingerprint"],
+                "dataset.source": json.dumps(manifest["source"], default=str)[:5000],
+                "dataset.synthetic": str(manifest["synthetic"]),
+                "dataset.as_of_range": f"{result.splits.train[0].date()}.."
+                f"{result.splits.test[-1].date()}",
+            }
+        )
+        flat: dict[str, float] = {}
+        _flatten("", result.metrics, flat)
+        _flatten("rows", result.rows, flat)
+        _flatten("seconds", result.timings, flat)
+        mlflow.log_metrics({key.replace("@", "_at_"): value for key, value in flat.items()})
+        probability = probabilities(result.test_scores, result.test, result.calibrators)
+        with tempfile.TemporaryDirectory() as folder:
+            root = Path(folder)
+            bundle = root / "bundle"
+            bundle.mkdir()
+            meta = {
+                "feature_names": result.test.names,
+                "calibrators": {task: c.to_dict() for task, c in result.calibrators.items()},
+                "default_values": result.default_values,
+                "lever_cap": result.config.lever_cap,
+                "config": config,
+                "rules_hash": rules.content_hash,
+                "fingerprint": manifest["fingerprint"],
+                "splits": result.splits.as_dict(),
+                "trained_until": result.splits.test[-1].isoformat(),
+            }
+            (bundle / "bundle.json").write_text(json.dumps(meta, indent=2))
+            (bundle / "rules.yaml").write_text(rules.to_yaml())
+            (bundle / "metrics.json").write_text(json.dumps(result.metrics, indent=2))
+            mlflow.log_artifacts(str(bundle), artifact_path="bundle")
+            features = [
+                {
+                    "name": s.name,
+                    "family": s.family,
+                    "description": s.description,
+                    "unit": s.unit,
+                    "because": s.because,
+                }
+                for s in FEATURES
+            ]
+            mlflow.log_dict({"features": features}, "features.json")
+            mlflow.log_text(rules.to_yaml(), "rules.yaml")
+            plots = write_plots(
+                result.booster,
+                result.validation,
+                result.test,
+                result.test_scores,
+                probability,
+                root / "plots",
+                result.config.random_state,
+            )
+            for plot in plots:
+                mlflow.log_artifact(str(plot), artifact_path="plots")
+            example = result.test.values[:5]
+            signature = infer_signature(example, result.booster.predict(example))
+            info = mlflow.lightgbm.log_model(
+                result.booster,
+                name="model",
+                signature=signature,
+                input_example=example,
+                pip_requirements=PIP_REQUIREMENTS,
+            )
+            version = mlflow.register_model(info.model_uri, MODEL_NAME)
+            client = MlflowClient()
+            client.set_registered_model_alias(MODEL_NAME, CHALLENGER, version.version)
+            client.set_model_version_tag(
+                MODEL_NAME, version.version, "dataset.fingerprint", manifest["fingerprint"]
+            )
+            client.set_model_version_tag(
+                MODEL_NAME, version.version, "rules.hash", rules.content_hash
+            )
+            card = model_card(
+                version=str(version.version),
+                run_id=run.info.run_id,
+                fingerprint=manifest["fingerprint"],
+                workspace=manifest["source"],
+                config=config,
+                metrics=result.metrics,
+                splits=result.splits.as_dict(),
+                rules_hash=rules.content_hash,
+                rows=result.rows,
+                trees=result.booster.num_trees(),
+                timings=result.timings,
+            )
+            mlflow.log_text(card, "model_card.md")
+    return {
+        "run_id": run.info.run_id,
+        "model_version": str(version.version),
+        "alias": CHALLENGER,
+        "metrics": headline(result.metrics),
+    }
+
+
+def headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The numbers a person looks at first, per task."""
+    return {
+        task: {
+            "ndcg_at_10": round(report["model"]["ndcg_at_10"], 4),
+            "recall_at_10": round(report["model"]["recall_at_10"], 4),
+            "best_baseline": report["best_baseline"],
+            "best_baseline_ndcg_at_10": round(
+                report["baselines"][report["best_baseline"]]["ndcg_at_10"], 4
+            ),
+            "ndcg_at_10_margin": {k: round(v, 4) for k, v in report["ndcg_at_10_margin"].items()},
+        }
+        for task, report in metrics.items()
+    }
