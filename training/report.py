@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,10 @@ def write_plots(
         feature_names=validation.names,
     )
     plt.figure()
-    shap.plots.beeswarm(explanation, max_display=20, show=False)
+    with warnings.catch_warnings():
+        # features that are empty in this data (all NaN) have no colour scale; shap warns
+        warnings.filterwarnings("ignore", "All-NaN slice encountered", RuntimeWarning)
+        shap.plots.beeswarm(explanation, max_display=20, show=False)
     plt.title("SHAP values, validation sample")
     written.append(_save(plt, folder / "shap_beeswarm.png"))
 

@@ -1,0 +1,180 @@
+"""Training: deterministic, tracked in MLflow, registered as challenger, and evaluated."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from features import (
+    OrderLineMapping,
+    ScenarioConfig,
+    Workspace,
+    import_transactions,
+    load_snapshot,
+    make_world,
+    write_world,
+)
+from nextbest.cli import app
+from policy import load_rules
+from training.config import ConfigError, load_config
+from training.dataset import cut_points
+from training.pipeline import train
+
+pytestmark = pytest.mark.xdist_group("mlflow")
+CONFIG = {
+    "min_pair_orders": 3,
+    "train_customers_per_cut": 150,
+    "eval_customers_per_cut": 150,
+    "n_estimators": 60,
+    "bootstrap_samples": 100,
+}
+
+
+@pytest.fixture(scope="module")
+def world_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    world = make_world(ScenarioConfig(n_customers=150, n_days=150, seed=4))
+    return write_world(world, tmp_path_factory.mktemp("train") / "ws").path
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("NEXTBEST_HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "config.yaml").write_text(json.dumps(CONFIG))
+    return tmp_path
+
+
+def test_same_data_and_config_give_the_same_model(world_path: Path) -> None:
+    snapshot = load_snapshot(Workspace(world_path))
+    config = load_config(None, **CONFIG)
+    first = train(snapshot, load_rules(), config)
+    again = train(snapshot, load_rules(), config)
+    assert first.booster.model_to_string() == again.booster.model_to_string()
+    assert first.metrics == again.metrics
+
+
+def test_splits_are_in_time_order_with_an_embargo(world_path: Path) -> None:
+    config = load_config(None, **CONFIG)
+    splits = cut_points(load_snapshot(Workspace(world_path)), config)
+    horizon = pd.Timedelta(days=config.horizon_days)
+    assert splits.train[-1] + horizon <= splits.validation[0]
+    assert splits.validation[-1] + horizon <= splits.test[0]
+
+
+def test_train_logs_everything_and_registers_a_challenger(world_path: Path, home: Path) -> None:
+    import mlflow
+    from mlflow import MlflowClient
+
+    runner = CliRunner()
+    result = runner.invoke(
+        app, ["train", "-w", str(world_path), "--config", str(home / "config.yaml"), "--quiet"]
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["model_version"] == "1" and summary["alias"] == "challenger"
+    assert {"item", "cross_sell"} <= set(summary["metrics"])
+
+    client = MlflowClient()
+    assert mlflow.get_tracking_uri() == f"sqlite:///{home / 'models' / 'mlflow.db'}"
+    run = client.get_run(summary["run_id"])
+    assert run.data.params["config.max_depth"] == "6"
+    assert run.data.params["rules.hash"] == load_rules().content_hash
+    assert run.data.tags["dataset.fingerprint"] == Workspace(world_path).fingerprint
+    metrics = run.data.metrics
+    assert "item.model.ndcg_at_10" in metrics
+    for baseline in (
+        "popularity",
+        "personal_frequency",
+        "personal_then_global",
+        "copurchase",
+        "rules_only",
+    ):
+        assert f"item.baselines.{baseline}.ndcg_at_10" in metrics
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"plots", "bundle", "model_card.md", "features.json", "rules.yaml"} <= artifacts
+    plots = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert plots == {
+        "shap_beeswarm.png",
+        "feature_importance.png",
+        "lift_gain_by_decile.png",
+        "calibration_curve.png",
+    }
+    card = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/model_card.md")
+    assert "NDCG@10" in card and "personal_then_global" in card
+    assert str(client.get_model_version_by_alias("nextbest-ranker", "challenger").version) == "1"
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        client.get_model_version_by_alias("nextbest-ranker", "champion")
+    booster = mlflow.lightgbm.load_model("models:/nextbest-ranker@challenger")
+    assert booster.num_feature() == len(
+        json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/bundle/bundle.json"))[
+            "feature_names"
+        ]
+    )
+
+    again = runner.invoke(
+        app, ["train", "-w", str(world_path), "--config", str(home / "config.yaml"), "--quiet"]
+    )
+    assert json.loads(again.stdout)["model_version"] == "2"
+    assert str(client.get_model_version_by_alias("nextbest-ranker", "challenger").version) == "2"
+
+    evaluated = runner.invoke(app, ["evaluate", "-w", str(world_path), "--version", "1", "--json"])
+    assert evaluated.exit_code == 0, evaluated.output
+    report = json.loads(evaluated.stdout)
+    assert report["model_version"] == "1"
+    item = report["metrics"]["item"]
+    assert item["model"]["ndcg_at_10"] == pytest.approx(
+        summary["metrics"]["item"]["ndcg_at_10"], abs=1e-4
+    )
+    assert set(item["baselines"]) == {
+        "popularity",
+        "personal_frequency",
+        "personal_then_global",
+        "copurchase",
+        "rules_only",
+    }
+
+
+def test_evaluate_without_a_model_says_so(world_path: Path, home: Path) -> None:
+    result = CliRunner().invoke(app, ["evaluate", "-w", str(world_path)])
+    assert result.exit_code == 2
+    assert "has no alias 'challenger'" in result.stderr and "nextbest train" in result.stderr
+
+
+def test_imported_order_lines_train_and_beat_top_frequency(tmp_path: Path, home: Path) -> None:
+    world = make_world(ScenarioConfig(n_customers=250, n_days=160, seed=9))
+    orders = world.tables["orders"]
+    orders.rename(
+        columns={
+            "customer_id": "shopper",
+            "ordered_at": "when",
+            "product_id": "sku",
+            "amount": "paid",
+            "quantity": "units",
+        }
+    )[["shopper", "when", "sku", "paid", "units"]].to_csv(tmp_path / "lines.csv", index=False)
+    mapping = OrderLineMapping(
+        customer="shopper", time="when", item="sku", amount="paid", quantity="units"
+    )
+    workspace = import_transactions(tmp_path / "lines.csv", mapping, tmp_path / "imported")
+    result = CliRunner().invoke(
+        app, ["train", "-w", str(workspace.path), "--config", str(home / "config.yaml"), "--quiet"]
+    )
+    assert result.exit_code == 0, result.output
+    evaluated = CliRunner().invoke(app, ["evaluate", "-w", str(workspace.path), "--json"])
+    item = json.loads(evaluated.stdout)["metrics"]["item"]
+    assert item["model"]["recall_at_10"] > item["baselines"]["personal_then_global"]["recall_at_10"]
+
+
+def test_config_errors_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"field 'max_depth': Input should be greater"):
+        load_config(None, max_depth=0)
+    (tmp_path / "c.yaml").write_text("max_dept: 4\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: field 'max_dept': Extra inputs"):
+        load_config(tmp_path / "c.yaml")
+    assert load_config(None).max_depth == 6
+    assert np.isclose(load_config(None, learning_rate=0.1).learning_rate, 0.1)
