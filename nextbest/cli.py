@@ -539,7 +539,8 @@ def train_command(
 
         result = train_on_dask(snapshot, rule_set, settings, scheduler=scheduler, stages=stages)
     else:
-        result = train(snapshot, rule_set, settings, stages=stages)
+        logged = (target.read("exposures"), target.read("outcomes"))
+        result = train(snapshot, rule_set, settings, stages=stages, logged=logged)
     configure_tracking()
     with stages.stage("log to mlflow"):
         summary = log_run(result, target, rule_set, engine=engine.value)

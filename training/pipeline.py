@@ -25,7 +25,7 @@ from policy import RuleSet
 from policy.arbitration import Calibrator, arbitrate
 from training.baselines import BASELINES
 from training.config import TrainConfig
-from training.dataset import TASKS, RowSet, Splits, build_rows, cut_points
+from training.dataset import TASKS, RowSet, Splits, build_rows, cut_points, task_of_offer
 from training.metrics import (
     METRICS,
     bootstrap_difference,
@@ -35,6 +35,7 @@ from training.metrics import (
     ranks_within_groups,
 )
 from training.model import calibrate, fit_ranker, raw_scores
+from training.offpolicy import off_policy_value
 
 __all__ = ["Stages", "TrainResult", "evaluate_booster", "evaluate_rows", "train"]
 
@@ -165,9 +166,18 @@ def _rows(
 
 
 def train(
-    snapshot: Snapshot, rules: RuleSet, config: TrainConfig, *, stages: Stages | None = None
+    snapshot: Snapshot,
+    rules: RuleSet,
+    config: TrainConfig,
+    *,
+    stages: Stages | None = None,
+    logged: tuple[pd.DataFrame, pd.DataFrame] | None = None,
 ) -> TrainResult:
-    """Build the training set, fit and calibrate the ranker, evaluate it and the baselines."""
+    """Build the training set, fit and calibrate the ranker, evaluate it and the baselines.
+
+    ``logged`` (exposures, outcomes) enables the off-policy estimate where exposures carry
+    the logging policy's propensities.
+    """
     stages = stages or Stages(show=False)
     with stages.stage("cut points"):
         splits = cut_points(snapshot, config)
@@ -196,6 +206,22 @@ def train(
     with stages.stage("evaluate"):
         scores = raw_scores(booster, test)
         metrics = evaluate_rows(test, scores, calibrators, config, snapshot)
+    if logged is not None:
+        with stages.stage("off-policy value"):
+            scorer = model_scorer(
+                booster, calibrators, fitted.builder(splits.test[0]), config, default_values
+            )
+            metrics["off_policy"] = off_policy_value(
+                snapshot,
+                logged[0],
+                logged[1],
+                rules,
+                scorer,
+                start=splits.test[0],
+                end=splits.test[-1] + pd.Timedelta(days=config.horizon_days),
+                bootstrap_samples=config.bootstrap_samples,
+                seed=config.random_state,
+            )
     return TrainResult(
         booster=booster,
         calibrators=calibrators,
@@ -322,3 +348,33 @@ def evaluate_booster(
     test = _rows(snapshot, rules, fitted, splits.test, config, stages, "test", train=False)
     with stages.stage("evaluate"):
         return evaluate_rows(test, raw_scores(booster, test), calibrators, config, snapshot)
+
+
+def model_scorer(
+    booster: lgb.Booster,
+    calibrators: dict[str, Calibrator],
+    builder: FeatureBuilder,
+    config: TrainConfig,
+    default_values: dict[str, float],
+) -> Callable[..., np.ndarray]:
+    """Rows → arbitration score (P(accept) × value × lever), as serving ranks."""
+
+    def score(
+        snapshot: Snapshot, requests: Any, rows: np.ndarray, offers: np.ndarray
+    ) -> np.ndarray:
+        matrix = builder.build(snapshot, requests, rows, offers)
+        raw = np.asarray(booster.predict(matrix.values, num_threads=config.n_jobs))
+        task = task_of_offer(snapshot, offers)
+        probability = np.zeros(len(raw))
+        default = np.ones(len(raw))
+        for code, name in enumerate(TASKS):
+            mine = task == code
+            if mine.any() and name in calibrators:
+                probability[mine] = calibrators[name](raw[mine])
+                default[mine] = default_values.get(name, 1.0)
+        value = np.where(
+            np.isnan(snapshot.offer_value[offers]), default, snapshot.offer_value[offers]
+        )
+        return arbitrate(probability, value, snapshot.offer_lever[offers], config.lever_cap, 1.0)
+
+    return score
