@@ -157,6 +157,8 @@ def model_card(
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for task, report in metrics.items():
+        if task not in TASKS:
+            continue
         best = report["best_baseline"]
         margin = report["ndcg_at_10_margin"]
         lines.append(
@@ -165,6 +167,16 @@ def model_card(
             f"[{margin['ci95_low']:+.4f}, {margin['ci95_high']:+.4f}] | "
             f"{report['model']['recall_at_10']:.4f} | {report['model']['brier']:.5f} |"
         )
+    off_policy = metrics.get("off_policy", {})
+    if off_policy.get("available"):
+        lines += ["", "## Off-policy value (accepted offers per request, test period)", ""]
+        for key in ("logging_policy", "ips", "snips"):
+            v = off_policy[key]
+            lines.append(
+                f"- {key}: {v['estimate']:.4f} [{v['ci95_low']:.4f}, {v['ci95_high']:.4f}]"
+            )
+    elif off_policy:
+        lines += ["", f"Off-policy value: not available ({off_policy.get('reason')})."]
     lines += [
         "",
         "## Features",

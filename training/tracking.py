@@ -15,6 +15,7 @@ import numpy as np
 from features import FEATURES, Workspace
 from nextbest.registry import CHALLENGER, MODEL_NAME
 from policy import RuleSet
+from training.dataset import TASKS
 from training.pipeline import TrainResult, probabilities
 from training.report import model_card, write_plots
 
@@ -154,7 +155,7 @@ def log_run(
 
 def headline(metrics: dict[str, Any]) -> dict[str, Any]:
     """The numbers a person looks at first, per task."""
-    return {
+    tasks = {
         task: {
             "ndcg_at_10": round(report["model"]["ndcg_at_10"], 4),
             "recall_at_10": round(report["model"]["recall_at_10"], 4),
@@ -165,4 +166,11 @@ def headline(metrics: dict[str, Any]) -> dict[str, Any]:
             "ndcg_at_10_margin": {k: round(v, 4) for k, v in report["ndcg_at_10_margin"].items()},
         }
         for task, report in metrics.items()
+        if task in TASKS
     }
+    if metrics.get("off_policy", {}).get("available"):
+        tasks["off_policy"] = {
+            key: round(metrics["off_policy"][key]["estimate"], 4)
+            for key in ("logging_policy", "ips", "snips")
+        }
+    return tasks
