@@ -534,12 +534,14 @@ def train_command(
     target = Workspace(resolve_workspace(workspace))
     with stages.stage("load snapshot"):
         snapshot = load_snapshot(target)
+    logged = (target.read("exposures"), target.read("outcomes"))
     if engine is Engine.dask:
         from training.distributed import train_on_dask
 
-        result = train_on_dask(snapshot, rule_set, settings, scheduler=scheduler, stages=stages)
+        result = train_on_dask(
+            snapshot, rule_set, settings, scheduler=scheduler, stages=stages, logged=logged
+        )
     else:
-        logged = (target.read("exposures"), target.read("outcomes"))
         result = train(snapshot, rule_set, settings, stages=stages, logged=logged)
     configure_tracking()
     with stages.stage("log to mlflow"):

@@ -6,17 +6,11 @@ import lightgbm as lgb
 import numpy as np
 from sklearn.isotonic import IsotonicRegression
 
-from features import FEATURES
 from policy.arbitration import Calibrator
 from training.config import TrainConfig
 from training.dataset import TASKS, RowSet
 
-__all__ = ["calibrate", "categorical_features", "fit_ranker", "raw_scores"]
-
-
-def categorical_features(names: list[str]) -> list[int]:
-    categorical = {spec.name for spec in FEATURES if spec.categorical}
-    return [i for i, name in enumerate(names) if name in categorical]
+__all__ = ["calibrate", "fit_ranker", "raw_scores"]
 
 
 def _with_positive_groups(rows: RowSet) -> RowSet:
@@ -27,7 +21,11 @@ def _with_positive_groups(rows: RowSet) -> RowSet:
 
 def fit_ranker(train: RowSet, validation: RowSet, config: TrainConfig) -> lgb.Booster:
     """LGBMRanker (lambdarank), one group per (opportunity, task), early stopping on the
-    validation NDCG@``eval_at``. Seeded and deterministic."""
+    validation NDCG@``eval_at``. Seeded and deterministic.
+
+    Code-valued features (channel, placement, moment, offer kind) are split as numbers,
+    as the Dask engine must (distributed categorical bins crash LightGBM's workers).
+    """
     ranker = lgb.LGBMRanker(
         objective="lambdarank",
         n_estimators=config.n_estimators,
@@ -51,7 +49,6 @@ def fit_ranker(train: RowSet, validation: RowSet, config: TrainConfig) -> lgb.Bo
         eval_group=[valid.group_sizes()],
         eval_at=[config.eval_at],
         feature_name=list(train.names),
-        categorical_feature=categorical_features(train.names),
         callbacks=[lgb.early_stopping(config.early_stopping_rounds, verbose=False)],
     )
     return ranker.booster_

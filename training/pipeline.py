@@ -187,13 +187,47 @@ def train(
         snapshot, rules, fitted, splits.validation, config, stages, "validation", train=False
     )
     test = _rows(snapshot, rules, fitted, splits.test, config, stages, "test", train=False)
+    _require_positives(train_rows, validation)
+    with stages.stage("fit ranker"):
+        booster = fit_ranker(train_rows, validation, config)
+    return finish(
+        snapshot,
+        rules,
+        config,
+        splits,
+        fitted,
+        booster,
+        train_rows,
+        validation,
+        test,
+        stages=stages,
+        logged=logged,
+    )
+
+
+def _require_positives(train_rows: RowSet, validation: RowSet) -> None:
     if not train_rows.label.any() or not validation.label.any():
         raise ValueError(
             "no positive labels in the training or validation cut points: "
             "there is nothing to learn; train on a longer history"
         )
-    with stages.stage("fit ranker"):
-        booster = fit_ranker(train_rows, validation, config)
+
+
+def finish(
+    snapshot: Snapshot,
+    rules: RuleSet,
+    config: TrainConfig,
+    splits: Splits,
+    fitted: _Fitted,
+    booster: lgb.Booster,
+    train_rows: RowSet,
+    validation: RowSet,
+    test: RowSet,
+    *,
+    stages: Stages,
+    logged: tuple[pd.DataFrame, pd.DataFrame] | None,
+) -> TrainResult:
+    """Calibrate on validation, evaluate on test (and off-policy where possible)."""
     with stages.stage("calibrate"):
         calibrators = calibrate(raw_scores(booster, validation), validation)
     default_values = {
@@ -206,6 +240,7 @@ def train(
     with stages.stage("evaluate"):
         scores = raw_scores(booster, test)
         metrics = evaluate_rows(test, scores, calibrators, config, snapshot)
+        metrics_validation_ndcg = validation_ndcg(booster, validation, config.eval_at)
     if logged is not None:
         with stages.stage("off-policy value"):
             scorer = model_scorer(
@@ -240,7 +275,14 @@ def train(
         validation=validation,
         test=test,
         test_scores=scores,
+        extra={"validation_ndcg_at_k": metrics_validation_ndcg},
     )
+
+
+def validation_ndcg(booster: lgb.Booster, validation: RowSet, k: int) -> float:
+    """Mean NDCG@k over validation groups with a positive: the early-stopping metric."""
+    values = ndcg_at_k(validation.group, validation.label, raw_scores(booster, validation), k)
+    return float(values.mean()) if len(values) else float("nan")
 
 
 def probabilities(
