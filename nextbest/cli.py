@@ -7,7 +7,9 @@ printed as one line on stderr with exit code 2, never as a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from collections.abc import Callable
 from enum import StrEnum
 from functools import wraps
@@ -544,7 +546,8 @@ def train_command(
     else:
         result = train(snapshot, rule_set, settings, stages=stages, logged=logged)
     configure_tracking()
-    with stages.stage("log to mlflow"):
+    # MLflow prints run links on stdout; stdout is for the JSON summary
+    with stages.stage("log to mlflow"), contextlib.redirect_stdout(sys.stderr):
         summary = log_run(result, target, rule_set, engine=engine.value)
     typer.echo("Stage timings:\n" + stages.summary(), err=True)
     _echo_json(summary | {"timings": stages.seconds})

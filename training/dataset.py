@@ -76,8 +76,14 @@ def cut_points(snapshot: Snapshot, config: TrainConfig) -> Splits:
     n_test = max(1, round(len(cuts) * config.test_share))
     n_validation = max(1, round(len(cuts) * config.validation_share))
     test = cuts[-n_test:]
-    validation = [t for t in cuts[-n_test - n_validation : -n_test] if t + horizon <= test[0]]
-    train = [t for t in cuts[: -n_test - n_validation] if t + horizon <= validation[0]]
+    validation = [t for t in cuts if t + horizon <= test[0]][-n_validation:]
+    train = [t for t in cuts if validation and t + horizon <= validation[0]]
+    if not train or not validation:
+        raise ValueError(
+            f"{len(cuts)} cut points are too few to split into train, validation and test "
+            f"with a {config.horizon_days}-day gap between them; train on a longer history, "
+            "cut more often or shorten the horizon"
+        )
     return Splits(train=train, validation=validation, test=test)
 
 
