@@ -11,7 +11,7 @@ import numpy as np
 from features import FEATURES
 from training.dataset import TASKS, RowSet
 
-__all__ = ["model_card", "write_plots"]
+__all__ = ["metrics_table", "model_card", "write_plots"]
 
 SHAP_SAMPLE = 1000
 
@@ -200,3 +200,17 @@ def model_card(
         *[f"- {stage}: {seconds}" for stage, seconds in timings.items()],
     ]
     return "\n".join(lines) + "\n"
+
+
+def metrics_table(metrics: dict[str, Any], metric: str = "ndcg_at_10") -> Any:
+    """Model against every baseline, per task, for one metric (a pandas DataFrame)."""
+    import pandas as pd
+
+    rows = {}
+    for task, report in metrics.items():
+        if task not in TASKS:
+            continue
+        rows[task] = {"model": report["model"][metric]} | {
+            name: values[metric] for name, values in report["baselines"].items()
+        }
+    return pd.DataFrame(rows).T
