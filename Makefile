@@ -22,9 +22,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP) ## Create .venv and install the project with dev extras (idempotent)
 
-run: install ## The main job: load the real demo data, validate it and print its summary
+run: install ## The main job: load the real demo data, train and register the ranker
 	$(BIN)/nextbest data load-demo
 	$(BIN)/nextbest data validate
+	$(BIN)/nextbest train --if-missing
 
 test: install lint ## The whole suite (lint, then pytest on 2 workers)
 	$(BIN)/python -m pytest -n 2 --dist loadgroup

@@ -520,6 +520,10 @@ def train_command(
     config: Annotated[Path | None, typer.Option(help="Training config YAML.")] = None,
     rules: Annotated[Path | None, typer.Option(help="Rules YAML (default: packaged).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+    if_missing: Annotated[
+        bool,
+        typer.Option(help="Skip when a version trained on this data and rules is registered."),
+    ] = False,
 ) -> None:
     """Train the ranker, log the run to MLflow, register a version with alias 'challenger',
     and print JSON with run_id, model_version and the headline metrics."""
@@ -534,6 +538,17 @@ def train_command(
     rule_set = load_rules(rules)
     stages = Stages(show=not quiet)
     target = Workspace(resolve_workspace(workspace))
+    configure_tracking()
+    if if_missing:
+        from nextbest.registry import find_version
+
+        existing = find_version(target.fingerprint, rule_set.content_hash)
+        if existing is not None:
+            typer.echo(
+                f"Version {existing} was trained on this data and rules: skipping.", err=True
+            )
+            _echo_json({"model_version": existing, "skipped": True})
+            return
     with stages.stage("load snapshot"):
         snapshot = load_snapshot(target)
     logged = (target.read("exposures"), target.read("outcomes"))
@@ -545,7 +560,6 @@ def train_command(
         )
     else:
         result = train(snapshot, rule_set, settings, stages=stages, logged=logged)
-    configure_tracking()
     # MLflow prints run links on stdout; stdout is for the JSON summary
     with stages.stage("log to mlflow"), contextlib.redirect_stdout(sys.stderr):
         summary = log_run(result, target, rule_set, engine=engine.value)

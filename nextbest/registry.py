@@ -27,6 +27,7 @@ __all__ = [
     "MODEL_NAME",
     "ModelBundle",
     "configure_tracking",
+    "find_version",
     "load_bundle",
     "resolve_version",
 ]
@@ -124,3 +125,18 @@ def load_bundle(version: str | int | None = None, alias: str | None = None) -> M
         meta=meta,
         rules_yaml=rules_yaml,
     )
+
+
+def find_version(fingerprint: str, rules_hash: str) -> str | None:
+    """The newest registered version trained on this dataset with these rules, if any."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    versions = client.search_model_versions(f"name = '{MODEL_NAME}'")
+    matching = [
+        int(v.version)
+        for v in versions
+        if v.tags.get("dataset.fingerprint") == fingerprint
+        and v.tags.get("rules.hash") == rules_hash
+    ]
+    return str(max(matching)) if matching else None

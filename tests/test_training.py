@@ -116,6 +116,20 @@ def test_train_logs_everything_and_registers_a_challenger(world_path: Path, home
         ]
     )
 
+    skipped = runner.invoke(
+        app,
+        [
+            "train",
+            "-w",
+            str(world_path),
+            "--config",
+            str(home / "config.yaml"),
+            "--quiet",
+            "--if-missing",
+        ],
+    )
+    assert json.loads(skipped.stdout) == {"model_version": "1", "skipped": True}
+
     again = runner.invoke(
         app, ["train", "-w", str(world_path), "--config", str(home / "config.yaml"), "--quiet"]
     )
