@@ -19,7 +19,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from features.contract import CHANNELS
-from nextbest.settings import Settings
+from nextbest.settings import Settings, resolve_workspace
 
 app = typer.Typer(
     name="nextbest",
@@ -78,22 +78,6 @@ def _user_errors(function: F) -> F:
 
 def _echo_json(payload: Any) -> None:
     typer.echo(json.dumps(payload, indent=2, default=str))
-
-
-def resolve_workspace(workspace: Path | None) -> Path:
-    """The given workspace, or the demo workspace, built from the package if missing."""
-    from features import Workspace
-
-    if workspace is not None:
-        Workspace(workspace).require()
-        return workspace
-    demo = Settings.load().demo_workspace
-    if not Workspace(demo).exists():
-        typer.echo(f"Building the demo workspace at {demo} (first use) …", err=True)
-        from features import write_demo_workspace
-
-        write_demo_workspace(demo)
-    return demo
 
 
 @data_app.command("load-demo")
@@ -623,6 +607,205 @@ def _champion_or_challenger(load: Any) -> Any:
         return load(alias="champion")
     except LookupError:
         return load(alias=CHALLENGER)
+
+
+def _recommender(workspace: Path | None, clock: str, db_url: str | None, alias: str) -> Any:
+    from features import Workspace, load_snapshot
+    from nextbest.registry import configure_tracking, load_bundle
+    from serving.engine import Recommender, ServeSettings
+    from serving.ledger import SqlLedger
+    from serving.service import ServiceSettings
+
+    configure_tracking()
+    target = Workspace(resolve_workspace(workspace))
+    settings = ServiceSettings.from_env()
+    try:
+        bundle = load_bundle(alias=alias)
+    except LookupError:
+        bundle = None
+        typer.echo(f"No '{alias}' model: using the rules-only ranking.", err=True)
+    return Recommender(
+        load_snapshot(target),
+        bundle,
+        SqlLedger(db_url or settings.db_url),
+        ServeSettings(
+            clock=clock,
+            holdout_share=settings.holdout_share,
+            holdout_control=settings.holdout_control,
+            alias=alias,
+        ),
+        workspace=str(target.path),
+    )
+
+
+ClockOption = Annotated[
+    str,
+    typer.Option(help="'data' (the workspace's last event), 'now', or an ISO date/time."),
+]
+
+
+@app.command("recommend")
+@_user_errors
+def recommend_command(
+    customer: Annotated[str, typer.Argument(help="Customer id, as the data gives it.")],
+    channel: Annotated[ChannelName, typer.Option(help="The channel asking.")] = ChannelName.web,  # type: ignore[attr-defined]
+    placement: Annotated[
+        str, typer.Option(help="Placement: home, pdp, cart, checkout, …")
+    ] = "home",
+    k: Annotated[int, typer.Option(help="How many offers (1-25).", min=1, max=25)] = 3,
+    as_of: Annotated[
+        str | None, typer.Option("--as-of", help="Moment (default: the clock).")
+    ] = None,
+    workspace: WorkspaceOption = None,
+    clock: ClockOption = "data",
+    alias: Annotated[str, typer.Option(help="Model alias to use.")] = "champion",
+    debug: Annotated[bool, typer.Option(help="Include every excluded offer and why.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Recommend offers for one customer in process: the same code the service runs
+    (eligibility, caps, holdouts, explanations), logged to the same ledger."""
+    recommender = _recommender(workspace, clock, None, alias)
+    response = recommender.recommend(
+        customer, channel=channel.value, placement=placement, k=k, debug=debug, as_of=as_of
+    )
+    if as_json:
+        _echo_json(response)
+        return
+    model = response["model"]
+    typer.echo(
+        f"{customer} at {response['as_of']} on {channel.value}/{placement}: model "
+        f"{model['version'] or '-'} ({model['mode']})"
+        + ("  [holdout]" if response["holdout"] else "")
+    )
+    for offer in response["offers"]:
+        typer.echo(f"  {offer['rank']}. {offer['title']}  ({offer['offer_id']})")
+        typer.echo(f"     {offer['because']}")
+
+
+@app.command("recommend-batch")
+@_user_errors
+def recommend_batch_command(
+    customers: Annotated[
+        str, typer.Option(help="CSV/parquet with customer_id (and optional as_of), or 'all'.")
+    ],
+    out: Annotated[Path, typer.Option(help="Output, .csv or .parquet (by extension).")],
+    channel: Annotated[
+        ChannelName, typer.Option(help="The channel of the campaign.")
+    ] = ChannelName.email,  # type: ignore[attr-defined]
+    placement: Annotated[str, typer.Option(help="Placement.")] = "inbox",
+    k: Annotated[int, typer.Option(help="Offers per customer (1-25).", min=1, max=25)] = 3,
+    workspace: WorkspaceOption = None,
+    clock: ClockOption = "data",
+    alias: Annotated[str, typer.Option(help="Model alias to use.")] = "champion",
+) -> None:
+    """Score many customers for an email or SMS campaign: one row per recommendation
+    (customer_id, rank, offer_id, score, probability, because), with the same ranking,
+    eligibility, caps, holdouts and because text as the service."""
+    import pandas as pd
+
+    from features import read_table_file
+    from serving.batch import recommend_batch
+
+    recommender = _recommender(workspace, clock, None, alias)
+    if customers == "all":
+        table = pd.DataFrame({"customer_id": sorted(recommender._known_customers())})
+    else:
+        table = read_table_file(Path(customers), table="customers")
+        if "customer_id" not in table.columns:
+            raise typer.BadParameter(f"{customers} has no customer_id column")
+    rows = recommend_batch(recommender, table, channel=channel.value, placement=placement, k=k)
+    if out.suffix.lower() == ".csv":
+        rows.to_csv(out, index=False)
+    else:
+        rows.to_parquet(out, index=False)
+    typer.echo(
+        f"Wrote {len(rows):,} recommendations for {table['customer_id'].nunique():,} "
+        f"customers to {out}.",
+        err=True,
+    )
+
+
+@app.command("serve")
+@_user_errors
+def serve_command(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 3000,
+    workspace: WorkspaceOption = None,
+    clock: ClockOption = "data",
+    db_url: Annotated[
+        str | None, typer.Option(help="Ledger database URL (default: NEXTBEST_DB_URL or SQLite).")
+    ] = None,
+    alias: Annotated[str, typer.Option(help="Model alias to serve.")] = "champion",
+    example: Annotated[bool, typer.Option(help="Print an example request once ready.")] = True,
+) -> None:
+    """Serve the storefront API (and the review page) with BentoML on HOST:PORT."""
+    import os
+    import subprocess
+    import time
+    import urllib.request
+
+    env = dict(os.environ)
+    env.update(
+        {
+            "NEXTBEST_CLOCK": clock,
+            "NEXTBEST_MODEL_ALIAS": alias,
+            "BENTOML_DO_NOT_TRACK": "true",
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "NEXTBEST_HOME": str(Settings.load().home),
+        }
+    )
+    if workspace is not None:
+        env["NEXTBEST_WORKSPACE"] = str(workspace.resolve())
+    else:
+        resolve_workspace(None)  # build the demo once, before the workers start
+    if db_url:
+        env["NEXTBEST_DB_URL"] = db_url
+    bentoml = Path(sys.executable).with_name("bentoml")
+    process = subprocess.Popen(
+        [str(bentoml), "serve", "serving.service:NextBest", "--host", host, "--port", str(port)],
+        env=env,
+    )
+    base = f"http://{host}:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while process.poll() is None:
+            try:
+                with urllib.request.urlopen(f"{base}/readyz", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise typer.Exit(code=1)
+            time.sleep(0.5)
+        if process.poll() is None and example:
+            _print_example(base)
+        process.wait()
+    except KeyboardInterrupt:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _print_example(base: str) -> None:
+    import urllib.request
+
+    body = {"customer_id": "1029", "channel": "web", "placement": "home", "k": 3}
+    request = urllib.request.Request(
+        f"{base}/recommend",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            answer = json.loads(response.read())
+    except OSError as error:
+        answer = {"error": str(error)}
+    typer.echo(f"\nnextbest is serving on {base} (API docs: {base}/docs, review: {base}/review)")
+    typer.echo(
+        f"\n$ curl -s -X POST {base}/recommend -H 'Content-Type: application/json' "
+        f"-d '{json.dumps(body)}'"
+    )
+    typer.echo(json.dumps(answer, indent=2)[:4000])
 
 
 if __name__ == "__main__":

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Settings"]
+__all__ = ["Settings", "resolve_workspace"]
 
 
 @dataclass(frozen=True)
@@ -36,3 +37,19 @@ class Settings:
             data_dir=Path(env.get("NEXTBEST_DATA_DIR", home / "data")).resolve(),
             models_dir=Path(env.get("NEXTBEST_MODELS_DIR", home / "models")).resolve(),
         )
+
+
+def resolve_workspace(workspace: Path | None) -> Path:
+    """The given workspace, or the demo workspace, built from the package if missing."""
+    from features import Workspace
+
+    if workspace is not None:
+        Workspace(workspace).require()
+        return workspace
+    demo = Settings.load().demo_workspace
+    if not Workspace(demo).exists():
+        print(f"Building the demo workspace at {demo} (first use) …", file=sys.stderr)
+        from features import write_demo_workspace
+
+        write_demo_workspace(demo)
+    return demo

@@ -1,0 +1,422 @@
+"""The recommender: one request through the whole flow, in process.
+
+candidates → features → eligibility (with the live ledger) → ranker → calibrated
+P(accept) × value × lever → slate without collisions → "because" → exposure ledger.
+
+The service, ``nextbest recommend`` and ``nextbest recommend-batch`` all call
+:meth:`Recommender.recommend`, so the storefront, a campaign and a back-test get the same
+ranking, eligibility, caps, holdouts and explanations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from features import FeatureBuilder, Requests, Snapshot
+from features.candidates import CandidateGenerator
+from features.contract import OFFER_KINDS
+from features.history import to_seconds_ceil
+from nextbest.registry import MODEL_NAME, ModelBundle
+from policy import RuleSet, evaluate, load_rules, parse_rules
+from policy.arbitration import Calibrator, arbitrate
+from policy.eligibility import reasons_of
+from policy.slate import assemble_slate
+from serving.explain import COLD_START_BECAUSE, explain_rows
+from serving.ledger import CombinedLedger, ServedOffer, SqlLedger
+
+__all__ = ["Recommender", "ServeSettings", "in_holdout"]
+
+log = logging.getLogger("nextbest.serving")
+
+_TASK_OF_KIND = {"coupon": "coupon", "category": "cross_sell", "item": "item", "bundle": "item"}
+_BUILDER_CACHE = 8
+
+
+def in_holdout(key: str, salt: str, share: float) -> bool:
+    """Sticky assignment: a hash of the key and the experiment salt, uniform in [0, 1)."""
+    digest = hashlib.sha256(f"{salt}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < share
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """How the service decides; every field has a safe default."""
+
+    clock: str = "data"
+    holdout_share: float = 0.05
+    holdout_salt: str = "nextbest-holdout-1"
+    holdout_control: Literal["nothing", "rules_only"] = "nothing"
+    offer_holdout_share: float = 0.0
+    alias: str = "champion"
+    rules_path: Path | None = None
+    max_candidates: int = 200
+
+
+@dataclass
+class _Model:
+    bundle: ModelBundle | None
+    rules: RuleSet
+    calibrators: dict[str, Calibrator] = field(default_factory=dict)
+    default_values: dict[str, float] = field(default_factory=dict)
+    lever_cap: float = 2.0
+
+
+class Recommender:
+    """Holds the snapshot, the fitted feature builder, the model and the ledger."""
+
+    def __init__(
+        self,
+        snapshot: Snapshot,
+        bundle: ModelBundle | None,
+        ledger: SqlLedger,
+        settings: ServeSettings | None = None,
+        *,
+        workspace: str = "",
+    ) -> None:
+        self.snapshot = snapshot
+        self.ledger = ledger
+        self.settings = settings or ServeSettings()
+        self.workspace = workspace
+        self.data_end_s = (
+            int(
+                max(
+                    snapshot.line_seconds.max(initial=0),
+                    snapshot.events_by_customer_type.seconds.max(initial=0),
+                )
+            )
+            + 1
+        )
+        self.reference = pd.Timestamp(self.data_end_s, unit="s")
+        self.combined = CombinedLedger(snapshot, ledger)
+        self._builders: OrderedDict[int, FeatureBuilder] = OrderedDict()
+        self._lock = threading.Lock()
+        self.generator = CandidateGenerator(max_candidates=self.settings.max_candidates).fit(
+            snapshot, self.reference
+        )
+        self.model = self._model(bundle)
+        self.extra_blocks: list[Any] = []
+
+    # -- model -------------------------------------------------------------------------
+    def _model(self, bundle: ModelBundle | None) -> _Model:
+        if bundle is None:
+            rules = load_rules(self.settings.rules_path)
+            return _Model(bundle=None, rules=rules)
+        rules = (
+            load_rules(self.settings.rules_path)
+            if self.settings.rules_path
+            else parse_rules(yaml.safe_load(bundle.rules_yaml), source="model rules")
+        )
+        return _Model(
+            bundle=bundle,
+            rules=rules,
+            calibrators={t: Calibrator.from_dict(c) for t, c in bundle.meta["calibrators"].items()},
+            default_values=dict(bundle.meta.get("default_values", {})),
+            lever_cap=float(bundle.meta.get("lever_cap", 2.0)),
+        )
+
+    def swap_model(self, bundle: ModelBundle | None) -> None:
+        """Switch to another version; requests in flight finish on the one they started."""
+        model = self._model(bundle)
+        self.model = model  # one reference assignment: atomic for readers
+        log.info("serving %s", self.model_info(model))
+
+    def model_info(self, model: _Model | None = None) -> dict[str, Any]:
+        model = model or self.model
+        if model.bundle is None:
+            return {"name": MODEL_NAME, "version": None, "alias": None, "mode": "rules_only"}
+        return {
+            "name": MODEL_NAME,
+            "version": model.bundle.version,
+            "alias": model.bundle.alias,
+            "mode": "model",
+        }
+
+    def builder_for(self, as_of_s: int) -> FeatureBuilder:
+        """The feature builder fitted at the data's end, or at an earlier moment asked for
+        (back-tests), never later than the moment itself."""
+        reference_s = min(as_of_s, self.data_end_s)
+        with self._lock:
+            if reference_s in self._builders:
+                self._builders.move_to_end(reference_s)
+                return self._builders[reference_s]
+        min_pair = 20
+        if self.model.bundle is not None:
+            min_pair = int(self.model.bundle.meta["config"].get("min_pair_orders", 20))
+        builder = FeatureBuilder(min_pair_orders=min_pair).fit(
+            self.snapshot, pd.Timestamp(reference_s, unit="s")
+        )
+        with self._lock:
+            self._builders[reference_s] = builder
+            while len(self._builders) > _BUILDER_CACHE:
+                self._builders.popitem(last=False)
+        return builder
+
+    def now_s(self) -> int:
+        clock = self.settings.clock
+        if clock == "data":
+            return self.data_end_s
+        moment = pd.Timestamp.now() if clock == "now" else pd.Timestamp(clock)
+        return int(to_seconds_ceil(np.array([moment]))[0])
+
+    # -- the request --------------------------------------------------------------------
+    def recommend(
+        self,
+        customer_id: str,
+        *,
+        channel: str,
+        placement: str = "home",
+        context: dict[str, Any] | None = None,
+        k: int = 3,
+        debug: bool = False,
+        as_of: Any = None,
+        log_exposure: bool = True,
+    ) -> dict[str, Any]:
+        model = self.model
+        context = context or {}
+        t = (
+            self.now_s()
+            if as_of is None
+            else int(to_seconds_ceil(np.array([pd.Timestamp(as_of)]))[0])
+        )
+        moment = pd.Timestamp(t, unit="s")
+        s = self.snapshot
+        request_id = uuid.uuid4().hex
+        known = customer_id in self._known_customers()
+        holdout = in_holdout(customer_id, self.settings.holdout_salt, self.settings.holdout_share)
+        cart = [str(p) for p in context.get("cart") or []]
+        requests = Requests.build(
+            s,
+            [customer_id],
+            [moment],
+            channel=[channel],
+            placement=[placement],
+            moment=[context.get("moment")],
+            page_product=[context.get("product_id")],
+            cart=[cart],
+        )
+        candidates = self.generator.generate(s, requests)
+        offers = candidates.offer
+        rows = np.zeros(len(offers), dtype=np.int64)
+        builder = self.builder_for(t)
+        matrix = builder.build(s, requests, rows, offers)
+        features = {name: matrix.values[:, j] for j, name in enumerate(matrix.names)}
+        rules = model.rules
+        if self.extra_blocks:
+            rules = rules.with_blocks(self.extra_blocks)
+        eligibility = evaluate(
+            s, rules, requests, rows, offers, ledger=self.combined, features=features
+        )
+        eligible = np.flatnonzero(eligibility.eligible)
+        if self.settings.offer_holdout_share > 0:
+            held = np.array(
+                [
+                    in_holdout(
+                        f"{customer_id}:{s.offers.values[o]}",
+                        self.settings.holdout_salt,
+                        self.settings.offer_holdout_share,
+                    )
+                    for o in offers[eligible]
+                ],
+                dtype=bool,
+            )
+            eligible = eligible[~held]
+
+        mode = "model" if model.bundle is not None else "rules_only"
+        if not known:
+            mode = "cold_start"
+        use_rules = holdout and self.settings.holdout_control == "rules_only"
+        score, probability = self._score(
+            model, matrix, offers, eligible, "rules_only" if use_rules else mode
+        )
+        order = eligible[np.argsort(-score, kind="stable")]
+        slate = assemble_slate(s, rules, offers[order], k)
+        position = {int(offers[i]): i for i in order}
+        chosen_rows = np.array([position[o] for o in slate.chosen], dtype=np.int64)
+        score_of = dict(zip(offers[eligible].tolist(), score, strict=True))
+        probability_of = dict(zip(offers[eligible].tolist(), probability, strict=True))
+
+        explanations = None
+        if model.bundle is not None and mode == "model" and not use_rules and len(chosen_rows):
+            explanations = explain_rows(model.bundle.booster, matrix, chosen_rows, builder, s)
+        served = []
+        for rank, offer in enumerate(slate.chosen, start=1):
+            row = position[offer]
+            item: dict[str, Any] = {
+                "offer_id": str(s.offers.values[offer]),
+                "title": _title(s, offer),
+                "rank": rank,
+                "score": round(float(score_of[offer]), 6),
+                "probability": None
+                if probability_of[offer] is None or np.isnan(probability_of[offer])
+                else round(float(probability_of[offer]), 6),
+                "value": None if np.isnan(s.offer_value[offer]) else float(s.offer_value[offer]),
+                "because": "",
+                "contributions": [],
+            }
+            if explanations is not None:
+                item["because"] = explanations[rank - 1].because
+                item["contributions"] = explanations[rank - 1].contributions
+                item["expected_value"] = explanations[rank - 1].expected_value
+                item["raw_score"] = explanations[rank - 1].raw_score
+            elif mode == "cold_start":
+                item["because"] = COLD_START_BECAUSE
+            else:
+                item["because"] = _rules_because(builder, s, matrix, row)
+            if s.offer_kind[offer] == OFFER_KINDS.index("bundle"):
+                item["bundle"] = {
+                    "ladder": _none_if_missing(s.bundle_ladders, s.offer_bundle_ladder[offer]),
+                    "tier": _str_or_none(s.offer_bundle_tier[offer]),
+                    "products": list(
+                        s.products.decode(
+                            s.offer_products.values[
+                                s.offer_products.offsets[offer] : s.offer_products.offsets[
+                                    offer + 1
+                                ]
+                            ]
+                        )
+                    ),
+                }
+            served.append(item)
+
+        shown = [] if holdout and self.settings.holdout_control == "nothing" else served
+        if log_exposure:
+            self.ledger.log_slate(
+                request_id=request_id,
+                customer_id=customer_id,
+                channel=channel,
+                placement=placement,
+                model_version=None if model.bundle is None else model.bundle.version,
+                mode="holdout_" + self.settings.holdout_control if holdout else mode,
+                holdout=holdout,
+                at_s=t,
+                offers=[
+                    ServedOffer(o["offer_id"], o["rank"], o["score"], o["probability"])
+                    for o in served
+                ],
+            )
+        response: dict[str, Any] = {
+            "request_id": request_id,
+            "customer_id": customer_id,
+            "as_of": moment.isoformat(),
+            "model": self.model_info(model) | {"mode": mode},
+            "holdout": holdout,
+            "offers": shown,
+        }
+        if debug:
+            excluded = [
+                {
+                    "offer_id": str(s.offers.values[offers[i]]),
+                    "reasons": reasons_of(int(eligibility.mask[i])),
+                }
+                for i in np.flatnonzero(~eligibility.eligible)
+            ]
+            excluded += [
+                {"offer_id": str(s.offers.values[o]), "reasons": [why]}
+                for o, why in slate.skipped.items()
+            ]
+            response["excluded"] = excluded
+            response["candidates"] = len(offers)
+            response["eligible"] = len(eligible)
+        return response
+
+    def _score(
+        self, model: _Model, matrix: Any, offers: np.ndarray, eligible: np.ndarray, mode: str
+    ) -> tuple[np.ndarray, np.ndarray]:
+        s = self.snapshot
+        chosen = offers[eligible]
+        values = matrix.values[eligible]
+        if mode == "cold_start":
+            popularity = np.nan_to_num(values[:, matrix.names.index("offer_popularity_30d")])
+            return popularity, np.full(len(chosen), np.nan)
+        if mode == "rules_only" or model.bundle is None:
+            worth = np.nan_to_num(s.offer_value[chosen], nan=0.0) * s.offer_lever[chosen]
+            return worth, np.full(len(chosen), np.nan)
+        raw = np.asarray(model.bundle.booster.predict(values, num_threads=1), dtype=np.float64)
+        probability = np.zeros(len(raw))
+        default = np.ones(len(raw))
+        kinds = np.asarray(OFFER_KINDS)[np.maximum(s.offer_kind[chosen], 0)]
+        for task in set(_TASK_OF_KIND.values()):
+            mine = np.array([_TASK_OF_KIND[k] == task for k in kinds], dtype=bool)
+            if mine.any() and task in model.calibrators:
+                probability[mine] = model.calibrators[task](raw[mine])
+                default[mine] = model.default_values.get(task, 1.0)
+        value = np.where(np.isnan(s.offer_value[chosen]), default, s.offer_value[chosen])
+        # ties in P × value (isotonic steps) fall back to the raw score
+        score = arbitrate(probability, value, s.offer_lever[chosen], model.lever_cap, 1.0)
+        return score + 1e-9 * raw, probability
+
+    def _known_customers(self) -> set[str]:
+        if not hasattr(self, "_known"):
+            codes = np.unique(self.snapshot.orders_by_customer.groups)
+            self._known = set(self.snapshot.customers.decode(codes).tolist())
+        return self._known
+
+    def metadata(self) -> dict[str, Any]:
+        model = self.model
+        return {
+            "model": self.model_info(model),
+            "features": list(model.bundle.feature_names) if model.bundle else [],
+            "rules": {
+                "name": model.rules.name,
+                "version": model.rules.version,
+                "hash": model.rules.content_hash,
+            },
+            "workspace": self.workspace,
+            "data_end": self.reference.isoformat(),
+            "clock": self.settings.clock,
+            "holdout": {
+                "share": self.settings.holdout_share,
+                "salt": self.settings.holdout_salt,
+                "control": self.settings.holdout_control,
+                "offer_share": self.settings.offer_holdout_share,
+            },
+            "ledger": self.ledger.backend,
+        }
+
+
+def _title(s: Snapshot, offer: int) -> str:
+    title = s.offer_title.iloc[offer] if hasattr(s.offer_title, "iloc") else s.offer_title[offer]
+    return str(title) if isinstance(title, str) else str(s.offers.values[offer])
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _none_if_missing(codes: Any, code: int) -> str | None:
+    return None if code < 0 else str(codes.values[code])
+
+
+def _rules_because(builder: FeatureBuilder, s: Snapshot, matrix: Any, row: int) -> str:
+    """Without a model there are no contributions: say the strongest plain fact."""
+    from features import phrase
+
+    evidence = builder.describe_evidence(s, matrix, row)
+    values = dict(zip(matrix.names, matrix.values[row].tolist(), strict=True))
+    for name in (
+        "days_since_offer_product_purchase",
+        "browsing_intent",
+        "category_spend_share",
+        "copurchase_lift",
+        "category_is_new",
+    ):
+        value = values[name]
+        if name in ("browsing_intent", "category_is_new") and value != 1:
+            continue
+        if name == "category_spend_share" and not value > 0:
+            continue
+        text = phrase(name, value, evidence)
+        if text:
+            return f"Because {text}."
+    return "Because it fits what you shop for."
