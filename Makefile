@@ -22,10 +22,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP) ## Create .venv and install the project with dev extras (idempotent)
 
-run: install ## The main job: load the real demo data, train and register the ranker
+run: install ## The main job: load the demo data, train, register, serve on 127.0.0.1:3000
 	$(BIN)/nextbest data load-demo
 	$(BIN)/nextbest data validate
 	$(BIN)/nextbest train --if-missing
+	$(BIN)/nextbest serve --host 127.0.0.1 --port 3000
 
 test: install lint ## The whole suite (lint, then pytest on 2 workers)
 	$(BIN)/python -m pytest -n 2 --dist loadgroup

@@ -5,6 +5,9 @@ SQLite (with WAL) is the embedded default; ``NEXTBEST_DB_URL`` points it at Post
 read it at request time, so they hold across channels and across workers.
 
 Times are integer seconds on the service's clock (the moment each request was served).
+What the live ledger holds has already happened, so its reads include the current second
+(a fixed clock serves many requests in the same second); the workspace's history stays
+strictly before the moment.
 """
 
 from __future__ import annotations
@@ -181,7 +184,7 @@ class SqlLedger:
                 slates.c.customer_id == customer_id,
                 slates.c.holdout.is_(False),
                 slates.c.at_s >= start_s,
-                slates.c.at_s < end_s,
+                slates.c.at_s <= end_s,
             )
         )
         if channel is not None:
@@ -198,7 +201,7 @@ class SqlLedger:
             .where(
                 feedback.c.customer_id == customer_id,
                 feedback.c.outcome.in_(list(outcomes)),
-                feedback.c.at_s < before_s,
+                feedback.c.at_s <= before_s,
             )
             .group_by(feedback.c.offer_id)
         )
@@ -212,7 +215,7 @@ class SqlLedger:
             .where(
                 slates.c.customer_id == customer_id,
                 slates.c.holdout.is_(False),
-                slates.c.at_s < before_s,
+                slates.c.at_s <= before_s,
             )
             .distinct()
         )

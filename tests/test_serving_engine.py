@@ -1,0 +1,198 @@
+"""The recommender in process: explained, faithful, guarded, held out and logged."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from serving_helpers import Served, train_and_register
+
+from features import FEATURES, Requests, load_snapshot, phrase
+from nextbest.registry import configure_tracking, load_bundle
+from serving.engine import Recommender, ServeSettings, in_holdout
+from serving.ledger import SqlLedger
+
+pytestmark = pytest.mark.xdist_group("mlflow")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Served:
+    return train_and_register(tmp_path_factory.mktemp("serve"))
+
+
+def _recommender(served: Served, tmp_path: Path, **settings: object) -> Recommender:
+    configure_tracking()
+    return Recommender(
+        load_snapshot(served.workspace),
+        load_bundle(alias="champion"),
+        SqlLedger(f"sqlite:///{tmp_path / 'ledger.db'}"),
+        ServeSettings(**{"holdout_share": 0.0, **settings}),
+    )  # type: ignore[arg-type]
+
+
+def _customers(recommender: Recommender) -> list[str]:
+    return sorted(recommender._known_customers())
+
+
+def test_offers_are_ranked_explained_and_logged(served: Served, tmp_path: Path) -> None:
+    recommender = _recommender(served, tmp_path)
+    customer = _customers(recommender)[3]
+    response = recommender.recommend(customer, channel="web", placement="home", k=3, debug=True)
+    assert response["model"] == {
+        "name": "nextbest-ranker",
+        "version": served.version,
+        "alias": "champion",
+        "mode": "model",
+    }
+    offers = response["offers"]
+    assert [o["rank"] for o in offers] == [1, 2, 3]
+    assert all(o["because"].startswith("Because ") for o in offers)
+    excluded = {e["offer_id"] for e in response["excluded"]}
+    assert not excluded & {o["offer_id"] for o in offers}
+    logged = recommender.ledger.slate(response["request_id"])
+    assert logged is not None and [o["offer_id"] for o in logged["offers"]] == [
+        o["offer_id"] for o in offers
+    ]
+    assert logged["model_version"] == served.version
+
+
+def test_because_is_faithful_to_shap(served: Served, tmp_path: Path) -> None:
+    recommender = _recommender(served, tmp_path)
+    booster = recommender.model.bundle.booster  # type: ignore[union-attr]
+    s = recommender.snapshot
+    for customer in _customers(recommender)[:8]:
+        response = recommender.recommend(customer, channel="web", k=3)
+        builder = recommender.builder_for(recommender.now_s())
+        requests = Requests.build(
+            s,
+            [customer],
+            [response["as_of"]],
+            channel=["web"],
+            placement=["home"],
+            moment=[None],
+            page_product=[None],
+            cart=[[]],
+        )
+        offers = s.offers.encode([o["offer_id"] for o in response["offers"]])
+        matrix = builder.build(s, requests, np.zeros(len(offers), dtype=np.int64), offers)
+        contributions = booster.predict(matrix.values, pred_contrib=True)
+        raw = booster.predict(matrix.values, raw_score=True)
+        for i, offer in enumerate(response["offers"]):
+            shap = contributions[i, :-1]
+            # all contributions plus the expected value sum to the raw score
+            assert contributions[i].sum() == pytest.approx(raw[i], abs=1e-9)
+            assert offer["raw_score"] == pytest.approx(raw[i], abs=1e-9)
+            assert offer["expected_value"] == pytest.approx(contributions[i, -1], abs=1e-9)
+            # the listed contributions are the largest positive ones, in order
+            positive = [j for j in np.argsort(-shap, kind="stable") if shap[j] > 0]
+            listed = [c["feature"] for c in offer["contributions"]]
+            assert listed == [matrix.names[j] for j in positive[: len(listed)]]
+            assert all(c["shap"] > 0 for c in offer["contributions"])
+            # every reason said is the phrase of a feature with a positive contribution
+            evidence = builder.describe_evidence(s, matrix, i)
+            allowed = {
+                phrase(matrix.names[j], float(matrix.values[i, j]), evidence) for j in positive
+            } - {None}
+            said = re.sub(r"^Because |\.$", "", offer["because"])
+            if said != "it fits what you shop for":
+                for reason in said.split(" and "):
+                    assert any(reason in a or a.startswith(reason) for a in allowed), reason
+
+
+def test_holdout_is_sticky_and_about_the_configured_share(served: Served, tmp_path: Path) -> None:
+    keys = [f"customer-{i}" for i in range(20_000)]
+    share = np.mean([in_holdout(k, "salt-a", 0.05) for k in keys])
+    assert 0.045 < share < 0.055
+    assert [in_holdout(k, "salt-a", 0.05) for k in keys[:500]] == [
+        in_holdout(k, "salt-a", 0.05) for k in keys[:500]
+    ]
+    assert [in_holdout(k, "salt-a", 0.05) for k in keys[:2000]] != [
+        in_holdout(k, "salt-b", 0.05) for k in keys[:2000]
+    ]
+
+    everyone = _recommender(served, tmp_path, holdout_share=1.0, holdout_control="nothing")
+    customer = _customers(everyone)[0]
+    response = everyone.recommend(customer, channel="web", k=3)
+    assert response["holdout"] is True and response["offers"] == []
+    ghost = everyone.ledger.slate(response["request_id"])
+    assert ghost is not None and ghost["holdout"] and len(ghost["offers"]) == 3
+    control = _recommender(served, tmp_path, holdout_share=1.0, holdout_control="rules_only")
+    answer = control.recommend(customer, channel="web", k=3)
+    assert answer["holdout"] is True and len(answer["offers"]) == 3
+
+
+def test_frequency_caps_read_the_ledger_across_channels(served: Served, tmp_path: Path) -> None:
+    recommender = _recommender(served, tmp_path)
+    customer = _customers(recommender)[5]
+    for _ in range(3):
+        assert recommender.recommend(customer, channel="web", k=2)["offers"]
+    capped = recommender.recommend(customer, channel="web", k=2, debug=True)
+    assert capped["offers"] == []
+    assert all("frequency_cap_channel" in e["reasons"] for e in capped["excluded"])
+    # another channel is still open until the total cap (6 in 7 days) is reached
+    for _ in range(2):
+        assert recommender.recommend(customer, channel="app", k=2)["offers"]
+    total = recommender.recommend(customer, channel="app", k=2, debug=True)
+    assert total["offers"] == []
+    assert all("frequency_cap_total" in e["reasons"] for e in total["excluded"])
+    # a second recommender on the same database (another worker) sees the same caps
+    other = _recommender(served, tmp_path)
+    assert other.recommend(customer, channel="email", k=2)["offers"] == []
+
+
+def test_a_decline_starts_the_cooldown(served: Served, tmp_path: Path) -> None:
+    recommender = _recommender(served, tmp_path)
+    customer = _customers(recommender)[7]
+    first = recommender.recommend(customer, channel="web", k=1)
+    offer = first["offers"][0]["offer_id"]
+    assert recommender.ledger.record_feedback(
+        request_id=first["request_id"],
+        offer_id=offer,
+        outcome="declined",
+        value=None,
+        at_s=recommender.now_s(),
+    )
+    assert not recommender.ledger.record_feedback(
+        request_id=first["request_id"],
+        offer_id=offer,
+        outcome="declined",
+        value=None,
+        at_s=recommender.now_s(),
+    )
+    again = recommender.recommend(customer, channel="app", k=3, debug=True)
+    assert offer not in {o["offer_id"] for o in again["offers"]}
+    reasons = {e["offer_id"]: e["reasons"] for e in again["excluded"]}
+    assert "declined_cooldown" in reasons[offer]
+    with pytest.raises(LookupError, match="did not serve offer"):
+        recommender.ledger.record_feedback(
+            request_id=first["request_id"], offer_id="nope", outcome="accepted", value=None, at_s=0
+        )
+
+
+def test_cold_start_and_rules_only(served: Served, tmp_path: Path) -> None:
+    recommender = _recommender(served, tmp_path)
+    cold = recommender.recommend("never-seen-before", channel="web", k=3)
+    assert cold["model"]["mode"] == "cold_start"
+    assert [o["because"] for o in cold["offers"]] == [
+        "Because it is popular with customers like you."
+    ] * 3
+    no_model = Recommender(
+        recommender.snapshot,
+        None,
+        SqlLedger(f"sqlite:///{tmp_path / 'other.db'}"),
+        ServeSettings(holdout_share=0.0),
+    )
+    answer = no_model.recommend(_customers(recommender)[2], channel="web", k=3)
+    assert answer["model"] == {
+        "name": "nextbest-ranker",
+        "version": None,
+        "alias": None,
+        "mode": "rules_only",
+    }
+    assert len(answer["offers"]) == 3
+
+
+def test_registry_phrases_cover_the_because_features() -> None:
+    assert sum(spec.because is not None for spec in FEATURES) >= 20

@@ -1,0 +1,270 @@
+"""The service over HTTP: the ASGI app in process, a real `nextbest serve`, hot reload."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from serving_helpers import Served, train_and_register
+from typer.testing import CliRunner
+
+from nextbest.cli import app
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("mlflow")]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Served:
+    return train_and_register(tmp_path_factory.mktemp("http"))
+
+
+@pytest.fixture(scope="module")
+def client(served: Served, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """One ASGI app per test module (BentoML registers its metrics once per process)."""
+    from starlette.testclient import TestClient
+
+    from serving.service import NextBest
+
+    folder = tmp_path_factory.mktemp("asgi")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NEXTBEST_HOME", str(served.home))
+        patch.setenv("NEXTBEST_WORKSPACE", str(served.workspace.path))
+        patch.setenv("NEXTBEST_DB_URL", f"sqlite:///{folder / 'ledger.db'}")
+        patch.setenv("NEXTBEST_HOLDOUT_SHARE", "0")
+        patch.setenv("NEXTBEST_RELOAD_SECONDS", "0.2")
+        patch.setenv("BENTOML_HOME", str(folder / "bentoml"))
+        with TestClient(NextBest.to_asgi()) as test_client:
+            yield test_client
+
+
+def test_recommend_and_feedback(client) -> None:  # type: ignore[no-untyped-def]
+    response = client.post(
+        "/recommend",
+        json={
+            "customer_id": "S00003",
+            "channel": "web",
+            "placement": "pdp",
+            "k": 2,
+            "context": {"product_id": "F1-D1", "cart": []},
+        },
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert set(body) == {"request_id", "customer_id", "as_of", "model", "holdout", "offers"}
+    assert len(body["offers"]) == 2
+    offer = body["offers"][0]
+    assert {
+        "offer_id",
+        "title",
+        "rank",
+        "score",
+        "probability",
+        "value",
+        "because",
+        "contributions",
+    } <= set(offer)
+    feedback = {
+        "request_id": body["request_id"],
+        "offer_id": offer["offer_id"],
+        "outcome": "accepted",
+        "value": 12.5,
+    }
+    first = client.post("/feedback", json=feedback).json()
+    again = client.post("/feedback", json=feedback).json()
+    assert first["recorded"] is True and again["duplicate"] is True
+    assert client.post("/feedback", json=feedback | {"offer_id": "x"}).status_code == 404
+    debug = client.post(
+        "/recommend", json={"customer_id": "S00003", "channel": "web", "debug": True}
+    ).json()
+    assert "excluded" in debug
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ({"customer_id": "S1", "channel": "fax"}, "'web', 'app', 'email', 'sms' or 'mailer'"),
+        ({"customer_id": "S1", "channel": "web", "placement": "roof"}, "'home', 'pdp', 'cart'"),
+        ({"customer_id": "S1", "channel": "web", "k": 0}, "greater than or equal to 1"),
+        ({"customer_id": "S1", "channel": "web", "k": 26}, "less than or equal to 25"),
+        ({"customer_id": "", "channel": "web"}, "at least 1 character"),
+        ({"channel": "web"}, "Field required"),
+        ({"customer_id": "S1", "channel": "web", "as_of": "someday"}, "not a date/time"),
+        (
+            {"customer_id": "S1", "channel": "web", "context": {"moment": "birthday"}},
+            "'post_purchase'",
+        ),
+    ],
+)
+def test_bad_input_is_a_4xx_that_says_what_is_allowed(client, body: dict, needle: str) -> None:  # type: ignore[no-untyped-def]
+    response = client.post("/recommend", json=body)
+    assert 400 <= response.status_code < 500, response.text
+    assert needle in response.text
+
+
+def test_malformed_json_and_unknown_outcome(client) -> None:  # type: ignore[no-untyped-def]
+    response = client.post(
+        "/recommend", content=b"{oops", headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    response = client.post(
+        "/feedback", json={"request_id": "r", "offer_id": "o", "outcome": "loved"}
+    )
+    assert response.status_code == 400 and "'viewed', 'accepted'" in response.text
+
+
+def test_operations_endpoints(client, served: Served) -> None:  # type: ignore[no-untyped-def]
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/readyz").status_code == 200
+    metadata = client.get("/metadata").json()
+    assert metadata["model"]["version"] == served.version
+    assert "offer_popularity_30d" in metadata["features"]
+    assert metadata["rules"]["hash"] and metadata["ledger"] == "sqlite"
+    docs = client.get("/docs.json").json()
+    assert "/recommend" in docs["paths"] and "/feedback" in docs["paths"]
+
+
+def test_hot_reload_moves_to_the_new_champion_without_errors(client, served: Served) -> None:  # type: ignore[no-untyped-def]
+    from mlflow import MlflowClient
+
+    newer = train_and_register(served.home, champion=False)
+    errors: list[str] = []
+    versions: list[str] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            response = client.post(
+                "/recommend", json={"customer_id": "S00010", "channel": "app", "k": 1}
+            )
+            if response.status_code != 200:
+                errors.append(response.text)
+            else:
+                versions.append(response.json()["model"]["version"])
+
+    workers = [threading.Thread(target=hammer) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    time.sleep(0.5)
+    MlflowClient().set_registered_model_alias("nextbest-ranker", "champion", newer.version)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (not versions or versions[-1] != newer.version):
+        time.sleep(0.1)
+    time.sleep(0.3)
+    stop.set()
+    for worker in workers:
+        worker.join()
+    assert errors == []
+    assert served.version in versions and versions[-1] == newer.version
+    MlflowClient().set_registered_model_alias("nextbest-ranker", "champion", served.version)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_nextbest_serve_end_to_end(served: Served, tmp_path: Path) -> None:
+    port = _free_port()
+    env = os.environ | {
+        "NEXTBEST_HOME": str(served.home),
+        "BENTOML_HOME": str(tmp_path / "b"),
+        "NEXTBEST_DB_URL": f"sqlite:///{tmp_path / 'ledger.db'}",
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log = (tmp_path / "serve.log").open("w")
+    process = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("nextbest")),
+            "serve",
+            "--port",
+            str(port),
+            "--workspace",
+            str(served.workspace.path),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        answer = None
+        while time.monotonic() < deadline and answer is None:
+            try:
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/recommend",
+                    data=json.dumps({"customer_id": "S00002", "channel": "web"}).encode(),
+                    headers={"Content-Type": "application/json"},
+                )
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    answer = json.loads(response.read())
+            except OSError:
+                assert process.poll() is None, (tmp_path / "serve.log").read_text()
+                time.sleep(0.5)
+        assert answer is not None and len(answer["offers"]) == 3
+        assert answer["model"]["version"] == served.version
+        while (
+            time.monotonic() < deadline
+            and "curl -s -X POST" not in (tmp_path / "serve.log").read_text()
+        ):
+            time.sleep(0.2)
+        assert "curl -s -X POST" in (tmp_path / "serve.log").read_text()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+
+
+def test_recommend_batch_writes_one_row_per_recommendation(
+    served: Served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NEXTBEST_HOME", str(served.home))
+    monkeypatch.setenv("NEXTBEST_DB_URL", f"sqlite:///{tmp_path / 'ledger.db'}")
+    monkeypatch.setenv("NEXTBEST_HOLDOUT_SHARE", "0")
+    (tmp_path / "who.csv").write_text("customer_id\nS00001\nS00002\nS00003\n")
+    out = tmp_path / "campaign.csv"
+    result = CliRunner().invoke(
+        app,
+        [
+            "recommend-batch",
+            "--customers",
+            str(tmp_path / "who.csv"),
+            "--out",
+            str(out),
+            "--k",
+            "2",
+            "-w",
+            str(served.workspace.path),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    import pandas as pd
+
+    rows = pd.read_csv(out)
+    assert list(rows.columns) == [
+        "customer_id",
+        "rank",
+        "offer_id",
+        "score",
+        "probability",
+        "because",
+    ]
+    # customers at a frequency cap get nothing, exactly as from the service
+    sizes = rows.groupby("customer_id").size()
+    assert set(sizes.index) <= {"S00001", "S00002", "S00003"} and (sizes == 2).all()
+    assert rows["because"].str.startswith("Because ").all()
+    single = CliRunner().invoke(
+        app, ["recommend", "S00001", "--json", "-w", str(served.workspace.path)]
+    )
+    assert single.exit_code == 0, single.output
+    assert json.loads(single.stdout)["model"]["version"] == served.version
