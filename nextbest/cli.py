@@ -740,6 +740,7 @@ def serve_command(
 ) -> None:
     """Serve the storefront API (and the review page) with BentoML on HOST:PORT."""
     import os
+    import signal
     import subprocess
     import time
     import urllib.request
@@ -765,6 +766,13 @@ def serve_command(
         [str(bentoml), "serve", "serving.service:NextBest", "--host", host, "--port", str(port)],
         env=env,
     )
+
+    def stop(signum: int, _: Any) -> None:
+        # The server goes down with us, never orphaned: ask for BentoML's clean shutdown
+        # (as Ctrl+C); the wait below returns when it is done.
+        process.send_signal(signal.SIGINT)
+
+    signal.signal(signal.SIGTERM, stop)
     base = f"http://{host}:{port}"
     try:
         deadline = time.monotonic() + 300
@@ -782,7 +790,7 @@ def serve_command(
             _print_example(base)
         process.wait()
     except KeyboardInterrupt:
-        process.terminate()
+        process.send_signal(signal.SIGINT)
         process.wait(timeout=30)
 
 
@@ -806,6 +814,11 @@ def _print_example(base: str) -> None:
         f"-d '{json.dumps(body)}'"
     )
     typer.echo(json.dumps(answer, indent=2)[:4000])
+    if answer.get("model", {}).get("mode") == "rules_only":
+        typer.echo(
+            "\nNo champion model yet, so the service ranks by the rules alone. A person "
+            "reviews and approves a challenger before it serves (see the README)."
+        )
 
 
 if __name__ == "__main__":
