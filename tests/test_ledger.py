@@ -1,0 +1,127 @@
+"""The exposure ledger on SQLite (embedded default) and on a real PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from serving.ledger import ServedOffer, SqlLedger
+
+pytestmark = pytest.mark.xdist_group("postgres")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    sql = SqlLedger(url)
+    yield sql
+    if request.param == "postgresql":  # each test starts from empty tables
+        from serving.ledger import _metadata
+
+        _metadata.drop_all(sql.engine)
+    sql.dispose()
+
+
+def _slate(
+    ledger: SqlLedger,
+    request_id: str,
+    customer: str,
+    channel: str,
+    at_s: int,
+    offers: tuple[str, ...] = ("a", "b"),
+    holdout: bool = False,
+) -> None:
+    ledger.log_slate(
+        request_id=request_id,
+        customer_id=customer,
+        channel=channel,
+        placement="home",
+        model_version="3",
+        mode="model",
+        holdout=holdout,
+        at_s=at_s,
+        offers=[ServedOffer(o, i + 1, 1.0 - i / 10, 0.1) for i, o in enumerate(offers)],
+    )
+
+
+def test_backend_and_wal(ledger: SqlLedger) -> None:
+    assert ledger.ping()
+    if ledger.backend == "sqlite":
+        with ledger.engine.connect() as connection:
+            assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    else:
+        assert ledger.backend == "postgresql"
+
+
+def test_slates_and_idempotent_feedback(ledger: SqlLedger) -> None:
+    _slate(ledger, "r1", "c1", "web", 1000)
+    stored = ledger.slate("r1")
+    assert stored is not None and [o["offer_id"] for o in stored["offers"]] == ["a", "b"]
+    assert stored["model_version"] == "3" and stored["holdout"] is False
+    assert ledger.record_feedback(
+        request_id="r1", offer_id="a", outcome="viewed", value=None, at_s=1001
+    )
+    assert ledger.record_feedback(
+        request_id="r1", offer_id="a", outcome="accepted", value=12.5, at_s=1002
+    )
+    assert not ledger.record_feedback(
+        request_id="r1", offer_id="a", outcome="accepted", value=12.5, at_s=1003
+    )
+    assert len(ledger.slate("r1")["feedback"]) == 2  # type: ignore[index]
+    with pytest.raises(LookupError, match="did not serve offer 'z'"):
+        ledger.record_feedback(
+            request_id="r1", offer_id="z", outcome="viewed", value=None, at_s=1004
+        )
+    with pytest.raises(ValueError, match="unknown outcome 'loved'"):
+        ledger.record_feedback(
+            request_id="r1", offer_id="a", outcome="loved", value=None, at_s=1004
+        )
+
+
+def test_reads_for_caps_cooldowns_and_sequencing(ledger: SqlLedger) -> None:
+    _slate(ledger, "r1", "c1", "web", 1000)
+    _slate(ledger, "r2", "c1", "email", 2000, offers=("c",))
+    _slate(ledger, "r3", "c1", "web", 3000, holdout=True)
+    _slate(ledger, "r4", "c2", "web", 3000)
+    assert ledger.touches("c1", 0, 5000, "web") == 1  # the holdout's ghost slate is no touch
+    assert ledger.touches("c1", 0, 5000, None) == 2
+    assert ledger.touches("c1", 1500, 5000, None) == 1
+    assert ledger.touches("c1", 0, 1000, None) == 1  # this second counts: it has happened
+    ledger.record_feedback(request_id="r1", offer_id="b", outcome="declined", value=None, at_s=1500)
+    assert ledger.last_outcomes("c1", ["declined"], 2000) == {"b": 1500}
+    assert ledger.last_outcomes("c1", ["declined"], 1400) == {}
+    assert ledger.shown_offers("c1", 5000) == {"a", "b", "c"}
+    assert ledger.shown_offers("c2", 5000) == {"a", "b"}
+
+
+def test_many_writers_at_once(ledger: SqlLedger) -> None:
+    """Workers share the database: concurrent slates and feedback all land, once."""
+    other = SqlLedger(ledger.url)
+    errors: list[BaseException] = []
+
+    def write(worker: int, sql: SqlLedger) -> None:
+        try:
+            for i in range(25):
+                request = f"w{worker}-{i}"
+                _slate(sql, request, f"c{i % 3}", "app", 10_000 + i)
+                sql.record_feedback(
+                    request_id=request, offer_id="a", outcome="viewed", value=None, at_s=10_001 + i
+                )
+        except BaseException as error:  # collected and re-raised by the test
+            errors.append(error)
+
+    threads = [
+        threading.Thread(target=write, args=(w, ledger if w % 2 else other)) for w in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert sum(ledger.touches(f"c{c}", 0, 20_000, "app") for c in range(3)) == 100
+    other.dispose()
