@@ -8,9 +8,13 @@ import platform
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import features, import_transactions
+from bench import features, import_transactions, serving
 
-BENCHMARKS = {"import_transactions": import_transactions.run, "features": features.run}
+BENCHMARKS = {
+    "import_transactions": import_transactions.run,
+    "features": features.run,
+    "serving": serving.run,
+}
 RESULTS = Path(__file__).with_name("results.json")
 
 

@@ -633,6 +633,7 @@ def _recommender(workspace: Path | None, clock: str, db_url: str | None, alias: 
             holdout_share=settings.holdout_share,
             holdout_control=settings.holdout_control,
             alias=alias,
+            rules_path=settings.rules,
         ),
         workspace=str(target.path),
     )
@@ -736,6 +737,9 @@ def serve_command(
         str | None, typer.Option(help="Ledger database URL (default: NEXTBEST_DB_URL or SQLite).")
     ] = None,
     alias: Annotated[str, typer.Option(help="Model alias to serve.")] = "champion",
+    rules: Annotated[
+        Path | None, typer.Option(help="Rules YAML (default: the served model's rules).")
+    ] = None,
     example: Annotated[bool, typer.Option(help="Print an example request once ready.")] = True,
 ) -> None:
     """Serve the storefront API (and the review page) with BentoML on HOST:PORT."""
@@ -761,6 +765,8 @@ def serve_command(
         resolve_workspace(None)  # build the demo once, before the workers start
     if db_url:
         env["NEXTBEST_DB_URL"] = db_url
+    if rules is not None:
+        env["NEXTBEST_RULES"] = str(rules.resolve())
     bentoml = Path(sys.executable).with_name("bentoml")
     process = subprocess.Popen(
         [str(bentoml), "serve", "serving.service:NextBest", "--host", host, "--port", str(port)],

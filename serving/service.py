@@ -53,6 +53,7 @@ class ServiceSettings:
     holdout_control: Literal["nothing", "rules_only"]
     alias: str
     reload_seconds: float
+    rules: Path | None
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> ServiceSettings:
@@ -69,6 +70,7 @@ class ServiceSettings:
             holdout_control=_control(env.get("NEXTBEST_HOLDOUT_CONTROL", "nothing")),
             alias=env.get("NEXTBEST_MODEL_ALIAS", "champion"),
             reload_seconds=float(env.get("NEXTBEST_RELOAD_SECONDS", "5")),
+            rules=Path(env["NEXTBEST_RULES"]) if env.get("NEXTBEST_RULES") else None,
         )
 
 
@@ -106,6 +108,7 @@ class NextBest:
                 holdout_share=settings.holdout_share,
                 holdout_control=settings.holdout_control,
                 alias=settings.alias,
+                rules_path=settings.rules,
             ),
             workspace=str(workspace.path),
         )
@@ -174,6 +177,11 @@ class NextBest:
             debug=debug,
             as_of=as_of,
         )
+
+    @bentoml.api(route="/constant")
+    def constant(self) -> dict[str, bool]:
+        """Returns at once: the floor that benchmarks compare /recommend with."""
+        return {"ok": True}
 
     @bentoml.api(route="/feedback")
     def feedback(

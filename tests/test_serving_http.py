@@ -213,6 +213,18 @@ def test_nextbest_serve_end_to_end(served: Served, tmp_path: Path) -> None:
                 time.sleep(0.5)
         assert answer is not None and len(answer["offers"]) == 3
         assert answer["model"]["version"] == served.version
+        # the storefront's thin client, over real HTTP
+        from nextbest.client import NextBestClient, NextBestError
+
+        client = NextBestClient(f"http://127.0.0.1:{port}", timeout=10)
+        slate = client.recommend("S00004", channel="app", placement="cart", cart=["F1-D1"], k=2)
+        assert len(slate["offers"]) == 2
+        recorded = client.feedback(slate["request_id"], slate["offers"][0]["offer_id"], "viewed")
+        assert recorded["recorded"] is True
+        assert client.metadata()["model"]["version"] == served.version
+        with pytest.raises(NextBestError, match="HTTP 400") as refused:
+            client.recommend("S00004", channel="fax")
+        assert refused.value.status == 400
         while (
             time.monotonic() < deadline
             and "curl -s -X POST" not in (tmp_path / "serve.log").read_text()

@@ -1,0 +1,282 @@
+"""/recommend on the demo, beside its floor and its peer, measured in one run.
+
+* **The work**: POST /recommend for a random demo household on the web, k = 5 explained.
+  The default rules let only the 246 category offers through at the data's end (the
+  coupons' campaigns are over), so this benchmark serves with ``bench/rules_500.yaml``,
+  which switches the rules off: all 1,227 offers reach the ranker.
+* **The floor**: a constant-returning endpoint of the same BentoML server, plus raw
+  ``booster.predict`` on the same candidate matrix and ``pred_contrib`` on 5 rows.
+* **The peer**: ``mlflow models serve`` of the same registered model, scoring the same
+  candidate matrix sent as JSON.
+* **Batch**: ``recommend-batch``'s rows (candidate rows scored) per second, end to end,
+  against raw ``booster.predict`` rows per second on the same rows.
+
+Latency at concurrency 1 and 8 (threads with keep-alive connections, loopback only),
+and throughput at concurrency 8.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RULES = Path(__file__).with_name("rules_500.yaml")
+REQUESTS_C1 = 300
+REQUESTS_C8 = 600
+BATCH_CUSTOMERS = 100
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait(port: int, path: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            connection.request("GET", path)
+            if connection.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"nothing answered on 127.0.0.1:{port}{path}")
+
+
+def _load(port: int, path: str, bodies: list[bytes], concurrency: int) -> dict[str, float]:
+    """Send every body (round-robin over threads); latency percentiles and throughput."""
+    latencies: list[float] = []
+    errors: list[int] = []
+    lock = threading.Lock()
+    chunks = [bodies[i::concurrency] for i in range(concurrency)]
+
+    def worker(chunk: list[bytes]) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        mine = []
+        for body in chunk:
+            started = time.perf_counter()
+            connection.request("POST", path, body, {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            response.read()
+            mine.append(time.perf_counter() - started)
+            if response.status != 200:
+                errors.append(response.status)
+        with lock:
+            latencies.extend(mine)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(chunk,)) for chunk in chunks]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
+    values = np.asarray(latencies) * 1e3
+    return {
+        "requests": len(latencies),
+        "errors": len(errors),
+        "p50_ms": round(float(np.percentile(values, 50)), 2),
+        "p99_ms": round(float(np.percentile(values, 99)), 2),
+        "throughput_rps": round(len(latencies) / elapsed, 1),
+    }
+
+
+def _time(function: Any, repeats: int) -> dict[str, float]:
+    samples = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        samples.append(time.perf_counter() - started)
+    values = np.asarray(samples) * 1e3
+    return {
+        "p50_ms": round(float(np.percentile(values, 50)), 3),
+        "p99_ms": round(float(np.percentile(values, 99)), 3),
+    }
+
+
+def run() -> dict[str, Any]:
+    from features import Workspace, load_snapshot
+    from nextbest.registry import configure_tracking, load_bundle, resolve_version
+    from nextbest.settings import Settings, resolve_workspace
+    from serving.batch import recommend_batch
+    from serving.engine import Recommender, ServeSettings
+    from serving.ledger import SqlLedger
+
+    configure_tracking()
+    try:
+        version, _ = resolve_version(alias="challenger")
+    except LookupError:
+        subprocess.run(
+            [str(Path(sys.executable).with_name("nextbest")), "train", "--quiet"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        version, _ = resolve_version(alias="challenger")
+    bundle = load_bundle(version=version)
+    workspace = Workspace(resolve_workspace(None))
+    snapshot = load_snapshot(workspace)
+    rng = np.random.default_rng(0)
+
+    with tempfile.TemporaryDirectory() as folder:
+        ledger = SqlLedger(f"sqlite:///{Path(folder) / 'bench.db'}")
+        settings = ServeSettings(holdout_share=0.0, rules_path=RULES)
+        recommender = Recommender(snapshot, bundle, ledger, settings, workspace=str(workspace.path))
+        customers = sorted(recommender._known_customers())
+        probe = recommender.recommend(
+            customers[0], channel="web", k=5, debug=True, log_exposure=False
+        )
+        # the candidate matrix of one request, for the floor and the peer
+        from features import Requests
+
+        builder = recommender.builder_for(recommender.now_s())
+        offers = recommender.generator.generate(
+            snapshot, Requests.build(snapshot, [customers[0]], [probe["as_of"]], channel=["web"])
+        ).offer
+        requests = Requests.build(
+            snapshot, [customers[0]], [probe["as_of"]], channel=["web"], placement=["home"]
+        )
+        matrix = builder.build(snapshot, requests, np.zeros(len(offers), dtype=np.int64), offers)
+        booster = bundle.booster
+        predict = _time(lambda: booster.predict(matrix.values, num_threads=1), 200)
+        contrib = _time(
+            lambda: booster.predict(matrix.values[:5], pred_contrib=True, num_threads=1), 200
+        )
+
+        # batch: candidate rows per second, end to end, against raw predict
+        import pandas as pd
+
+        batch_customers = pd.DataFrame(
+            {"customer_id": rng.choice(customers, BATCH_CUSTOMERS, replace=False)}
+        )
+        started = time.perf_counter()
+        rows = recommend_batch(
+            recommender, batch_customers, channel="email", placement="inbox", k=5
+        )
+        batch_s = time.perf_counter() - started
+        batch_rows = BATCH_CUSTOMERS * probe["eligible"]
+        stacked = np.repeat(matrix.values, BATCH_CUSTOMERS, axis=0)
+        started = time.perf_counter()
+        booster.predict(stacked, num_threads=1)
+        predict_rows_s = len(stacked) / (time.perf_counter() - started)
+
+        bodies = [
+            json.dumps(
+                {"customer_id": str(c), "channel": "web", "placement": "home", "k": 5}
+            ).encode()
+            for c in rng.choice(customers, REQUESTS_C8)
+        ]
+        port, peer_port = _free_port(), _free_port()
+        env = os.environ | {
+            "NEXTBEST_HOME": str(Settings.load().home),
+            "NEXTBEST_WORKSPACE": str(workspace.path),
+            "NEXTBEST_DB_URL": f"sqlite:///{Path(folder) / 'served.db'}",
+            "NEXTBEST_MODEL_ALIAS": "challenger",
+            "NEXTBEST_RULES": str(RULES),
+            "NEXTBEST_HOLDOUT_SHARE": "0",
+            "BENTOML_HOME": str(Path(folder) / "bentoml"),
+            "BENTOML_DO_NOT_TRACK": "true",
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+        }
+        server = subprocess.Popen(
+            [
+                str(Path(sys.executable).with_name("bentoml")),
+                "serve",
+                "serving.service:NextBest",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        peer_env = env | {
+            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+            "MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI")
+            or f"sqlite:///{Settings.load().models_dir / 'mlflow.db'}",
+        }
+        peer = subprocess.Popen(
+            [
+                str(Path(sys.executable).with_name("mlflow")),
+                "models",
+                "serve",
+                "-m",
+                f"models:/nextbest-ranker/{version}",
+                "--env-manager",
+                "local",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(peer_port),
+            ],
+            env=peer_env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            _wait(port, "/readyz")
+            _wait(peer_port, "/ping")
+            _load(port, "/recommend", bodies[:30], 1)  # warm up
+            constant = [b"{}"] * REQUESTS_C1
+            floor_c1 = _load(port, "/constant", constant, 1)
+            ours_c1 = _load(port, "/recommend", bodies[:REQUESTS_C1], 1)
+            ours_c8 = _load(port, "/recommend", bodies, 8)
+            floor_c8 = _load(port, "/constant", [b"{}"] * REQUESTS_C8, 8)
+            matrix_json = json.dumps({"inputs": np.nan_to_num(matrix.values, nan=-1e9).tolist()})
+            peer_body = [matrix_json.encode()] * REQUESTS_C1
+            _load(peer_port, "/invocations", peer_body[:10], 1)
+            peer_c1 = _load(peer_port, "/invocations", peer_body, 1)
+            peer_c8 = _load(peer_port, "/invocations", [matrix_json.encode()] * REQUESTS_C8, 8)
+        finally:
+            for process in (server, peer):
+                process.terminate()
+                process.wait(timeout=60)
+        ledger.dispose()
+
+    floor_p50 = floor_c1["p50_ms"] + predict["p50_ms"] + contrib["p50_ms"]
+    return {
+        "work": {
+            "candidates": probe["candidates"],
+            "reach_ranker": probe["eligible"],
+            "k": 5,
+            "rules": "bench/rules_500.yaml (rules off, so that ≥ 500 reach the ranker)",
+            "model_version": version,
+        },
+        "recommend": {"concurrency_1": ours_c1, "concurrency_8": ours_c8},
+        "floor": {
+            "constant_endpoint_c1": floor_c1,
+            "constant_endpoint_c8": floor_c8,
+            "booster_predict": predict,
+            "pred_contrib_5_rows": contrib,
+            "p50_ms": round(floor_p50, 2),
+        },
+        "peer_mlflow_models_serve": {"concurrency_1": peer_c1, "concurrency_8": peer_c8},
+        "batch": {
+            "customers": BATCH_CUSTOMERS,
+            "recommendations": len(rows),
+            "candidate_rows_per_s": round(batch_rows / batch_s),
+            "booster_predict_rows_per_s": round(predict_rows_s),
+            "ratio": round(batch_rows / batch_s / predict_rows_s, 3),
+        },
+        "targets": {
+            "p99_c1_le_25ms": ours_c1["p99_ms"] <= 25,
+            "p50_le_3x_floor": ours_c1["p50_ms"] <= 3 * floor_p50,
+            "throughput_ge_2x_peer": ours_c8["throughput_rps"] >= 2 * peer_c8["throughput_rps"],
+            "batch_ge_30pct_of_predict": batch_rows / batch_s >= 0.3 * predict_rows_s,
+        },
+    }
