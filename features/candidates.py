@@ -256,15 +256,7 @@ class CandidateGenerator:
     ) -> pd.DataFrame:
         """(request, item, last seconds) for the items each customer bought before the
         request (within ``days`` if given), from a (customer, item) pair vocabulary."""
-        customers = requests.customer
-        start = np.searchsorted(keys, customers * width)
-        end = np.searchsorted(keys, (customers + 1) * width)
-        lengths = end - start
-        request = np.repeat(np.arange(len(requests)), lengths)
-        position = np.repeat(start, lengths) + (
-            np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        )
-        pair = position.astype(np.int64)
+        request, pair = _pairs_of_customers(keys, width, requests.customer)
         t = requests.as_of_s[request]
         last = index.last_before(pair, t)
         last_s = index.seconds_at(last)
@@ -399,14 +391,7 @@ class CandidateGenerator:
     def _history_members(
         s: Snapshot, requests: Requests, keys: np.ndarray, width: int
     ) -> pd.DataFrame:
-        customers = requests.customer
-        start = np.searchsorted(keys, customers * width)
-        end = np.searchsorted(keys, (customers + 1) * width)
-        lengths = end - start
-        request = np.repeat(np.arange(len(requests)), lengths)
-        position = np.repeat(start, lengths) + (
-            np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        )
+        request, position = _pairs_of_customers(keys, width, requests.customer)
         joined_at = s.audience_index.last_before(position, requests.as_of_s[request] + 1)
         keep = joined_at >= 0
         return pd.DataFrame({"request": request[keep], "audience": keys[position[keep]] % width})
@@ -425,6 +410,19 @@ class CandidateGenerator:
                 "generator": GENERATORS.index("popular"),
             }
         )
+
+
+def _pairs_of_customers(
+    keys: np.ndarray, width: int, customers: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """For each request's customer, every (customer, item) pair code it has, from the
+    sorted pair keys (customer × width + item): (request index, pair code) arrays."""
+    start = np.searchsorted(keys, customers * width)
+    end = np.searchsorted(keys, (customers + 1) * width)
+    lengths = end - start
+    request = np.repeat(np.arange(len(customers)), lengths)
+    within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return request, (np.repeat(start, lengths) + within).astype(np.int64)
 
 
 def next_purchase_offers(

@@ -30,6 +30,7 @@ from policy import RuleSet
 from training.config import TrainConfig
 from training.dataset import RowSet, build_rows, cut_points
 from training.metrics import ndcg_at_k
+from training.model import ranker_params
 from training.pipeline import (
     _SEED_OFFSET,
     Stages,
@@ -192,19 +193,7 @@ def train_on_dask(
             ]
         )
         with stages.stage("fit ranker (dask)"):
-            ranker = DaskLGBMRanker(
-                client=client,
-                objective="lambdarank",
-                n_estimators=config.n_estimators,
-                learning_rate=config.learning_rate,
-                num_leaves=config.num_leaves,
-                max_depth=config.max_depth,
-                min_child_samples=config.min_child_samples,
-                random_state=config.random_state,
-                deterministic=True,
-                force_row_wise=True,
-                verbose=-1,
-            )
+            ranker = DaskLGBMRanker(client=client, **ranker_params(config))
             with warnings.catch_warnings():
                 # each worker sets its own threads; LightGBM says so on every fit
                 warnings.filterwarnings("ignore", "Parameter n_jobs will be ignored")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightgbm as lgb
 import numpy as np
 from sklearn.isotonic import IsotonicRegression
@@ -10,13 +12,29 @@ from policy.arbitration import Calibrator
 from training.config import TrainConfig
 from training.dataset import TASKS, RowSet
 
-__all__ = ["calibrate", "fit_ranker", "raw_scores"]
+__all__ = ["calibrate", "fit_ranker", "ranker_params", "raw_scores"]
 
 
 def _with_positive_groups(rows: RowSet) -> RowSet:
     positives = np.bincount(np.unique(rows.group, return_inverse=True)[1], weights=rows.label)
     keep = positives[np.unique(rows.group, return_inverse=True)[1]] > 0
     return rows.subset(keep)
+
+
+def ranker_params(config: TrainConfig) -> dict[str, Any]:
+    """The ranker's parameters, shared by the local and the Dask engine."""
+    return {
+        "objective": "lambdarank",
+        "n_estimators": config.n_estimators,
+        "learning_rate": config.learning_rate,
+        "num_leaves": config.num_leaves,
+        "max_depth": config.max_depth,
+        "min_child_samples": config.min_child_samples,
+        "random_state": config.random_state,
+        "deterministic": True,
+        "force_row_wise": True,
+        "verbose": -1,
+    }
 
 
 def fit_ranker(train: RowSet, validation: RowSet, config: TrainConfig) -> lgb.Booster:
@@ -26,19 +44,7 @@ def fit_ranker(train: RowSet, validation: RowSet, config: TrainConfig) -> lgb.Bo
     Code-valued features (channel, placement, moment, offer kind) are split as numbers,
     as the Dask engine must (distributed categorical bins crash LightGBM's workers).
     """
-    ranker = lgb.LGBMRanker(
-        objective="lambdarank",
-        n_estimators=config.n_estimators,
-        learning_rate=config.learning_rate,
-        num_leaves=config.num_leaves,
-        max_depth=config.max_depth,
-        min_child_samples=config.min_child_samples,
-        random_state=config.random_state,
-        n_jobs=config.n_jobs,
-        deterministic=True,
-        force_row_wise=True,
-        verbose=-1,
-    )
+    ranker = lgb.LGBMRanker(**ranker_params(config), n_jobs=config.n_jobs)
     valid = _with_positive_groups(validation)
     ranker.fit(
         train.values,
