@@ -84,7 +84,7 @@ class Requests:
 
         return cls(
             customer=snapshot.customers.encode(list(customer_ids)),
-            as_of_s=to_seconds_ceil(pd.to_datetime(pd.Series(list(as_of))).to_numpy()),
+            as_of_s=to_seconds_ceil(_as_datetimes(as_of)),
             channel=vocab(channel, CHANNELS),
             placement=vocab(placement, PLACEMENTS),
             moment=vocab(moment, MOMENTS),
@@ -99,6 +99,17 @@ class Requests:
                 else [snapshot.products.encode(list(items), missing=-1) for items in cart]
             ),
         )
+
+
+def _as_datetimes(values: Sequence[Any] | pd.Series) -> np.ndarray:
+    """Moments as datetime64[us]; a short list of timestamps skips pandas' parser."""
+    if (
+        isinstance(values, list)
+        and len(values) <= 16
+        and all(isinstance(v, pd.Timestamp) for v in values)
+    ):
+        return np.array([v.to_datetime64() for v in values], dtype="datetime64[us]")
+    return np.asarray(pd.to_datetime(pd.Series(list(values))).to_numpy(), dtype="datetime64[us]")
 
 
 @dataclass

@@ -40,6 +40,7 @@ MOMENTS = (
     "product_launch",
 )
 ACCEPTED_OUTCOMES = ("accepted", "redeemed", "purchased")
+_SMALL = 16
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,15 @@ class Codes:
         """Codes of ``ids``; an id not in the vocabulary (or empty) gets ``missing``
         (default: the UNKNOWN code)."""
         fallback = self.unknown if missing is None else missing
+        if isinstance(ids, list) and len(ids) <= _SMALL:
+            # a request's handful of ids: a hash lookup, without pandas' fixed costs
+            return np.array(
+                [
+                    self.values.get_loc(i) if isinstance(i, str) and i in self.values else fallback
+                    for i in ids
+                ],
+                dtype=np.int64,
+            )
         series = pd.Series(ids, dtype="object")
         codes = self.values.get_indexer(series.where(series.notna(), UNKNOWN).astype("str"))
         return np.where(codes < 0, fallback, codes).astype(np.int64)

@@ -281,18 +281,18 @@ class CombinedLedger:
     def last_declined_s(
         self, customers: np.ndarray, offers: np.ndarray, before_s: np.ndarray
     ) -> np.ndarray:
-        recorded = self.history.last_declined_s(customers, offers, before_s)
-        out = recorded.copy()
-        cache: dict[tuple[str, int], dict[str, int]] = {}
+        out = self.history.last_declined_s(customers, offers, before_s).copy()
         ids = self._ids(customers)
-        offer_ids = self.snapshot.offers.decode(offers)
-        for i, (customer, before) in enumerate(zip(ids, before_s, strict=True)):
-            key = (str(customer), int(before))
-            if key not in cache:
-                cache[key] = self.sql.last_outcomes(str(customer), ["declined"], int(before))
-            live = cache[key].get(str(offer_ids[i]))
-            if live is not None:
-                out[i] = live if np.isnan(out[i]) else max(out[i], live)
+        for customer, before in {(str(c), int(b)) for c, b in zip(ids, before_s, strict=True)}:
+            live = self.sql.last_outcomes(customer, ["declined"], before)
+            if not live:
+                continue
+            rows = np.flatnonzero((ids == customer) & (before_s == before))
+            declined = self.snapshot.offers.encode(list(live), missing=-1)
+            at = dict(zip(declined.tolist(), live.values(), strict=True))
+            for row in rows[np.isin(offers[rows], declined)]:
+                moment = at[int(offers[row])]
+                out[row] = moment if np.isnan(out[row]) else max(out[row], moment)
         return out
 
     def had_offer(
