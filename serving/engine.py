@@ -106,6 +106,8 @@ class Recommender:
         )
         self.model = self._model(bundle)
         self.extra_blocks: list[Any] = []
+        kinds = np.asarray(OFFER_KINDS)[np.maximum(snapshot.offer_kind, 0)]
+        self.offer_task = np.array([_TASK_OF_KIND[kind] for kind in kinds])
 
     # -- model -------------------------------------------------------------------------
     def _model(self, bundle: ModelBundle | None) -> _Model:
@@ -182,8 +184,35 @@ class Recommender:
         as_of: Any = None,
         log_exposure: bool = True,
     ) -> dict[str, Any]:
+        """One customer's slate: :meth:`recommend_many` with one request."""
+        return self.recommend_many(
+            [customer_id],
+            channel=channel,
+            placement=placement,
+            contexts=[context or {}],
+            k=k,
+            debug=debug,
+            as_of=as_of,
+            log_exposure=log_exposure,
+        )[0]
+
+    def recommend_many(
+        self,
+        customer_ids: list[str],
+        *,
+        channel: str,
+        placement: str = "home",
+        contexts: list[dict[str, Any]] | None = None,
+        k: int = 3,
+        debug: bool = False,
+        as_of: Any = None,
+        log_exposure: bool = True,
+    ) -> list[dict[str, Any]]:
+        """Slates for many customers at one moment, computed together (campaigns), with
+        exactly the per-request semantics of the service."""
         model = self.model
-        context = context or {}
+        n = len(customer_ids)
+        contexts = contexts or [{} for _ in range(n)]
         t = (
             self.now_s()
             if as_of is None
@@ -191,23 +220,23 @@ class Recommender:
         )
         moment = pd.Timestamp(t, unit="s")
         s = self.snapshot
-        request_id = uuid.uuid4().hex
-        known = customer_id in self._known_customers()
-        holdout = in_holdout(customer_id, self.settings.holdout_salt, self.settings.holdout_share)
-        cart = [str(p) for p in context.get("cart") or []]
+        known_set = self._known_customers()
+        settings = self.settings
+        holdout = [
+            in_holdout(c, settings.holdout_salt, settings.holdout_share) for c in customer_ids
+        ]
         requests = Requests.build(
             s,
-            [customer_id],
-            [moment],
-            channel=[channel],
-            placement=[placement],
-            moment=[context.get("moment")],
-            page_product=[context.get("product_id")],
-            cart=[cart],
+            list(customer_ids),
+            [moment] * n,
+            channel=[channel] * n,
+            placement=[placement] * n,
+            moment=[c.get("moment") for c in contexts],
+            page_product=[c.get("product_id") for c in contexts],
+            cart=[[str(p) for p in c.get("cart") or []] for c in contexts],
         )
         candidates = self.generator.generate(s, requests)
-        offers = candidates.offer
-        rows = np.zeros(len(offers), dtype=np.int64)
+        rows, offers = candidates.request, candidates.offer
         builder = self.builder_for(t)
         matrix = builder.build(s, requests, rows, offers)
         features = {name: matrix.values[:, j] for j, name in enumerate(matrix.names)}
@@ -217,118 +246,153 @@ class Recommender:
         eligibility = evaluate(
             s, rules, requests, rows, offers, ledger=self.combined, features=features
         )
-        eligible = np.flatnonzero(eligibility.eligible)
-        if self.settings.offer_holdout_share > 0:
-            held = np.array(
-                [
-                    in_holdout(
-                        f"{customer_id}:{s.offers.values[o]}",
-                        self.settings.holdout_salt,
-                        self.settings.offer_holdout_share,
-                    )
-                    for o in offers[eligible]
-                ],
-                dtype=bool,
-            )
-            eligible = eligible[~held]
+        eligible = eligibility.eligible.copy()
+        if settings.offer_holdout_share > 0:
+            for row in np.flatnonzero(eligible):
+                key = f"{customer_ids[rows[row]]}:{s.offers.values[offers[row]]}"
+                if in_holdout(key, settings.holdout_salt, settings.offer_holdout_share):
+                    eligible[row] = False
 
-        mode = "model" if model.bundle is not None else "rules_only"
-        if not known:
-            mode = "cold_start"
-        use_rules = holdout and self.settings.holdout_control == "rules_only"
-        score, probability = self._score(
-            model, matrix, offers, eligible, "rules_only" if use_rules else mode
+        base_mode = "model" if model.bundle is not None else "rules_only"
+        modes = [base_mode if c in known_set else "cold_start" for c in customer_ids]
+        use_rules = [h and settings.holdout_control == "rules_only" for h in holdout]
+        scoring = np.array(
+            ["rules_only" if r else m for m, r in zip(modes, use_rules, strict=True)]
         )
-        order = eligible[np.argsort(-score, kind="stable")]
-        slate = assemble_slate(s, rules, offers[order], k)
-        position = {int(offers[i]): i for i in order}
-        chosen_rows = np.array([position[o] for o in slate.chosen], dtype=np.int64)
-        score_of = dict(zip(offers[eligible].tolist(), score, strict=True))
-        probability_of = dict(zip(offers[eligible].tolist(), probability, strict=True))
+        score = np.full(len(rows), -np.inf)
+        probability = np.full(len(rows), np.nan)
+        for mode in np.unique(scoring):
+            mine = np.flatnonzero(eligible & (scoring[rows] == mode))
+            if len(mine):
+                score[mine], probability[mine] = self._score(model, matrix, offers, mine, mode)
 
-        explanations = None
-        if model.bundle is not None and mode == "model" and not use_rules and len(chosen_rows):
-            explanations = explain_rows(model.bundle.booster, matrix, chosen_rows, builder, s)
-        served = []
-        for rank, offer in enumerate(slate.chosen, start=1):
-            row = position[offer]
-            item: dict[str, Any] = {
-                "offer_id": str(s.offers.values[offer]),
-                "title": _title(s, offer),
-                "rank": rank,
-                "score": round(float(score_of[offer]), 6),
-                "probability": None
-                if probability_of[offer] is None or np.isnan(probability_of[offer])
-                else round(float(probability_of[offer]), 6),
-                "value": None if np.isnan(s.offer_value[offer]) else float(s.offer_value[offer]),
-                "because": "",
-                "contributions": [],
-            }
-            if explanations is not None:
-                item["because"] = explanations[rank - 1].because
-                item["contributions"] = explanations[rank - 1].contributions
-                item["expected_value"] = explanations[rank - 1].expected_value
-                item["raw_score"] = explanations[rank - 1].raw_score
-            elif mode == "cold_start":
-                item["because"] = COLD_START_BECAUSE
-            else:
-                item["because"] = _rules_because(builder, s, matrix, row)
-            if s.offer_kind[offer] == OFFER_KINDS.index("bundle"):
-                item["bundle"] = {
-                    "ladder": _none_if_missing(s.bundle_ladders, s.offer_bundle_ladder[offer]),
-                    "tier": _str_or_none(s.offer_bundle_tier[offer]),
-                    "products": list(
-                        s.products.decode(
-                            s.offer_products.values[
-                                s.offer_products.offsets[offer] : s.offer_products.offsets[
-                                    offer + 1
-                                ]
-                            ]
-                        )
-                    ),
-                }
-            served.append(item)
+        ranked = np.flatnonzero(eligible)
+        ranked = ranked[np.lexsort((-score[ranked], rows[ranked]))]
+        bounds = np.searchsorted(rows[ranked], np.arange(n + 1))
+        slates = []
+        for i in range(n):
+            mine = ranked[bounds[i] : bounds[i + 1]]
+            slate = assemble_slate(s, rules, offers[mine], k)
+            position = {int(offers[j]): int(j) for j in mine}
+            slates.append((slate, [position[o] for o in slate.chosen]))
 
-        shown = [] if holdout and self.settings.holdout_control == "nothing" else served
-        if log_exposure:
-            self.ledger.log_slate(
-                request_id=request_id,
-                customer_id=customer_id,
-                channel=channel,
-                placement=placement,
-                model_version=None if model.bundle is None else model.bundle.version,
-                mode="holdout_" + self.settings.holdout_control if holdout else mode,
-                holdout=holdout,
-                at_s=t,
-                offers=[
-                    ServedOffer(o["offer_id"], o["rank"], o["score"], o["probability"])
-                    for o in served
-                ],
+        explain = [
+            j
+            for i, (_, chosen) in enumerate(slates)
+            if modes[i] == "model" and not use_rules[i]
+            for j in chosen
+        ]
+        explanations: dict[int, Any] = {}
+        if model.bundle is not None and explain:
+            done = explain_rows(model.bundle.booster, matrix, np.array(explain), builder, s)
+            explanations = dict(zip(explain, done, strict=True))
+
+        responses = []
+        logs = []
+        for i, customer_id in enumerate(customer_ids):
+            slate, chosen = slates[i]
+            served = [
+                self._offer(
+                    s,
+                    int(offers[j]),
+                    rank,
+                    score[j],
+                    probability[j],
+                    explanations.get(j),
+                    modes[i],
+                    builder,
+                    matrix,
+                    j,
+                )
+                for rank, j in enumerate(chosen, start=1)
+            ]
+            request_id = uuid.uuid4().hex
+            logs.append(
+                dict(
+                    request_id=request_id,
+                    customer_id=customer_id,
+                    channel=channel,
+                    placement=placement,
+                    model_version=None if model.bundle is None else model.bundle.version,
+                    mode="holdout_" + settings.holdout_control if holdout[i] else modes[i],
+                    holdout=holdout[i],
+                    at_s=t,
+                    offers=[
+                        ServedOffer(o["offer_id"], o["rank"], o["score"], o["probability"])
+                        for o in served
+                    ],
+                )
             )
-        response: dict[str, Any] = {
-            "request_id": request_id,
-            "customer_id": customer_id,
-            "as_of": moment.isoformat(),
-            "model": self.model_info(model) | {"mode": mode},
-            "holdout": holdout,
-            "offers": shown,
+            response: dict[str, Any] = {
+                "request_id": request_id,
+                "customer_id": customer_id,
+                "as_of": moment.isoformat(),
+                "model": self.model_info(model) | {"mode": modes[i]},
+                "holdout": holdout[i],
+                "offers": [] if holdout[i] and settings.holdout_control == "nothing" else served,
+            }
+            if debug:
+                mine = np.flatnonzero(rows == i)
+                response["excluded"] = [
+                    {
+                        "offer_id": str(s.offers.values[offers[j]]),
+                        "reasons": reasons_of(int(eligibility.mask[j])),
+                    }
+                    for j in mine
+                    if not eligibility.eligible[j]
+                ] + [
+                    {"offer_id": str(s.offers.values[o]), "reasons": [why]}
+                    for o, why in slate.skipped.items()
+                ]
+                response["candidates"] = len(mine)
+                response["eligible"] = int(eligible[mine].sum())
+            responses.append(response)
+        if log_exposure:
+            self.ledger.log_slates(logs)
+        return responses
+
+    def _offer(
+        self,
+        s: Snapshot,
+        offer: int,
+        rank: int,
+        score: float,
+        probability: float,
+        explanation: Any,
+        mode: str,
+        builder: FeatureBuilder,
+        matrix: Any,
+        row: int,
+    ) -> dict[str, Any]:
+        item: dict[str, Any] = {
+            "offer_id": str(s.offers.values[offer]),
+            "title": _title(s, offer),
+            "rank": rank,
+            "score": round(float(score), 6),
+            "probability": None if np.isnan(probability) else round(float(probability), 6),
+            "value": None if np.isnan(s.offer_value[offer]) else float(s.offer_value[offer]),
+            "because": "",
+            "contributions": [],
         }
-        if debug:
-            excluded = [
-                {
-                    "offer_id": str(s.offers.values[offers[i]]),
-                    "reasons": reasons_of(int(eligibility.mask[i])),
-                }
-                for i in np.flatnonzero(~eligibility.eligible)
+        if explanation is not None:
+            item["because"] = explanation.because
+            item["contributions"] = explanation.contributions
+            item["expected_value"] = explanation.expected_value
+            item["raw_score"] = explanation.raw_score
+        elif mode == "cold_start":
+            item["because"] = COLD_START_BECAUSE
+        else:
+            item["because"] = _rules_because(builder, s, matrix, row)
+        if s.offer_kind[offer] == OFFER_KINDS.index("bundle"):
+            products = s.offer_products.values[
+                s.offer_products.offsets[offer] : s.offer_products.offsets[offer + 1]
             ]
-            excluded += [
-                {"offer_id": str(s.offers.values[o]), "reasons": [why]}
-                for o, why in slate.skipped.items()
-            ]
-            response["excluded"] = excluded
-            response["candidates"] = len(offers)
-            response["eligible"] = len(eligible)
-        return response
+            item["bundle"] = {
+                "ladder": _none_if_missing(s.bundle_ladders, s.offer_bundle_ladder[offer]),
+                "tier": _str_or_none(s.offer_bundle_tier[offer]),
+                "products": list(s.products.decode(products)),
+            }
+        return item
 
     def _score(
         self, model: _Model, matrix: Any, offers: np.ndarray, eligible: np.ndarray, mode: str
@@ -345,9 +409,9 @@ class Recommender:
         raw = np.asarray(model.bundle.booster.predict(values, num_threads=1), dtype=np.float64)
         probability = np.zeros(len(raw))
         default = np.ones(len(raw))
-        kinds = np.asarray(OFFER_KINDS)[np.maximum(s.offer_kind[chosen], 0)]
+        tasks = self.offer_task[chosen]
         for task in set(_TASK_OF_KIND.values()):
-            mine = np.array([_TASK_OF_KIND[k] == task for k in kinds], dtype=bool)
+            mine = tasks == task
             if mine.any() and task in model.calibrators:
                 probability[mine] = model.calibrators[task](raw[mine])
                 default[mine] = model.default_values.get(task, 1.0)

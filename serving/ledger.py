@@ -143,6 +143,33 @@ class SqlLedger:
                     ],
                 )
 
+    def log_slates(self, slates_to_log: Sequence[dict[str, Any]]) -> None:
+        """Log many slates in one transaction (keyword arguments of :meth:`log_slate`)."""
+        if not slates_to_log:
+            return
+        with self.engine.begin() as connection:
+            connection.execute(
+                slates.insert(),
+                [
+                    {key: value for key, value in slate.items() if key != "offers"}
+                    for slate in slates_to_log
+                ],
+            )
+            items = [
+                {
+                    "request_id": slate["request_id"],
+                    "offer_id": o.offer_id,
+                    "rank": o.rank,
+                    "score": o.score,
+                    "probability": o.probability,
+                    "propensity": o.propensity,
+                }
+                for slate in slates_to_log
+                for o in slate["offers"]
+            ]
+            if items:
+                connection.execute(slate_offers.insert(), items)
+
     def record_feedback(
         self, *, request_id: str, offer_id: str, outcome: str, value: float | None, at_s: int
     ) -> bool:
