@@ -698,6 +698,12 @@ def recommend_batch_command(
     workspace: WorkspaceOption = None,
     clock: ClockOption = "data",
     alias: Annotated[str, typer.Option(help="Model alias to use.")] = "champion",
+    engine: Annotated[
+        Engine, typer.Option(help="local, or dask for a Dask cluster.")
+    ] = Engine.local,
+    scheduler: Annotated[
+        str | None, typer.Option(help="Dask scheduler address (default: a local cluster).")
+    ] = None,
 ) -> None:
     """Score many customers for an email or SMS campaign: one row per recommendation
     (customer_id, rank, offer_id, score, probability, because), with the same ranking,
@@ -714,7 +720,14 @@ def recommend_batch_command(
         table = read_table_file(Path(customers), table="customers")
         if "customer_id" not in table.columns:
             raise typer.BadParameter(f"{customers} has no customer_id column")
-    rows = recommend_batch(recommender, table, channel=channel.value, placement=placement, k=k)
+    if engine is Engine.dask:
+        from serving.batch import recommend_batch_dask
+
+        rows = recommend_batch_dask(
+            recommender, table, channel=channel.value, placement=placement, k=k, scheduler=scheduler
+        )
+    else:
+        rows = recommend_batch(recommender, table, channel=channel.value, placement=placement, k=k)
     if out.suffix.lower() == ".csv":
         rows.to_csv(out, index=False)
     else:

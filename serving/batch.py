@@ -7,11 +7,14 @@ with the per-request semantics of the service (caps, holdouts, because text).
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pandas as pd
 
 from serving.engine import Recommender
 
-__all__ = ["recommend_batch"]
+__all__ = ["recommend_batch", "recommend_batch_dask"]
 
 COLUMNS = ["customer_id", "rank", "offer_id", "score", "probability", "because"]
 
@@ -61,3 +64,106 @@ def recommend_batch(
                         }
                     )
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+PLUGIN_NAME = "nextbest-recommender"
+
+
+def _recommender_plugin(workspace: str, version: str | None, db_url: str, settings: Any) -> Any:
+    """A Dask WorkerPlugin that builds one Recommender per worker, once, from what the
+    client resolved (same workspace, model version, ledger and settings)."""
+    from distributed import WorkerPlugin
+
+    class RecommenderPlugin(WorkerPlugin):
+        name = PLUGIN_NAME
+
+        def setup(self, worker: Any) -> None:
+            from features import Workspace, load_snapshot
+            from nextbest.registry import configure_tracking, load_bundle
+            from serving.ledger import SqlLedger
+
+            configure_tracking()
+            bundle = load_bundle(version=version) if version else None
+            self.recommender = Recommender(
+                load_snapshot(Workspace(Path(workspace))),
+                bundle,
+                SqlLedger(db_url),
+                settings,
+                workspace=workspace,
+            )
+
+    return RecommenderPlugin()
+
+
+def _chunk_on_worker(
+    ids: list[str], as_of: Any, channel: str, placement: str, k: int
+) -> pd.DataFrame:
+    from distributed import get_worker
+
+    plugin: Any = get_worker().plugins[PLUGIN_NAME]
+    chunk = pd.DataFrame({"customer_id": ids, "as_of": [as_of] * len(ids)})
+    return recommend_batch(plugin.recommender, chunk, channel=channel, placement=placement, k=k)
+
+
+def recommend_batch_dask(
+    recommender: Recommender,
+    customers: pd.DataFrame,
+    *,
+    channel: str,
+    placement: str,
+    k: int,
+    scheduler: str | None = None,
+    n_workers: int = 2,
+    chunk: int = 256,
+) -> pd.DataFrame:
+    """:func:`recommend_batch` spread over a Dask cluster: every worker builds the same
+    Recommender (same workspace, model version, settings and ledger) once, and scores
+    chunks of customers. Rows come back in the customers' order."""
+    from distributed import Client, LocalCluster
+
+    bundle = recommender.model.bundle
+    plugin = _recommender_plugin(
+        recommender.workspace,
+        None if bundle is None else bundle.version,
+        recommender.ledger.url,
+        recommender.settings,
+    )
+    cluster = (
+        None
+        if scheduler
+        else LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            host="127.0.0.1",
+        )
+    )
+    client = Client(scheduler or cluster)
+    try:
+        client.register_plugin(plugin)
+        ids = customers["customer_id"].astype("str").tolist()
+        moments = customers["as_of"].tolist() if "as_of" in customers.columns else [None] * len(ids)
+        tasks = []
+        for start in range(0, len(ids), chunk):
+            part_ids, part_moments = ids[start : start + chunk], moments[start : start + chunk]
+            for moment in dict.fromkeys(map(str, part_moments)):
+                same = [c for c, m in zip(part_ids, part_moments, strict=True) if str(m) == moment]
+                as_of = None if moment in ("None", "NaT", "nan") else moment
+                tasks.append(
+                    client.submit(_chunk_on_worker, same, as_of, channel, placement, k, pure=False)
+                )
+        parts = client.gather(tasks)
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    frames = [p for p in parts if len(p)]
+    rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
+    order = {c: i for i, c in enumerate(ids)}
+    return rows.sort_values(
+        ["customer_id", "rank"],
+        key=lambda col: col.map(order) if col.name == "customer_id" else col,
+        kind="stable",
+        ignore_index=True,
+    )

@@ -280,3 +280,42 @@ def test_recommend_batch_writes_one_row_per_recommendation(
     )
     assert single.exit_code == 0, single.output
     assert json.loads(single.stdout)["model"]["version"] == served.version
+
+
+def test_recommend_batch_on_dask_matches_local(
+    served: Served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same customers scored on a 2-worker LocalCluster and in process: same rows."""
+    import pandas as pd
+
+    from features import load_snapshot
+    from nextbest.registry import configure_tracking, load_bundle
+    from serving.batch import recommend_batch, recommend_batch_dask
+    from serving.engine import Recommender, ServeSettings
+    from serving.ledger import SqlLedger
+
+    monkeypatch.setenv("NEXTBEST_HOME", str(served.home))
+    configure_tracking()
+    snapshot = load_snapshot(served.workspace)
+    customers = pd.DataFrame({"customer_id": [f"S{i:05d}" for i in range(1, 41)]})
+
+    def recommender(name: str) -> Recommender:
+        return Recommender(
+            snapshot,
+            load_bundle(alias="champion"),
+            SqlLedger(f"sqlite:///{tmp_path / name}"),
+            ServeSettings(holdout_share=0.1),
+            workspace=str(served.workspace.path),
+        )
+
+    local = recommend_batch(
+        recommender("local.db"), customers, channel="email", placement="inbox", k=3
+    )
+    spread = recommend_batch_dask(
+        recommender("dask.db"), customers, channel="email", placement="inbox", k=3, chunk=7
+    )
+    assert len(local) > 0
+    pd.testing.assert_frame_equal(
+        local.drop(columns=["score", "probability"]), spread.drop(columns=["score", "probability"])
+    )
+    assert spread["score"].to_numpy() == pytest.approx(local["score"].to_numpy())
