@@ -429,6 +429,7 @@ class Recommender:
     def metadata(self) -> dict[str, Any]:
         model = self.model
         return {
+            "snapshot_customers": len(self._known_customers()),
             "model": self.model_info(model),
             "features": list(model.bundle.feature_names) if model.bundle else [],
             "rules": {

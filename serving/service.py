@@ -4,8 +4,9 @@ One ``@bentoml.service`` class. The model is resolved by alias from the MLflow r
 (``models:/nextbest-ranker@champion``) in ``__init__`` and the resolved version is
 logged; with no champion the service serves the rules-only ranking and says so in every
 response's ``model`` field. A background thread watches the alias and switches versions
-without failing a request. Settings come from ``ServiceSettings.from_env`` (``nextbest
-serve`` sets them), never from ad-hoc reads.
+without failing a request; the same thread re-indexes the workspace when its content
+fingerprint changes. Settings come from ``ServiceSettings.from_env`` (``nextbest serve``
+sets them), never from ad-hoc reads.
 """
 
 from __future__ import annotations
@@ -99,20 +100,28 @@ class NextBest:
         except LookupError:
             bundle = None
             log.warning("no '%s' model yet: serving the rules-only ranking", settings.alias)
+        self.workspace = workspace
+        self.serve_settings = ServeSettings(
+            clock=settings.clock,
+            holdout_share=settings.holdout_share,
+            holdout_control=settings.holdout_control,
+            alias=settings.alias,
+            rules_path=settings.rules,
+        )
+        self.fingerprint = workspace.fingerprint
         self.recommender = Recommender(
             load_snapshot(workspace),
             bundle,
             self.ledger,
-            ServeSettings(
-                clock=settings.clock,
-                holdout_share=settings.holdout_share,
-                holdout_control=settings.holdout_control,
-                alias=settings.alias,
-                rules_path=settings.rules,
-            ),
+            self.serve_settings,
             workspace=str(workspace.path),
         )
-        log.info("serving %s", self.recommender.model_info())
+        log.info(
+            "serving %s on workspace %s (%s)",
+            self.recommender.model_info(),
+            workspace.path,
+            self.fingerprint,
+        )
         self._load_bundle = load_bundle
         self._stop = threading.Event()
         self._watcher = threading.Thread(
@@ -128,6 +137,7 @@ class NextBest:
         from nextbest.registry import resolve_version
 
         while not self._stop.wait(self.settings.reload_seconds):
+            self._refresh_snapshot()
             try:
                 version, _ = resolve_version(alias=self.settings.alias)
             except LookupError:
@@ -150,6 +160,33 @@ class NextBest:
                         version,
                         self._current_version(),
                     )
+
+    def _refresh_snapshot(self) -> None:
+        """When the workspace changes, index it anew and switch to it; requests in flight
+        finish on the recommender they started with."""
+        from features import load_snapshot
+        from serving.engine import Recommender
+
+        try:
+            fingerprint = self.workspace.fingerprint
+            if fingerprint == self.fingerprint:
+                return
+            current = self.recommender
+            fresh = Recommender(
+                load_snapshot(self.workspace),
+                current.model.bundle,
+                self.ledger,
+                self.serve_settings,
+                workspace=str(self.workspace.path),
+            )
+            fresh.extra_blocks = list(current.extra_blocks)
+            self.recommender = fresh  # one reference assignment: atomic for readers
+            log.info(
+                "workspace changed (%s → %s): snapshot refreshed", self.fingerprint, fingerprint
+            )
+            self.fingerprint = fingerprint
+        except Exception:  # a half-written or broken workspace must not stop serving
+            log.exception("could not refresh the snapshot; still serving %s", self.fingerprint)
 
     def __is_ready__(self) -> bool:
         return self.ledger.ping()

@@ -319,3 +319,30 @@ def test_recommend_batch_on_dask_matches_local(
         local.drop(columns=["score", "probability"]), spread.drop(columns=["score", "probability"])
     )
     assert spread["score"].to_numpy() == pytest.approx(local["score"].to_numpy())
+
+
+def test_the_snapshot_refreshes_when_the_workspace_changes(client, served: Served) -> None:  # type: ignore[no-untyped-def]
+    """Runs last in this module: it rewrites the served workspace with one more customer."""
+    import pandas as pd
+
+    from features import write_workspace
+
+    before = client.get("/metadata").json()["snapshot_customers"]
+    tables = served.workspace.read_all()
+    newcomer = tables["orders"].iloc[:1].assign(customer_id="NEW-1", order_id="NEW-ORDER")
+    tables["orders"] = pd.concat([tables["orders"], newcomer], ignore_index=True)
+    tables["customers"] = pd.concat(
+        [tables["customers"], tables["customers"].iloc[:1].assign(customer_id="NEW-1")],
+        ignore_index=True,
+    )
+    write_workspace(
+        served.workspace.path, tables, source=served.workspace.manifest["source"], synthetic=True
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if client.get("/metadata").json()["snapshot_customers"] == before + 1:
+            break
+        time.sleep(0.2)
+    assert client.get("/metadata").json()["snapshot_customers"] == before + 1
+    answer = client.post("/recommend", json={"customer_id": "NEW-1", "channel": "web"}).json()
+    assert answer["model"]["mode"] == "model"  # known now, no longer a cold start
