@@ -136,7 +136,7 @@ def run() -> dict[str, Any]:
         ledger = SqlLedger(f"sqlite:///{Path(folder) / 'bench.db'}")
         settings = ServeSettings(holdout_share=0.0, rules_path=RULES)
         recommender = Recommender(snapshot, bundle, ledger, settings, workspace=str(workspace.path))
-        customers = sorted(recommender._known_customers())
+        customers = sorted(recommender.known_customers())
         probe = recommender.recommend(
             customers[0], channel="web", k=5, debug=True, log_exposure=False
         )

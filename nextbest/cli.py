@@ -715,7 +715,7 @@ def recommend_batch_command(
 
     recommender = _recommender(workspace, clock, None, alias)
     if customers == "all":
-        table = pd.DataFrame({"customer_id": sorted(recommender._known_customers())})
+        table = pd.DataFrame({"customer_id": sorted(recommender.known_customers())})
     else:
         table = read_table_file(Path(customers), table="customers")
         if "customer_id" not in table.columns:

@@ -106,6 +106,8 @@ class Recommender:
         )
         self.model = self._model(bundle)
         self.extra_blocks: list[Any] = []
+        ordered = np.unique(snapshot.orders_by_customer.groups)
+        self._known = set(snapshot.customers.decode(ordered).tolist())
         kinds = np.asarray(OFFER_KINDS)[np.maximum(snapshot.offer_kind, 0)]
         self.offer_task = np.array([_TASK_OF_KIND[kind] for kind in kinds])
 
@@ -220,7 +222,7 @@ class Recommender:
         )
         moment = pd.Timestamp(t, unit="s")
         s = self.snapshot
-        known_set = self._known_customers()
+        known_set = self.known_customers()
         settings = self.settings
         holdout = [
             in_holdout(c, settings.holdout_salt, settings.holdout_share) for c in customer_ids
@@ -420,16 +422,14 @@ class Recommender:
         score = arbitrate(probability, value, s.offer_lever[chosen], model.lever_cap, 1.0)
         return score + 1e-9 * raw, probability
 
-    def _known_customers(self) -> set[str]:
-        if not hasattr(self, "_known"):
-            codes = np.unique(self.snapshot.orders_by_customer.groups)
-            self._known = set(self.snapshot.customers.decode(codes).tolist())
+    def known_customers(self) -> set[str]:
+        """Customers with at least one order in the snapshot (everyone else is cold)."""
         return self._known
 
     def metadata(self) -> dict[str, Any]:
         model = self.model
         return {
-            "snapshot_customers": len(self._known_customers()),
+            "snapshot_customers": len(self.known_customers()),
             "model": self.model_info(model),
             "features": list(model.bundle.feature_names) if model.bundle else [],
             "rules": {

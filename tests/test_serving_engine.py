@@ -33,7 +33,7 @@ def _recommender(served: Served, tmp_path: Path, **settings: object) -> Recommen
 
 
 def _customers(recommender: Recommender) -> list[str]:
-    return sorted(recommender._known_customers())
+    return sorted(recommender.known_customers())
 
 
 def test_offers_are_ranked_explained_and_logged(served: Served, tmp_path: Path) -> None:
