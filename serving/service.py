@@ -194,7 +194,7 @@ class NextBest:
     @bentoml.api(route="/recommend")
     def recommend(
         self,
-        customer_id: Annotated[str, Field(min_length=1, examples=["1029"])],
+        customer_id: Annotated[str, Field(min_length=1, max_length=128, examples=["1029"])],
         channel: Annotated[Channel, Field(examples=["web"])],
         placement: Annotated[Placement, Field(examples=["home"])] = "home",
         context: Context | None = None,
@@ -223,8 +223,8 @@ class NextBest:
     @bentoml.api(route="/feedback")
     def feedback(
         self,
-        request_id: Annotated[str, Field(min_length=1)],
-        offer_id: Annotated[str, Field(min_length=1)],
+        request_id: Annotated[str, Field(min_length=1, max_length=64)],
+        offer_id: Annotated[str, Field(min_length=1, max_length=128)],
         outcome: Outcome,
         value: float | None = None,
     ) -> dict[str, Any]:

@@ -96,6 +96,7 @@ def test_recommend_and_feedback(client) -> None:  # type: ignore[no-untyped-def]
         ({"customer_id": "S1", "channel": "web", "k": 0}, "greater than or equal to 1"),
         ({"customer_id": "S1", "channel": "web", "k": 26}, "less than or equal to 25"),
         ({"customer_id": "", "channel": "web"}, "at least 1 character"),
+        ({"customer_id": "x" * 129, "channel": "web"}, "at most 128 characters"),
         ({"channel": "web"}, "Field required"),
         ({"customer_id": "S1", "channel": "web", "as_of": "someday"}, "not a date/time"),
         (
