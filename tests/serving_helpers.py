@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,3 +45,10 @@ def train_and_register(home: Path, *, champion: bool = True, seed: int = 4) -> S
     if champion:
         MlflowClient().set_registered_model_alias(MODEL_NAME, CHAMPION, summary["model_version"])
     return Served(home=home, workspace=workspace, version=summary["model_version"])
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

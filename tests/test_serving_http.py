@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -14,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from serving_helpers import Served, train_and_register
+from serving_helpers import Served, free_port, train_and_register
 from typer.testing import CliRunner
 
 from nextbest.cli import app
@@ -168,14 +167,8 @@ def test_hot_reload_moves_to_the_new_champion_without_errors(client, served: Ser
     MlflowClient().set_registered_model_alias("nextbest-ranker", "champion", served.version)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_nextbest_serve_end_to_end(served: Served, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     env = os.environ | {
         "NEXTBEST_HOME": str(served.home),
         "BENTOML_HOME": str(tmp_path / "b"),
