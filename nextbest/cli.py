@@ -46,6 +46,12 @@ scenario_app = typer.Typer(
 app.add_typer(data_app, name="data")
 app.add_typer(import_app, name="import")
 app.add_typer(scenario_app, name="scenario")
+review_app = typer.Typer(
+    help="The human review gate: users, blocks and the audit log.",
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+)
+app.add_typer(review_app, name="review")
 
 WorkspaceOption = Annotated[
     Path | None,
@@ -624,10 +630,13 @@ def _recommender(workspace: Path | None, clock: str, db_url: str | None, alias: 
     except LookupError:
         bundle = None
         typer.echo(f"No '{alias}' model: using the rules-only ranking.", err=True)
-    return Recommender(
+    from serving.review import ReviewStore, segment_blocks
+
+    ledger = SqlLedger(db_url or settings.db_url)
+    recommender = Recommender(
         load_snapshot(target),
         bundle,
-        SqlLedger(db_url or settings.db_url),
+        ledger,
         ServeSettings(
             clock=clock,
             holdout_share=settings.holdout_share,
@@ -637,6 +646,8 @@ def _recommender(workspace: Path | None, clock: str, db_url: str | None, alias: 
         ),
         workspace=str(target.path),
     )
+    recommender.extra_blocks = segment_blocks(ReviewStore(ledger.engine))
+    return recommender
 
 
 ClockOption = Annotated[
@@ -838,6 +849,61 @@ def _print_example(base: str) -> None:
             "\nNo champion model yet, so the service ranks by the rules alone. A person "
             "reviews and approves a challenger before it serves (see the README)."
         )
+
+
+def _review_store(db_url: str | None) -> Any:
+    from serving.ledger import SqlLedger
+    from serving.review import ReviewStore
+    from serving.service import ServiceSettings
+
+    return ReviewStore(SqlLedger(db_url or ServiceSettings.from_env().db_url).engine)
+
+
+DbOption = Annotated[
+    str | None, typer.Option(help="Database URL (default: NEXTBEST_DB_URL or the SQLite ledger).")
+]
+
+
+@review_app.command("add-user")
+def review_add_user(
+    username: Annotated[str, typer.Argument(help="Login name.")],
+    role: Annotated[str, typer.Option(help="reviewer, or approver (may also release).")],
+    password_stdin: Annotated[
+        bool, typer.Option(help="Read the password from standard input (for scripts).")
+    ] = False,
+    db_url: DbOption = None,
+) -> None:
+    """Create a review user; the password is hashed with scrypt and never stored."""
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    try:
+        _review_store(db_url).add_user(username, password, role)
+    except ValueError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(code=2) from None
+    typer.echo(f"Created {role} {username!r}.")
+
+
+@review_app.command("audit")
+def review_audit(
+    out: Annotated[Path | None, typer.Option(help="Write the log as CSV here.")] = None,
+    db_url: DbOption = None,
+) -> None:
+    """Print (or export as CSV) the append-only audit log: who did what, when, before and
+    after."""
+    import pandas as pd
+
+    entries = pd.DataFrame(
+        _review_store(db_url).audit_log(),
+        columns=["entry", "at", "actor", "action", "target", "before", "after"],
+    )
+    if out is not None:
+        entries.to_csv(out, index=False)
+        typer.echo(f"Wrote {len(entries)} audit entries to {out}.", err=True)
+    else:
+        typer.echo(entries.to_string(index=False) if len(entries) else "(no entries)")
 
 
 if __name__ == "__main__":

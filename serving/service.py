@@ -122,6 +122,10 @@ class NextBest:
             workspace.path,
             self.fingerprint,
         )
+        from serving.review import ReviewStore
+
+        self.review = ReviewStore(self.ledger.engine)
+        self._apply_blocks()
         self._load_bundle = load_bundle
         self._stop = threading.Event()
         self._watcher = threading.Thread(
@@ -138,6 +142,7 @@ class NextBest:
 
         while not self._stop.wait(self.settings.reload_seconds):
             self._refresh_snapshot()
+            self._apply_blocks()
             try:
                 version, _ = resolve_version(alias=self.settings.alias)
             except LookupError:
@@ -160,6 +165,15 @@ class NextBest:
                         version,
                         self._current_version(),
                     )
+
+    def _apply_blocks(self) -> None:
+        """Reviewers' segment blocks take effect for serving (read from the database)."""
+        from serving.review import segment_blocks
+
+        try:
+            self.recommender.extra_blocks = segment_blocks(self.review)
+        except Exception:  # the database being briefly unreachable must not stop serving
+            log.exception("could not read the review blocks")
 
     def _refresh_snapshot(self) -> None:
         """When the workspace changes, index it anew and switch to it; requests in flight

@@ -1,0 +1,212 @@
+"""The review gate's records: users, reviews, decisions, segment blocks and the audit log.
+
+They live in the ledger's database (SQLite by default, PostgreSQL with NEXTBEST_DB_URL),
+beside the exposures, so the service that serves offers also serves the review page and
+applies its blocks. The audit log is append-only: this module has no way to change or
+delete an entry.
+
+Passwords are hashed with scrypt (``hashlib.scrypt``, n = 2^14, r = 8, p = 1, a random
+16-byte salt) and compared in constant time.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
+
+__all__ = [
+    "REJECT_REASONS",
+    "ROLES",
+    "AccessError",
+    "ReviewStore",
+    "hash_password",
+    "segment_blocks",
+    "verify_password",
+]
+
+ROLES = ("reviewer", "approver")
+Role = Literal["reviewer", "approver"]
+REJECT_REASONS = ("irrelevant", "wrong_timing", "inappropriate", "explanation_wrong", "other")
+_SCRYPT = {"n": 2**14, "r": 8, "p": 1}
+
+_metadata = sa.MetaData()
+users = sa.Table(
+    "review_users",
+    _metadata,
+    sa.Column("username", sa.String(64), primary_key=True),
+    sa.Column("password_hash", sa.String(256), nullable=False),
+    sa.Column("role", sa.String(16), nullable=False),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+)
+audit = sa.Table(
+    "review_audit",
+    _metadata,
+    sa.Column("entry", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", sa.DateTime, nullable=False),
+    sa.Column("actor", sa.String(64), nullable=False),
+    sa.Column("action", sa.String(64), nullable=False),
+    sa.Column("target", sa.String(256), nullable=False),
+    sa.Column("before", sa.Text),
+    sa.Column("after", sa.Text),
+)
+blocks = sa.Table(
+    "review_blocks",
+    _metadata,
+    sa.Column("offer_id", sa.String(128), primary_key=True),
+    sa.Column("segment", sa.String(128), primary_key=True),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("blocked_by", sa.String(64), nullable=False),
+    sa.Column("at", sa.DateTime, nullable=False),
+)
+
+
+class AccessError(PermissionError):
+    """The user may not do this (unknown, wrong password, or missing role)."""
+
+
+def hash_password(password: str, *, salt: bytes | None = None) -> str:
+    """``scrypt$n$r$p$salt$hash`` (base64) for ``password``."""
+    if len(password) < 8:
+        raise ValueError("a password needs at least 8 characters")
+    salt = salt or os.urandom(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, dklen=32, **_SCRYPT)
+    encode = base64.b64encode
+    return "scrypt${n}${r}${p}${salt}${hash}".format(
+        **_SCRYPT, salt=encode(salt).decode(), hash=encode(digest).decode()
+    )
+
+
+def verify_password(password: str, stored: str) -> bool:
+    try:
+        scheme, n, r, p, salt, expected = stored.split("$")
+    except ValueError:
+        return False
+    if scheme != "scrypt":
+        return False
+    digest = hashlib.scrypt(
+        password.encode(), salt=base64.b64decode(salt), dklen=32, n=int(n), r=int(r), p=int(p)
+    )
+    return hmac.compare_digest(digest, base64.b64decode(expected))
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class ReviewStore:
+    """Users, blocks and the audit log, on a SQLAlchemy engine (the ledger's)."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+        _metadata.create_all(engine)
+
+    # -- audit ---------------------------------------------------------------------------
+    def _audit(
+        self,
+        connection: sa.Connection,
+        actor: str,
+        action: str,
+        target: str,
+        before: Any = None,
+        after: Any = None,
+    ) -> None:
+        connection.execute(
+            audit.insert().values(
+                at=_now(),
+                actor=actor,
+                action=action,
+                target=target,
+                before=None if before is None else json.dumps(before, default=str, sort_keys=True),
+                after=None if after is None else json.dumps(after, default=str, sort_keys=True),
+            )
+        )
+
+    def audit_log(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as connection:
+            rows = connection.execute(audit.select().order_by(audit.c.entry)).mappings().all()
+        return [dict(row) for row in rows]
+
+    # -- users ---------------------------------------------------------------------------
+    def add_user(self, username: str, password: str, role: str, *, actor: str = "cli") -> None:
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}; use one of {', '.join(ROLES)}")
+        if not username or len(username) > 64:
+            raise ValueError("a username has 1 to 64 characters")
+        record = {"username": username, "role": role}
+        try:
+            with self.engine.begin() as connection:
+                connection.execute(
+                    users.insert().values(
+                        username=username,
+                        password_hash=hash_password(password),
+                        role=role,
+                        created_at=_now(),
+                    )
+                )
+                self._audit(connection, actor, "add_user", username, after=record)
+        except IntegrityError:
+            raise ValueError(f"user {username!r} already exists") from None
+
+    def authenticate(self, username: str, password: str) -> str:
+        """The user's role, or AccessError (the same message whatever was wrong)."""
+        with self.engine.connect() as connection:
+            row = connection.execute(users.select().where(users.c.username == username)).first()
+        if row is None or not verify_password(password, row.password_hash):
+            raise AccessError("unknown user or wrong password")
+        return str(row.role)
+
+    def role_of(self, username: str) -> str | None:
+        with self.engine.connect() as connection:
+            return connection.execute(
+                sa.select(users.c.role).where(users.c.username == username)
+            ).scalar()
+
+    def require(self, username: str, role: Role) -> None:
+        have = self.role_of(username)
+        if have is None or (role == "approver" and have != "approver"):
+            raise AccessError(
+                f"{username!r} is not an {role}" if have else f"unknown user {username!r}"
+            )
+
+    # -- blocks --------------------------------------------------------------------------
+    def block(self, offer_id: str, segment: str, reason: str, *, actor: str) -> None:
+        """Block an offer for a segment: it becomes an eligibility rule for serving."""
+        self.require(actor, "reviewer")
+        record = {"offer_id": offer_id, "segment": segment, "reason": reason}
+        with self.engine.begin() as connection:
+            existing = connection.execute(
+                blocks.select().where(blocks.c.offer_id == offer_id, blocks.c.segment == segment)
+            ).first()
+            if existing is not None:
+                return
+            connection.execute(
+                blocks.insert().values(
+                    offer_id=offer_id, segment=segment, reason=reason, blocked_by=actor, at=_now()
+                )
+            )
+            self._audit(connection, actor, "block", f"{offer_id}@{segment}", after=record)
+
+    def blocks(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as connection:
+            rows = connection.execute(blocks.select().order_by(blocks.c.at)).mappings().all()
+        return [dict(row) for row in rows]
+
+
+def segment_blocks(store: ReviewStore) -> list[Any]:
+    """The reviewers' blocks as eligibility rules (``blocked_for_segment``)."""
+    from policy.rules import SegmentBlock
+
+    return [
+        SegmentBlock(
+            offer=b["offer_id"], segment=b["segment"], reason=b["reason"], by=b["blocked_by"]
+        )
+        for b in store.blocks()
+    ]

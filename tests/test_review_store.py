@@ -1,0 +1,120 @@
+"""The review gate's records: scrypt passwords, roles, blocks that serving obeys, and an
+append-only audit log."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from nextbest.cli import app
+from serving.ledger import SqlLedger
+from serving.review import AccessError, ReviewStore, hash_password, verify_password
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ReviewStore:
+    return ReviewStore(SqlLedger(f"sqlite:///{tmp_path / 'ledger.db'}").engine)
+
+
+def test_passwords_are_salted_scrypt_and_checked_in_constant_time() -> None:
+    stored = hash_password("correct horse")
+    assert stored.startswith("scrypt$16384$8$1$") and "correct horse" not in stored
+    assert hash_password("correct horse") != stored  # a fresh salt every time
+    assert verify_password("correct horse", stored)
+    assert not verify_password("correct hors", stored)
+    assert not verify_password("correct horse", "md5$abc")
+    with pytest.raises(ValueError, match="at least 8 characters"):
+        hash_password("short")
+
+
+def test_users_roles_and_the_same_refusal_for_every_mistake(store: ReviewStore) -> None:
+    store.add_user("rita", "reviewer-pass", "reviewer")
+    store.add_user("alan", "approver-pass", "approver")
+    assert store.authenticate("rita", "reviewer-pass") == "reviewer"
+    for username, password in (("rita", "wrong-pass!"), ("nobody", "whatever!")):
+        with pytest.raises(AccessError, match=r"^unknown user or wrong password$"):
+            store.authenticate(username, password)
+    store.require("rita", "reviewer")
+    store.require("alan", "reviewer")  # an approver also reviews
+    store.require("alan", "approver")
+    with pytest.raises(AccessError, match="'rita' is not an approver"):
+        store.require("rita", "approver")
+    with pytest.raises(ValueError, match="user 'rita' already exists"):
+        store.add_user("rita", "another-pass", "reviewer")
+    with pytest.raises(ValueError, match="unknown role 'admin'"):
+        store.add_user("eve", "some-password", "admin")
+
+
+def test_blocks_and_the_audit_log(store: ReviewStore) -> None:
+    store.add_user("rita", "reviewer-pass", "reviewer")
+    with pytest.raises(AccessError, match="unknown user 'mallory'"):
+        store.block("item:F1-A1", "student", "irrelevant", actor="mallory")
+    store.block("item:F1-A1", "student", "inappropriate for students", actor="rita")
+    store.block("item:F1-A1", "student", "again", actor="rita")  # idempotent
+    assert [(b["offer_id"], b["segment"], b["blocked_by"]) for b in store.blocks()] == [
+        ("item:F1-A1", "student", "rita")
+    ]
+    log = store.audit_log()
+    assert [(e["actor"], e["action"], e["target"]) for e in log] == [
+        ("cli", "add_user", "rita"),
+        ("rita", "block", "item:F1-A1@student"),
+    ]
+    assert '"segment": "student"' in log[1]["after"] and log[1]["before"] is None
+    assert not hasattr(store, "delete") and not hasattr(store, "update_audit")
+
+
+def test_a_block_takes_effect_for_serving(small_workspace, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from features import load_snapshot
+    from serving.engine import Recommender, ServeSettings
+    from serving.review import segment_blocks
+
+    ledger = SqlLedger(f"sqlite:///{tmp_path / 'ledger.db'}")
+    store = ReviewStore(ledger.engine)
+    store.add_user("rita", "reviewer-pass", "reviewer")
+    recommender = Recommender(
+        load_snapshot(small_workspace), None, ledger, ServeSettings(holdout_share=0.0)
+    )
+    customers = small_workspace.read("customers")
+    student = customers.loc[customers["segment"] == "student", "customer_id"].iloc[0]
+    first = recommender.recommend(student, channel="web", k=1, log_exposure=False)
+    offer = first["offers"][0]["offer_id"]
+    store.block(offer, "student", "irrelevant", actor="rita")
+    recommender.extra_blocks = segment_blocks(store)
+    again = recommender.recommend(student, channel="web", k=5, debug=True, log_exposure=False)
+    assert offer not in {o["offer_id"] for o in again["offers"]}
+    reasons = {e["offer_id"]: e["reasons"] for e in again["excluded"]}
+    assert reasons[offer] == ["blocked_for_segment"]
+
+
+def test_add_user_and_audit_commands(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    runner = CliRunner()
+    created = runner.invoke(
+        app,
+        ["review", "add-user", "alan", "--role", "approver", "--db-url", url],
+        input="approver-pass\napprover-pass\n",
+    )
+    assert created.exit_code == 0, created.output
+    scripted = runner.invoke(
+        app,
+        ["review", "add-user", "rita", "--role", "reviewer", "--password-stdin", "--db-url", url],
+        input="reviewer-pass\n",
+    )
+    assert scripted.exit_code == 0, scripted.output
+    bad = runner.invoke(
+        app,
+        ["review", "add-user", "eve", "--role", "root", "--password-stdin", "--db-url", url],
+        input="password123\n",
+    )
+    assert bad.exit_code == 2 and "unknown role 'root'" in bad.stderr
+    store = ReviewStore(SqlLedger(url).engine)
+    assert store.authenticate("alan", "approver-pass") == "approver"
+    exported = runner.invoke(
+        app, ["review", "audit", "--out", str(tmp_path / "audit.csv"), "--db-url", url]
+    )
+    assert exported.exit_code == 0
+    text = (tmp_path / "audit.csv").read_text()
+    assert text.splitlines()[0] == "entry,at,actor,action,target,before,after"
+    assert "approver-pass" not in text and text.count("add_user") == 2
