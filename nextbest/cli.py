@@ -886,6 +886,52 @@ def review_add_user(
     typer.echo(f"Created {role} {username!r}.")
 
 
+@review_app.command("open")
+@_user_errors
+def review_open(
+    version: Annotated[str, typer.Option(help="The challenger version to review.")],
+    actor: Annotated[str, typer.Option("--as", help="The reviewer opening it.")],
+    sample: Annotated[int, typer.Option(help="Customers to sample (stratified).", min=3)] = 50,
+    k: Annotated[int, typer.Option(help="Offers per customer.", min=1, max=25)] = 3,
+    threshold: Annotated[
+        float, typer.Option(help="Approval needs a rejection rate under this.", min=0, max=1)
+    ] = 0.2,
+    workspace: WorkspaceOption = None,
+    clock: ClockOption = "data",
+) -> None:
+    """Freeze what the challenger would serve a stratified sample of customers (segment ×
+    tenure band, channels in turn, a few cold starts), beside the current champion."""
+    from features import Workspace, load_snapshot
+    from nextbest.registry import configure_tracking, load_bundle
+    from serving.engine import Recommender, ServeSettings
+    from serving.ledger import SqlLedger
+    from serving.review import AccessError, Reviews, ReviewStore
+    from serving.service import ServiceSettings
+
+    configure_tracking()
+    target = Workspace(resolve_workspace(workspace))
+    snapshot = load_snapshot(target)
+    ledger = SqlLedger(ServiceSettings.from_env().db_url)
+    settings = ServeSettings(clock=clock, holdout_share=0.0)
+    try:
+        challenger = Recommender(snapshot, load_bundle(version=version), ledger, settings)
+    except LookupError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(code=2) from None
+    try:
+        champion = Recommender(snapshot, load_bundle(alias="champion"), ledger, settings)
+    except LookupError:
+        champion = None
+    try:
+        review_id = Reviews(ReviewStore(ledger.engine)).open_review(
+            challenger, champion, actor=actor, sample=sample, k=k, threshold=threshold
+        )
+    except AccessError as error:
+        typer.echo(f"error: {error}; create users with 'nextbest review add-user'", err=True)
+        raise typer.Exit(code=2) from None
+    typer.echo(review_id)
+
+
 @review_app.command("audit")
 def review_audit(
     out: Annotated[Path | None, typer.Option(help="Write the log as CSV here.")] = None,

@@ -3,6 +3,7 @@
 The review page and the release decision build on these records.
 """
 
+from serving.review.reviews import ReleaseError, Reviews
 from serving.review.store import (
     REJECT_REASONS,
     ROLES,
@@ -17,7 +18,9 @@ __all__ = [
     "REJECT_REASONS",
     "ROLES",
     "AccessError",
+    "ReleaseError",
     "ReviewStore",
+    "Reviews",
     "hash_password",
     "segment_blocks",
     "verify_password",

@@ -1,0 +1,377 @@
+"""Reviews: a frozen sample of what a challenger would serve, decided item by item, then
+released (champion moves) or rejected (champion stays) by an approver.
+
+``open_review`` takes a stratified sample of customers (segment × tenure band, channels
+in turn, plus a few cold-start customers) and freezes, for each, the challenger's top-k
+with its because text, contributions and eligibility trace, beside what the current
+champion serves the same customer.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+
+from serving.engine import Recommender
+from serving.review.store import REJECT_REASONS, ReviewStore, _metadata
+
+__all__ = ["ReleaseError", "Reviews"]
+
+TENURE_BANDS = ((90, "under 90 days"), (365, "90 days to a year"), (10**9, "over a year"))
+REVIEW_CHANNELS = ("web", "app", "email")
+
+reviews = sa.Table(
+    "reviews",
+    _metadata,
+    sa.Column("review_id", sa.String(32), primary_key=True),
+    sa.Column("version", sa.String(32), nullable=False),
+    sa.Column("champion_version", sa.String(32)),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("threshold", sa.Float, nullable=False),
+    sa.Column("created_by", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+)
+review_slates = sa.Table(
+    "review_slates",
+    _metadata,
+    sa.Column("review_id", sa.String(32), sa.ForeignKey("reviews.review_id"), primary_key=True),
+    sa.Column("slate_no", sa.Integer, primary_key=True),
+    sa.Column("customer_id", sa.String(128), nullable=False),
+    sa.Column("segment", sa.String(128)),
+    sa.Column("tenure_band", sa.String(32), nullable=False),
+    sa.Column("channel", sa.String(16), nullable=False),
+    sa.Column("cold_start", sa.Boolean, nullable=False),
+    sa.Column("challenger", sa.Text, nullable=False),
+    sa.Column("champion", sa.Text),
+)
+review_decisions = sa.Table(
+    "review_decisions",
+    _metadata,
+    sa.Column("review_id", sa.String(32), primary_key=True),
+    sa.Column("slate_no", sa.Integer, primary_key=True),
+    sa.Column("offer_id", sa.String(128), primary_key=True),
+    sa.Column("decision", sa.String(16), nullable=False),
+    sa.Column("reason", sa.String(32)),
+    sa.Column("comment", sa.Text),
+    sa.Column("reviewer", sa.String(64), nullable=False),
+    sa.Column("at", sa.DateTime, nullable=False),
+)
+
+
+class ReleaseError(ValueError):
+    """The release decision is not allowed yet (and why)."""
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class Reviews:
+    """Reviews on top of a :class:`ReviewStore` (same database, same audit log)."""
+
+    def __init__(self, store: ReviewStore) -> None:
+        self.store = store
+        _metadata.create_all(store.engine)
+
+    def open_review(
+        self,
+        challenger: Recommender,
+        champion: Recommender | None,
+        *,
+        actor: str,
+        sample: int = 50,
+        k: int = 3,
+        threshold: float = 0.2,
+        seed: int = 0,
+    ) -> str:
+        """Freeze a stratified sample of the challenger's slates (and the champion's)."""
+        self.store.require(actor, "reviewer")
+        if challenger.model.bundle is None:
+            raise ValueError("the challenger has no model to review")
+        chosen = _stratified_sample(challenger, sample, seed)
+        review_id = uuid.uuid4().hex
+        version = challenger.model.bundle.version
+        champion_version = (
+            None
+            if champion is None or champion.model.bundle is None
+            else champion.model.bundle.version
+        )
+        rows = []
+        for slate_no, (customer, segment, band, channel, cold) in enumerate(chosen, start=1):
+            frozen = challenger.recommend(
+                customer, channel=channel, k=k, debug=True, log_exposure=False
+            )
+            current = (
+                None
+                if champion is None
+                else champion.recommend(customer, channel=channel, k=k, log_exposure=False)
+            )
+            rows.append(
+                {
+                    "review_id": review_id,
+                    "slate_no": slate_no,
+                    "customer_id": customer,
+                    "segment": segment,
+                    "tenure_band": band,
+                    "channel": channel,
+                    "cold_start": cold,
+                    "challenger": json.dumps(frozen, default=str),
+                    "champion": None if current is None else json.dumps(current, default=str),
+                }
+            )
+        with self.store.engine.begin() as connection:
+            connection.execute(
+                reviews.insert().values(
+                    review_id=review_id,
+                    version=version,
+                    champion_version=champion_version,
+                    status="open",
+                    threshold=threshold,
+                    created_by=actor,
+                    created_at=_now(),
+                )
+            )
+            connection.execute(review_slates.insert(), rows)
+            self.store._audit(
+                connection,
+                actor,
+                "open_review",
+                review_id,
+                after={
+                    "version": version,
+                    "champion": champion_version,
+                    "slates": len(rows),
+                    "threshold": threshold,
+                },
+            )
+        return review_id
+
+    def review(self, review_id: str) -> dict[str, Any]:
+        with self.store.engine.connect() as connection:
+            head = (
+                connection.execute(reviews.select().where(reviews.c.review_id == review_id))
+                .mappings()
+                .first()
+            )
+            if head is None:
+                raise KeyError(f"no review {review_id!r}")
+            slates = (
+                connection.execute(
+                    review_slates.select()
+                    .where(review_slates.c.review_id == review_id)
+                    .order_by(review_slates.c.slate_no)
+                )
+                .mappings()
+                .all()
+            )
+            decisions = (
+                connection.execute(
+                    review_decisions.select().where(review_decisions.c.review_id == review_id)
+                )
+                .mappings()
+                .all()
+            )
+        decided = {(d["slate_no"], d["offer_id"]): dict(d) for d in decisions}
+        out = []
+        for slate in slates:
+            challenger = json.loads(slate["challenger"])
+            for offer in challenger["offers"]:
+                offer["decision"] = decided.get((slate["slate_no"], offer["offer_id"]))
+            out.append(
+                dict(slate)
+                | {
+                    "challenger": challenger,
+                    "champion": None
+                    if slate["champion"] is None
+                    else json.loads(slate["champion"]),
+                }
+            )
+        return dict(head) | {"slates": out, "counts": self._counts(out)}
+
+    def list_reviews(self) -> list[dict[str, Any]]:
+        with self.store.engine.connect() as connection:
+            rows = (
+                connection.execute(reviews.select().order_by(reviews.c.created_at.desc()))
+                .mappings()
+                .all()
+            )
+        return [dict(row) for row in rows]
+
+    @staticmethod
+    def _counts(slates: list[dict[str, Any]]) -> dict[str, Any]:
+        items = [o for s in slates for o in s["challenger"]["offers"]]
+        decided = [o for o in items if o["decision"] is not None]
+        rejected = [o for o in decided if o["decision"]["decision"] == "reject"]
+        return {
+            "items": len(items),
+            "decided": len(decided),
+            "rejected": len(rejected),
+            "rejection_rate": len(rejected) / len(items) if items else 0.0,
+        }
+
+    def decide(
+        self,
+        review_id: str,
+        slate_no: int,
+        offer_id: str,
+        decision: str,
+        *,
+        actor: str,
+        reason: str | None = None,
+        comment: str | None = None,
+    ) -> None:
+        """Approve, or reject with a reason (``other`` needs a comment)."""
+        self.store.require(actor, "reviewer")
+        if decision not in ("approve", "reject"):
+            raise ValueError(f"decision must be approve or reject, not {decision!r}")
+        if decision == "reject" and reason not in REJECT_REASONS:
+            raise ValueError(f"a rejection needs a reason: one of {', '.join(REJECT_REASONS)}")
+        if reason == "other" and not (comment or "").strip():
+            raise ValueError("a rejection for 'other' needs a comment")
+        current = self.review(review_id)
+        if current["status"] != "open":
+            raise ValueError(f"review {review_id} is {current['status']}, not open")
+        slate = next((s for s in current["slates"] if s["slate_no"] == slate_no), None)
+        offer = (
+            None
+            if slate is None
+            else next((o for o in slate["challenger"]["offers"] if o["offer_id"] == offer_id), None)
+        )
+        if offer is None:
+            raise KeyError(f"slate {slate_no} of review {review_id} has no offer {offer_id!r}")
+        record = {
+            "decision": decision,
+            "reason": reason if decision == "reject" else None,
+            "comment": comment,
+        }
+        with self.store.engine.begin() as connection:
+            key = (
+                (review_decisions.c.review_id == review_id)
+                & (review_decisions.c.slate_no == slate_no)
+                & (review_decisions.c.offer_id == offer_id)
+            )
+            connection.execute(review_decisions.delete().where(key))
+            connection.execute(
+                review_decisions.insert().values(
+                    review_id=review_id,
+                    slate_no=slate_no,
+                    offer_id=offer_id,
+                    reviewer=actor,
+                    at=_now(),
+                    **record,
+                )
+            )
+            before = offer["decision"]
+            self.store._audit(
+                connection,
+                actor,
+                "decide",
+                f"{review_id}/{slate_no}/{offer_id}",
+                before=None
+                if before is None
+                else {k: before[k] for k in ("decision", "reason", "comment")},
+                after=record,
+            )
+
+    def release(self, review_id: str, *, approve: bool, actor: str) -> dict[str, Any]:
+        """The release decision. Approval needs every item reviewed, a rejection rate under
+        the review's threshold and an approver; it moves ``champion`` to the version and
+        tags it. Rejection tags the version and leaves ``champion`` where it is."""
+        from mlflow import MlflowClient
+
+        from nextbest.registry import CHAMPION, MODEL_NAME
+
+        self.store.require(actor, "approver")
+        current = self.review(review_id)
+        if current["status"] != "open":
+            raise ReleaseError(f"review {review_id} is already {current['status']}")
+        counts = current["counts"]
+        if approve and counts["decided"] < counts["items"]:
+            raise ReleaseError(
+                f"{counts['items'] - counts['decided']} of {counts['items']} "
+                "items are not reviewed yet"
+            )
+        if approve and counts["rejection_rate"] >= current["threshold"]:
+            raise ReleaseError(
+                f"the rejection rate {counts['rejection_rate']:.0%} is not under "
+                f"the threshold {current['threshold']:.0%}"
+            )
+        status = "approved" if approve else "rejected"
+        client = MlflowClient()
+        version = current["version"]
+        stamp = _now().isoformat(timespec="seconds")
+        tags = {
+            "review.id": review_id,
+            "review.status": status,
+            "review.by": actor,
+            "review.at": stamp,
+            "review.items": str(counts["items"]),
+            "review.rejected": str(counts["rejected"]),
+        }
+        for key, value in tags.items():
+            client.set_model_version_tag(MODEL_NAME, version, key, value)
+        if approve:
+            client.set_registered_model_alias(MODEL_NAME, CHAMPION, version)
+        with self.store.engine.begin() as connection:
+            connection.execute(
+                reviews.update().where(reviews.c.review_id == review_id).values(status=status)
+            )
+            self.store._audit(
+                connection,
+                actor,
+                "release" if approve else "reject_release",
+                review_id,
+                before={"champion": current["champion_version"], "status": "open"},
+                after={
+                    "champion": version if approve else current["champion_version"],
+                    "status": status,
+                }
+                | counts,
+            )
+        return {"review_id": review_id, "version": version, "status": status, **counts}
+
+
+def _stratified_sample(
+    recommender: Recommender, sample: int, seed: int
+) -> list[tuple[str, str | None, str, str, bool]]:
+    """(customer, segment, tenure band, channel, cold start) rows, spread over the strata."""
+    s = recommender.snapshot
+    rng = np.random.default_rng(seed)
+    now = recommender.now_s()
+    known = sorted(recommender.known_customers())
+    codes = s.customers.encode(known)
+    first = s.orders_by_customer.seconds_at(
+        s.orders_by_customer.first_of_group(codes, np.full(len(codes), now))
+    )
+    tenure_days = (now - np.nan_to_num(first, nan=now)) / 86_400
+    bands = [next(name for limit, name in TENURE_BANDS if days < limit) for days in tenure_days]
+    segments = [
+        None if code == s.segments.unknown else str(s.segments.values[code])
+        for code in s.customer_segment[codes]
+    ]
+    strata: dict[tuple[str, str], list[int]] = {}
+    for i, (segment, band) in enumerate(zip(segments, bands, strict=True)):
+        strata.setdefault((str(segment), band), []).append(i)
+    for members in strata.values():
+        rng.shuffle(members)
+    cold = max(1, sample // 10)
+    picked: list[int] = []
+    keys = sorted(strata)
+    while len(picked) < min(sample - cold, len(known)):
+        for key in keys:
+            if strata[key] and len(picked) < sample - cold:
+                picked.append(strata[key].pop())
+    rows = [
+        (known[i], segments[i], bands[i], REVIEW_CHANNELS[n % len(REVIEW_CHANNELS)], False)
+        for n, i in enumerate(picked)
+    ]
+    rows += [
+        (f"cold-start-{n + 1}", None, "new", REVIEW_CHANNELS[n % len(REVIEW_CHANNELS)], True)
+        for n in range(cold)
+    ]
+    return rows

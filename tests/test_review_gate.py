@@ -1,0 +1,162 @@
+"""Opening a review, deciding every item, and the release decision that moves champion."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from serving_helpers import Served, train_and_register
+
+from features import load_snapshot
+from nextbest.registry import configure_tracking, load_bundle
+from serving.engine import Recommender, ServeSettings
+from serving.ledger import SqlLedger
+from serving.review import AccessError, ReleaseError, Reviews, ReviewStore
+
+pytestmark = pytest.mark.xdist_group("mlflow")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Served:
+    return train_and_register(tmp_path_factory.mktemp("review"), champion=False)
+
+
+def _setup(served: Served, tmp_path: Path) -> tuple[Reviews, Recommender]:
+    configure_tracking()
+    ledger = SqlLedger(f"sqlite:///{tmp_path / 'ledger.db'}")
+    store = ReviewStore(ledger.engine)
+    store.add_user("rita", "reviewer-pass", "reviewer")
+    store.add_user("alan", "approver-pass", "approver")
+    challenger = Recommender(
+        load_snapshot(served.workspace),
+        load_bundle(version=served.version),
+        ledger,
+        ServeSettings(holdout_share=0.0),
+    )
+    return Reviews(store), challenger
+
+
+def test_review_opens_a_stratified_frozen_sample(served: Served, tmp_path: Path) -> None:
+    reviews, challenger = _setup(served, tmp_path)
+    review_id = reviews.open_review(challenger, None, actor="rita", sample=12, k=2)
+    review = reviews.review(review_id)
+    assert review["status"] == "open" and review["version"] == served.version
+    slates = review["slates"]
+    assert len(slates) == 12
+    assert sum(s["cold_start"] for s in slates) == 1
+    assert len({s["segment"] for s in slates if not s["cold_start"]}) > 2
+    assert {s["channel"] for s in slates} == {"web", "app", "email"}
+    first = slates[0]["challenger"]
+    assert first["offers"] and "excluded" in first  # the eligibility trace is frozen too
+    assert all(
+        o["because"].startswith("Because") and o["decision"] is None for o in first["offers"]
+    )
+    assert review["counts"] == {
+        "items": sum(len(s["challenger"]["offers"]) for s in slates),
+        "decided": 0,
+        "rejected": 0,
+        "rejection_rate": 0.0,
+    }
+    with pytest.raises(AccessError):
+        reviews.open_review(challenger, None, actor="mallory", sample=3)
+
+
+def test_release_needs_every_item_a_low_rejection_rate_and_an_approver(
+    served: Served, tmp_path: Path
+) -> None:
+    reviews, challenger = _setup(served, tmp_path)
+    review_id = reviews.open_review(challenger, None, actor="rita", sample=6, k=2)
+    items = [
+        (s["slate_no"], o["offer_id"])
+        for s in reviews.review(review_id)["slates"]
+        for o in s["challenger"]["offers"]
+    ]
+    with pytest.raises(ReleaseError, match=f"{len(items)} of {len(items)} items are not"):
+        reviews.release(review_id, approve=True, actor="alan")
+    with pytest.raises(ValueError, match="a rejection needs a reason"):
+        reviews.decide(review_id, *items[0], "reject", actor="rita")
+    with pytest.raises(ValueError, match="'other' needs a comment"):
+        reviews.decide(review_id, *items[0], "reject", actor="rita", reason="other")
+    reviews.decide(review_id, *items[0], "reject", actor="rita", reason="wrong_timing")
+    reviews.decide(review_id, *items[0], "approve", actor="rita")  # changed their mind
+    for item in items[1:]:
+        reviews.decide(review_id, *item, "approve", actor="rita")
+    reviews.decide(review_id, *items[1], "reject", actor="rita", reason="irrelevant")
+    with pytest.raises(AccessError, match="'rita' is not an approver"):
+        reviews.release(review_id, approve=True, actor="rita")
+    client = MlflowClient()
+    outcome = reviews.release(review_id, approve=True, actor="alan")
+    assert outcome["status"] == "approved" and outcome["rejected"] == 1
+    assert str(client.get_model_version_by_alias("nextbest-ranker", "champion").version) == (
+        served.version
+    )
+    tags = client.get_model_version("nextbest-ranker", served.version).tags
+    assert tags["review.by"] == "alan" and tags["review.status"] == "approved"
+    assert tags["review.items"] == str(len(items)) and tags["review.rejected"] == "1"
+    with pytest.raises(ReleaseError, match="already approved"):
+        reviews.release(review_id, approve=False, actor="alan")
+    actions = [e["action"] for e in reviews.store.audit_log()]
+    assert actions.count("decide") == len(items) + 2 and actions[-1] == "release"
+    client.delete_registered_model_alias("nextbest-ranker", "champion")
+
+
+def test_a_high_rejection_rate_blocks_release_and_rejection_leaves_champion(
+    served: Served, tmp_path: Path
+) -> None:
+    reviews, challenger = _setup(served, tmp_path)
+    review_id = reviews.open_review(challenger, None, actor="rita", sample=3, k=2, threshold=0.2)
+    for slate in reviews.review(review_id)["slates"]:
+        for offer in slate["challenger"]["offers"]:
+            reviews.decide(
+                review_id,
+                slate["slate_no"],
+                offer["offer_id"],
+                "reject",
+                actor="rita",
+                reason="inappropriate",
+            )
+    with pytest.raises(ReleaseError, match="rejection rate 100% is not under the threshold 20%"):
+        reviews.release(review_id, approve=True, actor="alan")
+    outcome = reviews.release(review_id, approve=False, actor="alan")
+    assert outcome["status"] == "rejected"
+    client = MlflowClient()
+    with pytest.raises(Exception, match="alias"):
+        client.get_model_version_by_alias("nextbest-ranker", "champion")
+    assert (
+        client.get_model_version("nextbest-ranker", served.version).tags["review.status"]
+        == "rejected"
+    )
+
+
+def test_review_open_command(
+    served: Served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from nextbest.cli import app
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    monkeypatch.setenv("NEXTBEST_HOME", str(served.home))
+    monkeypatch.setenv("NEXTBEST_DB_URL", url)
+    store = ReviewStore(SqlLedger(url).engine)
+    store.add_user("rita", "reviewer-pass", "reviewer")
+    runner = CliRunner()
+    args = [
+        "review",
+        "open",
+        "--version",
+        served.version,
+        "--sample",
+        "4",
+        "-w",
+        str(served.workspace.path),
+    ]
+    refused = runner.invoke(app, [*args, "--as", "nobody"])
+    assert refused.exit_code == 2 and "unknown user 'nobody'" in refused.stderr
+    opened = runner.invoke(app, [*args, "--as", "rita"])
+    assert opened.exit_code == 0, opened.output
+    review_id = opened.stdout.strip()
+    listed = Reviews(store).list_reviews()
+    assert [r["review_id"] for r in listed] == [review_id]
+    assert len(Reviews(store).review(review_id)["slates"]) == 4
