@@ -257,7 +257,7 @@ class FeatureBuilder:
         self.reference_seconds_ = reference
         self.reference_time_ = pd.Timestamp(reference_time)
         self.feature_names_out_ = feature_names()
-        self._encoded: dict[int, Any] = {}
+        self._encoded: tuple[Snapshot, dict[str, Any]] | None = None
         return self
 
     @staticmethod
@@ -277,12 +277,18 @@ class FeatureBuilder:
     def get_feature_names_out(self) -> list[str]:
         return list(self.feature_names_out_)
 
-    def _anchors_for(self, snapshot: Snapshot) -> dict[str, np.ndarray]:
-        """The learned anchors in this snapshot's codes (cached per snapshot)."""
-        key = id(snapshot)
-        if key not in self._encoded:
-            self._encoded = {key: self._encode_anchors(snapshot)}
-        return dict(self._encoded[key])
+    def __getstate__(self) -> dict[str, Any]:
+        # shipped to other processes (Dask) without the snapshot-specific cache
+        return {key: value for key, value in self.__dict__.items() if key != "_encoded"} | {
+            "_encoded": None
+        }
+
+    def _anchors_for(self, snapshot: Snapshot) -> dict[str, Any]:
+        """The learned anchors in this snapshot's codes (kept for the last snapshot used;
+        the snapshot itself is the key, so a recycled object id can never match)."""
+        if self._encoded is None or self._encoded[0] is not snapshot:
+            self._encoded = (snapshot, self._encode_anchors(snapshot))
+        return dict(self._encoded[1])
 
     def _encode_anchors(self, snapshot: Snapshot) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
