@@ -8,12 +8,17 @@ fitted on validation). Levers are per-offer business weights, clipped to
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-__all__ = ["Calibrator", "arbitrate"]
+__all__ = ["TASKS", "TASK_OF_KIND", "Calibrator", "arbitrate", "offer_tasks", "rank_scores"]
+
+TASKS = ("coupon", "cross_sell", "item")
+"""What each calibrator (and each ranking group in training) is about."""
+TASK_OF_KIND = {"coupon": "coupon", "category": "cross_sell", "item": "item", "bundle": "item"}
 
 
 @dataclass(frozen=True)
@@ -47,3 +52,35 @@ def arbitrate(
     worth = np.where(np.isnan(value) | (value <= 0), default_value, value)
     weight = np.clip(np.nan_to_num(lever, nan=1.0), 1.0 / lever_cap, lever_cap)
     return np.asarray(probability, dtype=np.float64) * worth * weight
+
+
+def offer_tasks(kind_codes: np.ndarray) -> np.ndarray:
+    """The task (coupon, cross_sell or item) of offers given their kind codes."""
+    from features.contract import OFFER_KINDS
+
+    kinds = np.asarray(OFFER_KINDS)[np.maximum(np.asarray(kind_codes), 0)]
+    return np.array([TASK_OF_KIND[kind] for kind in kinds], dtype=object)
+
+
+def rank_scores(
+    raw: np.ndarray,
+    tasks: np.ndarray,
+    value: np.ndarray,
+    lever: np.ndarray,
+    calibrators: Mapping[str, Calibrator],
+    default_values: Mapping[str, float],
+    lever_cap: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(score, P(accept)) for ranked rows, as serving orders them: calibrated probability
+    per task × value (the task's default where unknown) × clipped lever; ties in the
+    product (isotonic steps) fall back to the raw score."""
+    raw = np.asarray(raw, dtype=np.float64)
+    probability = np.zeros(len(raw))
+    default = np.ones(len(raw))
+    for task in TASKS:
+        mine = tasks == task
+        if mine.any() and task in calibrators:
+            probability[mine] = calibrators[task](raw[mine])
+            default[mine] = default_values.get(task, 1.0)
+    worth = np.where(np.isnan(value), default, value)
+    return arbitrate(probability, worth, lever, lever_cap, 1.0) + 1e-9 * raw, probability

@@ -29,7 +29,7 @@ from features.contract import OFFER_KINDS
 from features.history import to_seconds_ceil
 from nextbest.registry import MODEL_NAME, ModelBundle
 from policy import RuleSet, evaluate, load_rules, parse_rules
-from policy.arbitration import Calibrator, arbitrate
+from policy.arbitration import Calibrator, offer_tasks, rank_scores
 from policy.eligibility import reasons_of
 from policy.slate import assemble_slate
 from serving.explain import COLD_START_BECAUSE, explain_rows
@@ -39,7 +39,6 @@ __all__ = ["Recommender", "ServeSettings", "in_holdout"]
 
 log = logging.getLogger("nextbest.serving")
 
-_TASK_OF_KIND = {"coupon": "coupon", "category": "cross_sell", "item": "item", "bundle": "item"}
 _BUILDER_CACHE = 8
 
 
@@ -108,8 +107,7 @@ class Recommender:
         self.extra_blocks: list[Any] = []
         ordered = np.unique(snapshot.orders_by_customer.groups)
         self._known = set(snapshot.customers.decode(ordered).tolist())
-        kinds = np.asarray(OFFER_KINDS)[np.maximum(snapshot.offer_kind, 0)]
-        self.offer_task = np.array([_TASK_OF_KIND[kind] for kind in kinds])
+        self.offer_task = offer_tasks(snapshot.offer_kind)
 
     # -- model -------------------------------------------------------------------------
     def _model(self, bundle: ModelBundle | None) -> _Model:
@@ -408,19 +406,16 @@ class Recommender:
         if mode == "rules_only" or model.bundle is None:
             worth = np.nan_to_num(s.offer_value[chosen], nan=0.0) * s.offer_lever[chosen]
             return worth, np.full(len(chosen), np.nan)
-        raw = np.asarray(model.bundle.booster.predict(values, num_threads=1), dtype=np.float64)
-        probability = np.zeros(len(raw))
-        default = np.ones(len(raw))
-        tasks = self.offer_task[chosen]
-        for task in set(_TASK_OF_KIND.values()):
-            mine = tasks == task
-            if mine.any() and task in model.calibrators:
-                probability[mine] = model.calibrators[task](raw[mine])
-                default[mine] = model.default_values.get(task, 1.0)
-        value = np.where(np.isnan(s.offer_value[chosen]), default, s.offer_value[chosen])
-        # ties in P × value (isotonic steps) fall back to the raw score
-        score = arbitrate(probability, value, s.offer_lever[chosen], model.lever_cap, 1.0)
-        return score + 1e-9 * raw, probability
+        raw = model.bundle.booster.predict(values, num_threads=1)
+        return rank_scores(
+            raw,
+            self.offer_task[chosen],
+            s.offer_value[chosen],
+            s.offer_lever[chosen],
+            model.calibrators,
+            model.default_values,
+            model.lever_cap,
+        )
 
     def known_customers(self) -> set[str]:
         """Customers with at least one order in the snapshot (everyone else is cold)."""

@@ -23,6 +23,7 @@ from sqlalchemy.exc import IntegrityError
 
 from features import Snapshot
 from features.contract import CHANNELS, OUTCOMES
+from features.snapshot import ACCEPTED_OUTCOMES
 from policy import SnapshotLedger
 
 __all__ = ["CombinedLedger", "ServedOffer", "SqlLedger"]
@@ -114,34 +115,21 @@ class SqlLedger:
         at_s: int,
         offers: Sequence[ServedOffer],
     ) -> None:
-        with self.engine.begin() as connection:
-            connection.execute(
-                slates.insert().values(
-                    request_id=request_id,
-                    customer_id=customer_id,
-                    channel=channel,
-                    placement=placement,
-                    model_version=model_version,
-                    mode=mode,
-                    holdout=holdout,
-                    at_s=at_s,
-                )
-            )
-            if offers:
-                connection.execute(
-                    slate_offers.insert(),
-                    [
-                        {
-                            "request_id": request_id,
-                            "offer_id": o.offer_id,
-                            "rank": o.rank,
-                            "score": o.score,
-                            "probability": o.probability,
-                            "propensity": o.propensity,
-                        }
-                        for o in offers
-                    ],
-                )
+        self.log_slates(
+            [
+                {
+                    "request_id": request_id,
+                    "customer_id": customer_id,
+                    "channel": channel,
+                    "placement": placement,
+                    "model_version": model_version,
+                    "mode": mode,
+                    "holdout": holdout,
+                    "at_s": at_s,
+                    "offers": offers,
+                }
+            ]
+        )
 
     def log_slates(self, slates_to_log: Sequence[dict[str, Any]]) -> None:
         """Log many slates in one transaction (keyword arguments of :meth:`log_slate`)."""
@@ -332,9 +320,7 @@ class CombinedLedger:
             if had[i]:
                 continue
             if event == "accepted":
-                live = self.sql.last_outcomes(
-                    str(customer), ["accepted", "purchased", "redeemed"], int(before)
-                )
+                live = self.sql.last_outcomes(str(customer), list(ACCEPTED_OUTCOMES), int(before))
                 had[i] = str(offer_ids[i]) in live
             else:
                 had[i] = str(offer_ids[i]) in self.sql.shown_offers(str(customer), int(before))

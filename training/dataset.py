@@ -25,22 +25,21 @@ import pandas as pd
 
 from features import FeatureBuilder, Requests, Snapshot
 from features.candidates import CandidateGenerator
-from features.contract import OFFER_KINDS
 from features.history import to_seconds_ceil
 from policy import RuleSet, evaluate
+from policy.arbitration import TASKS, offer_tasks
 from policy.rules import CompatibilityRequired
 from training.config import TrainConfig
 
 __all__ = ["TASKS", "RowSet", "Splits", "build_rows", "cut_points", "task_of_offer"]
 
 DAY = 86_400
-TASKS = ("coupon", "cross_sell", "item")
-_TASK_OF_KIND = {"coupon": 0, "category": 1, "item": 2, "bundle": 2}
 
 
 def task_of_offer(snapshot: Snapshot, offers: np.ndarray) -> np.ndarray:
-    kinds = np.asarray(OFFER_KINDS)[np.maximum(snapshot.offer_kind[offers], 0)]
-    return np.array([_TASK_OF_KIND[k] for k in kinds], dtype=np.int8)
+    """Task codes (positions in TASKS) of offers."""
+    tasks = offer_tasks(snapshot.offer_kind[offers])
+    return np.array([TASKS.index(task) for task in tasks], dtype=np.int8)
 
 
 @dataclass

@@ -22,12 +22,12 @@ import numpy as np
 import pandas as pd
 
 from features import Requests, Snapshot
+from features.snapshot import ACCEPTED_OUTCOMES
 from policy import RuleSet, evaluate
 from policy.slate import assemble_slate
 
 __all__ = ["off_policy_value"]
 
-ACCEPTED = ("accepted", "redeemed", "purchased")
 
 Scorer = Callable[[Snapshot, Requests, np.ndarray, np.ndarray], np.ndarray]
 
@@ -57,7 +57,9 @@ def off_policy_value(
             "available": False,
             "reason": "no exposures with a logging propensity in the evaluation period",
         }
-    accepted = set(outcomes.loc[outcomes["outcome"].isin(ACCEPTED), "exposure_id"].dropna())
+    accepted = set(
+        outcomes.loc[outcomes["outcome"].isin(ACCEPTED_OUTCOMES), "exposure_id"].dropna()
+    )
     logged["reward"] = logged["exposure_id"].isin(accepted).astype(float)
     logged["request"] = logged["request_id"].fillna(
         logged["customer_id"] + "@" + logged["shown_at"].astype("str")

@@ -22,10 +22,10 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from features import FeatureBuilder, Snapshot
 from features.candidates import CandidateGenerator
 from policy import RuleSet
-from policy.arbitration import Calibrator, arbitrate
+from policy.arbitration import Calibrator, arbitrate, offer_tasks, rank_scores
 from training.baselines import BASELINES
 from training.config import TrainConfig
-from training.dataset import TASKS, RowSet, Splits, build_rows, cut_points, task_of_offer
+from training.dataset import TASKS, RowSet, Splits, build_rows, cut_points
 from training.metrics import (
     METRICS,
     bootstrap_difference,
@@ -406,17 +406,15 @@ def model_scorer(
     ) -> np.ndarray:
         matrix = builder.build(snapshot, requests, rows, offers)
         raw = np.asarray(booster.predict(matrix.values, num_threads=config.n_jobs))
-        task = task_of_offer(snapshot, offers)
-        probability = np.zeros(len(raw))
-        default = np.ones(len(raw))
-        for code, name in enumerate(TASKS):
-            mine = task == code
-            if mine.any() and name in calibrators:
-                probability[mine] = calibrators[name](raw[mine])
-                default[mine] = default_values.get(name, 1.0)
-        value = np.where(
-            np.isnan(snapshot.offer_value[offers]), default, snapshot.offer_value[offers]
+        score, _ = rank_scores(
+            raw,
+            offer_tasks(snapshot.offer_kind[offers]),
+            snapshot.offer_value[offers],
+            snapshot.offer_lever[offers],
+            calibrators,
+            default_values,
+            config.lever_cap,
         )
-        return arbitrate(probability, value, snapshot.offer_lever[offers], config.lever_cap, 1.0)
+        return score
 
     return score
