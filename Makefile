@@ -10,7 +10,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export BENTOML_DO_NOT_TRACK := true
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: help install run test lint format bench lock clean
+.PHONY: help install browser run test lint format bench lock clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -22,14 +22,23 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP) ## Create .venv and install the project with dev extras (idempotent)
 
+CHROMIUM ?= /usr/bin/chromium
+browser: ## Debian's Chromium for the browser tests (apt; nothing to do when it is there)
+	@test -x $(CHROMIUM) || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO=sudo; \
+	  else echo "Chromium is missing and installing it needs root: apt-get install chromium" >&2; exit 1; fi; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  $$SUDO apt-get install -y --no-install-recommends chromium \
+	  || { $$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends chromium; }; }
+
 run: install ## The main job: load the demo data, train, register, serve on 127.0.0.1:3000
 	$(BIN)/nextbest data load-demo
 	$(BIN)/nextbest data validate
 	$(BIN)/nextbest train --if-missing
 	$(BIN)/nextbest serve --host 127.0.0.1 --port 3000
 
-test: install lint ## The whole suite (lint, then pytest on 2 workers)
-	$(BIN)/python -m pytest -n 2 --dist loadgroup
+test: install browser lint ## The whole suite (lint, then pytest on 2 workers)
+	NEXTBEST_CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest -n 2 --dist loadgroup
 
 lint: install ## ruff (lint and format check) and mypy
 	$(BIN)/ruff check .

@@ -818,6 +818,8 @@ def serve_command(
             time.sleep(0.5)
         if process.poll() is None and example:
             _print_example(base)
+        if process.poll() is None:
+            _print_review_help(base, db_url)
         process.wait()
     except KeyboardInterrupt:
         process.send_signal(signal.SIGINT)
@@ -838,7 +840,7 @@ def _print_example(base: str) -> None:
             answer = json.loads(response.read())
     except OSError as error:
         answer = {"error": str(error)}
-    typer.echo(f"\nnextbest is serving on {base} (API docs: {base}/docs, review: {base}/review)")
+    typer.echo(f"\nnextbest is serving on {base} (API docs: {base}/docs)")
     typer.echo(
         f"\n$ curl -s -X POST {base}/recommend -H 'Content-Type: application/json' "
         f"-d '{json.dumps(body)}'"
@@ -849,6 +851,24 @@ def _print_example(base: str) -> None:
             "\nNo champion model yet, so the service ranks by the rules alone. A person "
             "reviews and approves a challenger before it serves (see the README)."
         )
+
+
+def _print_review_help(base: str, db_url: str | None) -> None:
+    """Where the review page is and, while nobody can sign in, how to make the first user."""
+    try:
+        users = _review_store(db_url).usernames()
+    except Exception as error:  # the page still works; only this hint is lost
+        users = []
+        typer.echo(f"(could not read the review users: {error})", err=True)
+    typer.echo(f"\nReview page: {base}/review/")
+    if not users:
+        typer.echo(
+            "No review users yet. Create the first one (in another terminal):\n"
+            "  .venv/bin/nextbest review add-user alice --role approver\n"
+            "then sign in, open a review of the trained version, and approve its release."
+        )
+    else:
+        typer.echo(f"Review users: {', '.join(users)} (add more: nextbest review add-user).")
 
 
 def _review_store(db_url: str | None) -> Any:
@@ -890,7 +910,12 @@ def review_add_user(
 @_user_errors
 def review_open(
     version: Annotated[str, typer.Option(help="The challenger version to review.")],
-    actor: Annotated[str, typer.Option("--as", help="The reviewer opening it.")],
+    actor: Annotated[
+        str | None,
+        typer.Option(
+            "--as", help="The review user opening it (default: $NEXTBEST_REVIEWER, else $USER)."
+        ),
+    ] = None,
     sample: Annotated[int, typer.Option(help="Customers to sample (stratified).", min=3)] = 50,
     k: Annotated[int, typer.Option(help="Offers per customer.", min=1, max=25)] = 3,
     threshold: Annotated[
@@ -901,30 +926,22 @@ def review_open(
 ) -> None:
     """Freeze what the challenger would serve a stratified sample of customers (segment ×
     tenure band, channels in turn, a few cold starts), beside the current champion."""
-    from features import Workspace, load_snapshot
-    from nextbest.registry import configure_tracking, load_bundle
-    from serving.engine import Recommender, ServeSettings
-    from serving.ledger import SqlLedger
-    from serving.review import AccessError, Reviews, ReviewStore
-    from serving.service import ServiceSettings
+    import getpass
+    import os
 
-    configure_tracking()
-    target = Workspace(resolve_workspace(workspace))
-    snapshot = load_snapshot(target)
-    ledger = SqlLedger(ServiceSettings.from_env().db_url)
-    settings = ServeSettings(clock=clock, holdout_share=0.0)
+    from nextbest.registry import load_bundle
+    from serving.review import AccessError, Reviews, ReviewStore
+
+    actor = actor or os.environ.get("NEXTBEST_REVIEWER") or getpass.getuser()
+    current = _recommender(workspace, clock, None, "champion")
     try:
-        challenger = Recommender(snapshot, load_bundle(version=version), ledger, settings)
+        bundle = load_bundle(version=version)
     except LookupError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(code=2) from None
     try:
-        champion = Recommender(snapshot, load_bundle(alias="champion"), ledger, settings)
-    except LookupError:
-        champion = None
-    try:
-        review_id = Reviews(ReviewStore(ledger.engine)).open_review(
-            challenger, champion, actor=actor, sample=sample, k=k, threshold=threshold
+        review_id = Reviews(ReviewStore(current.ledger.engine)).open_against(
+            current, bundle, actor=actor, sample=sample, k=k, threshold=threshold
         )
     except AccessError as error:
         typer.echo(f"error: {error}; create users with 'nextbest review add-user'", err=True)

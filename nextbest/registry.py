@@ -15,6 +15,7 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ __all__ = [
     "configure_tracking",
     "find_version",
     "load_bundle",
+    "registered_versions",
     "resolve_version",
 ]
 
@@ -140,3 +142,25 @@ def find_version(fingerprint: str, rules_hash: str) -> str | None:
         and v.tags.get("rules.hash") == rules_hash
     ]
     return str(max(matching)) if matching else None
+
+
+def registered_versions() -> list[dict[str, Any]]:
+    """Every registered version, newest first: aliases, review status and when it was made."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = MlflowClient().search_model_versions(f"name = '{MODEL_NAME}'")
+    except MlflowException:
+        return []
+    rows = [
+        {
+            "version": str(v.version),
+            "aliases": sorted(v.aliases or []),
+            "created": datetime.fromtimestamp(v.creation_timestamp / 1000, UTC),
+            "review": v.tags.get("review.status"),
+            "run_id": v.run_id,
+        }
+        for v in versions
+    ]
+    return sorted(rows, key=lambda row: int(row["version"]), reverse=True)

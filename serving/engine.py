@@ -15,7 +15,7 @@ import logging
 import threading
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -126,6 +126,19 @@ class Recommender:
             default_values=dict(bundle.meta.get("default_values", {})),
             lever_cap=float(bundle.meta.get("lever_cap", 2.0)),
         )
+
+    def with_model(self, bundle: ModelBundle | None, **changes: Any) -> Recommender:
+        """Another recommender on the same snapshot, ledger and reviewers' blocks, with
+        ``bundle`` and these settings changed (a review's challenger beside the champion)."""
+        other = Recommender(
+            self.snapshot,
+            bundle,
+            self.ledger,
+            replace(self.settings, **changes),
+            workspace=self.workspace,
+        )
+        other.extra_blocks = list(self.extra_blocks)
+        return other
 
     def swap_model(self, bundle: ModelBundle | None) -> None:
         """Switch to another version; requests in flight finish on the one they started."""
@@ -303,6 +316,7 @@ class Recommender:
                     builder,
                     matrix,
                     j,
+                    debug,
                 )
                 for rank, j in enumerate(chosen, start=1)
             ]
@@ -363,6 +377,7 @@ class Recommender:
         builder: FeatureBuilder,
         matrix: Any,
         row: int,
+        debug: bool = False,
     ) -> dict[str, Any]:
         item: dict[str, Any] = {
             "offer_id": str(s.offers.values[offer]),
@@ -379,6 +394,8 @@ class Recommender:
             item["contributions"] = explanation.contributions
             item["expected_value"] = explanation.expected_value
             item["raw_score"] = explanation.raw_score
+            if debug:  # both signs, strongest first: the review page's SHAP chart
+                item["shap"] = explanation.strongest
         elif mode == "cold_start":
             item["because"] = COLD_START_BECAUSE
         else:

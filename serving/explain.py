@@ -21,6 +21,7 @@ COLD_START_BECAUSE = "Because it is popular with customers like you."
 FALLBACK_BECAUSE = "Because it fits what you shop for."
 MAX_REASONS = 2
 MAX_CONTRIBUTIONS = 5
+MAX_CHART = 6
 
 
 @dataclass
@@ -29,6 +30,7 @@ class Explanation:
     contributions: list[dict[str, float | str]]
     expected_value: float
     raw_score: float
+    strongest: list[dict[str, float | str]]  # by |contribution|, either sign (for review)
 
 
 def _sentence(reasons: list[str]) -> str:
@@ -64,23 +66,26 @@ def explain_rows(
                 reasons.append(text)
             if len(reasons) == MAX_REASONS:
                 break
-        listed = positive[:MAX_CONTRIBUTIONS]
+        strongest = [j for j in np.argsort(-np.abs(shap), kind="stable") if shap[j] != 0]
         out.append(
             Explanation(
                 because=_sentence(reasons),
-                contributions=[
-                    {
-                        "feature": names[j],
-                        "value": _clean(values[i, j]),
-                        "shap": round(float(shap[j]), 6),
-                    }
-                    for j in listed
-                ],
+                contributions=_listed(names, values[i], shap, positive[:MAX_CONTRIBUTIONS]),
                 expected_value=float(contributions[i, -1]),
                 raw_score=float(contributions[i].sum()),
+                strongest=_listed(names, values[i], shap, strongest[:MAX_CHART]),
             )
         )
     return out
+
+
+def _listed(
+    names: list[str], values: np.ndarray, shap: np.ndarray, columns: list[Any]
+) -> list[dict[str, float | str]]:
+    return [
+        {"feature": names[j], "value": _clean(values[j]), "shap": round(float(shap[j]), 6)}
+        for j in columns
+    ]
 
 
 def _clean(value: float) -> float | str:

@@ -1,4 +1,5 @@
-"""The BentoML service: POST /recommend, POST /feedback, GET /metadata, /healthz, /readyz.
+"""The BentoML service: POST /recommend, POST /feedback, GET /metadata, /healthz, /readyz,
+and the review page under /review (``serving.review.web``).
 
 One ``@bentoml.service`` class. The model is resolved by alias from the MLflow registry
 (``models:/nextbest-ranker@champion``) in ``__init__`` and the resolved version is
@@ -24,6 +25,7 @@ from pydantic import BaseModel, Field
 
 from features.contract import CHANNELS, OUTCOMES
 from features.snapshot import MOMENTS, PLACEMENTS
+from serving.review.web import site as review_site
 
 __all__ = ["NextBest", "ServiceSettings"]
 
@@ -78,6 +80,7 @@ class ServiceSettings:
 ops = FastAPI(title="nextbest operations")
 
 
+@bentoml.asgi_app(review_site, path="/review")
 @bentoml.asgi_app(ops, path="/")
 @bentoml.service(name="nextbest", workers=1, traffic={"timeout": 30})
 class NextBest:
@@ -122,11 +125,13 @@ class NextBest:
             workspace.path,
             self.fingerprint,
         )
-        from serving.review import ReviewStore
+        from serving.review import Reviews, ReviewStore
 
         self.review = ReviewStore(self.ledger.engine)
+        self.reviews = Reviews(self.review)
         self._apply_blocks()
         self._load_bundle = load_bundle
+        self._sync_lock = threading.Lock()
         self._stop = threading.Event()
         self._watcher = threading.Thread(
             target=self._watch_alias, daemon=True, name="nextbest-alias-watcher"
@@ -138,33 +143,60 @@ class NextBest:
         return None if bundle is None else bundle.version
 
     def _watch_alias(self) -> None:
-        from nextbest.registry import resolve_version
-
         while not self._stop.wait(self.settings.reload_seconds):
             self._refresh_snapshot()
+            self.sync()
+
+    def sync(self) -> None:
+        """Apply the reviewers' blocks and follow the alias now (the watcher does it every
+        few seconds; the review page calls it right after a block or a release)."""
+        from nextbest.registry import resolve_version
+
+        with self._sync_lock:
             self._apply_blocks()
             try:
                 version, _ = resolve_version(alias=self.settings.alias)
             except LookupError:
-                continue
+                return
             except Exception:  # the registry being briefly unreachable must not kill serving
                 log.exception("could not resolve alias %s", self.settings.alias)
-                continue
-            if version != self._current_version():
-                try:
-                    bundle = self._load_bundle(version=version)
-                    bundle.alias = self.settings.alias
-                    previous = self._current_version()
-                    self.recommender.swap_model(bundle)
-                    log.info(
-                        "alias %s moved: version %s → %s", self.settings.alias, previous, version
-                    )
-                except Exception:
-                    log.exception(
-                        "could not load version %s; still serving %s",
-                        version,
-                        self._current_version(),
-                    )
+                return
+            if version == self._current_version():
+                return
+            try:
+                bundle = self._load_bundle(version=version)
+                bundle.alias = self.settings.alias
+                previous = self._current_version()
+                self.recommender.swap_model(bundle)
+                log.info("alias %s moved: version %s → %s", self.settings.alias, previous, version)
+            except Exception:
+                log.exception(
+                    "could not load version %s; still serving %s", version, self._current_version()
+                )
+
+    # -- what the review page needs (serving.review.web.ReviewHost) ------------------------
+    def review_segments(self) -> list[str]:
+        from features.snapshot import UNKNOWN
+
+        return [str(v) for v in self.recommender.snapshot.segments.values if v != UNKNOWN]
+
+    def registered_versions(self) -> list[dict[str, Any]]:
+        from nextbest.registry import registered_versions
+
+        return registered_versions()
+
+    def open_review(
+        self, version: str, *, actor: str, sample: int, k: int, threshold: float
+    ) -> str:
+        """Freeze a review of ``version`` beside what this service serves now."""
+        return self.reviews.open_against(
+            self.recommender,
+            self._load_bundle(version=version),
+            actor=actor,
+            sample=sample,
+            k=k,
+            threshold=threshold,
+        )
 
     def _apply_blocks(self) -> None:
         """Reviewers' segment blocks take effect for serving (read from the database)."""

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +28,11 @@ class Served:
     version: str
 
 
-def train_and_register(home: Path, *, champion: bool = True, seed: int = 4) -> Served:
-    """Train on a small synthetic world and register it (as champion, by default)."""
+def train_and_register(
+    home: Path, *, champion: bool = True, seed: int = 4, **config: object
+) -> Served:
+    """Train on a small synthetic world and register it (as champion, by default);
+    ``config`` overrides training settings (another model on the same world)."""
     from mlflow import MlflowClient
 
     from nextbest.registry import CHAMPION, MODEL_NAME, configure_tracking
@@ -39,7 +48,7 @@ def train_and_register(home: Path, *, champion: bool = True, seed: int = 4) -> S
             make_world(ScenarioConfig(n_customers=150, n_days=150, seed=seed)), workspace_dir
         )
     )
-    result = train(load_snapshot(workspace), load_rules(), load_config(None, **CONFIG))
+    result = train(load_snapshot(workspace), load_rules(), load_config(None, **(CONFIG | config)))
     configure_tracking()
     summary = log_run(result, workspace, load_rules())
     if champion:
@@ -52,3 +61,52 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def forget_bentoml_metrics() -> None:
+    """BentoML registers its request metrics in prometheus's process-wide registry when an
+    ASGI app first answers; a second app in the same process (another test module on the
+    same worker) would register them again and fail. Unregister them first."""
+    from prometheus_client import REGISTRY
+
+    for collector, names in list(REGISTRY._collector_to_names.items()):
+        if any(name.startswith("bentoml_") for name in names):
+            REGISTRY.unregister(collector)
+
+
+@contextmanager
+def running(
+    command: list[str], env: dict[str, str], ready_url: str, log: Path, timeout: float = 180
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Start a server, wait until ``ready_url`` answers 200 (failing with its log when it
+    dies or is late), and stop it with SIGTERM at the end."""
+    with log.open("w") as sink:
+        process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(ready_url, timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"{command[0]} did not start:\n{log.read_text()}")
+            time.sleep(0.5)
+        yield process
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def nextbest_serve(workspace: Workspace, port: int, *options: str) -> list[str]:
+    """The `nextbest serve` command line for a workspace on a port."""
+    import sys
+
+    executable = str(Path(sys.executable).with_name("nextbest"))
+    return [executable, "serve", "--port", str(port), "--workspace", str(workspace.path), *options]

@@ -118,3 +118,29 @@ def test_add_user_and_audit_commands(tmp_path: Path) -> None:
     text = (tmp_path / "audit.csv").read_text()
     assert text.splitlines()[0] == "entry,at,actor,action,target,before,after"
     assert "approver-pass" not in text and text.count("add_user") == 2
+
+
+def test_sessions_expire_follow_the_role_and_end_on_sign_out(store: ReviewStore) -> None:
+    from datetime import datetime
+
+    from serving.review.store import sessions, users
+
+    store.add_user("rita", "reviewer-pass", "reviewer")
+    with pytest.raises(AccessError):
+        store.sign_in("rita", "wrong-password")
+    session = store.sign_in("rita", "reviewer-pass")
+    assert store.session(session.token) == session and not session.is_approver
+    assert store.session("forged-token") is None and store.session(None) is None
+    with store.engine.begin() as connection:  # promoted: the next request sees it
+        connection.execute(users.update().values(role="approver"))
+    assert store.session(session.token).is_approver  # type: ignore[union-attr]
+    store.flash(session, "notice:hello")
+    assert store.pop_flash(session) == "notice:hello" and store.pop_flash(session) is None
+    other = store.sign_in("rita", "reviewer-pass")
+    store.sign_out(session)
+    assert store.session(session.token) is None and store.session(other.token) is not None
+    with store.engine.begin() as connection:  # eight hours later
+        connection.execute(sessions.update().values(expires_at=datetime(2000, 1, 1)))
+    assert store.session(other.token) is None
+    actions = [e["action"] for e in store.audit_log()]
+    assert actions == ["add_user", "sign_in_failed", "sign_in", "sign_in", "sign_out"]

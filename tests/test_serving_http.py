@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -13,7 +11,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from serving_helpers import Served, free_port, train_and_register
+from serving_helpers import (
+    Served,
+    forget_bentoml_metrics,
+    free_port,
+    nextbest_serve,
+    running,
+    train_and_register,
+)
 from typer.testing import CliRunner
 
 from nextbest.cli import app
@@ -28,7 +33,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Served:
 
 @pytest.fixture(scope="module")
 def client(served: Served, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    """One ASGI app per test module (BentoML registers its metrics once per process)."""
+    """One ASGI app per test module (its BentoML metrics forgotten first)."""
     from starlette.testclient import TestClient
 
     from serving.service import NextBest
@@ -41,6 +46,7 @@ def client(served: Served, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         patch.setenv("NEXTBEST_HOLDOUT_SHARE", "0")
         patch.setenv("NEXTBEST_RELOAD_SECONDS", "0.2")
         patch.setenv("BENTOML_HOME", str(folder / "bentoml"))
+        forget_bentoml_metrics()
         with TestClient(NextBest.to_asgi()) as test_client:
             yield test_client
 
@@ -175,36 +181,16 @@ def test_nextbest_serve_end_to_end(served: Served, tmp_path: Path) -> None:
         "NEXTBEST_DB_URL": f"sqlite:///{tmp_path / 'ledger.db'}",
     }
     env.pop("MLFLOW_TRACKING_URI", None)
-    log = (tmp_path / "serve.log").open("w")
-    process = subprocess.Popen(
-        [
-            str(Path(sys.executable).with_name("nextbest")),
-            "serve",
-            "--port",
-            str(port),
-            "--workspace",
-            str(served.workspace.path),
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        answer = None
-        while time.monotonic() < deadline and answer is None:
-            try:
-                request = urllib.request.Request(
-                    f"http://127.0.0.1:{port}/recommend",
-                    data=json.dumps({"customer_id": "S00002", "channel": "web"}).encode(),
-                    headers={"Content-Type": "application/json"},
-                )
-                with urllib.request.urlopen(request, timeout=5) as response:
-                    answer = json.loads(response.read())
-            except OSError:
-                assert process.poll() is None, (tmp_path / "serve.log").read_text()
-                time.sleep(0.5)
+    command = nextbest_serve(served.workspace, port)
+    log = tmp_path / "serve.log"
+    with running(command, env, f"http://127.0.0.1:{port}/readyz", log, timeout=120):
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/recommend",
+            data=json.dumps({"customer_id": "S00002", "channel": "web"}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            answer = json.loads(response.read())
         assert answer is not None and len(answer["offers"]) == 3
         assert answer["model"]["version"] == served.version
         # the storefront's thin client, over real HTTP
@@ -219,16 +205,13 @@ def test_nextbest_serve_end_to_end(served: Served, tmp_path: Path) -> None:
         with pytest.raises(NextBestError, match="HTTP 400") as refused:
             client.recommend("S00004", channel="fax")
         assert refused.value.status == 400
-        while (
-            time.monotonic() < deadline
-            and "curl -s -X POST" not in (tmp_path / "serve.log").read_text()
-        ):
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "Review page" not in log.read_text():
             time.sleep(0.2)
-        assert "curl -s -X POST" in (tmp_path / "serve.log").read_text()
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        log.close()
+        printed = log.read_text()
+        assert "curl -s -X POST" in printed  # what `make run` ends with
+        assert f"Review page: http://127.0.0.1:{port}/review/" in printed
+        assert "nextbest review add-user alice --role approver" in printed
 
 
 def test_recommend_batch_writes_one_row_per_recommendation(

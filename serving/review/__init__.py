@@ -1,6 +1,8 @@
-"""The human review gate: users and roles, segment blocks and the audit log (``store``).
+"""The human review gate.
 
-The review page and the release decision build on these records.
+``store``: users and roles, sessions, segment blocks and the append-only audit log.
+``reviews``: frozen samples of a challenger's slates, per-item decisions, the release.
+``web``: the server-rendered review page the service mounts under ``/review``.
 """
 
 from serving.review.reviews import ReleaseError, Reviews
@@ -9,6 +11,7 @@ from serving.review.store import (
     ROLES,
     AccessError,
     ReviewStore,
+    Session,
     hash_password,
     segment_blocks,
     verify_password,
@@ -21,6 +24,7 @@ __all__ = [
     "ReleaseError",
     "ReviewStore",
     "Reviews",
+    "Session",
     "hash_password",
     "segment_blocks",
     "verify_password",

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
+from nextbest.registry import ModelBundle
 from serving.engine import Recommender
 from serving.review.store import REJECT_REASONS, ReviewStore, _metadata
 
@@ -151,6 +152,27 @@ class Reviews:
             )
         return review_id
 
+    def open_against(
+        self,
+        current: Recommender,
+        bundle: ModelBundle,
+        *,
+        actor: str,
+        sample: int = 50,
+        k: int = 3,
+        threshold: float = 0.2,
+    ) -> str:
+        """Review ``bundle`` beside what ``current`` serves: the same snapshot, ledger and
+        reviewers' blocks, its model (or its rules-only ranking, before any champion) as
+        the champion column, and no holdout (reviewers see every sampled customer's
+        slate)."""
+        self.store.require(actor, "reviewer")
+        challenger = current.with_model(bundle, holdout_share=0.0)
+        champion = current.with_model(current.model.bundle, holdout_share=0.0)
+        return self.open_review(
+            challenger, champion, actor=actor, sample=sample, k=k, threshold=threshold
+        )
+
     def review(self, review_id: str) -> dict[str, Any]:
         with self.store.engine.connect() as connection:
             head = (
@@ -214,6 +236,39 @@ class Reviews:
             "rejection_rate": len(rejected) / len(items) if items else 0.0,
         }
 
+    def _slate(self, connection: sa.Connection, review_id: str, slate_no: int) -> dict[str, Any]:
+        """One slate of an open review, with its current decisions (KeyError if none)."""
+        status = connection.execute(
+            sa.select(reviews.c.status).where(reviews.c.review_id == review_id)
+        ).scalar()
+        if status is None:
+            raise KeyError(f"no review {review_id!r}")
+        if status != "open":
+            raise ValueError(f"review {review_id} is {status}, not open")
+        row = (
+            connection.execute(
+                review_slates.select().where(
+                    (review_slates.c.review_id == review_id)
+                    & (review_slates.c.slate_no == slate_no)
+                )
+            )
+            .mappings()
+            .first()
+        )
+        if row is None:
+            raise KeyError(f"review {review_id} has no slate {slate_no}")
+        decided = {
+            d["offer_id"]: dict(d)
+            for d in connection.execute(
+                review_decisions.select().where(
+                    (review_decisions.c.review_id == review_id)
+                    & (review_decisions.c.slate_no == slate_no)
+                )
+            ).mappings()
+        }
+        offers = json.loads(row["challenger"])["offers"]
+        return {"offers": offers, "decided": decided}
+
     def decide(
         self,
         review_id: str,
@@ -233,50 +288,65 @@ class Reviews:
             raise ValueError(f"a rejection needs a reason: one of {', '.join(REJECT_REASONS)}")
         if reason == "other" and not (comment or "").strip():
             raise ValueError("a rejection for 'other' needs a comment")
-        current = self.review(review_id)
-        if current["status"] != "open":
-            raise ValueError(f"review {review_id} is {current['status']}, not open")
-        slate = next((s for s in current["slates"] if s["slate_no"] == slate_no), None)
-        offer = (
-            None
-            if slate is None
-            else next((o for o in slate["challenger"]["offers"] if o["offer_id"] == offer_id), None)
-        )
-        if offer is None:
-            raise KeyError(f"slate {slate_no} of review {review_id} has no offer {offer_id!r}")
         record = {
             "decision": decision,
             "reason": reason if decision == "reject" else None,
             "comment": comment,
         }
         with self.store.engine.begin() as connection:
-            key = (
-                (review_decisions.c.review_id == review_id)
-                & (review_decisions.c.slate_no == slate_no)
-                & (review_decisions.c.offer_id == offer_id)
+            slate = self._slate(connection, review_id, slate_no)
+            if offer_id not in {o["offer_id"] for o in slate["offers"]}:
+                raise KeyError(f"slate {slate_no} of review {review_id} has no offer {offer_id!r}")
+            self._record(connection, review_id, slate_no, offer_id, record, slate, actor)
+
+    def approve_rest(self, review_id: str, slate_no: int, *, actor: str) -> int:
+        """Approve every offer of a slate not decided yet (one audit entry each); how many."""
+        self.store.require(actor, "reviewer")
+        record = {"decision": "approve", "reason": None, "comment": None}
+        with self.store.engine.begin() as connection:
+            slate = self._slate(connection, review_id, slate_no)
+            rest = [o["offer_id"] for o in slate["offers"] if o["offer_id"] not in slate["decided"]]
+            for offer_id in rest:
+                self._record(connection, review_id, slate_no, offer_id, record, slate, actor)
+        return len(rest)
+
+    def _record(
+        self,
+        connection: sa.Connection,
+        review_id: str,
+        slate_no: int,
+        offer_id: str,
+        record: dict[str, Any],
+        slate: dict[str, Any],
+        actor: str,
+    ) -> None:
+        key = (
+            (review_decisions.c.review_id == review_id)
+            & (review_decisions.c.slate_no == slate_no)
+            & (review_decisions.c.offer_id == offer_id)
+        )
+        connection.execute(review_decisions.delete().where(key))
+        connection.execute(
+            review_decisions.insert().values(
+                review_id=review_id,
+                slate_no=slate_no,
+                offer_id=offer_id,
+                reviewer=actor,
+                at=_now(),
+                **record,
             )
-            connection.execute(review_decisions.delete().where(key))
-            connection.execute(
-                review_decisions.insert().values(
-                    review_id=review_id,
-                    slate_no=slate_no,
-                    offer_id=offer_id,
-                    reviewer=actor,
-                    at=_now(),
-                    **record,
-                )
-            )
-            before = offer["decision"]
-            self.store._audit(
-                connection,
-                actor,
-                "decide",
-                f"{review_id}/{slate_no}/{offer_id}",
-                before=None
-                if before is None
-                else {k: before[k] for k in ("decision", "reason", "comment")},
-                after=record,
-            )
+        )
+        before = slate["decided"].get(offer_id)
+        self.store._audit(
+            connection,
+            actor,
+            "decide",
+            f"{review_id}/{slate_no}/{offer_id}",
+            before=None
+            if before is None
+            else {k: before[k] for k in ("decision", "reason", "comment")},
+            after=record,
+        )
 
     def release(self, review_id: str, *, approve: bool, actor: str) -> dict[str, Any]:
         """The release decision. Approval needs every item reviewed, a rejection rate under

@@ -16,7 +16,9 @@ import hashlib
 import hmac
 import json
 import os
-from datetime import UTC, datetime
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import sqlalchemy as sa
@@ -27,6 +29,7 @@ __all__ = [
     "ROLES",
     "AccessError",
     "ReviewStore",
+    "Session",
     "hash_password",
     "segment_blocks",
     "verify_password",
@@ -57,6 +60,16 @@ audit = sa.Table(
     sa.Column("before", sa.Text),
     sa.Column("after", sa.Text),
 )
+sessions = sa.Table(
+    "review_sessions",
+    _metadata,
+    # Only a hash of the cookie's token is stored: a copy of the database opens no session.
+    sa.Column("token_hash", sa.String(64), primary_key=True),
+    sa.Column("username", sa.String(64), nullable=False),
+    sa.Column("csrf", sa.String(64), nullable=False),
+    sa.Column("expires_at", sa.DateTime, nullable=False),
+    sa.Column("flash", sa.Text),
+)
 blocks = sa.Table(
     "review_blocks",
     _metadata,
@@ -68,8 +81,29 @@ blocks = sa.Table(
 )
 
 
+SESSION_HOURS = 8
+
+
 class AccessError(PermissionError):
     """The user may not do this (unknown, wrong password, or missing role)."""
+
+
+@dataclass(frozen=True)
+class Session:
+    """A signed-in user, as the review page sees them on each request."""
+
+    token: str
+    username: str
+    role: str
+    csrf: str
+
+    @property
+    def is_approver(self) -> bool:
+        return self.role == "approver"
+
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def hash_password(password: str, *, salt: bytes | None = None) -> str:
@@ -163,6 +197,12 @@ class ReviewStore:
             raise AccessError("unknown user or wrong password")
         return str(row.role)
 
+    def usernames(self) -> list[str]:
+        with self.engine.connect() as connection:
+            return list(
+                connection.execute(sa.select(users.c.username).order_by("username")).scalars()
+            )
+
     def role_of(self, username: str) -> str | None:
         with self.engine.connect() as connection:
             return connection.execute(
@@ -175,6 +215,67 @@ class ReviewStore:
             raise AccessError(
                 f"{username!r} is not an {role}" if have else f"unknown user {username!r}"
             )
+
+    # -- sessions ------------------------------------------------------------------------
+    def sign_in(self, username: str, password: str) -> Session:
+        """A new session for the right password (audited), or AccessError (also audited)."""
+        try:
+            role = self.authenticate(username, password)
+        except AccessError:
+            with self.engine.begin() as connection:
+                self._audit(connection, username[:64] or "-", "sign_in_failed", "review page")
+            raise
+        token, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+        with self.engine.begin() as connection:
+            connection.execute(sessions.delete().where(sessions.c.expires_at < _now()))
+            connection.execute(
+                sessions.insert().values(
+                    token_hash=_token_hash(token),
+                    username=username,
+                    csrf=csrf,
+                    expires_at=_now() + timedelta(hours=SESSION_HOURS),
+                )
+            )
+            self._audit(connection, username, "sign_in", "review page")
+        return Session(token=token, username=username, role=role, csrf=csrf)
+
+    def session(self, token: str | None) -> Session | None:
+        """The live session behind a cookie's token (the role as it is now), or None."""
+        if not token:
+            return None
+        with self.engine.connect() as connection:
+            row = connection.execute(
+                sa.select(sessions, users.c.role)
+                .join(users, users.c.username == sessions.c.username)
+                .where(sessions.c.token_hash == _token_hash(token))
+            ).first()
+        if row is None or row.expires_at < _now():
+            return None
+        return Session(token=token, username=row.username, role=row.role, csrf=row.csrf)
+
+    def sign_out(self, session: Session) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(
+                sessions.delete().where(sessions.c.token_hash == _token_hash(session.token))
+            )
+            self._audit(connection, session.username, "sign_out", "review page")
+
+    def flash(self, session: Session, message: str) -> None:
+        """A message for the session's next page (the page after a form's redirect)."""
+        with self.engine.begin() as connection:
+            connection.execute(
+                sessions.update()
+                .where(sessions.c.token_hash == _token_hash(session.token))
+                .values(flash=message)
+            )
+
+    def pop_flash(self, session: Session) -> str | None:
+        key = sessions.c.token_hash == _token_hash(session.token)
+        with self.engine.begin() as connection:
+            message = connection.execute(sa.select(sessions.c.flash).where(key)).scalar()
+            if message is not None:
+                connection.execute(sessions.update().where(key).values(flash=None))
+        return message
 
     # -- blocks --------------------------------------------------------------------------
     def block(self, offer_id: str, segment: str, reason: str, *, actor: str) -> None:
@@ -193,6 +294,23 @@ class ReviewStore:
                 )
             )
             self._audit(connection, actor, "block", f"{offer_id}@{segment}", after=record)
+
+    def unblock(self, offer_id: str, segment: str, *, actor: str) -> None:
+        """Lift a block (the audit log keeps what it was)."""
+        self.require(actor, "reviewer")
+        key = (blocks.c.offer_id == offer_id) & (blocks.c.segment == segment)
+        with self.engine.begin() as connection:
+            existing = connection.execute(blocks.select().where(key)).mappings().first()
+            if existing is None:
+                return
+            connection.execute(blocks.delete().where(key))
+            self._audit(
+                connection,
+                actor,
+                "unblock",
+                f"{offer_id}@{segment}",
+                before={k: existing[k] for k in ("offer_id", "segment", "reason", "blocked_by")},
+            )
 
     def blocks(self) -> list[dict[str, Any]]:
         with self.engine.connect() as connection:
