@@ -919,8 +919,14 @@ def review_open(
     sample: Annotated[int, typer.Option(help="Customers to sample (stratified).", min=3)] = 50,
     k: Annotated[int, typer.Option(help="Offers per customer.", min=1, max=25)] = 3,
     threshold: Annotated[
-        float, typer.Option(help="Approval needs a rejection rate under this.", min=0, max=1)
-    ] = 0.2,
+        float | None,
+        typer.Option(
+            help="Approval needs a rejection rate under this (default: the service's "
+            "NEXTBEST_REVIEW_THRESHOLD, 0.2).",
+            min=0,
+            max=1,
+        ),
+    ] = None,
     workspace: WorkspaceOption = None,
     clock: ClockOption = "data",
 ) -> None:
@@ -931,8 +937,10 @@ def review_open(
 
     from nextbest.registry import load_bundle
     from serving.review import AccessError, Reviews, ReviewStore
+    from serving.service import ServiceSettings
 
     actor = actor or os.environ.get("NEXTBEST_REVIEWER") or getpass.getuser()
+    settings = ServiceSettings.from_env()
     current = _recommender(workspace, clock, None, "champion")
     try:
         bundle = load_bundle(version=version)
@@ -941,7 +949,12 @@ def review_open(
         raise typer.Exit(code=2) from None
     try:
         review_id = Reviews(ReviewStore(current.ledger.engine)).open_against(
-            current, bundle, actor=actor, sample=sample, k=k, threshold=threshold
+            current,
+            bundle,
+            actor=actor,
+            sample=sample,
+            k=k,
+            threshold=settings.review_threshold if threshold is None else threshold,
         )
     except AccessError as error:
         typer.echo(f"error: {error}; create users with 'nextbest review add-user'", err=True)
@@ -958,15 +971,15 @@ def review_audit(
     after."""
     import pandas as pd
 
-    entries = pd.DataFrame(
-        _review_store(db_url).audit_log(),
-        columns=["entry", "at", "actor", "action", "target", "before", "after"],
-    )
+    from serving.review.store import AUDIT_COLUMNS
+
+    store = _review_store(db_url)
     if out is not None:
-        entries.to_csv(out, index=False)
-        typer.echo(f"Wrote {len(entries)} audit entries to {out}.", err=True)
-    else:
-        typer.echo(entries.to_string(index=False) if len(entries) else "(no entries)")
+        out.write_text(store.audit_csv())  # the page's export: formula-safe cells
+        typer.echo(f"Wrote {len(store.audit_log())} audit entries to {out}.", err=True)
+        return
+    entries = pd.DataFrame(store.audit_log(), columns=list(AUDIT_COLUMNS))
+    typer.echo(entries.to_string(index=False) if len(entries) else "(no entries)")
 
 
 if __name__ == "__main__":

@@ -57,6 +57,8 @@ class ServiceSettings:
     alias: str
     reload_seconds: float
     rules: Path | None
+    review_threshold: float = 0.2
+    secure_cookies: bool = False
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> ServiceSettings:
@@ -74,6 +76,10 @@ class ServiceSettings:
             alias=env.get("NEXTBEST_MODEL_ALIAS", "champion"),
             reload_seconds=float(env.get("NEXTBEST_RELOAD_SECONDS", "5")),
             rules=Path(env["NEXTBEST_RULES"]) if env.get("NEXTBEST_RULES") else None,
+            review_threshold=_share(
+                "NEXTBEST_REVIEW_THRESHOLD", env.get("NEXTBEST_REVIEW_THRESHOLD", "0.2")
+            ),
+            secure_cookies=env.get("NEXTBEST_SECURE_COOKIES", "").lower() in ("1", "true", "yes"),
         )
 
 
@@ -129,6 +135,8 @@ class NextBest:
 
         self.review = ReviewStore(self.ledger.engine)
         self.reviews = Reviews(self.review)
+        self.review_threshold = settings.review_threshold
+        self.secure_cookies = settings.secure_cookies
         self._apply_blocks()
         self._load_bundle = load_bundle
         self._sync_lock = threading.Lock()
@@ -179,6 +187,9 @@ class NextBest:
         from features.snapshot import UNKNOWN
 
         return [str(v) for v in self.recommender.snapshot.segments.values if v != UNKNOWN]
+
+    def knows_offer(self, offer_id: str) -> bool:
+        return bool(offer_id in self.recommender.snapshot.offers.values)
 
     def registered_versions(self) -> list[dict[str, Any]]:
         from nextbest.registry import registered_versions
@@ -308,6 +319,13 @@ def _parse_time(value: str) -> None:
         raise bentoml.exceptions.InvalidArgument(
             f"as_of {value!r} is not a date/time; use ISO 8601, e.g. 2017-06-01T10:00:00"
         ) from None
+
+
+def _share(name: str, value: str) -> float:
+    share = float(value)
+    if not 0 <= share <= 1:
+        raise ValueError(f"{name} must be between 0 and 1, not {value!r}")
+    return share
 
 
 def _control(value: str) -> Literal["nothing", "rules_only"]:

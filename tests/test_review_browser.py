@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import urllib.request
 from collections.abc import Iterator
@@ -123,7 +124,7 @@ def _sign_in(page: Any, base: str, username: str, password: str) -> None:
 
 
 def test_review_in_the_browser_releases_the_model_and_blocks_serve(
-    server: Server, browser_context: Any, tmp_path: Path
+    server: Server, browser_context: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from mlflow import MlflowClient
     from playwright.sync_api import expect
@@ -152,12 +153,18 @@ def test_review_in_the_browser_releases_the_model_and_blocks_serve(
     assert page.locator("table.shap").count() >= 6  # a SHAP chart per explained offer
     assert page.get_by_text(f"Champion, version {server.served.version}").count() == 6
 
-    # Reject one recommendation with a reason.
-    first = page.locator("section.slate").first.locator(".challenger li.offer").first
-    first.get_by_label("Reason").select_option(label="Wrong timing")
-    first.get_by_role("button", name="Reject").click()
-    first = page.locator("section.slate").first.locator(".challenger li.offer").first
-    expect(first.locator("p.decision")).to_have_text("Rejected: Wrong timing by rita")
+    # Reject a recommendation with a reason, and another with 'other', a comment and the
+    # Enter key (which must reject, not approve).
+    offers = page.locator("section.slate").first.locator(".challenger li.offer")
+    offers.first.get_by_label("Reason").select_option(label="Wrong timing")
+    offers.first.get_by_role("button", name=re.compile("^Reject ")).click()
+    expect(offers.first.locator("p.decision")).to_have_text("Rejected: Wrong timing by rita")
+    offers.nth(1).get_by_label("Reason").select_option(label="Other (say why)")
+    offers.nth(1).get_by_label("Comment").fill("Too soon <after> the last visit")
+    offers.nth(1).get_by_label("Comment").press("Enter")
+    expect(offers.nth(1).locator("p.decision")).to_have_text(
+        "Rejected: Other (say why) (“Too soon <after> the last visit”) by rita"
+    )
 
     # Block an offer for a segment (a customer with a known segment and an offer).
     slate = page.locator(
@@ -170,22 +177,27 @@ def test_review_in_the_browser_releases_the_model_and_blocks_serve(
     blocked = target.get_attribute("data-offer")
     target.locator("summary", has_text="Block this offer").click()
     target.get_by_label("Why block it").fill("Not for this segment")
-    target.get_by_role("button", name="Block", exact=True).click()
+    target.get_by_role("button", name=re.compile("^Block ")).click()
     expect(page.get_by_role("status")).to_contain_text(f"Blocked {blocked} for the segment")
 
     # Approve one item on its own, then the rest slate by slate.
-    page.locator(".challenger li.offer:not(.approved):not(.rejected)").first.get_by_role(
-        "button", name="Approve", exact=True
-    ).click()
-    page.wait_for_load_state("load")  # the whole page, before reading what is pending
+    undecided = page.locator(".challenger li.offer:not(.approved):not(.rejected)").first
+    offer = undecided.get_attribute("data-offer")
+    undecided.get_by_role("button", name=re.compile("^Approve ")).click()
+    expect(page.locator(f'li.offer[data-offer="{offer}"]').first).to_have_class(
+        re.compile("approved")
+    )
+    expect(page.locator("#release")).to_be_attached()  # the new page, parsed to its end
     button = {"role": "button", "name": "undecided in this slate"}
     pending = [
         slate.get_attribute("data-slate")
         for slate in page.locator("section.slate").all()
         if slate.get_by_role(**button).count()
     ]
-    for number in pending:  # each click waits for its button in the page now loading
-        page.locator(f"#slate-{number}").get_by_role(**button).click()
+    for number in pending:
+        rest = page.locator(f"#slate-{number}").get_by_role(**button)
+        rest.click()
+        expect(rest).to_have_count(0)  # true only once the page after the post is shown
     expect(page.locator("#release li.ok").first).to_contain_text("every item reviewed")
     expect(page.locator("#release")).to_contain_text("An approver makes the release decision.")
 
@@ -211,11 +223,11 @@ def test_review_in_the_browser_releases_the_model_and_blocks_serve(
     )
 
     # Champion moved, /recommend serves it, and the block holds for the whole segment.
-    os.environ["NEXTBEST_HOME"] = server.env["NEXTBEST_HOME"]
+    monkeypatch.setenv("NEXTBEST_HOME", server.env["NEXTBEST_HOME"])
     configure_tracking()
     champion = MlflowClient().get_model_version_by_alias(MODEL_NAME, CHAMPION)
     assert str(champion.version) == version
-    assert champion.tags["review.by"] == "alan" and champion.tags["review.rejected"] == "1"
+    assert champion.tags["review.by"] == "alan" and champion.tags["review.rejected"] == "2"
     answer = _post(f"{base}/recommend", {"customer_id": customer, "channel": "web", "debug": True})
     assert answer["model"]["version"] == version
     assert blocked not in [o["offer_id"] for o in answer["offers"]]

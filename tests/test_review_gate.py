@@ -129,6 +129,62 @@ def test_a_high_rejection_rate_blocks_release_and_rejection_leaves_champion(
     )
 
 
+def test_approval_is_refused_when_the_champion_changed_since_the_review_opened(
+    served: Served, tmp_path: Path
+) -> None:
+    reviews, challenger = _setup(served, tmp_path)
+    review_id = reviews.open_review(challenger, None, actor="rita", sample=3, k=1)
+    for slate in reviews.review(review_id)["slates"]:
+        reviews.approve_rest(review_id, slate["slate_no"], actor="rita")
+    client = MlflowClient()
+    client.set_registered_model_alias("nextbest-ranker", "champion", served.version)
+    try:  # someone released this version elsewhere after the reviewers compared with none
+        with pytest.raises(ReleaseError, match=r"champion changed .* \(then none, now "):
+            reviews.release(review_id, approve=True, actor="alan")
+        assert reviews.review(review_id)["status"] == "open"  # the claim was undone
+    finally:
+        client.delete_registered_model_alias("nextbest-ranker", "champion")
+    assert reviews.release(review_id, approve=True, actor="alan")["status"] == "approved"
+    client.delete_registered_model_alias("nextbest-ranker", "champion")
+
+
+def test_two_release_decisions_at_once_release_once(served: Served, tmp_path: Path) -> None:
+    import threading
+
+    reviews, challenger = _setup(served, tmp_path)
+    review_id = reviews.open_review(challenger, None, actor="rita", sample=3, k=1)
+    for slate in reviews.review(review_id)["slates"]:
+        reviews.approve_rest(review_id, slate["slate_no"], actor="rita")
+    start = threading.Barrier(2)
+    outcomes: list[str] = []
+
+    def decide(approve: bool) -> None:
+        start.wait()
+        try:
+            outcomes.append(reviews.release(review_id, approve=approve, actor="alan")["status"])
+        except ReleaseError as error:
+            outcomes.append(str(error))
+
+    threads = [threading.Thread(target=decide, args=(flag,)) for flag in (True, False)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    done = [o for o in outcomes if o in ("approved", "rejected")]
+    assert len(done) == 1, outcomes
+    assert any("is already" in o for o in outcomes), outcomes
+    final = reviews.review(review_id)["status"]
+    assert final == done[0]
+    tag = MlflowClient().get_model_version("nextbest-ranker", served.version).tags
+    assert tag["review.status"] == final and tag["review.id"] == review_id
+    releases = [e for e in reviews.store.audit_log() if e["target"] == review_id]
+    assert [e["action"] for e in releases if "release" in e["action"]] == [
+        "release" if final == "approved" else "reject_release"
+    ]
+    if final == "approved":
+        MlflowClient().delete_registered_model_alias("nextbest-ranker", "champion")
+
+
 def test_review_open_command(
     served: Served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -154,7 +210,8 @@ def test_review_open_command(
     ]
     refused = runner.invoke(app, [*args, "--as", "nobody"])
     assert refused.exit_code == 2 and "unknown user 'nobody'" in refused.stderr
-    opened = runner.invoke(app, [*args, "--as", "rita"])
+    monkeypatch.setenv("NEXTBEST_REVIEWER", "rita")  # the default for --as
+    opened = runner.invoke(app, args)
     assert opened.exit_code == 0, opened.output
     review_id = opened.stdout.strip()
     listed = Reviews(store).list_reviews()

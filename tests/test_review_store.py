@@ -144,3 +144,24 @@ def test_sessions_expire_follow_the_role_and_end_on_sign_out(store: ReviewStore)
     assert store.session(other.token) is None
     actions = [e["action"] for e in store.audit_log()]
     assert actions == ["add_user", "sign_in_failed", "sign_in", "sign_in", "sign_out"]
+
+
+def test_repeated_failures_lock_the_user_out_and_the_csv_export_is_formula_safe(
+    store: ReviewStore,
+) -> None:
+    import csv
+    import io
+
+    from serving.review.store import LOCKOUT_FAILURES
+
+    store.add_user("rita", "reviewer-pass", "reviewer")
+    for _ in range(LOCKOUT_FAILURES):
+        with pytest.raises(AccessError, match="wrong password"):
+            store.sign_in("rita", "not-her-password")
+    with pytest.raises(AccessError, match="too many failed sign-ins"):
+        store.sign_in("rita", "reviewer-pass")  # even the right password, for a while
+    with pytest.raises(AccessError, match="wrong password"):
+        store.sign_in('=HYPERLINK("http://x")', "whatever-pass")
+    rows = list(csv.reader(io.StringIO(store.audit_csv())))
+    assert rows[0] == ["entry", "at", "actor", "action", "target", "before", "after"]
+    assert rows[-1][2] == '\'=HYPERLINK("http://x")'  # text in a spreadsheet, not a formula

@@ -132,6 +132,18 @@ def test_sign_in_sets_an_httponly_samesite_cookie_and_audits(site: Site) -> None
         | {"password": "reviewer-pass", "csrf": _csrf(form.text), "next": "https://evil/"},
     )
     assert away.headers["location"] == "/review/"
+    for target in ("//evil.example/", "/\\evil.example", "/review/../\\evil", "javascript:x"):
+        client.cookies.clear()
+        form = client.get("/review/login")
+        away = client.post(
+            "/review/login",
+            data=data | {"password": "reviewer-pass", "csrf": _csrf(form.text), "next": target},
+        )
+        assert away.headers["location"] == "/review/", target
+    client.cookies.clear()
+    client.get("/review/login")
+    odd = client.post("/review/login", data=data | {"csrf": "é"})
+    assert odd.status_code == 403  # any text a client sends is compared, none crashes
 
 
 def test_forms_need_the_session_csrf_token_and_sign_out_ends_the_session(site: Site) -> None:
@@ -143,6 +155,8 @@ def test_forms_need_the_session_csrf_token_and_sign_out_ends_the_session(site: S
             "/review/open", data={"csrf": token, "version": site.challenger, "sample": 3}
         )
         assert response.status_code == 403 and "did not come from your page" in response.text
+    response = client.post("/review/open", data={"csrf": "é", "version": site.challenger})
+    assert response.status_code == 403
     assert len(site.store.audit_log()) == before  # nothing happened
     cookie = client.cookies.get("nextbest_review")
     assert client.post("/review/logout", data={"csrf": csrf}).status_code == 303
@@ -173,6 +187,7 @@ def test_review_release_by_page_moves_champion_and_what_recommend_serves(site: S
     assert page.text.count('<table class="shap"') >= 6  # a SHAP chart per model offer
     assert 'class="up"' in page.text and "Eligibility trace" in page.text
     review = _review(site, review_id)
+    assert review["threshold"] == 0.2  # the service's setting; the form cannot change it
     slates = review["slates"]
     first = slates[0]
     offer = first["challenger"]["offers"][0]["offer_id"]
@@ -185,12 +200,22 @@ def test_review_release_by_page_moves_champion_and_what_recommend_serves(site: S
     assert "needs a comment" in client.get(path).text
     assert _review(site, review_id)["counts"]["decided"] == 0
     decide(slate=first["slate_no"], offer=offer, decision="reject", reason="wrong_timing")
+    second = first["challenger"]["offers"][1]["offer_id"]
+    comment = "<script>alert(1)</script> & too soon"
+    decide(
+        slate=first["slate_no"], offer=second, decision="reject", reason="other", comment=comment
+    )
+    shown = client.get(path).text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; too soon" in shown
+    assert "<script>" not in shown
+    invalid = decide(slate="abc", offer=offer, decision="approve")
+    assert invalid.status_code == 400 and "Not understood" in invalid.text
     for slate in slates:
         client.post(
             f"/review/{review_id}/approve-slate", data={"csrf": csrf, "slate": slate["slate_no"]}
         )
     counts = _review(site, review_id)["counts"]
-    assert counts["decided"] == counts["items"] and counts["rejected"] == 1
+    assert counts["decided"] == counts["items"] and counts["rejected"] == 2
 
     # a reviewer cannot release, even with a valid session and token
     refused = client.post(
@@ -209,7 +234,10 @@ def test_review_release_by_page_moves_champion_and_what_recommend_serves(site: S
     assert "is the champion and now serves" in client.get(path).text
     version = MlflowClient().get_model_version(MODEL_NAME, site.challenger)
     assert "champion" in version.aliases
-    assert version.tags["review.by"] == "alan" and version.tags["review.rejected"] == "1"
+    assert version.tags["review.by"] == "alan" and version.tags["review.rejected"] == "2"
+    again = client.post(f"/review/{review_id}/release", data={"csrf": csrf, "decision": "reject"})
+    assert again.status_code == 303 and "is already approved" in client.get(path).text
+    assert "champion" in MlflowClient().get_model_version(MODEL_NAME, site.challenger).aliases
     served = client.post("/recommend", json={"customer_id": first["customer_id"], "channel": "web"})
     assert served.json()["model"]["version"] == site.challenger  # at once, not at a tick
 
@@ -234,6 +262,11 @@ def test_a_block_from_the_page_takes_effect_for_serving(site: Site) -> None:
     shown = client.post("/recommend", json={"customer_id": customer, "channel": "web"}).json()
     offer = shown["offers"][0]["offer_id"]
     review_id = _any_review(site, csrf)
+    unknown = client.post(
+        f"/review/{review_id}/block",
+        data={"csrf": csrf, "offer": "no-such-offer", "segment": segment, "reason": "x"},
+    )
+    assert unknown.status_code == 303 and "There is no offer" in client.get("/review/").text
     missing_reason = client.post(
         f"/review/{review_id}/block",
         data={"csrf": csrf, "offer": offer, "segment": segment, "reason": " "},

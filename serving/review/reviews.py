@@ -50,6 +50,14 @@ review_slates = sa.Table(
     sa.Column("challenger", sa.Text, nullable=False),
     sa.Column("champion", sa.Text),
 )
+review_items = sa.Table(
+    "review_items",
+    _metadata,
+    # what has to be decided: one row per offer of a frozen challenger slate
+    sa.Column("review_id", sa.String(32), primary_key=True),
+    sa.Column("slate_no", sa.Integer, primary_key=True),
+    sa.Column("offer_id", sa.String(128), primary_key=True),
+)
 review_decisions = sa.Table(
     "review_decisions",
     _metadata,
@@ -68,6 +76,14 @@ class ReleaseError(ValueError):
     """The release decision is not allowed yet (and why)."""
 
 
+class NotOpen(ValueError):
+    """The review is not open any more (decided, or being released)."""
+
+    def __init__(self, review_id: str, status: str) -> None:
+        super().__init__(f"review {review_id} is {status}, not open")
+        self.status = status
+
+
 def _now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
@@ -78,6 +94,24 @@ class Reviews:
     def __init__(self, store: ReviewStore) -> None:
         self.store = store
         _metadata.create_all(store.engine)
+        self._backfill_items()
+
+    def _backfill_items(self) -> None:
+        """Reviews opened before ``review_items`` existed get their items listed once."""
+        with self.store.engine.begin() as connection:
+            listed = sa.select(review_items.c.review_id).distinct()
+            rows = connection.execute(
+                sa.select(
+                    review_slates.c.review_id, review_slates.c.slate_no, review_slates.c.challenger
+                ).where(review_slates.c.review_id.not_in(listed))
+            ).all()
+            items = [
+                {"review_id": r.review_id, "slate_no": r.slate_no, "offer_id": o["offer_id"]}
+                for r in rows
+                for o in json.loads(r.challenger)["offers"]
+            ]
+            if items:
+                connection.execute(review_items.insert(), items)
 
     def open_review(
         self,
@@ -138,6 +172,13 @@ class Reviews:
                 )
             )
             connection.execute(review_slates.insert(), rows)
+            items = [
+                {"review_id": review_id, "slate_no": row["slate_no"], "offer_id": o["offer_id"]}
+                for row in rows
+                for o in json.loads(str(row["challenger"]))["offers"]
+            ]
+            if items:
+                connection.execute(review_items.insert(), items)
             self.store._audit(
                 connection,
                 actor,
@@ -213,38 +254,32 @@ class Reviews:
                     else json.loads(slate["champion"]),
                 }
             )
-        return dict(head) | {"slates": out, "counts": self._counts(out)}
+        return dict(head) | {"slates": out, "counts": self._counts(decisions, out)}
 
     def list_reviews(self) -> list[dict[str, Any]]:
+        """Every review, newest first, with its counts (from two aggregates, not the slates)."""
         with self.store.engine.connect() as connection:
             rows = (
                 connection.execute(reviews.select().order_by(reviews.c.created_at.desc()))
                 .mappings()
                 .all()
             )
-        return [dict(row) for row in rows]
+            counts = _tally(connection)
+        return [
+            dict(row) | {"counts": counts.get(row["review_id"], _rates(0, 0, 0))} for row in rows
+        ]
 
     @staticmethod
-    def _counts(slates: list[dict[str, Any]]) -> dict[str, Any]:
-        items = [o for s in slates for o in s["challenger"]["offers"]]
-        decided = [o for o in items if o["decision"] is not None]
-        rejected = [o for o in decided if o["decision"]["decision"] == "reject"]
-        return {
-            "items": len(items),
-            "decided": len(decided),
-            "rejected": len(rejected),
-            "rejection_rate": len(rejected) / len(items) if items else 0.0,
-        }
+    def _counts(decisions: Any, slates: list[dict[str, Any]]) -> dict[str, Any]:
+        items = sum(len(s["challenger"]["offers"]) for s in slates)
+        rejected = sum(d["decision"] == "reject" for d in decisions)
+        return _rates(items, len(decisions), rejected)
 
     def _slate(self, connection: sa.Connection, review_id: str, slate_no: int) -> dict[str, Any]:
-        """One slate of an open review, with its current decisions (KeyError if none)."""
-        status = connection.execute(
-            sa.select(reviews.c.status).where(reviews.c.review_id == review_id)
-        ).scalar()
-        if status is None:
-            raise KeyError(f"no review {review_id!r}")
-        if status != "open":
-            raise ValueError(f"review {review_id} is {status}, not open")
+        """One slate of an open review, with its current decisions (KeyError if none).
+        The review's row stays locked until the caller's transaction ends, so a decision
+        and the release decision never interleave."""
+        self._lock_open(connection, review_id)
         row = (
             connection.execute(
                 review_slates.select().where(
@@ -348,32 +383,54 @@ class Reviews:
             after=record,
         )
 
+    def _lock_open(self, connection: sa.Connection, review_id: str) -> None:
+        """Lock an open review's row for this transaction (a no-op write takes the row lock
+        on PostgreSQL and the write lock on SQLite); KeyError or ValueError otherwise."""
+        touched = connection.execute(
+            reviews.update()
+            .where((reviews.c.review_id == review_id) & (reviews.c.status == "open"))
+            .values(status="open")
+        ).rowcount
+        if touched == 1:
+            return
+        status = connection.execute(
+            sa.select(reviews.c.status).where(reviews.c.review_id == review_id)
+        ).scalar()
+        if status is None:
+            raise KeyError(f"no review {review_id!r}")
+        raise NotOpen(review_id, status)
+
     def release(self, review_id: str, *, approve: bool, actor: str) -> dict[str, Any]:
         """The release decision. Approval needs every item reviewed, a rejection rate under
-        the review's threshold and an approver; it moves ``champion`` to the version and
-        tags it. Rejection tags the version and leaves ``champion`` where it is."""
+        the review's threshold, an approver, and the champion the reviewers compared with
+        still serving; it moves ``champion`` to the version and tags it. Rejection tags the
+        version and leaves ``champion`` where it is.
+
+        The review is claimed (status ``releasing``) and counted in one transaction, so a
+        double submit, a second approver or a late decision cannot slip in; if the registry
+        fails, the claim is undone and the review stays open."""
         from mlflow import MlflowClient
 
-        from nextbest.registry import CHAMPION, MODEL_NAME
+        from nextbest.registry import CHAMPION, MODEL_NAME, resolve_version
 
         self.store.require(actor, "approver")
-        current = self.review(review_id)
-        if current["status"] != "open":
-            raise ReleaseError(f"review {review_id} is already {current['status']}")
-        counts = current["counts"]
-        if approve and counts["decided"] < counts["items"]:
-            raise ReleaseError(
-                f"{counts['items'] - counts['decided']} of {counts['items']} "
-                "items are not reviewed yet"
-            )
-        if approve and counts["rejection_rate"] >= current["threshold"]:
-            raise ReleaseError(
-                f"the rejection rate {counts['rejection_rate']:.0%} is not under "
-                f"the threshold {current['threshold']:.0%}"
+        with self.store.engine.begin() as connection:
+            try:
+                self._lock_open(connection, review_id)
+            except NotOpen as error:
+                raise ReleaseError(f"review {review_id} is already {error.status}") from None
+            head = connection.execute(
+                reviews.select().where(reviews.c.review_id == review_id)
+            ).first()
+            assert head is not None
+            counts = _tally(connection, review_id).get(review_id, _rates(0, 0, 0))
+            if approve:
+                self._check_release(head, counts, resolve_version)
+            connection.execute(
+                reviews.update().where(reviews.c.review_id == review_id).values(status="releasing")
             )
         status = "approved" if approve else "rejected"
-        client = MlflowClient()
-        version = current["version"]
+        version = head.version
         stamp = _now().isoformat(timespec="seconds")
         tags = {
             "review.id": review_id,
@@ -383,10 +440,23 @@ class Reviews:
             "review.items": str(counts["items"]),
             "review.rejected": str(counts["rejected"]),
         }
-        for key, value in tags.items():
-            client.set_model_version_tag(MODEL_NAME, version, key, value)
-        if approve:
-            client.set_registered_model_alias(MODEL_NAME, CHAMPION, version)
+        try:
+            client = MlflowClient()
+            for key, value in tags.items():
+                client.set_model_version_tag(MODEL_NAME, version, key, value)
+            if approve:
+                client.set_registered_model_alias(MODEL_NAME, CHAMPION, version)
+        except Exception as error:
+            with self.store.engine.begin() as connection:
+                connection.execute(
+                    reviews.update().where(reviews.c.review_id == review_id).values(status="open")
+                )
+                self.store._audit(
+                    connection, actor, "release_failed", review_id, after={"error": str(error)}
+                )
+            raise ReleaseError(
+                f"the model registry could not be updated ({error}); nothing was released"
+            ) from error
         with self.store.engine.begin() as connection:
             connection.execute(
                 reviews.update().where(reviews.c.review_id == review_id).values(status=status)
@@ -396,14 +466,65 @@ class Reviews:
                 actor,
                 "release" if approve else "reject_release",
                 review_id,
-                before={"champion": current["champion_version"], "status": "open"},
+                before={"champion": head.champion_version, "status": "open"},
                 after={
-                    "champion": version if approve else current["champion_version"],
+                    "champion": version if approve else head.champion_version,
                     "status": status,
                 }
                 | counts,
             )
         return {"review_id": review_id, "version": version, "status": status, **counts}
+
+    @staticmethod
+    def _check_release(head: Any, counts: dict[str, Any], resolve_version: Any) -> None:
+        if counts["decided"] < counts["items"]:
+            raise ReleaseError(
+                f"{counts['items'] - counts['decided']} of {counts['items']} "
+                "items are not reviewed yet"
+            )
+        if counts["rejection_rate"] >= head.threshold:
+            raise ReleaseError(
+                f"the rejection rate {counts['rejection_rate']:.0%} is not under "
+                f"the threshold {head.threshold:.0%}"
+            )
+        try:
+            serving, _ = resolve_version(alias="champion")
+        except LookupError:
+            serving = None
+        if serving != head.champion_version:
+            then = head.champion_version or "none"
+            raise ReleaseError(
+                f"the champion changed since this review opened (then {then}, now "
+                f"{serving or 'none'}): open a new review to compare with it"
+            )
+
+
+def _rates(items: int, decided: int, rejected: int) -> dict[str, Any]:
+    return {
+        "items": items,
+        "decided": decided,
+        "rejected": rejected,
+        "rejection_rate": rejected / items if items else 0.0,
+    }
+
+
+def _tally(connection: sa.Connection, review_id: str | None = None) -> dict[str, dict[str, Any]]:
+    """Items, decisions and rejections per review (one review, or all), in SQL."""
+    items = sa.select(review_items.c.review_id, sa.func.count().label("n")).group_by(
+        review_items.c.review_id
+    )
+    decided = sa.select(
+        review_decisions.c.review_id,
+        sa.func.count().label("n"),
+        sa.func.sum(sa.case((review_decisions.c.decision == "reject", 1), else_=0)).label("r"),
+    ).group_by(review_decisions.c.review_id)
+    if review_id is not None:
+        items = items.where(review_items.c.review_id == review_id)
+        decided = decided.where(review_decisions.c.review_id == review_id)
+    out = {r.review_id: _rates(r.n, 0, 0) for r in connection.execute(items)}
+    for r in connection.execute(decided):
+        out[r.review_id] = _rates(out.get(r.review_id, _rates(0, 0, 0))["items"], r.n, int(r.r))
+    return out
 
 
 def _stratified_sample(

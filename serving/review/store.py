@@ -12,6 +12,7 @@ Passwords are hashed with scrypt (``hashlib.scrypt``, n = 2^14, r = 8, p = 1, a 
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import json
@@ -30,6 +31,7 @@ __all__ = [
     "AccessError",
     "ReviewStore",
     "Session",
+    "csv_safe",
     "hash_password",
     "segment_blocks",
     "verify_password",
@@ -82,6 +84,9 @@ blocks = sa.Table(
 
 
 SESSION_HOURS = 8
+LOCKOUT_FAILURES = 5
+LOCKOUT_MINUTES = 15
+AUDIT_COLUMNS = ("entry", "at", "actor", "action", "target", "before", "after")
 
 
 class AccessError(PermissionError):
@@ -100,6 +105,13 @@ class Session:
     @property
     def is_approver(self) -> bool:
         return self.role == "approver"
+
+
+def csv_safe(value: Any) -> Any:
+    """A cell a spreadsheet shows as text, never runs as a formula (CSV injection)."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
 
 
 def _token_hash(token: str) -> str:
@@ -129,6 +141,11 @@ def verify_password(password: str, stored: str) -> bool:
         password.encode(), salt=base64.b64decode(salt), dklen=32, n=int(n), r=int(r), p=int(p)
     )
     return hmac.compare_digest(digest, base64.b64decode(expected))
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    return hash_password("not anybody's password", salt=b"nextbest-dummy-1")
 
 
 def _now() -> datetime:
@@ -163,6 +180,18 @@ class ReviewStore:
             )
         )
 
+    def audit_csv(self) -> str:
+        """The audit log as CSV, every cell safe to open in a spreadsheet."""
+        import csv
+        import io
+
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(AUDIT_COLUMNS)
+        for entry in self.audit_log():
+            writer.writerow([csv_safe(entry[c]) for c in AUDIT_COLUMNS])
+        return buffer.getvalue()
+
     def audit_log(self) -> list[dict[str, Any]]:
         with self.engine.connect() as connection:
             rows = connection.execute(audit.select().order_by(audit.c.entry)).mappings().all()
@@ -193,7 +222,9 @@ class ReviewStore:
         """The user's role, or AccessError (the same message whatever was wrong)."""
         with self.engine.connect() as connection:
             row = connection.execute(users.select().where(users.c.username == username)).first()
-        if row is None or not verify_password(password, row.password_hash):
+        # an unknown user costs the same scrypt as a known one: timing tells nothing
+        stored = _dummy_hash() if row is None else row.password_hash
+        if not verify_password(password, stored) or row is None:
             raise AccessError("unknown user or wrong password")
         return str(row.role)
 
@@ -218,12 +249,30 @@ class ReviewStore:
 
     # -- sessions ------------------------------------------------------------------------
     def sign_in(self, username: str, password: str) -> Session:
-        """A new session for the right password (audited), or AccessError (also audited)."""
+        """A new session for the right password (audited), or AccessError (also audited).
+        After LOCKOUT_FAILURES failed sign-ins of a username within LOCKOUT_MINUTES, even
+        the right password is refused until the window has passed."""
+        username = username[:64]
+        since = _now() - timedelta(minutes=LOCKOUT_MINUTES)
+        with self.engine.connect() as connection:
+            failures = connection.execute(
+                sa.select(sa.func.count())
+                .select_from(audit)
+                .where(
+                    (audit.c.actor == username)
+                    & (audit.c.action == "sign_in_failed")
+                    & (audit.c.at >= since)
+                )
+            ).scalar_one()
+        if failures >= LOCKOUT_FAILURES:
+            raise AccessError(
+                f"too many failed sign-ins for this user: try again in {LOCKOUT_MINUTES} minutes"
+            )
         try:
             role = self.authenticate(username, password)
         except AccessError:
             with self.engine.begin() as connection:
-                self._audit(connection, username[:64] or "-", "sign_in_failed", "review page")
+                self._audit(connection, username or "-", "sign_in_failed", "review page")
             raise
         token, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
         with self.engine.begin() as connection:
@@ -278,8 +327,9 @@ class ReviewStore:
         return message
 
     # -- blocks --------------------------------------------------------------------------
-    def block(self, offer_id: str, segment: str, reason: str, *, actor: str) -> None:
-        """Block an offer for a segment: it becomes an eligibility rule for serving."""
+    def block(self, offer_id: str, segment: str, reason: str, *, actor: str) -> bool:
+        """Block an offer for a segment: it becomes an eligibility rule for serving.
+        False when that block was already in force (nothing changes)."""
         self.require(actor, "reviewer")
         record = {"offer_id": offer_id, "segment": segment, "reason": reason}
         with self.engine.begin() as connection:
@@ -287,13 +337,14 @@ class ReviewStore:
                 blocks.select().where(blocks.c.offer_id == offer_id, blocks.c.segment == segment)
             ).first()
             if existing is not None:
-                return
+                return False
             connection.execute(
                 blocks.insert().values(
                     offer_id=offer_id, segment=segment, reason=reason, blocked_by=actor, at=_now()
                 )
             )
             self._audit(connection, actor, "block", f"{offer_id}@{segment}", after=record)
+        return True
 
     def unblock(self, offer_id: str, segment: str, *, actor: str) -> None:
         """Lift a block (the audit log keeps what it was)."""

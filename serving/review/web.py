@@ -17,18 +17,18 @@ it), so it holds no state of its own and any number of workers can serve it.
 
 from __future__ import annotations
 
-import csv
 import hmac
-import io
+import logging
 import secrets
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Protocol
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from fastapi import Depends, FastAPI, Form, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
@@ -38,6 +38,8 @@ from serving.review.reviews import ReleaseError, Reviews
 from serving.review.store import REJECT_REASONS, AccessError, ReviewStore, Session
 
 __all__ = ["COOKIE", "ReviewHost", "site"]
+
+log = logging.getLogger("nextbest.review")
 
 COOKIE = "nextbest_review"
 LOGIN_COOKIE = "nextbest_login_csrf"
@@ -72,6 +74,8 @@ class ReviewHost(Protocol):
 
     review: ReviewStore
     reviews: Reviews
+    review_threshold: float  # approval needs a rejection rate under this (configured)
+    secure_cookies: bool  # Secure cookies even when a proxy speaks plain HTTP to us
 
     def review_segments(self) -> list[str]:
         """The segments an offer can be blocked for."""
@@ -84,6 +88,10 @@ class ReviewHost(Protocol):
         ...
 
     def registered_versions(self) -> list[dict[str, Any]]: ...
+
+    def knows_offer(self, offer_id: str) -> bool:
+        """Whether the catalogue being served has this offer."""
+        ...
 
     def sync(self) -> None:
         """Apply blocks and the champion alias now (not at the next watcher tick)."""
@@ -157,6 +165,17 @@ def _sign_in_first(request: Request, _: Exception) -> Response:
     )
 
 
+@site.exception_handler(RequestValidationError)
+def _invalid(request: Request, error: Exception) -> Response:
+    assert isinstance(error, RequestValidationError)
+    problems = "; ".join(
+        f"{'/'.join(str(part) for part in e['loc'][1:])}: {e['msg']}" for e in error.errors()
+    )
+    return _page(
+        request, "error.html", {"title": "Not understood", "message": problems or "Bad form."}, 400
+    )
+
+
 @site.exception_handler(Refused)
 def _refused(request: Request, error: Exception) -> Response:
     assert isinstance(error, Refused)
@@ -180,9 +199,14 @@ def signed_in(request: Request, review_host: Host) -> Session:
 async def acting(request: Request, session: Annotated[Session, Depends(signed_in)]) -> Session:
     """The session of a form post whose CSRF token matches (every action)."""
     form = await request.form()
-    if not hmac.compare_digest(str(form.get("csrf", "")), session.csrf):
+    if not _same(str(form.get("csrf", "")), session.csrf):
         raise Refused(403, "This form did not come from your page (or it expired): reload it.")
     return session
+
+
+def _same(given: str, expected: str) -> bool:
+    """Constant-time comparison of tokens (bytes: any text a client sends is comparable)."""
+    return hmac.compare_digest(given.encode(), expected.encode())
 
 
 Viewer = Annotated[Session, Depends(signed_in)]
@@ -203,8 +227,17 @@ def _heard(review_host: ReviewHost, session: Session) -> dict[str, str] | None:
 
 # -- signing in and out ---------------------------------------------------------------------
 def _safe_next(request: Request, target: str | None) -> str:
+    """Where to go after signing in: a path on this page only (never another host)."""
     base = _base(request)
-    if target and target.startswith(f"{base}/") and not target.startswith("//"):
+    parts = urlsplit(target or "")
+    if (
+        target
+        and not parts.scheme
+        and not parts.netloc
+        and "\\" not in target
+        and parts.path.startswith(f"{base}/")
+        and not parts.path.startswith("//")
+    ):
         return target
     return f"{base}/"
 
@@ -213,10 +246,20 @@ def _safe_next(request: Request, target: str | None) -> str:
 def login_page(request: Request, review_host: Host, next: str | None = None) -> Response:
     if review_host.review.session(request.cookies.get(COOKIE)) is not None:
         return _redirect(_safe_next(request, next))
-    return _login_form(request, next, None, 200)
+    return _login_form(request, review_host, next, None, 200)
 
 
-def _login_form(request: Request, target: str | None, error: str | None, status: int) -> Response:
+def _secure(request: Request, review_host: ReviewHost) -> bool:
+    return request.url.scheme == "https" or review_host.secure_cookies
+
+
+def _login_form(
+    request: Request,
+    review_host: ReviewHost,
+    target: str | None,
+    error: str | None,
+    status: int,
+) -> Response:
     token = secrets.token_urlsafe(24)
     response = _page(
         request,
@@ -229,7 +272,7 @@ def _login_form(request: Request, target: str | None, error: str | None, status:
         token,
         httponly=True,
         samesite="strict",
-        secure=request.url.scheme == "https",
+        secure=_secure(request, review_host),
         path=f"{_base(request)}/login",
         max_age=3600,
     )
@@ -246,19 +289,20 @@ def login(
     csrf: Annotated[str, Form()] = "",
 ) -> Response:
     expected = request.cookies.get(LOGIN_COOKIE, "")
-    if not expected or not hmac.compare_digest(csrf, expected):
-        return _login_form(request, next, "The sign-in form expired: try again.", 403)
+    if not expected or not _same(csrf, expected):
+        return _login_form(request, review_host, next, "The sign-in form expired: try again.", 403)
     try:
         session = review_host.review.sign_in(username, password)
-    except AccessError:
-        return _login_form(request, next, "Unknown user or wrong password.", 401)
+    except AccessError as error:
+        message = str(error)
+        return _login_form(request, review_host, next, message[:1].upper() + message[1:] + ".", 401)
     response = _redirect(_safe_next(request, next))
     response.set_cookie(
         COOKIE,
         session.token,
         httponly=True,
         samesite="lax",
-        secure=request.url.scheme == "https",
+        secure=_secure(request, review_host),
         path=f"{_base(request)}/",
         max_age=8 * 3600,
     )
@@ -277,11 +321,8 @@ def logout(request: Request, review_host: Host, session: Actor) -> Response:
 # -- the list of reviews ----------------------------------------------------------------------
 @site.get("/", response_class=HTMLResponse)
 def review_list(request: Request, review_host: Host, session: Viewer) -> Response:
-    heads = review_host.reviews.list_reviews()
-    rows = [
-        head | {"counts": review_host.reviews.review(head["review_id"])["counts"]} for head in heads
-    ]
-    open_versions = {r["version"] for r in heads if r["status"] == "open"}
+    rows = review_host.reviews.list_reviews()
+    open_versions = {r["version"] for r in rows if r["status"] == "open"}
     versions = review_host.registered_versions()
     return _page(
         request,
@@ -290,6 +331,7 @@ def review_list(request: Request, review_host: Host, session: Viewer) -> Respons
             "reviews": rows,
             "versions": versions,
             "open_versions": open_versions,
+            "threshold": review_host.review_threshold,
             "flash": _heard(review_host, session),
         },
         session=session,
@@ -304,14 +346,19 @@ def open_review(
     version: Annotated[str, Form(max_length=32)],
     sample: Annotated[int, Form(ge=3, le=500)] = 50,
     k: Annotated[int, Form(ge=1, le=10)] = 3,
-    threshold: Annotated[float, Form(ge=0, le=1)] = 0.2,
 ) -> Response:
+    """Open a review; the rejection threshold is the service's setting, not the form's."""
     try:
         review_id = review_host.open_review(
-            version, actor=session.username, sample=sample, k=k, threshold=threshold
+            version,
+            actor=session.username,
+            sample=sample,
+            k=k,
+            threshold=review_host.review_threshold,
         )
-    except (LookupError, ValueError) as error:
-        _say(review_host, session, "error", str(error))
+    except Exception as error:  # an unknown version, a registry hiccup: said, not a 500
+        log.warning("could not open a review of version %s: %s", version, error)
+        _say(review_host, session, "error", f"Could not open a review of {version}: {error}")
         return _redirect(f"{_base(request)}/")
     _say(review_host, session, "notice", f"Opened a review of version {version}.")
     return _redirect(f"{_base(request)}/{review_id}")
@@ -326,13 +373,8 @@ def audit_page(request: Request, review_host: Host, session: Viewer) -> Response
 
 @site.get("/audit.csv")
 def audit_csv(review_host: Host, session: Viewer) -> Response:
-    columns = ["entry", "at", "actor", "action", "target", "before", "after"]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(review_host.review.audit_log())
     return Response(
-        buffer.getvalue(),
+        review_host.review.audit_csv(),
         media_type="text/csv; charset=utf-8",
         headers=HEADERS | {"Content-Disposition": 'attachment; filename="nextbest-audit.csv"'},
     )
@@ -379,12 +421,15 @@ def review_page(request: Request, review_id: str, review_host: Host, session: Vi
         ),
         ("released by an approver", session.is_approver, f"you are a {session.role}"),
     ]
+    slates = [_slate_view(slate) for slate in review["slates"]]
+    shown = sorted({bar["feature"] for s in slates for o in s["offers"] for bar in o["chart"]})
     return _page(
         request,
         "review.html",
         {
             "review": review,
-            "slates": [_slate_view(slate) for slate in review["slates"]],
+            "slates": slates,
+            "glossary": [(name, _DESCRIPTIONS.get(name, "")) for name in shown],
             "segments": review_host.review_segments(),
             "blocked": blocked,
             "conditions": conditions,
@@ -505,12 +550,16 @@ def block(
     reason: Annotated[str, Form(max_length=500)] = "",
     slate: Annotated[int | None, Form()] = None,
 ) -> Response:
+    _load(review_host, review_id)
     if segment not in review_host.review_segments():
         _say(review_host, session, "error", f"There is no segment {segment!r}.")
+    elif not review_host.knows_offer(offer):
+        _say(review_host, session, "error", f"There is no offer {offer!r}.")
     elif not reason.strip():
         _say(review_host, session, "error", "Say why the offer is blocked.")
+    elif not review_host.review.block(offer, segment, reason.strip(), actor=session.username):
+        _say(review_host, session, "notice", f"{offer} was already blocked for {segment}.")
     else:
-        review_host.review.block(offer, segment, reason.strip(), actor=session.username)
         review_host.sync()
         _say(
             review_host,
