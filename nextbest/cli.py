@@ -941,6 +941,13 @@ def review_open(
 
     actor = actor or os.environ.get("NEXTBEST_REVIEWER") or getpass.getuser()
     settings = ServiceSettings.from_env()
+    if threshold is not None and threshold > settings.review_threshold:
+        typer.echo(
+            f"error: --threshold may only be stricter than the configured "
+            f"NEXTBEST_REVIEW_THRESHOLD ({settings.review_threshold}), not {threshold}",
+            err=True,
+        )
+        raise typer.Exit(code=2)
     current = _recommender(workspace, clock, None, "champion")
     try:
         bundle = load_bundle(version=version)
@@ -956,10 +963,40 @@ def review_open(
             k=k,
             threshold=settings.review_threshold if threshold is None else threshold,
         )
-    except AccessError as error:
+    except (AccessError, ValueError) as error:
         typer.echo(f"error: {error}; create users with 'nextbest review add-user'", err=True)
         raise typer.Exit(code=2) from None
     typer.echo(review_id)
+
+
+@review_app.command("resolve")
+def review_resolve(
+    review_id: Annotated[str, typer.Argument(help="A review left 'releasing'.")],
+    actor: Annotated[str, typer.Option("--as", help="An approver.")],
+    db_url: DbOption = None,
+) -> None:
+    """Settle a review whose release was interrupted: approved if the registry shows its
+    version as champion, open again otherwise (audited)."""
+    from nextbest.registry import configure_tracking
+    from serving.review import AccessError, Reviews
+
+    configure_tracking()
+    try:
+        status = Reviews(_review_store(db_url)).resolve(review_id, actor=actor)
+    except (AccessError, KeyError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(code=2) from None
+    typer.echo(f"Review {review_id} is {status}.")
+
+
+@review_app.command("unlock")
+def review_unlock(
+    username: Annotated[str, typer.Argument(help="The user locked out by failed sign-ins.")],
+    db_url: DbOption = None,
+) -> None:
+    """End a user's sign-in lockout now (audited)."""
+    _review_store(db_url).unlock(username)
+    typer.echo(f"{username!r} may sign in again.")
 
 
 @review_app.command("audit")
@@ -975,7 +1012,7 @@ def review_audit(
 
     store = _review_store(db_url)
     if out is not None:
-        out.write_text(store.audit_csv())  # the page's export: formula-safe cells
+        out.write_text(store.audit_csv(), encoding="utf-8")  # formula-safe, as the page
         typer.echo(f"Wrote {len(store.audit_log())} audit entries to {out}.", err=True)
         return
     entries = pd.DataFrame(store.audit_log(), columns=list(AUDIT_COLUMNS))

@@ -76,9 +76,7 @@ class ServiceSettings:
             alias=env.get("NEXTBEST_MODEL_ALIAS", "champion"),
             reload_seconds=float(env.get("NEXTBEST_RELOAD_SECONDS", "5")),
             rules=Path(env["NEXTBEST_RULES"]) if env.get("NEXTBEST_RULES") else None,
-            review_threshold=_share(
-                "NEXTBEST_REVIEW_THRESHOLD", env.get("NEXTBEST_REVIEW_THRESHOLD", "0.2")
-            ),
+            review_threshold=_threshold(env.get("NEXTBEST_REVIEW_THRESHOLD", "0.2")),
             secure_cookies=env.get("NEXTBEST_SECURE_COOKIES", "").lower() in ("1", "true", "yes"),
         )
 
@@ -189,7 +187,9 @@ class NextBest:
         return [str(v) for v in self.recommender.snapshot.segments.values if v != UNKNOWN]
 
     def knows_offer(self, offer_id: str) -> bool:
-        return bool(offer_id in self.recommender.snapshot.offers.values)
+        from features.snapshot import UNKNOWN
+
+        return offer_id != UNKNOWN and bool(offer_id in self.recommender.snapshot.offers.values)
 
     def registered_versions(self) -> list[dict[str, Any]]:
         from nextbest.registry import registered_versions
@@ -321,10 +321,10 @@ def _parse_time(value: str) -> None:
         ) from None
 
 
-def _share(name: str, value: str) -> float:
+def _threshold(value: str) -> float:
     share = float(value)
-    if not 0 <= share <= 1:
-        raise ValueError(f"{name} must be between 0 and 1, not {value!r}")
+    if not 0 < share <= 1:
+        raise ValueError(f"NEXTBEST_REVIEW_THRESHOLD must be in (0, 1], not {value!r}")
     return share
 
 

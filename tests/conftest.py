@@ -101,3 +101,22 @@ def postgres_url(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-u
         )
         atexit.unregister(server._cleanup)  # already stopped: nothing left for it to do
         shutil.rmtree(pg_root, ignore_errors=True)
+
+
+@pytest.fixture
+def fresh_postgres(postgres_url: str):  # type: ignore[no-untyped-def]
+    """A new, empty database on the test PostgreSQL, dropped afterwards."""
+    import uuid
+
+    import sqlalchemy as sa
+
+    name = f"nextbest_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.exec_driver_sql(f"CREATE DATABASE {name}")
+    try:
+        yield postgres_url.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.dispose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,9 +23,11 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Served:
     return train_and_register(tmp_path_factory.mktemp("review"), champion=False)
 
 
-def _setup(served: Served, tmp_path: Path) -> tuple[Reviews, Recommender]:
+def _setup(
+    served: Served, tmp_path: Path, db_url: str | None = None
+) -> tuple[Reviews, Recommender]:
     configure_tracking()
-    ledger = SqlLedger(f"sqlite:///{tmp_path / 'ledger.db'}")
+    ledger = SqlLedger(db_url or f"sqlite:///{tmp_path / 'ledger.db'}")
     store = ReviewStore(ledger.engine)
     store.add_user("rita", "reviewer-pass", "reviewer")
     store.add_user("alan", "approver-pass", "approver")
@@ -148,13 +151,134 @@ def test_approval_is_refused_when_the_champion_changed_since_the_review_opened(
     client.delete_registered_model_alias("nextbest-ranker", "champion")
 
 
-def test_two_release_decisions_at_once_release_once(served: Served, tmp_path: Path) -> None:
-    import threading
+@pytest.fixture(params=["sqlite", "postgresql"])
+def on_db(
+    request: pytest.FixtureRequest, served: Served, tmp_path: Path
+) -> Iterator[tuple[Reviews, Recommender]]:
+    """The review gate on SQLite and on a fresh PostgreSQL database."""
+    url = (
+        f"sqlite:///{tmp_path / 'ledger.db'}"
+        if request.param == "sqlite"
+        else str(request.getfixturevalue("fresh_postgres"))
+    )
+    reviews, challenger = _setup(served, tmp_path, url)
+    yield reviews, challenger
+    reviews.store.engine.dispose()
 
-    reviews, challenger = _setup(served, tmp_path)
+
+def _all_approved(reviews: Reviews, challenger: Recommender) -> str:
     review_id = reviews.open_review(challenger, None, actor="rita", sample=3, k=1)
     for slate in reviews.review(review_id)["slates"]:
         reviews.approve_rest(review_id, slate["slate_no"], actor="rita")
+    return review_id
+
+
+def test_nothing_interleaves_with_a_release_in_progress(
+    on_db: tuple[Reviews, Recommender], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the registry is being updated, a decision, a second release decision and a
+    new review of the same version are all refused."""
+    reviews, challenger = on_db
+    review_id = _all_approved(reviews, challenger)
+    slate = reviews.review(review_id)["slates"][0]
+    offer = slate["challenger"]["offers"][0]["offer_id"]
+    meanwhile: list[str] = []
+    real_tag = MlflowClient.set_model_version_tag
+
+    def tag_and_interfere(self: MlflowClient, *args: object) -> None:
+        if not meanwhile:
+            for attempt in (
+                lambda: reviews.decide(
+                    review_id, slate["slate_no"], offer, "approve", actor="rita"
+                ),
+                lambda: reviews.release(review_id, approve=False, actor="alan"),
+                lambda: reviews.open_review(challenger, None, actor="rita", sample=3, k=1),
+            ):
+                try:
+                    attempt()
+                    meanwhile.append("allowed")
+                except ValueError as error:
+                    meanwhile.append(str(error))
+        real_tag(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(MlflowClient, "set_model_version_tag", tag_and_interfere)
+    try:
+        assert reviews.release(review_id, approve=True, actor="alan")["status"] == "approved"
+        assert "is releasing, not open" in meanwhile[0]
+        assert f"review {review_id} is already releasing" in meanwhile[1]
+        assert "already has an open review" in meanwhile[2]
+        actions = [e["action"] for e in reviews.store.audit_log() if e["target"] == review_id]
+        assert actions[-2:] == ["release_started", "release"]
+    finally:
+        MlflowClient().delete_registered_model_alias("nextbest-ranker", "champion")
+
+
+def test_a_registry_failure_leaves_the_review_open_and_untagged(
+    served: Served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reviews, challenger = _setup(served, tmp_path)
+    review_id = _all_approved(reviews, challenger)
+
+    def unreachable(*_: object) -> None:
+        raise ConnectionError("registry unreachable")
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", unreachable)
+    with pytest.raises(ReleaseError, match=r"registry unreachable.*nothing was released"):
+        reviews.release(review_id, approve=True, actor="alan")
+    assert reviews.review(review_id)["status"] == "open"
+    tags = MlflowClient().get_model_version("nextbest-ranker", served.version).tags
+    assert tags.get("review.id") != review_id  # this attempt's tags were taken back
+    failed = [e for e in reviews.store.audit_log() if e["action"] == "release_failed"]
+    assert failed and "registry unreachable" in failed[-1]["after"]
+    monkeypatch.undo()
+    assert reviews.release(review_id, approve=True, actor="alan")["status"] == "approved"
+    MlflowClient().delete_registered_model_alias("nextbest-ranker", "champion")
+
+
+def test_an_interrupted_release_is_resolved_from_the_registry(
+    served: Served, tmp_path: Path
+) -> None:
+    from datetime import datetime
+
+    from serving.review.reviews import reviews as review_table
+
+    reviews, challenger = _setup(served, tmp_path)
+    review_id = _all_approved(reviews, challenger)
+    with reviews.store.engine.begin() as connection:  # the process died mid-release
+        connection.execute(review_table.update().values(status="releasing"))
+        connection.execute(  # and another version's review waits for its release decision
+            review_table.insert().values(
+                review_id="other",
+                version="999",
+                status="open",
+                threshold=0.2,
+                created_by="rita",
+                created_at=datetime(2026, 1, 1),
+            )
+        )
+    with pytest.raises(ReleaseError, match=f"review {review_id} is being released"):
+        reviews.release("other", approve=False, actor="alan")
+    assert reviews.resolve(review_id, actor="alan") == "open"  # champion never moved
+    with reviews.store.engine.begin() as connection:
+        connection.execute(
+            review_table.update()
+            .where(review_table.c.review_id == review_id)
+            .values(status="releasing")
+        )
+    MlflowClient().set_registered_model_alias("nextbest-ranker", "champion", served.version)
+    try:  # this time the alias had moved before the process died
+        assert reviews.resolve(review_id, actor="alan") == "approved"
+    finally:
+        MlflowClient().delete_registered_model_alias("nextbest-ranker", "champion")
+
+
+def test_two_release_decisions_at_once_release_once(
+    served: Served, on_db: tuple[Reviews, Recommender]
+) -> None:
+    import threading
+
+    reviews, challenger = on_db
+    review_id = _all_approved(reviews, challenger)
     start = threading.Barrier(2)
     outcomes: list[str] = []
 
@@ -172,13 +296,13 @@ def test_two_release_decisions_at_once_release_once(served: Served, tmp_path: Pa
         thread.join()
     done = [o for o in outcomes if o in ("approved", "rejected")]
     assert len(done) == 1, outcomes
-    assert any("is already" in o for o in outcomes), outcomes
+    assert any("already" in o or "being released" in o for o in outcomes), outcomes
     final = reviews.review(review_id)["status"]
     assert final == done[0]
     tag = MlflowClient().get_model_version("nextbest-ranker", served.version).tags
     assert tag["review.status"] == final and tag["review.id"] == review_id
-    releases = [e for e in reviews.store.audit_log() if e["target"] == review_id]
-    assert [e["action"] for e in releases if "release" in e["action"]] == [
+    releases = [e["action"] for e in reviews.store.audit_log() if e["target"] == review_id]
+    assert [a for a in releases if a in ("release", "reject_release")] == [
         "release" if final == "approved" else "reject_release"
     ]
     if final == "approved":

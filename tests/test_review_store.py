@@ -3,6 +3,7 @@ append-only audit log."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,19 @@ def test_add_user_and_audit_commands(tmp_path: Path) -> None:
     text = (tmp_path / "audit.csv").read_text()
     assert text.splitlines()[0] == "entry,at,actor,action,target,before,after"
     assert "approver-pass" not in text and text.count("add_user") == 2
+    for _ in range(5):
+        with pytest.raises(AccessError):
+            store.sign_in("rita", "wrong-password")
+    with pytest.raises(AccessError, match="too many"):
+        store.sign_in("rita", "reviewer-pass")
+    unlocked = runner.invoke(app, ["review", "unlock", "rita", "--db-url", url])
+    assert unlocked.exit_code == 0 and store.sign_in("rita", "reviewer-pass").username == "rita"
+    unknown = runner.invoke(
+        app,
+        ["review", "resolve", "nope", "--as", "alan", "--db-url", url],
+        env={"NEXTBEST_HOME": str(tmp_path)},
+    )
+    assert unknown.exit_code == 2 and "no review 'nope'" in unknown.stderr
 
 
 def test_sessions_expire_follow_the_role_and_end_on_sign_out(store: ReviewStore) -> None:
@@ -155,13 +169,59 @@ def test_repeated_failures_lock_the_user_out_and_the_csv_export_is_formula_safe(
     from serving.review.store import LOCKOUT_FAILURES
 
     store.add_user("rita", "reviewer-pass", "reviewer")
+    store.sign_in("rita", "reviewer-pass")
+    for _ in range(LOCKOUT_FAILURES - 1):
+        with pytest.raises(AccessError, match="wrong password"):
+            store.sign_in("rita", "not-her-password")
+    store.sign_in("rita", "reviewer-pass")  # success resets the count
     for _ in range(LOCKOUT_FAILURES):
         with pytest.raises(AccessError, match="wrong password"):
             store.sign_in("rita", "not-her-password")
     with pytest.raises(AccessError, match="too many failed sign-ins"):
         store.sign_in("rita", "reviewer-pass")  # even the right password, for a while
+    store.unlock("rita", actor="alan")
+    store.sign_in("rita", "reviewer-pass")
     with pytest.raises(AccessError, match="wrong password"):
         store.sign_in('=HYPERLINK("http://x")', "whatever-pass")
     rows = list(csv.reader(io.StringIO(store.audit_csv())))
     assert rows[0] == ["entry", "at", "actor", "action", "target", "before", "after"]
     assert rows[-1][2] == '\'=HYPERLINK("http://x")'  # text in a spreadsheet, not a formula
+    actions = [r[3] for r in rows[1:]]
+    assert actions.count("sign_in_locked") == 1 and ("alan", "unlock") in [
+        (r[2], r[3]) for r in rows[1:]
+    ]
+
+
+def test_concurrent_guesses_cannot_pass_the_lockout_and_unknown_users_cost_scrypt(
+    store: ReviewStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from serving.review import store as module
+
+    store.add_user("rita", "reviewer-pass", "reviewer")
+    checked: list[str] = []
+    real = module.verify_password
+
+    def counting(password: str, stored: str) -> bool:
+        checked.append(password)
+        return real(password, stored)
+
+    monkeypatch.setattr(module, "verify_password", counting)
+    start = threading.Barrier(12)
+
+    def guess(n: int) -> None:
+        start.wait()
+        with contextlib.suppress(AccessError):
+            store.sign_in("rita", f"guess-number-{n}")
+
+    threads = [threading.Thread(target=guess, args=(n,)) for n in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(checked) == module.LOCKOUT_FAILURES  # the rest never reached scrypt
+    checked.clear()
+    with pytest.raises(AccessError, match="wrong password"):
+        store.sign_in("nobody-at-all", "some-password")
+    assert checked == ["some-password"]  # an unknown user is checked against a dummy hash

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
 
 from nextbest.registry import ModelBundle
 from serving.engine import Recommender
@@ -58,6 +59,13 @@ review_items = sa.Table(
     sa.Column("slate_no", sa.Integer, primary_key=True),
     sa.Column("offer_id", sa.String(128), primary_key=True),
 )
+review_gate = sa.Table(
+    "review_gate",
+    _metadata,
+    # one row; every opening and release claim locks it first, so they run one at a time
+    sa.Column("name", sa.String(16), primary_key=True),
+    sa.Column("touched_at", sa.DateTime),
+)
 review_decisions = sa.Table(
     "review_decisions",
     _metadata,
@@ -94,24 +102,43 @@ class Reviews:
     def __init__(self, store: ReviewStore) -> None:
         self.store = store
         _metadata.create_all(store.engine)
+        self._ensure_gate()
         self._backfill_items()
+
+    def _ensure_gate(self) -> None:
+        try:
+            with self.store.engine.begin() as connection:
+                if connection.execute(sa.select(review_gate.c.name)).first() is None:
+                    connection.execute(review_gate.insert().values(name="gate", touched_at=_now()))
+        except IntegrityError:  # another process made it at the same moment
+            pass
+
+    def _lock_gate(self, connection: sa.Connection) -> None:
+        """Serialise openings and release claims (row lock on PostgreSQL, write lock on
+        SQLite), for the rest of ``connection``'s transaction."""
+        connection.execute(review_gate.update().values(touched_at=_now()))
 
     def _backfill_items(self) -> None:
         """Reviews opened before ``review_items`` existed get their items listed once."""
-        with self.store.engine.begin() as connection:
-            listed = sa.select(review_items.c.review_id).distinct()
-            rows = connection.execute(
-                sa.select(
-                    review_slates.c.review_id, review_slates.c.slate_no, review_slates.c.challenger
-                ).where(review_slates.c.review_id.not_in(listed))
-            ).all()
-            items = [
-                {"review_id": r.review_id, "slate_no": r.slate_no, "offer_id": o["offer_id"]}
-                for r in rows
-                for o in json.loads(r.challenger)["offers"]
-            ]
-            if items:
-                connection.execute(review_items.insert(), items)
+        try:
+            with self.store.engine.begin() as connection:
+                listed = sa.select(review_items.c.review_id).distinct()
+                rows = connection.execute(
+                    sa.select(
+                        review_slates.c.review_id,
+                        review_slates.c.slate_no,
+                        review_slates.c.challenger,
+                    ).where(review_slates.c.review_id.not_in(listed))
+                ).all()
+                items = [
+                    {"review_id": r.review_id, "slate_no": r.slate_no, "offer_id": o["offer_id"]}
+                    for r in rows
+                    for o in json.loads(r.challenger)["offers"]
+                ]
+                if items:
+                    connection.execute(review_items.insert(), items)
+        except IntegrityError:  # another process backfilled them at the same moment
+            pass
 
     def open_review(
         self,
@@ -128,6 +155,8 @@ class Reviews:
         self.store.require(actor, "reviewer")
         if challenger.model.bundle is None:
             raise ValueError("the challenger has no model to review")
+        if not 0 < threshold <= 1:
+            raise ValueError(f"the rejection threshold must be in (0, 1], not {threshold}")
         chosen = _stratified_sample(challenger, sample, seed)
         review_id = uuid.uuid4().hex
         version = challenger.model.bundle.version
@@ -160,6 +189,14 @@ class Reviews:
                 }
             )
         with self.store.engine.begin() as connection:
+            self._lock_gate(connection)
+            pending = connection.execute(
+                sa.select(reviews.c.review_id).where(
+                    (reviews.c.version == version) & reviews.c.status.in_(("open", "releasing"))
+                )
+            ).scalar()
+            if pending is not None:
+                raise ValueError(f"version {version} already has an open review ({pending})")
             connection.execute(
                 reviews.insert().values(
                     review_id=review_id,
@@ -406,15 +443,27 @@ class Reviews:
         still serving; it moves ``champion`` to the version and tags it. Rejection tags the
         version and leaves ``champion`` where it is.
 
-        The review is claimed (status ``releasing``) and counted in one transaction, so a
-        double submit, a second approver or a late decision cannot slip in; if the registry
-        fails, the claim is undone and the review stays open."""
-        from mlflow import MlflowClient
-
-        from nextbest.registry import CHAMPION, MODEL_NAME, resolve_version
+        One transaction claims the review (status ``releasing``, audited as
+        ``release_started``) after checking and counting it, and only one review in the
+        database can be releasing at a time: a double submit, a second approver, another
+        review's release or a decision arriving meanwhile is refused. The registry is
+        called after that transaction. If it fails, the real outcome is read back from the
+        registry; a release that did not happen leaves the review open again."""
+        from nextbest.registry import resolve_version
 
         self.store.require(actor, "approver")
         with self.store.engine.begin() as connection:
+            self._lock_gate(connection)
+            busy = connection.execute(
+                sa.select(reviews.c.review_id).where(
+                    (reviews.c.status == "releasing") & (reviews.c.review_id != review_id)
+                )
+            ).scalar()
+            if busy is not None:
+                raise ReleaseError(
+                    f"review {busy} is being released; try again in a moment (if it stays "
+                    f"so, an approver runs: nextbest review resolve {busy})"
+                )
             try:
                 self._lock_open(connection, review_id)
             except NotOpen as error:
@@ -425,78 +474,163 @@ class Reviews:
             assert head is not None
             counts = _tally(connection, review_id).get(review_id, _rates(0, 0, 0))
             if approve:
-                self._check_release(head, counts, resolve_version)
+                _check_counts(head, counts)
             connection.execute(
                 reviews.update().where(reviews.c.review_id == review_id).values(status="releasing")
-            )
-        status = "approved" if approve else "rejected"
-        version = head.version
-        stamp = _now().isoformat(timespec="seconds")
-        tags = {
-            "review.id": review_id,
-            "review.status": status,
-            "review.by": actor,
-            "review.at": stamp,
-            "review.items": str(counts["items"]),
-            "review.rejected": str(counts["rejected"]),
-        }
-        try:
-            client = MlflowClient()
-            for key, value in tags.items():
-                client.set_model_version_tag(MODEL_NAME, version, key, value)
-            if approve:
-                client.set_registered_model_alias(MODEL_NAME, CHAMPION, version)
-        except Exception as error:
-            with self.store.engine.begin() as connection:
-                connection.execute(
-                    reviews.update().where(reviews.c.review_id == review_id).values(status="open")
-                )
-                self.store._audit(
-                    connection, actor, "release_failed", review_id, after={"error": str(error)}
-                )
-            raise ReleaseError(
-                f"the model registry could not be updated ({error}); nothing was released"
-            ) from error
-        with self.store.engine.begin() as connection:
-            connection.execute(
-                reviews.update().where(reviews.c.review_id == review_id).values(status=status)
             )
             self.store._audit(
                 connection,
                 actor,
-                "release" if approve else "reject_release",
+                "release_started",
                 review_id,
+                after={"approve": approve, "version": head.version} | counts,
+            )
+        if approve:
+            try:
+                serving = _champion(resolve_version)
+            except Exception as error:
+                self._reopen(head, actor, str(error))
+                raise ReleaseError(f"the model registry is unreachable ({error})") from error
+            if serving != head.champion_version:
+                then = head.champion_version or "none"
+                message = (
+                    f"the champion changed since this review opened (then {then}, now "
+                    f"{serving or 'none'}): open a new review to compare with it"
+                )
+                self._reopen(head, actor, message)
+                raise ReleaseError(message)
+        try:
+            status = self._publish(head, counts, approve=approve, actor=actor)
+        except Exception as error:
+            if self._settle(head, approve=approve, actor=actor, error=error):
+                return {"review_id": review_id, "version": head.version, "status": "approved"}
+            raise ReleaseError(
+                f"the model registry could not be updated ({error}); nothing was released"
+            ) from error
+        self._finish(head, counts, status=status, actor=actor)
+        return {"review_id": review_id, "version": head.version, "status": status, **counts}
+
+    def resolve(self, review_id: str, *, actor: str) -> str:
+        """Settle a review left ``releasing`` (the process died mid-release): approved if
+        the registry shows its version as champion, open again otherwise."""
+        self.store.require(actor, "approver")
+        with self.store.engine.connect() as connection:
+            head = connection.execute(
+                reviews.select().where(reviews.c.review_id == review_id)
+            ).first()
+        if head is None:
+            raise KeyError(f"no review {review_id!r}")
+        if head.status != "releasing":
+            return str(head.status)
+        self._settle(head, approve=True, actor=actor, error=None)
+        with self.store.engine.connect() as connection:
+            return str(
+                connection.execute(
+                    sa.select(reviews.c.status).where(reviews.c.review_id == review_id)
+                ).scalar()
+            )
+
+    @staticmethod
+    def _publish(head: Any, counts: dict[str, Any], *, approve: bool, actor: str) -> str:
+        from mlflow import MlflowClient
+
+        from nextbest.registry import CHAMPION, MODEL_NAME
+
+        status = "approved" if approve else "rejected"
+        tags = {
+            "review.id": head.review_id,
+            "review.status": status,
+            "review.by": actor,
+            "review.at": _now().isoformat(timespec="seconds"),
+            "review.items": str(counts["items"]),
+            "review.rejected": str(counts["rejected"]),
+        }
+        client = MlflowClient()
+        for key, value in tags.items():
+            client.set_model_version_tag(MODEL_NAME, head.version, key, value)
+        if approve:
+            client.set_registered_model_alias(MODEL_NAME, CHAMPION, head.version)
+        return status
+
+    def _finish(self, head: Any, counts: dict[str, Any], *, status: str, actor: str) -> None:
+        with self.store.engine.begin() as connection:
+            connection.execute(
+                reviews.update().where(reviews.c.review_id == head.review_id).values(status=status)
+            )
+            self.store._audit(
+                connection,
+                actor,
+                "release" if status == "approved" else "reject_release",
+                head.review_id,
                 before={"champion": head.champion_version, "status": "open"},
                 after={
-                    "champion": version if approve else head.champion_version,
+                    "champion": head.version if status == "approved" else head.champion_version,
                     "status": status,
                 }
                 | counts,
             )
-        return {"review_id": review_id, "version": version, "status": status, **counts}
 
-    @staticmethod
-    def _check_release(head: Any, counts: dict[str, Any], resolve_version: Any) -> None:
-        if counts["decided"] < counts["items"]:
-            raise ReleaseError(
-                f"{counts['items'] - counts['decided']} of {counts['items']} "
-                "items are not reviewed yet"
-            )
-        if counts["rejection_rate"] >= head.threshold:
-            raise ReleaseError(
-                f"the rejection rate {counts['rejection_rate']:.0%} is not under "
-                f"the threshold {head.threshold:.0%}"
-            )
+    def _settle(self, head: Any, *, approve: bool, actor: str, error: Exception | None) -> bool:
+        """After a failed (or interrupted) release: if the registry shows the version as
+        champion, the release happened (True); otherwise the review is open again and the
+        ``review.*`` tags this attempt may have written are removed (False)."""
+        from mlflow import MlflowClient
+
+        from nextbest.registry import MODEL_NAME, resolve_version
+
         try:
-            serving, _ = resolve_version(alias="champion")
-        except LookupError:
-            serving = None
-        if serving != head.champion_version:
-            then = head.champion_version or "none"
-            raise ReleaseError(
-                f"the champion changed since this review opened (then {then}, now "
-                f"{serving or 'none'}): open a new review to compare with it"
+            happened = approve and _champion(resolve_version) == head.version
+        except Exception:  # the registry still unreachable: assume it did not happen
+            happened = False
+        if happened:
+            with self.store.engine.connect() as connection:
+                counts = _tally(connection, head.review_id).get(head.review_id, _rates(0, 0, 0))
+            self._finish(head, counts, status="approved", actor=actor)
+            return True
+        try:
+            client = MlflowClient()
+            tags = client.get_model_version(MODEL_NAME, head.version).tags
+            if tags.get("review.id") == head.review_id:
+                for key in [k for k in tags if k.startswith("review.")]:
+                    client.delete_model_version_tag(MODEL_NAME, head.version, key)
+        except Exception:  # best effort: the audit entry below says what happened
+            pass
+        self._reopen(head, actor, "interrupted" if error is None else str(error))
+        return False
+
+    def _reopen(self, head: Any, actor: str, why: str) -> None:
+        """A release that did not happen: the review is open again (audited)."""
+        with self.store.engine.begin() as connection:
+            connection.execute(
+                reviews.update()
+                .where((reviews.c.review_id == head.review_id) & (reviews.c.status == "releasing"))
+                .values(status="open")
             )
+            self.store._audit(
+                connection, actor, "release_failed", head.review_id, after={"error": why}
+            )
+
+
+def _check_counts(head: Any, counts: dict[str, Any]) -> None:
+    if counts["items"] == 0:
+        raise ReleaseError("the review has no recommendations to approve")
+    if counts["decided"] < counts["items"]:
+        raise ReleaseError(
+            f"{counts['items'] - counts['decided']} of {counts['items']} items are not reviewed yet"
+        )
+    if counts["rejection_rate"] >= head.threshold:
+        raise ReleaseError(
+            f"the rejection rate {counts['rejection_rate']:.0%} is not under "
+            f"the threshold {head.threshold:.0%}"
+        )
+
+
+def _champion(resolve_version: Any) -> str | None:
+    try:
+        version, _ = resolve_version(alias="champion")
+    except LookupError:
+        return None
+    return str(version)
 
 
 def _rates(items: int, decided: int, rejected: int) -> dict[str, Any]:

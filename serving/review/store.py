@@ -72,6 +72,14 @@ sessions = sa.Table(
     sa.Column("expires_at", sa.DateTime, nullable=False),
     sa.Column("flash", sa.Text),
 )
+failures = sa.Table(
+    "review_sign_in_failures",
+    _metadata,
+    # failed sign-ins per username in the current window (the lockout's counter)
+    sa.Column("username", sa.String(64), primary_key=True),
+    sa.Column("failures", sa.Integer, nullable=False),
+    sa.Column("window_start", sa.DateTime, nullable=False),
+)
 blocks = sa.Table(
     "review_blocks",
     _metadata,
@@ -250,21 +258,16 @@ class ReviewStore:
     # -- sessions ------------------------------------------------------------------------
     def sign_in(self, username: str, password: str) -> Session:
         """A new session for the right password (audited), or AccessError (also audited).
-        After LOCKOUT_FAILURES failed sign-ins of a username within LOCKOUT_MINUTES, even
-        the right password is refused until the window has passed."""
+
+        Each attempt is counted before the password is checked, in one transaction per
+        username, so concurrent guesses cannot pass the limit: after LOCKOUT_FAILURES
+        failures within LOCKOUT_MINUTES even the right password is refused until the
+        window ends (``nextbest review unlock`` ends it early). Success resets the count.
+        """
         username = username[:64]
-        since = _now() - timedelta(minutes=LOCKOUT_MINUTES)
-        with self.engine.connect() as connection:
-            failures = connection.execute(
-                sa.select(sa.func.count())
-                .select_from(audit)
-                .where(
-                    (audit.c.actor == username)
-                    & (audit.c.action == "sign_in_failed")
-                    & (audit.c.at >= since)
-                )
-            ).scalar_one()
-        if failures >= LOCKOUT_FAILURES:
+        if not self._count_attempt(username):
+            with self.engine.begin() as connection:
+                self._audit(connection, username or "-", "sign_in_locked", "review page")
             raise AccessError(
                 f"too many failed sign-ins for this user: try again in {LOCKOUT_MINUTES} minutes"
             )
@@ -274,6 +277,8 @@ class ReviewStore:
             with self.engine.begin() as connection:
                 self._audit(connection, username or "-", "sign_in_failed", "review page")
             raise
+        with self.engine.begin() as connection:
+            connection.execute(failures.delete().where(failures.c.username == username))
         token, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
         with self.engine.begin() as connection:
             connection.execute(sessions.delete().where(sessions.c.expires_at < _now()))
@@ -287,6 +292,46 @@ class ReviewStore:
             )
             self._audit(connection, username, "sign_in", "review page")
         return Session(token=token, username=username, role=role, csrf=csrf)
+
+    def _count_attempt(self, username: str) -> bool:
+        """Count a sign-in attempt; False when the user is locked out (not counted)."""
+        now = _now()
+        key = failures.c.username == username
+        for _ in range(2):  # a concurrent first attempt may insert the row before us
+            try:
+                with self.engine.begin() as connection:
+                    # the no-op update takes the row (PostgreSQL) or write (SQLite) lock
+                    touched = connection.execute(
+                        failures.update().where(key).values(failures=failures.c.failures)
+                    ).rowcount
+                    if not touched:
+                        connection.execute(
+                            failures.insert().values(
+                                username=username, failures=1, window_start=now
+                            )
+                        )
+                        return True
+                    row = connection.execute(failures.select().where(key)).one()
+                    if row.window_start < now - timedelta(minutes=LOCKOUT_MINUTES):
+                        connection.execute(
+                            failures.update().where(key).values(failures=1, window_start=now)
+                        )
+                        return True
+                    if row.failures >= LOCKOUT_FAILURES:
+                        return False
+                    connection.execute(
+                        failures.update().where(key).values(failures=row.failures + 1)
+                    )
+                    return True
+            except IntegrityError:
+                continue
+        return True
+
+    def unlock(self, username: str, *, actor: str = "cli") -> None:
+        """End a user's lockout now (audited)."""
+        with self.engine.begin() as connection:
+            connection.execute(failures.delete().where(failures.c.username == username))
+            self._audit(connection, actor, "unlock", username)
 
     def session(self, token: str | None) -> Session | None:
         """The live session behind a cookie's token (the role as it is now), or None."""
@@ -332,18 +377,27 @@ class ReviewStore:
         False when that block was already in force (nothing changes)."""
         self.require(actor, "reviewer")
         record = {"offer_id": offer_id, "segment": segment, "reason": reason}
-        with self.engine.begin() as connection:
-            existing = connection.execute(
-                blocks.select().where(blocks.c.offer_id == offer_id, blocks.c.segment == segment)
-            ).first()
-            if existing is not None:
-                return False
-            connection.execute(
-                blocks.insert().values(
-                    offer_id=offer_id, segment=segment, reason=reason, blocked_by=actor, at=_now()
+        try:
+            with self.engine.begin() as connection:
+                existing = connection.execute(
+                    blocks.select().where(
+                        (blocks.c.offer_id == offer_id) & (blocks.c.segment == segment)
+                    )
+                ).first()
+                if existing is not None:
+                    return False
+                connection.execute(
+                    blocks.insert().values(
+                        offer_id=offer_id,
+                        segment=segment,
+                        reason=reason,
+                        blocked_by=actor,
+                        at=_now(),
+                    )
                 )
-            )
-            self._audit(connection, actor, "block", f"{offer_id}@{segment}", after=record)
+                self._audit(connection, actor, "block", f"{offer_id}@{segment}", after=record)
+        except IntegrityError:  # the same block, added at the same moment by someone else
+            return False
         return True
 
     def unblock(self, offer_id: str, segment: str, *, actor: str) -> None:

@@ -322,7 +322,7 @@ def logout(request: Request, review_host: Host, session: Actor) -> Response:
 @site.get("/", response_class=HTMLResponse)
 def review_list(request: Request, review_host: Host, session: Viewer) -> Response:
     rows = review_host.reviews.list_reviews()
-    open_versions = {r["version"] for r in rows if r["status"] == "open"}
+    open_versions = {r["version"] for r in rows if r["status"] in ("open", "releasing")}
     versions = review_host.registered_versions()
     return _page(
         request,
