@@ -25,7 +25,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from features.contract import CHANNELS
-from features.history import TimeIndex, to_seconds_ceil
+from features.history import TimeIndex, second_ceil, to_seconds_ceil
 from features.registry import FEATURES, feature_names
 from features.snapshot import MOMENTS, PLACEMENTS, Csr, Snapshot
 
@@ -225,7 +225,7 @@ class FeatureBuilder:
     def fit(self, snapshot: Snapshot, reference_time: Any) -> FeatureBuilder:
         """Learn basket lift (categories and products) and the global acceptance rate
         from events strictly before ``reference_time``."""
-        reference = int(to_seconds_ceil(np.array([pd.Timestamp(reference_time)]))[0])
+        reference = second_ceil(reference_time)
         before = snapshot.line_seconds < reference
         orders = snapshot.line_order[before]
         categories = snapshot.product_category[snapshot.line_product[before]]

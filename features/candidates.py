@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from features.builder import Requests, cooccurrence_anchors
-from features.history import to_seconds_ceil
+from features.history import second_ceil
 from features.snapshot import Snapshot
 
 __all__ = ["GENERATORS", "CandidateGenerator", "Candidates", "next_purchase_offers", "recall"]
@@ -79,7 +79,7 @@ class CandidateGenerator:
 
     def fit(self, snapshot: Snapshot, reference_time: Any) -> CandidateGenerator:
         s = snapshot
-        reference = int(to_seconds_ceil(np.array([pd.Timestamp(reference_time)]))[0])
+        reference = second_ceil(reference_time)
         before = s.line_seconds < reference
         products = s.line_product[before]
         categories = s.product_category[products]

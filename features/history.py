@@ -13,11 +13,12 @@ times are rounded *up* to the second so that sub-second request times stay stric
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-__all__ = ["EPOCH", "TimeIndex", "to_seconds", "to_seconds_ceil"]
+__all__ = ["EPOCH", "TimeIndex", "second_ceil", "to_seconds", "to_seconds_ceil"]
 
 EPOCH = np.datetime64("1970-01-01T00:00:00", "us")
 _GROUP_STRIDE = np.int64(1) << np.int64(33)  # 272 years of seconds between groups
@@ -35,6 +36,11 @@ def to_seconds_ceil(times: pd.Series | np.ndarray) -> np.ndarray:
     values = np.asarray(times, dtype="datetime64[us]")
     micros = (values - EPOCH) // np.timedelta64(1, "us")
     return (-(-micros // 1_000_000)).astype(np.int64)
+
+
+def second_ceil(moment: Any) -> int:
+    """One moment (anything ``pd.Timestamp`` reads) as int seconds, rounded up."""
+    return int(to_seconds_ceil(np.array([pd.Timestamp(moment)]))[0])
 
 
 @dataclass(frozen=True)

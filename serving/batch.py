@@ -119,7 +119,7 @@ def recommend_batch_dask(
     """:func:`recommend_batch` spread over a Dask cluster: every worker builds the same
     Recommender (same workspace, model version, settings and ledger) once, and scores
     chunks of customers. Rows come back in the customers' order."""
-    from distributed import Client, LocalCluster
+    from nextbest.cluster import dask_client
 
     bundle = recommender.model.bundle
     plugin = _recommender_plugin(
@@ -128,19 +128,7 @@ def recommend_batch_dask(
         recommender.ledger.url,
         recommender.settings,
     )
-    cluster = (
-        None
-        if scheduler
-        else LocalCluster(
-            n_workers=n_workers,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=None,
-            host="127.0.0.1",
-        )
-    )
-    client = Client(scheduler or cluster)
-    try:
+    with dask_client(scheduler, n_workers) as client:
         client.register_plugin(plugin)
         ids = customers["customer_id"].astype("str").tolist()
         moments = customers["as_of"].tolist() if "as_of" in customers.columns else [None] * len(ids)
@@ -154,10 +142,6 @@ def recommend_batch_dask(
                     client.submit(_chunk_on_worker, same, as_of, channel, placement, k, pure=False)
                 )
         parts = client.gather(tasks)
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
     frames = [p for p in parts if len(p)]
     rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
     order = {c: i for i, c in enumerate(ids)}

@@ -26,7 +26,7 @@ import yaml
 from features import FeatureBuilder, Requests, Snapshot
 from features.candidates import CandidateGenerator
 from features.contract import OFFER_KINDS
-from features.history import to_seconds_ceil
+from features.history import second_ceil
 from nextbest.registry import MODEL_NAME, ModelBundle
 from policy import RuleSet, evaluate, load_rules, parse_rules
 from policy.arbitration import Calibrator, offer_tasks, rank_scores
@@ -182,7 +182,7 @@ class Recommender:
         if clock == "data":
             return self.data_end_s
         moment = pd.Timestamp.now() if clock == "now" else pd.Timestamp(clock)
-        return int(to_seconds_ceil(np.array([moment]))[0])
+        return second_ceil(moment)
 
     # -- the request --------------------------------------------------------------------
     def recommend(
@@ -226,11 +226,7 @@ class Recommender:
         model = self.model
         n = len(customer_ids)
         contexts = contexts or [{} for _ in range(n)]
-        t = (
-            self.now_s()
-            if as_of is None
-            else int(to_seconds_ceil(np.array([pd.Timestamp(as_of)]))[0])
-        )
+        t = self.now_s() if as_of is None else second_ceil(as_of)
         moment = pd.Timestamp(t, unit="s")
         s = self.snapshot
         known_set = self.known_customers()

@@ -25,7 +25,7 @@ import pandas as pd
 
 from features import FeatureBuilder, Requests, Snapshot
 from features.candidates import CandidateGenerator
-from features.history import to_seconds_ceil
+from features.history import second_ceil
 from policy import RuleSet, evaluate
 from policy.arbitration import TASKS, offer_tasks
 from policy.rules import CompatibilityRequired
@@ -193,7 +193,7 @@ def build_rows(
     )
     for index, cut in enumerate(cuts):
         rng = np.random.default_rng([config.random_state, seed_offset, index])
-        t_cut = int(to_seconds_ceil(np.array([cut]))[0])
+        t_cut = second_ceil(cut)
         first_order = s.orders_by_customer.first_of_group(
             all_customers, np.full(len(all_customers), t_cut)
         )

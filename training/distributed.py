@@ -115,21 +115,12 @@ def train_on_dask(
     """Train as :func:`training.pipeline.train` does, with the rows and the fit on Dask."""
     import dask.array as da
     from dask import delayed
-    from dask.distributed import Client, LocalCluster
     from lightgbm.dask import DaskLGBMRanker
 
+    from nextbest.cluster import dask_client
+
     stages = stages or Stages(show=False)
-    cluster = None
-    if scheduler is None:
-        cluster = LocalCluster(
-            n_workers=n_workers,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=None,
-            host="127.0.0.1",
-        )
-    client = Client(scheduler or cluster)
-    try:
+    with dask_client(scheduler, n_workers) as client:
         with stages.stage("cut points"):
             splits = cut_points(snapshot, config)
         fitted = _Fitted(snapshot, config, splits.train[0])
@@ -203,10 +194,6 @@ def train_on_dask(
             booster = lgb.Booster(model_str=full.model_to_string(num_iteration=best))
         train_rows = _renumber(client.gather(futures["train"]))
         _require_positives(train_rows, validation)
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
     result = finish(
         snapshot,
         rules,

@@ -276,6 +276,7 @@ class Reviews:
                 .mappings()
                 .all()
             )
+            counts = _count(connection, review_id)
         decided = {(d["slate_no"], d["offer_id"]): dict(d) for d in decisions}
         out = []
         for slate in slates:
@@ -291,7 +292,7 @@ class Reviews:
                     else json.loads(slate["champion"]),
                 }
             )
-        return dict(head) | {"slates": out, "counts": self._counts(decisions, out)}
+        return dict(head) | {"slates": out, "counts": counts}
 
     def list_reviews(self) -> list[dict[str, Any]]:
         """Every review, newest first, with its counts (from two aggregates, not the slates)."""
@@ -305,12 +306,6 @@ class Reviews:
         return [
             dict(row) | {"counts": counts.get(row["review_id"], _rates(0, 0, 0))} for row in rows
         ]
-
-    @staticmethod
-    def _counts(decisions: Any, slates: list[dict[str, Any]]) -> dict[str, Any]:
-        items = sum(len(s["challenger"]["offers"]) for s in slates)
-        rejected = sum(d["decision"] == "reject" for d in decisions)
-        return _rates(items, len(decisions), rejected)
 
     def _slate(self, connection: sa.Connection, review_id: str, slate_no: int) -> dict[str, Any]:
         """One slate of an open review, with its current decisions (KeyError if none).
@@ -472,7 +467,7 @@ class Reviews:
                 reviews.select().where(reviews.c.review_id == review_id)
             ).first()
             assert head is not None
-            counts = _tally(connection, review_id).get(review_id, _rates(0, 0, 0))
+            counts = _count(connection, review_id)
             if approve:
                 _check_counts(head, counts)
             connection.execute(
@@ -584,7 +579,7 @@ class Reviews:
             happened = False
         if happened:
             with self.store.engine.connect() as connection:
-                counts = _tally(connection, head.review_id).get(head.review_id, _rates(0, 0, 0))
+                counts = _count(connection, head.review_id)
             self._finish(head, counts, status="approved", actor=actor)
             return True
         try:
@@ -659,6 +654,11 @@ def _tally(connection: sa.Connection, review_id: str | None = None) -> dict[str,
     for r in connection.execute(decided):
         out[r.review_id] = _rates(out.get(r.review_id, _rates(0, 0, 0))["items"], r.n, int(r.r))
     return out
+
+
+def _count(connection: sa.Connection, review_id: str) -> dict[str, Any]:
+    """One review's items, decisions and rejections."""
+    return _tally(connection, review_id).get(review_id, _rates(0, 0, 0))
 
 
 def _stratified_sample(
