@@ -21,7 +21,7 @@ ONLINE_REPEATS = 200
 
 def _demo_workspace(folder: Path) -> Any:
     from features import Workspace, write_demo_workspace
-    from nextbest.settings import Settings
+    from runtime.settings import Settings
 
     demo = Workspace(Settings.load().demo_workspace)
     return demo if demo.exists() else write_demo_workspace(folder / "demo")

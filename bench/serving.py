@@ -110,32 +110,38 @@ def _time(function: Any, repeats: int) -> dict[str, float]:
 
 
 def run() -> dict[str, Any]:
-    from features import Workspace, load_snapshot
-    from nextbest.registry import configure_tracking, load_bundle, resolve_version
-    from nextbest.settings import Settings, resolve_workspace
+    from features import Workspace
+    from runtime.registry import configure_tracking, model_name, resolve_version
+    from runtime.settings import Settings, resolve_workspace
+    from serving.assembly import build_recommender
     from serving.batch import recommend_batch
-    from serving.engine import Recommender, ServeSettings
-    from serving.ledger import SqlLedger
+    from serving.settings import ServingSettings
 
     configure_tracking()
+    workspace = Workspace(resolve_workspace(None))
+    name = model_name(workspace.workspace_id)
     try:
-        version, _ = resolve_version(alias="challenger")
+        version, _ = resolve_version(name, alias="challenger")
     except LookupError:
         subprocess.run(
             [str(Path(sys.executable).with_name("nextbest")), "train", "--quiet"],
             check=True,
             stdout=subprocess.DEVNULL,
         )
-        version, _ = resolve_version(alias="challenger")
-    bundle = load_bundle(version=version)
-    workspace = Workspace(resolve_workspace(None))
-    snapshot = load_snapshot(workspace)
+        version, _ = resolve_version(name, alias="challenger")
     rng = np.random.default_rng(0)
 
     with tempfile.TemporaryDirectory() as folder:
-        ledger = SqlLedger(f"sqlite:///{Path(folder) / 'bench.db'}")
-        settings = ServeSettings(holdout_share=0.0, rules_path=RULES)
-        recommender = Recommender(snapshot, bundle, ledger, settings, workspace=str(workspace.path))
+        settings = ServingSettings(
+            holdout_share=0.0, rules_path=RULES, db_url=f"sqlite:///{Path(folder) / 'bench.db'}"
+        )
+        recommender = build_recommender(settings, workspace=workspace, version=version)
+        snapshot, ledger, bundle = (
+            recommender.snapshot,
+            recommender.ledger,
+            recommender.model.bundle,
+        )
+        assert bundle is not None
         customers = sorted(recommender.known_customers())
         probe = recommender.recommend(
             customers[0], channel="web", k=5, debug=True, log_exposure=False
@@ -225,7 +231,7 @@ def run() -> dict[str, Any]:
                 "models",
                 "serve",
                 "-m",
-                f"models:/nextbest-ranker/{version}",
+                f"models:/{name}/{version}",
                 "--env-manager",
                 "local",
                 "-h",

@@ -347,6 +347,10 @@ def map_complete_journey(
     return tables, quality
 
 
+DEMO_WORKSPACE_ID = "demo"
+"""Every copy of the demo is the same data: one registered model name serves them all."""
+
+
 def write_demo_workspace(
     path: Path | str, *, min_category_households: int = MIN_CATEGORY_HOUSEHOLDS
 ) -> Workspace:
@@ -360,4 +364,5 @@ def write_demo_workspace(
         source=DEMO_SOURCE | {"min_category_households": min_category_households},
         allow_orphans=ALLOWED_ORPHANS,
         data_quality=quality,
+        workspace_id=DEMO_WORKSPACE_ID,
     )

@@ -568,6 +568,18 @@ class Snapshot:
             lists[s].append(int(t))
         return Csr.of(lists)
 
+    def catalogue_fingerprint(self) -> str:
+        """A short hash of which offers exist (id and kind): a model is trained for one
+        catalogue, and serving refuses a version trained on another."""
+        import hashlib
+
+        known = np.flatnonzero(self.offer_known)
+        kinds = np.asarray(OFFER_KINDS)[self.offer_kind[known]]
+        listing = "\n".join(
+            f"{o}\t{k}" for o, k in zip(self.offers.decode(known), kinds, strict=True)
+        )
+        return hashlib.sha256(listing.encode()).hexdigest()[:16]
+
     def offer_covers(self, offers: np.ndarray, products: np.ndarray) -> np.ndarray:
         """Whether each offer's product list holds the paired product."""
         return self.offer_product_pairs.encode(offers, products) >= 0

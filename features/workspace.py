@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Collection, Mapping, Sequence
@@ -124,6 +125,14 @@ class Workspace:
         """A hash of every table's content: the dataset's identity for MLflow."""
         return str(self.manifest["fingerprint"])
 
+    @property
+    def workspace_id(self) -> str:
+        """The workspace's stable name: set when it is first written and kept when the same
+        folder is written again (new data, same retailer). Models are registered per
+        workspace under it, so training one workspace never changes what another serves."""
+        given = self.manifest.get("workspace_id")
+        return str(given) if given else _derived_id(self.path)
+
     def table_path(self, name: str) -> Path:
         if name not in TABLES:
             raise KeyError(f"'{name}' is not a contract table; use one of {list(TABLES)}")
@@ -151,6 +160,7 @@ def write_workspace(
     synthetic: bool = False,
     allow_orphans: Collection[str] = (),
     data_quality: Mapping[str, Any] | None = None,
+    workspace_id: str | None = None,
 ) -> Workspace:
     """Validate ``tables`` and write them as the workspace at ``path``, all or nothing.
 
@@ -174,6 +184,17 @@ def write_workspace(
             f"{target} exists, is not empty and is not a workspace: refusing to overwrite it. "
             "Choose an empty or new folder."
         )
+    if workspace_id is None:
+        previous = Workspace(target)
+        workspace_id = (
+            previous.workspace_id
+            if previous.exists()
+            else f"{_slug(target.name)}-{uuid.uuid4().hex[:6]}"
+        )
+    elif _slug(workspace_id) != workspace_id:
+        raise WorkspaceError(
+            f"workspace id {workspace_id!r}: use lower-case letters, digits and '-' only"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.staging-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
@@ -190,6 +211,7 @@ def write_workspace(
         quality |= dict(data_quality or {})
         manifest = {
             "format": FORMAT_VERSION,
+            "workspace_id": workspace_id,
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "source": dict(source),
             "synthetic": synthetic,
@@ -204,6 +226,17 @@ def write_workspace(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return Workspace(target)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "workspace"
+
+
+def _derived_id(path: Path) -> str:
+    """For a workspace written before ids existed: its folder's name and a hash of where it
+    is (stable while it stays there)."""
+    where = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:6]
+    return f"{_slug(path.name)}-{where}"
 
 
 def _swap_into_place(staging: Path, target: Path) -> None:

@@ -19,7 +19,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from features.contract import CHANNELS
-from nextbest.settings import Settings, resolve_workspace
+from runtime.settings import Settings, resolve_workspace
 
 app = typer.Typer(
     name="nextbest",
@@ -70,12 +70,19 @@ def _user_errors(function: F) -> F:
     """Turn errors in the user's input into one clear line and exit code 2."""
     from features import ContractError, WorkspaceError
     from policy import RulesError
+    from runtime.registry import ModelMismatchError, UnknownVersion
 
     @wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return function(*args, **kwargs)
-        except (ContractError, WorkspaceError, RulesError) as error:
+        except (
+            ContractError,
+            WorkspaceError,
+            RulesError,
+            ModelMismatchError,
+            UnknownVersion,
+        ) as error:
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(code=2) from None
 
@@ -518,8 +525,8 @@ def train_command(
     """Train the ranker, log the run to MLflow, register a version with alias 'challenger',
     and print JSON with run_id, model_version and the headline metrics."""
     from features import Workspace, load_snapshot
-    from nextbest.registry import configure_tracking
     from policy import load_rules
+    from runtime.registry import configure_tracking
     from training.config import load_config
     from training.pipeline import Stages, train
     from training.tracking import log_run
@@ -530,9 +537,11 @@ def train_command(
     target = Workspace(resolve_workspace(workspace))
     configure_tracking()
     if if_missing:
-        from nextbest.registry import find_version
+        from runtime.registry import find_version, model_name
 
-        existing = find_version(target.fingerprint, rule_set.content_hash)
+        existing = find_version(
+            model_name(target.workspace_id), target.fingerprint, rule_set.content_hash
+        )
         if existing is not None:
             typer.echo(
                 f"Version {existing} was trained on this data and rules: skipping.", err=True
@@ -571,19 +580,25 @@ def evaluate_command(
     import yaml
 
     from features import Workspace, load_snapshot
-    from nextbest.registry import CHALLENGER, configure_tracking, load_bundle
     from policy import parse_rules
     from policy.arbitration import Calibrator
+    from runtime.registry import CHALLENGER, configure_tracking, load_bundle, model_name
     from training.config import TrainConfig
     from training.pipeline import evaluate_booster
 
     configure_tracking()
+    target = Workspace(resolve_workspace(workspace))
+    name = model_name(target.workspace_id)
     try:
-        bundle = load_bundle(version) if version else _champion_or_challenger(load_bundle)
+        bundle = (
+            load_bundle(name, version=version)
+            if version
+            else _champion_or_challenger(lambda alias: load_bundle(name, alias=alias))
+        )
     except LookupError as error:
         typer.echo(f"error: {error}; train one with 'nextbest train'", err=True)
         raise typer.Exit(code=2) from None
-    snapshot = load_snapshot(Workspace(resolve_workspace(workspace)))
+    snapshot = load_snapshot(target)
     calibrators = {task: Calibrator.from_dict(c) for task, c in bundle.meta["calibrators"].items()}
     metrics = evaluate_booster(
         snapshot,
@@ -593,6 +608,7 @@ def evaluate_command(
         TrainConfig.model_validate(bundle.meta["config"]),
     )
     payload = {
+        "model_name": bundle.name,
         "model_version": bundle.version,
         "alias": bundle.alias or CHALLENGER,
         "metrics": metrics,
@@ -607,46 +623,30 @@ def evaluate_command(
 
 
 def _champion_or_challenger(load: Any) -> Any:
-    from nextbest.registry import CHALLENGER
+    from runtime.registry import CHALLENGER, CHAMPION
 
     try:
-        return load(alias="champion")
+        return load(CHAMPION)
     except LookupError:
-        return load(alias=CHALLENGER)
+        return load(CHALLENGER)
 
 
 def _recommender(workspace: Path | None, clock: str, db_url: str | None, alias: str) -> Any:
-    from features import Workspace, load_snapshot
-    from nextbest.registry import configure_tracking, load_bundle
-    from serving.engine import Recommender, ServeSettings
-    from serving.ledger import SqlLedger
-    from serving.service import ServiceSettings
+    """The recommender every in-process command uses: the service's own factory."""
+    from dataclasses import replace
 
-    configure_tracking()
-    target = Workspace(resolve_workspace(workspace))
-    settings = ServiceSettings.from_env()
-    try:
-        bundle = load_bundle(alias=alias)
-    except LookupError:
-        bundle = None
-        typer.echo(f"No '{alias}' model: using the rules-only ranking.", err=True)
-    from serving.review import ReviewStore, segment_blocks
+    from serving.assembly import build_recommender
+    from serving.settings import ServingSettings
 
-    ledger = SqlLedger(db_url or settings.db_url)
-    recommender = Recommender(
-        load_snapshot(target),
-        bundle,
-        ledger,
-        ServeSettings(
-            clock=clock,
-            holdout_share=settings.holdout_share,
-            holdout_control=settings.holdout_control,
-            alias=alias,
-            rules_path=settings.rules,
-        ),
-        workspace=str(target.path),
-    )
-    recommender.extra_blocks = segment_blocks(ReviewStore(ledger.engine))
+    settings = ServingSettings.from_env()
+    if db_url:
+        settings = replace(settings, db_url=db_url)
+    recommender = build_recommender(settings, workspace=workspace, clock=clock, alias=alias)
+    if recommender.model.bundle is None:
+        typer.echo(
+            f"No '{alias}' version of {recommender.model_name}: using the rules-only ranking.",
+            err=True,
+        )
     return recommender
 
 
@@ -874,9 +874,11 @@ def _print_review_help(base: str, db_url: str | None) -> None:
 def _review_store(db_url: str | None) -> Any:
     from serving.ledger import SqlLedger
     from serving.review import ReviewStore
-    from serving.service import ServiceSettings
+    from serving.settings import ServingSettings
 
-    return ReviewStore(SqlLedger(db_url or ServiceSettings.from_env().db_url).engine)
+    if db_url is None:
+        db_url = ServingSettings.from_env().ledger_url(Settings.load().require_data_dir())
+    return ReviewStore(SqlLedger(db_url).engine)
 
 
 DbOption = Annotated[
@@ -935,12 +937,12 @@ def review_open(
     import getpass
     import os
 
-    from nextbest.registry import load_bundle
+    from runtime.registry import load_bundle
     from serving.review import AccessError, Reviews, ReviewStore
-    from serving.service import ServiceSettings
+    from serving.settings import ServingSettings
 
     actor = actor or os.environ.get("NEXTBEST_REVIEWER") or getpass.getuser()
-    settings = ServiceSettings.from_env()
+    settings = ServingSettings.from_env()
     if threshold is not None and threshold > settings.review_threshold:
         typer.echo(
             f"error: --threshold may only be stricter than the configured "
@@ -950,7 +952,7 @@ def review_open(
         raise typer.Exit(code=2)
     current = _recommender(workspace, clock, None, "champion")
     try:
-        bundle = load_bundle(version=version)
+        bundle = load_bundle(current.model_name, version=version)
     except LookupError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(code=2) from None
@@ -977,7 +979,7 @@ def review_resolve(
 ) -> None:
     """Settle a review whose release was interrupted: approved if the registry shows its
     version as champion, open again otherwise (audited)."""
-    from nextbest.registry import configure_tracking
+    from runtime.registry import configure_tracking
     from serving.review import AccessError, Reviews
 
     configure_tracking()

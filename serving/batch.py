@@ -7,11 +7,12 @@ with the per-request semantics of the service (caps, holdouts, because text).
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
 import pandas as pd
 
+from serving.assembly import UNSET
 from serving.engine import Recommender
 
 __all__ = ["recommend_batch", "recommend_batch_dask"]
@@ -69,28 +70,38 @@ def recommend_batch(
 PLUGIN_NAME = "nextbest-recommender"
 
 
-def _recommender_plugin(workspace: str, version: str | None, db_url: str, settings: Any) -> Any:
-    """A Dask WorkerPlugin that builds one Recommender per worker, once, from what the
-    client resolved (same workspace, model version, ledger and settings)."""
+def _recommender_plugin(recommender: Recommender) -> Any:
+    """A Dask WorkerPlugin that builds, once per worker, the same recommender as the
+    client's: the same factory, settings, workspace, model version, ledger and blocks."""
     from distributed import WorkerPlugin
+
+    bundle = recommender.model.bundle
+    inputs: dict[str, Any] = {
+        "settings": replace(recommender.settings, db_url=recommender.ledger.url),
+        "workspace": recommender.workspace.path,
+        "version": None if bundle is None else bundle.version,
+        "alias": None if bundle is None else bundle.alias,
+        "blocks": [block.model_dump() for block in recommender.blocks],
+    }
 
     class RecommenderPlugin(WorkerPlugin):
         name = PLUGIN_NAME
 
         def setup(self, worker: Any) -> None:
-            from features import Workspace, load_snapshot
-            from nextbest.registry import configure_tracking, load_bundle
-            from serving.ledger import SqlLedger
+            from policy.rules import SegmentBlock
+            from runtime.registry import configure_tracking
+            from serving.assembly import build_recommender
 
             configure_tracking()
-            bundle = load_bundle(version=version) if version else None
-            self.recommender = Recommender(
-                load_snapshot(Workspace(Path(workspace))),
-                bundle,
-                SqlLedger(db_url),
-                settings,
-                workspace=workspace,
+            self.recommender = build_recommender(
+                inputs["settings"],
+                workspace=inputs["workspace"],
+                version=inputs["version"],
+                bundle=None if inputs["version"] is None else UNSET,
+                blocks=[SegmentBlock(**block) for block in inputs["blocks"]],
             )
+            if inputs["alias"] is not None and self.recommender.model.bundle is not None:
+                self.recommender.model.bundle.alias = inputs["alias"]
 
     return RecommenderPlugin()
 
@@ -119,15 +130,9 @@ def recommend_batch_dask(
     """:func:`recommend_batch` spread over a Dask cluster: every worker builds the same
     Recommender (same workspace, model version, settings and ledger) once, and scores
     chunks of customers. Rows come back in the customers' order."""
-    from nextbest.cluster import dask_client
+    from runtime.cluster import dask_client
 
-    bundle = recommender.model.bundle
-    plugin = _recommender_plugin(
-        recommender.workspace,
-        None if bundle is None else bundle.version,
-        recommender.ledger.url,
-        recommender.settings,
-    )
+    plugin = _recommender_plugin(recommender)
     with dask_client(scheduler, n_workers) as client:
         client.register_plugin(plugin)
         ids = customers["customer_id"].astype("str").tolist()

@@ -3,9 +3,10 @@
 candidates → features → eligibility (with the live ledger) → ranker → calibrated
 P(accept) × value × lever → slate without collisions → "because" → exposure ledger.
 
-The service, ``nextbest recommend`` and ``nextbest recommend-batch`` all call
-:meth:`Recommender.recommend`, so the storefront, a campaign and a back-test get the same
-ranking, eligibility, caps, holdouts and explanations.
+The service, ``nextbest recommend``, ``nextbest recommend-batch`` (local and Dask) and the
+review gate all get their recommender from :func:`serving.assembly.build_recommender` and
+call :meth:`Recommender.recommend_many`, so the storefront, a campaign, a back-test and a
+reviewer see the same ranking, eligibility, caps, holdouts and explanations.
 """
 
 from __future__ import annotations
@@ -15,27 +16,29 @@ import logging
 import threading
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any, Literal
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import yaml
 
-from features import FeatureBuilder, Requests, Snapshot
+from features import FeatureBuilder, FeatureMatrix, Requests, Snapshot, Workspace, feature_names
 from features.candidates import CandidateGenerator
 from features.contract import OFFER_KINDS
 from features.history import second_ceil
-from nextbest.registry import MODEL_NAME, ModelBundle
-from policy import RuleSet, evaluate, load_rules, parse_rules
+from policy import Eligibility, RuleSet, evaluate, load_rules, parse_rules
 from policy.arbitration import Calibrator, offer_tasks, rank_scores
 from policy.eligibility import reasons_of
-from policy.slate import assemble_slate
+from policy.rules import SegmentBlock
+from policy.slate import Slate, assemble_slate
+from runtime.registry import ModelBundle, ModelMismatchError, model_name
 from serving.explain import COLD_START_BECAUSE, explain_rows
 from serving.ledger import CombinedLedger, ServedOffer, SqlLedger
+from serving.settings import ServingSettings
 
-__all__ = ["Recommender", "ServeSettings", "in_holdout"]
+__all__ = ["Recommender", "in_holdout"]
 
 log = logging.getLogger("nextbest.serving")
 
@@ -49,44 +52,52 @@ def in_holdout(key: str, salt: str, share: float) -> bool:
 
 
 @dataclass(frozen=True)
-class ServeSettings:
-    """How the service decides; every field has a safe default."""
-
-    clock: str = "data"
-    holdout_share: float = 0.05
-    holdout_salt: str = "nextbest-holdout-1"
-    holdout_control: Literal["nothing", "rules_only"] = "nothing"
-    offer_holdout_share: float = 0.0
-    alias: str = "champion"
-    rules_path: Path | None = None
-    max_candidates: int = 200
+class _Plan:
+    holdout: list[bool]
+    modes: list[str]
+    control: list[bool]  # the holdout's control ranks by the rules alone
+    scoring: np.ndarray
 
 
 @dataclass
 class _Model:
+    """Everything that belongs to one model version (or to the rules-only ranking): swapped
+    as one reference, so a new version never runs with the old one's candidates, feature
+    statistics or calibration."""
+
     bundle: ModelBundle | None
     rules: RuleSet
+    generator: CandidateGenerator
+    min_pair_orders: int
     calibrators: dict[str, Calibrator] = field(default_factory=dict)
     default_values: dict[str, float] = field(default_factory=dict)
     lever_cap: float = 2.0
+    builders: OrderedDict[int, FeatureBuilder] = field(default_factory=OrderedDict)
 
 
 class Recommender:
-    """Holds the snapshot, the fitted feature builder, the model and the ledger."""
+    """Holds the snapshot, the model (with its candidate generator and fitted feature
+    builders), the ledger and the reviewers' blocks. Build it with
+    :func:`serving.assembly.build_recommender`."""
 
     def __init__(
         self,
         snapshot: Snapshot,
         bundle: ModelBundle | None,
         ledger: SqlLedger,
-        settings: ServeSettings | None = None,
+        settings: ServingSettings,
         *,
-        workspace: str = "",
+        workspace: Workspace,
+        blocks: Sequence[SegmentBlock] = (),
     ) -> None:
         self.snapshot = snapshot
         self.ledger = ledger
-        self.settings = settings or ServeSettings()
+        self.settings = settings
         self.workspace = workspace
+        self.workspace_id = workspace.workspace_id
+        self.model_name = model_name(self.workspace_id)
+        self.catalogue = snapshot.catalogue_fingerprint()
+        self.blocks: list[SegmentBlock] = list(blocks)
         self.data_end_s = (
             int(
                 max(
@@ -98,50 +109,70 @@ class Recommender:
         )
         self.reference = pd.Timestamp(self.data_end_s, unit="s")
         self.combined = CombinedLedger(snapshot, ledger)
-        self._builders: OrderedDict[int, FeatureBuilder] = OrderedDict()
         self._lock = threading.Lock()
-        self.generator = CandidateGenerator(max_candidates=self.settings.max_candidates).fit(
-            snapshot, self.reference
-        )
-        self.model = self._model(bundle)
-        self.extra_blocks: list[Any] = []
         ordered = np.unique(snapshot.orders_by_customer.groups)
         self._known = set(snapshot.customers.decode(ordered).tolist())
         self.offer_task = offer_tasks(snapshot.offer_kind)
+        self.model = self._model(bundle)
 
     # -- model -------------------------------------------------------------------------
+    def check(self, bundle: ModelBundle) -> None:
+        """Refuse a version that does not fit this workspace: other features (or another
+        order), another workspace, or another offer catalogue."""
+        where = f"version {bundle.version} of {bundle.name}"
+        if bundle.feature_names != feature_names():
+            raise ModelMismatchError(
+                f"{where} was trained on other features than this code computes "
+                f"({len(bundle.feature_names)} vs {len(feature_names())}, or another order); "
+                "retrain it with 'nextbest train'"
+            )
+        trained_on = bundle.meta.get("workspace_id")
+        if trained_on != self.workspace_id:
+            raise ModelMismatchError(
+                f"{where} was trained on workspace {trained_on!r}, not on {self.workspace_id!r} "
+                f"({self.workspace.path}); serve it on its own workspace, or train one here "
+                "with 'nextbest train --workspace …'"
+            )
+        catalogue = bundle.meta.get("catalogue")
+        if catalogue != self.catalogue:
+            raise ModelMismatchError(
+                f"{where} was trained on another offer catalogue ({catalogue}) than this "
+                f"workspace now holds ({self.catalogue}); retrain it with 'nextbest train'"
+            )
+
     def _model(self, bundle: ModelBundle | None) -> _Model:
+        settings = self.settings
         if bundle is None:
-            rules = load_rules(self.settings.rules_path)
-            return _Model(bundle=None, rules=rules)
-        rules = (
-            load_rules(self.settings.rules_path)
-            if self.settings.rules_path
-            else parse_rules(yaml.safe_load(bundle.rules_yaml), source="model rules")
+            rules = load_rules(settings.rules_path)
+            min_pair, max_candidates = 20, settings.max_candidates
+        else:
+            self.check(bundle)
+            rules = (
+                load_rules(settings.rules_path)
+                if settings.rules_path
+                else parse_rules(yaml.safe_load(bundle.rules_yaml), source="model rules")
+            )
+            config = bundle.meta["config"]
+            min_pair = int(config.get("min_pair_orders", 20))
+            max_candidates = int(config.get("max_candidates", settings.max_candidates))
+        generator = CandidateGenerator(max_candidates=max_candidates, min_pair_orders=min_pair).fit(
+            self.snapshot, self.reference
         )
+        if bundle is None:
+            return _Model(None, rules, generator, min_pair)
         return _Model(
             bundle=bundle,
             rules=rules,
+            generator=generator,
+            min_pair_orders=min_pair,
             calibrators={t: Calibrator.from_dict(c) for t, c in bundle.meta["calibrators"].items()},
             default_values=dict(bundle.meta.get("default_values", {})),
             lever_cap=float(bundle.meta.get("lever_cap", 2.0)),
         )
 
-    def with_model(self, bundle: ModelBundle | None, **changes: Any) -> Recommender:
-        """Another recommender on the same snapshot, ledger and reviewers' blocks, with
-        ``bundle`` and these settings changed (a review's challenger beside the champion)."""
-        other = Recommender(
-            self.snapshot,
-            bundle,
-            self.ledger,
-            replace(self.settings, **changes),
-            workspace=self.workspace,
-        )
-        other.extra_blocks = list(self.extra_blocks)
-        return other
-
     def swap_model(self, bundle: ModelBundle | None) -> None:
-        """Switch to another version; requests in flight finish on the one they started."""
+        """Switch to another version; requests in flight finish on the one they started.
+        The new version brings its own candidates and feature statistics."""
         model = self._model(bundle)
         self.model = model  # one reference assignment: atomic for readers
         log.info("serving %s", self.model_info(model))
@@ -149,33 +180,35 @@ class Recommender:
     def model_info(self, model: _Model | None = None) -> dict[str, Any]:
         model = model or self.model
         if model.bundle is None:
-            return {"name": MODEL_NAME, "version": None, "alias": None, "mode": "rules_only"}
+            return {"name": self.model_name, "version": None, "alias": None, "mode": "rules_only"}
         return {
-            "name": MODEL_NAME,
+            "name": model.bundle.name,
             "version": model.bundle.version,
             "alias": model.bundle.alias,
             "mode": "model",
         }
 
-    def builder_for(self, as_of_s: int) -> FeatureBuilder:
-        """The feature builder fitted at the data's end, or at an earlier moment asked for
-        (back-tests), never later than the moment itself."""
+    def builder_for(self, as_of_s: int, model: _Model | None = None) -> FeatureBuilder:
+        """The model's feature builder fitted at the data's end, or at an earlier moment
+        asked for (back-tests), never later than the moment itself."""
+        model = model or self.model
         reference_s = min(as_of_s, self.data_end_s)
         with self._lock:
-            if reference_s in self._builders:
-                self._builders.move_to_end(reference_s)
-                return self._builders[reference_s]
-        min_pair = 20
-        if self.model.bundle is not None:
-            min_pair = int(self.model.bundle.meta["config"].get("min_pair_orders", 20))
-        builder = FeatureBuilder(min_pair_orders=min_pair).fit(
+            if reference_s in model.builders:
+                model.builders.move_to_end(reference_s)
+                return model.builders[reference_s]
+        builder = FeatureBuilder(min_pair_orders=model.min_pair_orders).fit(
             self.snapshot, pd.Timestamp(reference_s, unit="s")
         )
         with self._lock:
-            self._builders[reference_s] = builder
-            while len(self._builders) > _BUILDER_CACHE:
-                self._builders.popitem(last=False)
+            model.builders[reference_s] = builder
+            while len(model.builders) > _BUILDER_CACHE:
+                model.builders.popitem(last=False)
         return builder
+
+    @property
+    def generator(self) -> CandidateGenerator:
+        return self.model.generator
 
     def now_s(self) -> int:
         clock = self.settings.clock
@@ -223,58 +256,133 @@ class Recommender:
     ) -> list[dict[str, Any]]:
         """Slates for many customers at one moment, computed together (campaigns), with
         exactly the per-request semantics of the service."""
-        model = self.model
-        n = len(customer_ids)
-        contexts = contexts or [{} for _ in range(n)]
-        t = self.now_s() if as_of is None else second_ceil(as_of)
-        moment = pd.Timestamp(t, unit="s")
+        model = self.model  # one version for the whole call, even if it is swapped meanwhile
         s = self.snapshot
-        known_set = self.known_customers()
-        settings = self.settings
-        holdout = [
-            in_holdout(c, settings.holdout_salt, settings.holdout_share) for c in customer_ids
-        ]
-        requests = Requests.build(
-            s,
+        contexts = contexts or [{} for _ in customer_ids]
+        t = self.now_s() if as_of is None else second_ceil(as_of)
+        requests = self._requests(customer_ids, t, channel, placement, contexts)
+        candidates = model.generator.generate(s, requests)
+        rows, offers = candidates.request, candidates.offer
+        builder = self.builder_for(t, model)
+        matrix = builder.build(s, requests, rows, offers)
+        rules = model.rules.with_blocks(self.blocks) if self.blocks else model.rules
+        eligibility = self._eligible(rules, requests, rows, offers, matrix, customer_ids)
+        eligible = eligibility.eligible.copy()
+        if self.settings.offer_holdout_share > 0:
+            eligible &= ~self._offer_holdout(customer_ids, rows, offers)
+        plan = self._plan(model, customer_ids)
+        score, probability = self._scores(model, matrix, rows, offers, eligible, plan.scoring)
+        slates = self._slates(s, rules, rows, offers, eligible, score, len(customer_ids), k)
+        explanations = self._explain(model, matrix, builder, slates, plan)
+        responses, logs = self._respond(
+            model,
+            customer_ids,
+            channel,
+            placement,
+            t,
+            plan,
+            slates,
+            (offers, score, probability, explanations, builder, matrix),
+            (rows, eligibility, eligible) if debug else None,
+        )
+        if log_exposure:
+            self.ledger.log_slates(logs)
+        return responses
+
+    # -- the stages of a call -------------------------------------------------------------
+    def _requests(
+        self,
+        customer_ids: list[str],
+        t: int,
+        channel: str,
+        placement: str,
+        contexts: list[dict[str, Any]],
+    ) -> Requests:
+        n = len(customer_ids)
+        return Requests.build(
+            self.snapshot,
             list(customer_ids),
-            [moment] * n,
+            [pd.Timestamp(t, unit="s")] * n,
             channel=[channel] * n,
             placement=[placement] * n,
             moment=[c.get("moment") for c in contexts],
             page_product=[c.get("product_id") for c in contexts],
             cart=[[str(p) for p in c.get("cart") or []] for c in contexts],
         )
-        candidates = self.generator.generate(s, requests)
-        rows, offers = candidates.request, candidates.offer
-        builder = self.builder_for(t)
-        matrix = builder.build(s, requests, rows, offers)
-        features = {name: matrix.values[:, j] for j, name in enumerate(matrix.names)}
-        rules = model.rules
-        if self.extra_blocks:
-            rules = rules.with_blocks(self.extra_blocks)
-        eligibility = evaluate(
-            s, rules, requests, rows, offers, ledger=self.combined, features=features
-        )
-        eligible = eligibility.eligible.copy()
-        if settings.offer_holdout_share > 0:
-            for row in np.flatnonzero(eligible):
-                key = f"{customer_ids[rows[row]]}:{s.offers.values[offers[row]]}"
-                if in_holdout(key, settings.holdout_salt, settings.offer_holdout_share):
-                    eligible[row] = False
 
-        base_mode = "model" if model.bundle is not None else "rules_only"
-        modes = [base_mode if c in known_set else "cold_start" for c in customer_ids]
-        use_rules = [h and settings.holdout_control == "rules_only" for h in holdout]
-        scoring = np.array(
-            ["rules_only" if r else m for m, r in zip(modes, use_rules, strict=True)]
+    def _eligible(
+        self,
+        rules: RuleSet,
+        requests: Requests,
+        rows: np.ndarray,
+        offers: np.ndarray,
+        matrix: FeatureMatrix,
+        customer_ids: list[str],
+    ) -> Eligibility:
+        features = {name: matrix.values[:, j] for j, name in enumerate(matrix.names)}
+        return evaluate(
+            self.snapshot, rules, requests, rows, offers, ledger=self.combined, features=features
         )
+
+    def _offer_holdout(
+        self, customer_ids: list[str], rows: np.ndarray, offers: np.ndarray
+    ) -> np.ndarray:
+        """(customer, offer) pairs held out of the offer-level experiment."""
+        settings, values = self.settings, self.snapshot.offers.values
+        return np.array(
+            [
+                in_holdout(
+                    f"{customer_ids[r]}:{values[o]}",
+                    settings.holdout_salt,
+                    settings.offer_holdout_share,
+                )
+                for r, o in zip(rows, offers, strict=True)
+            ],
+            dtype=bool,
+        )
+
+    def _plan(self, model: _Model, customer_ids: list[str]) -> _Plan:
+        """Per customer: the holdout, the mode said in the answer (model, rules_only or
+        cold_start) and the ranking actually used (the holdout's control may override)."""
+        settings = self.settings
+        holdout = [
+            in_holdout(c, settings.holdout_salt, settings.holdout_share) for c in customer_ids
+        ]
+        base = "model" if model.bundle is not None else "rules_only"
+        modes = [base if c in self._known else "cold_start" for c in customer_ids]
+        control = [h and settings.holdout_control == "rules_only" for h in holdout]
+        scoring = np.array(["rules_only" if r else m for m, r in zip(modes, control, strict=True)])
+        return _Plan(holdout=holdout, modes=modes, control=control, scoring=scoring)
+
+    def _scores(
+        self,
+        model: _Model,
+        matrix: FeatureMatrix,
+        rows: np.ndarray,
+        offers: np.ndarray,
+        eligible: np.ndarray,
+        scoring: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray]:
         score = np.full(len(rows), -np.inf)
         probability = np.full(len(rows), np.nan)
         for mode in np.unique(scoring):
             mine = np.flatnonzero(eligible & (scoring[rows] == mode))
             if len(mine):
                 score[mine], probability[mine] = self._score(model, matrix, offers, mine, mode)
+        return score, probability
 
+    @staticmethod
+    def _slates(
+        s: Snapshot,
+        rules: RuleSet,
+        rows: np.ndarray,
+        offers: np.ndarray,
+        eligible: np.ndarray,
+        score: np.ndarray,
+        n: int,
+        k: int,
+    ) -> list[tuple[Slate, list[int]]]:
+        """Each request's slate (best first, no collisions) and the rows it holds."""
         ranked = np.flatnonzero(eligible)
         ranked = ranked[np.lexsort((-score[ranked], rows[ranked]))]
         bounds = np.searchsorted(rows[ranked], np.arange(n + 1))
@@ -284,20 +392,46 @@ class Recommender:
             slate = assemble_slate(s, rules, offers[mine], k)
             position = {int(offers[j]): int(j) for j in mine}
             slates.append((slate, [position[o] for o in slate.chosen]))
+        return slates
 
+    def _explain(
+        self,
+        model: _Model,
+        matrix: FeatureMatrix,
+        builder: FeatureBuilder,
+        slates: list[tuple[Slate, list[int]]],
+        plan: _Plan,
+    ) -> dict[int, Any]:
+        """SHAP explanations of the returned offers only (model-ranked slates)."""
+        s = self.snapshot
         explain = [
             j
             for i, (_, chosen) in enumerate(slates)
-            if modes[i] == "model" and not use_rules[i]
+            if plan.modes[i] == "model" and not plan.control[i]
             for j in chosen
         ]
-        explanations: dict[int, Any] = {}
-        if model.bundle is not None and explain:
-            done = explain_rows(model.bundle.booster, matrix, np.array(explain), builder, s)
-            explanations = dict(zip(explain, done, strict=True))
+        if model.bundle is None or not explain:
+            return {}
+        done = explain_rows(model.bundle.booster, matrix, np.array(explain), builder, s)
+        return dict(zip(explain, done, strict=True))
 
-        responses = []
-        logs = []
+    def _respond(
+        self,
+        model: _Model,
+        customer_ids: list[str],
+        channel: str,
+        placement: str,
+        t: int,
+        plan: _Plan,
+        slates: list[tuple[Slate, list[int]]],
+        ranked: tuple[Any, ...],
+        debug: tuple[np.ndarray, Eligibility, np.ndarray] | None,
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The answers, and the ledger rows of what each answer served."""
+        s, settings = self.snapshot, self.settings
+        offers, score, probability, explanations, builder, matrix = ranked
+        moment = pd.Timestamp(t, unit="s")
+        responses, logs = [], []
         for i, customer_id in enumerate(customer_ids):
             slate, chosen = slates[i]
             served = [
@@ -308,15 +442,16 @@ class Recommender:
                     score[j],
                     probability[j],
                     explanations.get(j),
-                    modes[i],
+                    plan.modes[i],
                     builder,
                     matrix,
                     j,
-                    debug,
+                    debug is not None,
                 )
                 for rank, j in enumerate(chosen, start=1)
             ]
             request_id = uuid.uuid4().hex
+            holdout = plan.holdout[i]
             logs.append(
                 dict(
                     request_id=request_id,
@@ -324,8 +459,8 @@ class Recommender:
                     channel=channel,
                     placement=placement,
                     model_version=None if model.bundle is None else model.bundle.version,
-                    mode="holdout_" + settings.holdout_control if holdout[i] else modes[i],
-                    holdout=holdout[i],
+                    mode="holdout_" + settings.holdout_control if holdout else plan.modes[i],
+                    holdout=holdout,
                     at_s=t,
                     offers=[
                         ServedOffer(o["offer_id"], o["rank"], o["score"], o["probability"])
@@ -337,29 +472,40 @@ class Recommender:
                 "request_id": request_id,
                 "customer_id": customer_id,
                 "as_of": moment.isoformat(),
-                "model": self.model_info(model) | {"mode": modes[i]},
-                "holdout": holdout[i],
-                "offers": [] if holdout[i] and settings.holdout_control == "nothing" else served,
+                "model": self.model_info(model) | {"mode": plan.modes[i]},
+                "holdout": holdout,
+                "offers": [] if holdout and settings.holdout_control == "nothing" else served,
             }
-            if debug:
-                mine = np.flatnonzero(rows == i)
-                response["excluded"] = [
-                    {
-                        "offer_id": str(s.offers.values[offers[j]]),
-                        "reasons": reasons_of(int(eligibility.mask[j])),
-                    }
-                    for j in mine
-                    if not eligibility.eligible[j]
-                ] + [
-                    {"offer_id": str(s.offers.values[o]), "reasons": [why]}
-                    for o, why in slate.skipped.items()
-                ]
-                response["candidates"] = len(mine)
-                response["eligible"] = int(eligible[mine].sum())
+            if debug is not None:
+                response |= self._trace(i, slate, offers, *debug)
             responses.append(response)
-        if log_exposure:
-            self.ledger.log_slates(logs)
-        return responses
+        return responses, logs
+
+    def _trace(
+        self,
+        request: int,
+        slate: Slate,
+        offers: np.ndarray,
+        rows: np.ndarray,
+        eligibility: Eligibility,
+        eligible: np.ndarray,
+    ) -> dict[str, Any]:
+        """``debug``: every candidate left out, with all its reason codes."""
+        values = self.snapshot.offers.values
+        mine = np.flatnonzero(rows == request)
+        excluded = [
+            {"offer_id": str(values[offers[j]]), "reasons": reasons_of(int(eligibility.mask[j]))}
+            for j in mine
+            if not eligibility.eligible[j]
+        ]
+        excluded += [
+            {"offer_id": str(values[o]), "reasons": [why]} for o, why in slate.skipped.items()
+        ]
+        return {
+            "excluded": excluded,
+            "candidates": len(mine),
+            "eligible": int(eligible[mine].sum()),
+        }
 
     def _offer(
         self,
@@ -445,12 +591,12 @@ class Recommender:
                 "version": model.rules.version,
                 "hash": model.rules.content_hash,
             },
-            "workspace": self.workspace,
+            "workspace": {"id": self.workspace_id, "path": str(self.workspace.path)},
+            "catalogue": self.catalogue,
             "data_end": self.reference.isoformat(),
             "clock": self.settings.clock,
-            "holdout": {
+            "holdout": {  # never the salt: with it anyone could tell who is held out
                 "share": self.settings.holdout_share,
-                "salt": self.settings.holdout_salt,
                 "control": self.settings.holdout_control,
                 "offer_share": self.settings.offer_holdout_share,
             },

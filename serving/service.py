@@ -2,21 +2,19 @@
 and the review page under /review (``serving.review.web``).
 
 One ``@bentoml.service`` class. The model is resolved by alias from the MLflow registry
-(``models:/nextbest-ranker@champion``) in ``__init__`` and the resolved version is
+(``models:/nextbest-ranker-<workspace>@champion``) in ``__init__`` and the resolved version is
 logged; with no champion the service serves the rules-only ranking and says so in every
 response's ``model`` field. A background thread watches the alias and switches versions
 without failing a request; the same thread re-indexes the workspace when its content
-fingerprint changes. Settings come from ``ServiceSettings.from_env`` (``nextbest serve``
-sets them), never from ad-hoc reads.
+fingerprint changes. Settings come from ``serving.settings.ServingSettings.from_env``
+(``nextbest serve`` sets them), never from ad-hoc reads; the recommender comes from
+``serving.assembly.build_recommender``, as everywhere else.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import bentoml
@@ -27,7 +25,7 @@ from features.contract import CHANNELS, OUTCOMES
 from features.snapshot import MOMENTS, PLACEMENTS
 from serving.review.web import site as review_site
 
-__all__ = ["NextBest", "ServiceSettings"]
+__all__ = ["NextBest"]
 
 log = logging.getLogger("nextbest.serving")
 
@@ -45,42 +43,6 @@ class Context(BaseModel):
     moment: Moment | None = Field(None, examples=["browsing"])
 
 
-@dataclass(frozen=True)
-class ServiceSettings:
-    """The service's settings, read once from the environment ``nextbest serve`` sets."""
-
-    workspace: Path | None
-    db_url: str
-    clock: str
-    holdout_share: float
-    holdout_control: Literal["nothing", "rules_only"]
-    alias: str
-    reload_seconds: float
-    rules: Path | None
-    review_threshold: float = 0.2
-    secure_cookies: bool = False
-
-    @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> ServiceSettings:
-        from nextbest.settings import Settings
-
-        env = dict(os.environ if environ is None else environ)
-        settings = Settings.load(env)
-        workspace = env.get("NEXTBEST_WORKSPACE")
-        return cls(
-            workspace=Path(workspace) if workspace else None,
-            db_url=env.get("NEXTBEST_DB_URL") or f"sqlite:///{settings.data_dir / 'ledger.db'}",
-            clock=env.get("NEXTBEST_CLOCK", "data"),
-            holdout_share=float(env.get("NEXTBEST_HOLDOUT_SHARE", "0.05")),
-            holdout_control=_control(env.get("NEXTBEST_HOLDOUT_CONTROL", "nothing")),
-            alias=env.get("NEXTBEST_MODEL_ALIAS", "champion"),
-            reload_seconds=float(env.get("NEXTBEST_RELOAD_SECONDS", "5")),
-            rules=Path(env["NEXTBEST_RULES"]) if env.get("NEXTBEST_RULES") else None,
-            review_threshold=_threshold(env.get("NEXTBEST_REVIEW_THRESHOLD", "0.2")),
-            secure_cookies=env.get("NEXTBEST_SECURE_COOKIES", "").lower() in ("1", "true", "yes"),
-        )
-
-
 ops = FastAPI(title="nextbest operations")
 
 
@@ -91,52 +53,35 @@ class NextBest:
     """The storefront's one brain: ranked, explained, guarded, logged offers."""
 
     def __init__(self) -> None:
-        from features import Workspace, load_snapshot
-        from nextbest.registry import configure_tracking, load_bundle
-        from nextbest.settings import resolve_workspace
-        from serving.engine import Recommender, ServeSettings
-        from serving.ledger import SqlLedger
-
-        settings = ServiceSettings.from_env()
-        self.settings = settings
-        configure_tracking()
-        workspace = Workspace(resolve_workspace(settings.workspace))
-        self.ledger = SqlLedger(settings.db_url)
-        try:
-            bundle = load_bundle(alias=settings.alias)
-        except LookupError:
-            bundle = None
-            log.warning("no '%s' model yet: serving the rules-only ranking", settings.alias)
-        self.workspace = workspace
-        self.serve_settings = ServeSettings(
-            clock=settings.clock,
-            holdout_share=settings.holdout_share,
-            holdout_control=settings.holdout_control,
-            alias=settings.alias,
-            rules_path=settings.rules,
-        )
-        self.fingerprint = workspace.fingerprint
-        self.recommender = Recommender(
-            load_snapshot(workspace),
-            bundle,
-            self.ledger,
-            self.serve_settings,
-            workspace=str(workspace.path),
-        )
-        log.info(
-            "serving %s on workspace %s (%s)",
-            self.recommender.model_info(),
-            workspace.path,
-            self.fingerprint,
-        )
+        from features import Workspace
+        from runtime.registry import ModelMismatchError, model_name
+        from runtime.settings import resolve_workspace
+        from serving.assembly import build_recommender
         from serving.review import Reviews, ReviewStore
+        from serving.settings import ServingSettings
 
+        settings = ServingSettings.from_env()
+        self.settings = settings
+        self.workspace = Workspace(resolve_workspace(settings.workspace))
+        self.model_name = model_name(self.workspace.workspace_id)
+        self.fingerprint = self.workspace.fingerprint
+        try:
+            self.recommender = build_recommender(settings, workspace=self.workspace)
+        except ModelMismatchError as error:
+            log.error("refusing the '%s' version: %s", settings.alias, error)
+            self.recommender = build_recommender(settings, workspace=self.workspace, bundle=None)
+        self.ledger = self.recommender.ledger
+        log.info(
+            "serving %s on workspace %s (%s); clock %s",
+            self.recommender.model_info(),
+            self.workspace.path,
+            self.fingerprint,
+            settings.clock,
+        )
         self.review = ReviewStore(self.ledger.engine)
         self.reviews = Reviews(self.review)
         self.review_threshold = settings.review_threshold
         self.secure_cookies = settings.secure_cookies
-        self._apply_blocks()
-        self._load_bundle = load_bundle
         self._sync_lock = threading.Lock()
         self._stop = threading.Event()
         self._watcher = threading.Thread(
@@ -156,26 +101,27 @@ class NextBest:
     def sync(self) -> None:
         """Apply the reviewers' blocks and follow the alias now (the watcher does it every
         few seconds; the review page calls it right after a block or a release)."""
-        from nextbest.registry import resolve_version
+        from runtime.registry import load_bundle, resolve_version
 
         with self._sync_lock:
             self._apply_blocks()
+            alias = self.settings.alias
             try:
-                version, _ = resolve_version(alias=self.settings.alias)
+                version, _ = resolve_version(self.model_name, alias=alias)
             except LookupError:
                 return
             except Exception:  # the registry being briefly unreachable must not kill serving
-                log.exception("could not resolve alias %s", self.settings.alias)
+                log.exception("could not resolve alias %s", alias)
                 return
             if version == self._current_version():
                 return
             try:
-                bundle = self._load_bundle(version=version)
-                bundle.alias = self.settings.alias
+                bundle = load_bundle(self.model_name, version=version)
+                bundle.alias = alias
                 previous = self._current_version()
                 self.recommender.swap_model(bundle)
-                log.info("alias %s moved: version %s → %s", self.settings.alias, previous, version)
-            except Exception:
+                log.info("alias %s moved: version %s → %s", alias, previous, version)
+            except Exception:  # a version that cannot load, or does not fit, is refused
                 log.exception(
                     "could not load version %s; still serving %s", version, self._current_version()
                 )
@@ -192,17 +138,19 @@ class NextBest:
         return offer_id != UNKNOWN and bool(offer_id in self.recommender.snapshot.offers.values)
 
     def registered_versions(self) -> list[dict[str, Any]]:
-        from nextbest.registry import registered_versions
+        from runtime.registry import registered_versions
 
-        return registered_versions()
+        return registered_versions(self.model_name)
 
     def open_review(
         self, version: str, *, actor: str, sample: int, k: int, threshold: float
     ) -> str:
         """Freeze a review of ``version`` beside what this service serves now."""
+        from runtime.registry import load_bundle
+
         return self.reviews.open_against(
             self.recommender,
-            self._load_bundle(version=version),
+            load_bundle(self.model_name, version=version),
             actor=actor,
             sample=sample,
             k=k,
@@ -214,29 +162,27 @@ class NextBest:
         from serving.review import segment_blocks
 
         try:
-            self.recommender.extra_blocks = segment_blocks(self.review)
+            self.recommender.blocks = segment_blocks(self.review)
         except Exception:  # the database being briefly unreachable must not stop serving
             log.exception("could not read the review blocks")
 
     def _refresh_snapshot(self) -> None:
         """When the workspace changes, index it anew and switch to it; requests in flight
         finish on the recommender they started with."""
-        from features import load_snapshot
-        from serving.engine import Recommender
+        from serving.assembly import build_recommender
 
         try:
             fingerprint = self.workspace.fingerprint
             if fingerprint == self.fingerprint:
                 return
             current = self.recommender
-            fresh = Recommender(
-                load_snapshot(self.workspace),
-                current.model.bundle,
-                self.ledger,
-                self.serve_settings,
-                workspace=str(self.workspace.path),
+            fresh = build_recommender(
+                self.settings,
+                workspace=self.workspace,
+                bundle=current.model.bundle,
+                blocks=current.blocks,
+                ledger=self.ledger,
             )
-            fresh.extra_blocks = list(current.extra_blocks)
             self.recommender = fresh  # one reference assignment: atomic for readers
             log.info(
                 "workspace changed (%s → %s): snapshot refreshed", self.fingerprint, fingerprint
@@ -258,10 +204,16 @@ class NextBest:
         k: Annotated[int, Field(ge=1, le=25)] = 3,
         debug: bool = False,
         as_of: Annotated[str | None, Field(examples=["2017-06-01T10:00:00"])] = None,
+        *,
+        ctx: bentoml.Context,
     ) -> dict[str, Any]:
         """Ranked, explained offers for one customer, here and now (logged to the ledger)."""
-        if as_of is not None:
-            _parse_time(as_of)
+        if as_of is not None and not _is_time(as_of):
+            return _error(
+                ctx,
+                400,
+                f"as_of {as_of!r} is not a date/time; use ISO 8601, e.g. 2017-06-01T10:00:00",
+            )
         return self.recommender.recommend(
             customer_id,
             channel=channel,
@@ -284,8 +236,11 @@ class NextBest:
         offer_id: Annotated[str, Field(min_length=1, max_length=128)],
         outcome: Outcome,
         value: float | None = None,
+        *,
+        ctx: bentoml.Context,
     ) -> dict[str, Any]:
-        """Record what happened to a served offer. Idempotent on (request, offer, outcome)."""
+        """Record what happened to a served offer. Idempotent on (request, offer, outcome).
+        An offer the request did not serve is a 404 ``{"error": ...}``."""
         try:
             recorded = self.ledger.record_feedback(
                 request_id=request_id,
@@ -295,7 +250,7 @@ class NextBest:
                 at_s=self.recommender.now_s(),
             )
         except LookupError as error:
-            raise bentoml.exceptions.NotFound(str(error)) from None
+            return _error(ctx, 404, str(error))
         return {
             "request_id": request_id,
             "offer_id": offer_id,
@@ -310,27 +265,16 @@ class NextBest:
         return self.recommender.metadata()
 
 
-def _parse_time(value: str) -> None:
+def _is_time(value: str) -> bool:
     import pandas as pd
 
     try:
-        pd.Timestamp(value)
+        return not pd.isna(pd.Timestamp(value))
     except (ValueError, TypeError):
-        raise bentoml.exceptions.InvalidArgument(
-            f"as_of {value!r} is not a date/time; use ISO 8601, e.g. 2017-06-01T10:00:00"
-        ) from None
+        return False
 
 
-def _threshold(value: str) -> float:
-    share = float(value)
-    if not 0 < share <= 1:
-        raise ValueError(f"NEXTBEST_REVIEW_THRESHOLD must be in (0, 1], not {value!r}")
-    return share
-
-
-def _control(value: str) -> Literal["nothing", "rules_only"]:
-    if value == "nothing":
-        return "nothing"
-    if value == "rules_only":
-        return "rules_only"
-    raise ValueError(f"NEXTBEST_HOLDOUT_CONTROL must be 'nothing' or 'rules_only', not {value!r}")
+def _error(ctx: bentoml.Context, status: int, message: str) -> dict[str, Any]:
+    """An error answered as one JSON object (BentoML's own 4xx bodies are lists)."""
+    ctx.response.status_code = status
+    return {"error": message}

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from features import ScenarioConfig, Workspace, load_snapshot, make_world, write_world
 from policy import load_rules
+from serving.engine import Recommender
 from training.config import load_config
 from training.pipeline import train
 
@@ -26,21 +27,26 @@ class Served:
     home: Path
     workspace: Workspace
     version: str
+    model_name: str
 
 
 def train_and_register(
-    home: Path, *, champion: bool = True, seed: int = 4, **config: object
+    home: Path,
+    *,
+    champion: bool = True,
+    seed: int = 4,
+    workspace_dir: Path | None = None,
+    **config: object,
 ) -> Served:
-    """Train on a small synthetic world and register it (as champion, by default);
-    ``config`` overrides training settings (another model on the same world)."""
-    from mlflow import MlflowClient
-
-    from nextbest.registry import CHAMPION, MODEL_NAME, configure_tracking
+    """Train on a small synthetic world (``home/ws`` unless ``workspace_dir``) and register
+    it (as champion, by default); ``config`` overrides training settings (another model on
+    the same world)."""
+    from runtime.registry import CHAMPION, configure_tracking, set_alias
     from training.tracking import log_run
 
     os.environ["NEXTBEST_HOME"] = str(home)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
-    workspace_dir = home / "ws"
+    workspace_dir = workspace_dir or home / "ws"
     workspace = (
         Workspace(workspace_dir)
         if Workspace(workspace_dir).exists()
@@ -52,8 +58,28 @@ def train_and_register(
     configure_tracking()
     summary = log_run(result, workspace, load_rules())
     if champion:
-        MlflowClient().set_registered_model_alias(MODEL_NAME, CHAMPION, summary["model_version"])
-    return Served(home=home, workspace=workspace, version=summary["model_version"])
+        set_alias(summary["model_name"], CHAMPION, summary["model_version"])
+    return Served(
+        home=home,
+        workspace=workspace,
+        version=summary["model_version"],
+        model_name=summary["model_name"],
+    )
+
+
+def recommender_for(served: Served, ledger_path: Path, **settings: object) -> Recommender:
+    """The served workspace's recommender (the factory, as everywhere), on its own ledger,
+    with no holdout unless asked for."""
+    from serving.assembly import build_recommender
+    from serving.settings import ServingSettings
+
+    os.environ["NEXTBEST_HOME"] = str(served.home)
+    return build_recommender(
+        ServingSettings(
+            **{"holdout_share": 0.0, "db_url": f"sqlite:///{ledger_path}", **settings}  # type: ignore[arg-type]
+        ),
+        workspace=served.workspace,
+    )
 
 
 def free_port() -> int:

@@ -87,3 +87,21 @@ def test_a_folder_that_is_not_a_workspace_is_one_clear_error(tmp_path: Path) -> 
     assert result.exit_code == 2
     assert result.stderr.startswith(f"error: {tmp_path} is not a nextbest workspace")
     assert "nextbest data load-demo" in result.stderr
+
+
+def test_a_data_dir_that_does_not_exist_is_one_clear_error(
+    small_workspace: Workspace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A typo in NEXTBEST_DATA_DIR must not start a new, empty ledger somewhere else."""
+    missing = tmp_path / "no-such-data"
+    monkeypatch.setenv("NEXTBEST_HOME", str(tmp_path))
+    monkeypatch.setenv("NEXTBEST_DATA_DIR", str(missing))
+    (tmp_path / "who.csv").write_text("customer_id\nS00001\n")
+    result = runner.invoke(
+        app,
+        ["recommend-batch", "--customers", str(tmp_path / "who.csv"), "--out", "x.csv"]
+        + ["-w", str(small_workspace.path)],
+    )
+    assert result.exit_code == 2
+    assert f"NEXTBEST_DATA_DIR is {missing}, which does not exist" in result.output
+    assert "Traceback" not in result.output and not missing.exists()

@@ -64,7 +64,7 @@ def test_training_logs_and_registers_on_a_real_server(
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
-    version = client.get_model_version_by_alias("nextbest-ranker", "challenger")
+    version = client.get_model_version_by_alias(summary["model_name"], "challenger")
     assert str(version.version) == summary["model_version"] == "1"
     assert version.run_id == summary["run_id"]
     run = client.get_run(summary["run_id"])

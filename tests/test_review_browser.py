@@ -129,7 +129,7 @@ def test_review_in_the_browser_releases_the_model_and_blocks_serve(
     from mlflow import MlflowClient
     from playwright.sync_api import expect
 
-    from nextbest.registry import CHAMPION, MODEL_NAME, configure_tracking
+    from runtime.registry import CHAMPION, configure_tracking
 
     base, version = server.base, server.challenger
     page = browser_context.new_page()
@@ -225,7 +225,7 @@ def test_review_in_the_browser_releases_the_model_and_blocks_serve(
     # Champion moved, /recommend serves it, and the block holds for the whole segment.
     monkeypatch.setenv("NEXTBEST_HOME", server.env["NEXTBEST_HOME"])
     configure_tracking()
-    champion = MlflowClient().get_model_version_by_alias(MODEL_NAME, CHAMPION)
+    champion = MlflowClient().get_model_version_by_alias(server.served.model_name, CHAMPION)
     assert str(champion.version) == version
     assert champion.tags["review.by"] == "alan" and champion.tags["review.rejected"] == "2"
     answer = _post(f"{base}/recommend", {"customer_id": customer, "channel": "web", "debug": True})

@@ -9,11 +9,12 @@ import pytest
 from mlflow import MlflowClient
 from serving_helpers import Served, train_and_register
 
-from features import load_snapshot
-from nextbest.registry import configure_tracking, load_bundle
-from serving.engine import Recommender, ServeSettings
+from runtime.registry import configure_tracking
+from serving.assembly import build_recommender
+from serving.engine import Recommender
 from serving.ledger import SqlLedger
 from serving.review import AccessError, ReleaseError, Reviews, ReviewStore
+from serving.settings import ServingSettings
 
 pytestmark = pytest.mark.xdist_group("mlflow")
 
@@ -31,11 +32,11 @@ def _setup(
     store = ReviewStore(ledger.engine)
     store.add_user("rita", "reviewer-pass", "reviewer")
     store.add_user("alan", "approver-pass", "approver")
-    challenger = Recommender(
-        load_snapshot(served.workspace),
-        load_bundle(version=served.version),
-        ledger,
-        ServeSettings(holdout_share=0.0),
+    challenger = build_recommender(
+        ServingSettings(holdout_share=0.0),
+        workspace=served.workspace,
+        version=served.version,
+        ledger=ledger,
     )
     return Reviews(store), challenger
 
@@ -91,17 +92,17 @@ def test_release_needs_every_item_a_low_rejection_rate_and_an_approver(
     client = MlflowClient()
     outcome = reviews.release(review_id, approve=True, actor="alan")
     assert outcome["status"] == "approved" and outcome["rejected"] == 1
-    assert str(client.get_model_version_by_alias("nextbest-ranker", "champion").version) == (
+    assert str(client.get_model_version_by_alias(served.model_name, "champion").version) == (
         served.version
     )
-    tags = client.get_model_version("nextbest-ranker", served.version).tags
+    tags = client.get_model_version(served.model_name, served.version).tags
     assert tags["review.by"] == "alan" and tags["review.status"] == "approved"
     assert tags["review.items"] == str(len(items)) and tags["review.rejected"] == "1"
     with pytest.raises(ReleaseError, match="already approved"):
         reviews.release(review_id, approve=False, actor="alan")
     actions = [e["action"] for e in reviews.store.audit_log()]
     assert actions.count("decide") == len(items) + 2 and actions[-1] == "release"
-    client.delete_registered_model_alias("nextbest-ranker", "champion")
+    client.delete_registered_model_alias(served.model_name, "champion")
 
 
 def test_a_high_rejection_rate_blocks_release_and_rejection_leaves_champion(
@@ -125,9 +126,9 @@ def test_a_high_rejection_rate_blocks_release_and_rejection_leaves_champion(
     assert outcome["status"] == "rejected"
     client = MlflowClient()
     with pytest.raises(Exception, match="alias"):
-        client.get_model_version_by_alias("nextbest-ranker", "champion")
+        client.get_model_version_by_alias(served.model_name, "champion")
     assert (
-        client.get_model_version("nextbest-ranker", served.version).tags["review.status"]
+        client.get_model_version(served.model_name, served.version).tags["review.status"]
         == "rejected"
     )
 
@@ -140,15 +141,15 @@ def test_approval_is_refused_when_the_champion_changed_since_the_review_opened(
     for slate in reviews.review(review_id)["slates"]:
         reviews.approve_rest(review_id, slate["slate_no"], actor="rita")
     client = MlflowClient()
-    client.set_registered_model_alias("nextbest-ranker", "champion", served.version)
+    client.set_registered_model_alias(served.model_name, "champion", served.version)
     try:  # someone released this version elsewhere after the reviewers compared with none
         with pytest.raises(ReleaseError, match=r"champion changed .* \(then none, now "):
             reviews.release(review_id, approve=True, actor="alan")
         assert reviews.review(review_id)["status"] == "open"  # the claim was undone
     finally:
-        client.delete_registered_model_alias("nextbest-ranker", "champion")
+        client.delete_registered_model_alias(served.model_name, "champion")
     assert reviews.release(review_id, approve=True, actor="alan")["status"] == "approved"
-    client.delete_registered_model_alias("nextbest-ranker", "champion")
+    client.delete_registered_model_alias(served.model_name, "champion")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -210,7 +211,7 @@ def test_nothing_interleaves_with_a_release_in_progress(
         actions = [e["action"] for e in reviews.store.audit_log() if e["target"] == review_id]
         assert actions[-2:] == ["release_started", "release"]
     finally:
-        MlflowClient().delete_registered_model_alias("nextbest-ranker", "champion")
+        MlflowClient().delete_registered_model_alias(challenger.model_name, "champion")
 
 
 def test_a_registry_failure_leaves_the_review_open_and_untagged(
@@ -226,13 +227,13 @@ def test_a_registry_failure_leaves_the_review_open_and_untagged(
     with pytest.raises(ReleaseError, match=r"registry unreachable.*nothing was released"):
         reviews.release(review_id, approve=True, actor="alan")
     assert reviews.review(review_id)["status"] == "open"
-    tags = MlflowClient().get_model_version("nextbest-ranker", served.version).tags
+    tags = MlflowClient().get_model_version(served.model_name, served.version).tags
     assert tags.get("review.id") != review_id  # this attempt's tags were taken back
     failed = [e for e in reviews.store.audit_log() if e["action"] == "release_failed"]
     assert failed and "registry unreachable" in failed[-1]["after"]
     monkeypatch.undo()
     assert reviews.release(review_id, approve=True, actor="alan")["status"] == "approved"
-    MlflowClient().delete_registered_model_alias("nextbest-ranker", "champion")
+    MlflowClient().delete_registered_model_alias(served.model_name, "champion")
 
 
 def test_an_interrupted_release_is_resolved_from_the_registry(
@@ -249,6 +250,7 @@ def test_an_interrupted_release_is_resolved_from_the_registry(
         connection.execute(  # and another version's review waits for its release decision
             review_table.insert().values(
                 review_id="other",
+                model_name=served.model_name,
                 version="999",
                 status="open",
                 threshold=0.2,
@@ -265,11 +267,11 @@ def test_an_interrupted_release_is_resolved_from_the_registry(
             .where(review_table.c.review_id == review_id)
             .values(status="releasing")
         )
-    MlflowClient().set_registered_model_alias("nextbest-ranker", "champion", served.version)
+    MlflowClient().set_registered_model_alias(served.model_name, "champion", served.version)
     try:  # this time the alias had moved before the process died
         assert reviews.resolve(review_id, actor="alan") == "approved"
     finally:
-        MlflowClient().delete_registered_model_alias("nextbest-ranker", "champion")
+        MlflowClient().delete_registered_model_alias(served.model_name, "champion")
 
 
 def test_two_release_decisions_at_once_release_once(
@@ -299,14 +301,14 @@ def test_two_release_decisions_at_once_release_once(
     assert any("already" in o or "being released" in o for o in outcomes), outcomes
     final = reviews.review(review_id)["status"]
     assert final == done[0]
-    tag = MlflowClient().get_model_version("nextbest-ranker", served.version).tags
+    tag = MlflowClient().get_model_version(served.model_name, served.version).tags
     assert tag["review.status"] == final and tag["review.id"] == review_id
     releases = [e["action"] for e in reviews.store.audit_log() if e["target"] == review_id]
     assert [a for a in releases if a in ("release", "reject_release")] == [
         "release" if final == "approved" else "reject_release"
     ]
     if final == "approved":
-        MlflowClient().delete_registered_model_alias("nextbest-ranker", "champion")
+        MlflowClient().delete_registered_model_alias(served.model_name, "champion")
 
 
 def test_review_open_command(

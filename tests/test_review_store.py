@@ -67,22 +67,22 @@ def test_blocks_and_the_audit_log(store: ReviewStore) -> None:
 
 
 def test_a_block_takes_effect_for_serving(small_workspace, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    from features import load_snapshot
-    from serving.engine import Recommender, ServeSettings
+    from serving.assembly import build_recommender
     from serving.review import segment_blocks
+    from serving.settings import ServingSettings
 
     ledger = SqlLedger(f"sqlite:///{tmp_path / 'ledger.db'}")
     store = ReviewStore(ledger.engine)
     store.add_user("rita", "reviewer-pass", "reviewer")
-    recommender = Recommender(
-        load_snapshot(small_workspace), None, ledger, ServeSettings(holdout_share=0.0)
+    recommender = build_recommender(
+        ServingSettings(holdout_share=0.0), workspace=small_workspace, bundle=None, ledger=ledger
     )
     customers = small_workspace.read("customers")
     student = customers.loc[customers["segment"] == "student", "customer_id"].iloc[0]
     first = recommender.recommend(student, channel="web", k=1, log_exposure=False)
     offer = first["offers"][0]["offer_id"]
     store.block(offer, "student", "irrelevant", actor="rita")
-    recommender.extra_blocks = segment_blocks(store)
+    recommender.blocks = segment_blocks(store)
     again = recommender.recommend(student, channel="web", k=5, debug=True, log_exposure=False)
     assert offer not in {o["offer_id"] for o in again["offers"]}
     reasons = {e["offer_id"]: e["reasons"] for e in again["excluded"]}

@@ -167,7 +167,7 @@ def test_forms_need_the_session_csrf_token_and_sign_out_ends_the_session(site: S
 def test_review_release_by_page_moves_champion_and_what_recommend_serves(site: Site) -> None:
     from mlflow import MlflowClient
 
-    from nextbest.registry import CHAMPION, MODEL_NAME
+    from runtime.registry import CHAMPION
 
     client = site.client
     csrf = _sign_in(client, "rita", "reviewer-pass")
@@ -222,7 +222,7 @@ def test_review_release_by_page_moves_champion_and_what_recommend_serves(site: S
         f"/review/{review_id}/release", data={"csrf": csrf, "decision": "approve"}
     )
     assert refused.status_code == 403 and "Only an approver" in refused.text
-    champion = MlflowClient().get_model_version_by_alias(MODEL_NAME, CHAMPION)
+    champion = MlflowClient().get_model_version_by_alias(site.served.model_name, CHAMPION)
     assert str(champion.version) == site.served.version
 
     csrf = _sign_in(client, "alan", "approver-pass")
@@ -232,12 +232,15 @@ def test_review_release_by_page_moves_champion_and_what_recommend_serves(site: S
     )
     assert released.status_code == 303
     assert "is the champion and now serves" in client.get(path).text
-    version = MlflowClient().get_model_version(MODEL_NAME, site.challenger)
+    version = MlflowClient().get_model_version(site.served.model_name, site.challenger)
     assert "champion" in version.aliases
     assert version.tags["review.by"] == "alan" and version.tags["review.rejected"] == "2"
     again = client.post(f"/review/{review_id}/release", data={"csrf": csrf, "decision": "reject"})
     assert again.status_code == 303 and "is already approved" in client.get(path).text
-    assert "champion" in MlflowClient().get_model_version(MODEL_NAME, site.challenger).aliases
+    assert (
+        "champion"
+        in MlflowClient().get_model_version(site.served.model_name, site.challenger).aliases
+    )
     served = client.post("/recommend", json={"customer_id": first["customer_id"], "channel": "web"})
     assert served.json()["model"]["version"] == site.challenger  # at once, not at a tick
 

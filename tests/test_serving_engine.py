@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
-from serving_helpers import Served, train_and_register
+from serving_helpers import Served, recommender_for, train_and_register
 
-from features import FEATURES, Requests, load_snapshot, phrase
-from nextbest.registry import configure_tracking, load_bundle
-from serving.engine import Recommender, ServeSettings, in_holdout
-from serving.ledger import SqlLedger
+from features import FEATURES, Requests, phrase
+from serving.assembly import build_recommender
+from serving.engine import Recommender, in_holdout
 
 pytestmark = pytest.mark.xdist_group("mlflow")
 
@@ -23,13 +23,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Served:
 
 
 def _recommender(served: Served, tmp_path: Path, **settings: object) -> Recommender:
-    configure_tracking()
-    return Recommender(
-        load_snapshot(served.workspace),
-        load_bundle(alias="champion"),
-        SqlLedger(f"sqlite:///{tmp_path / 'ledger.db'}"),
-        ServeSettings(**{"holdout_share": 0.0, **settings}),
-    )  # type: ignore[arg-type]
+    return recommender_for(served, tmp_path / "ledger.db", **settings)
 
 
 def _customers(recommender: Recommender) -> list[str]:
@@ -41,7 +35,7 @@ def test_offers_are_ranked_explained_and_logged(served: Served, tmp_path: Path) 
     customer = _customers(recommender)[3]
     response = recommender.recommend(customer, channel="web", placement="home", k=3, debug=True)
     assert response["model"] == {
-        "name": "nextbest-ranker",
+        "name": served.model_name,
         "version": served.version,
         "alias": "champion",
         "mode": "model",
@@ -178,15 +172,15 @@ def test_cold_start_and_rules_only(served: Served, tmp_path: Path) -> None:
     assert [o["because"] for o in cold["offers"]] == [
         "Because it is popular with customers like you."
     ] * 3
-    no_model = Recommender(
-        recommender.snapshot,
-        None,
-        SqlLedger(f"sqlite:///{tmp_path / 'other.db'}"),
-        ServeSettings(holdout_share=0.0),
+    no_model = build_recommender(
+        replace(recommender.settings, db_url=f"sqlite:///{tmp_path / 'other.db'}"),
+        workspace=served.workspace,
+        bundle=None,
+        snapshot=recommender.snapshot,
     )
     answer = no_model.recommend(_customers(recommender)[2], channel="web", k=3)
     assert answer["model"] == {
-        "name": "nextbest-ranker",
+        "name": served.model_name,
         "version": None,
         "alias": None,
         "mode": "rules_only",

@@ -106,10 +106,12 @@ def test_train_logs_everything_and_registers_a_challenger(world_path: Path, home
     }
     card = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/model_card.md")
     assert "NDCG@10" in card and "personal_then_global" in card
-    assert str(client.get_model_version_by_alias("nextbest-ranker", "challenger").version) == "1"
+    assert (
+        str(client.get_model_version_by_alias(summary["model_name"], "challenger").version) == "1"
+    )
     with pytest.raises(mlflow.exceptions.MlflowException):
-        client.get_model_version_by_alias("nextbest-ranker", "champion")
-    booster = mlflow.lightgbm.load_model("models:/nextbest-ranker@challenger")
+        client.get_model_version_by_alias(summary["model_name"], "champion")
+    booster = mlflow.lightgbm.load_model(f"models:/{summary['model_name']}@challenger")
     assert booster.num_feature() == len(
         json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/bundle/bundle.json"))[
             "feature_names"
@@ -129,12 +131,15 @@ def test_train_logs_everything_and_registers_a_challenger(world_path: Path, home
         ],
     )
     assert json.loads(skipped.stdout) == {"model_version": "1", "skipped": True}
+    assert summary["model_name"] == f"nextbest-ranker-{Workspace(world_path).workspace_id}"
 
     again = runner.invoke(
         app, ["train", "-w", str(world_path), "--config", str(home / "config.yaml"), "--quiet"]
     )
     assert json.loads(again.stdout)["model_version"] == "2"
-    assert str(client.get_model_version_by_alias("nextbest-ranker", "challenger").version) == "2"
+    assert (
+        str(client.get_model_version_by_alias(summary["model_name"], "challenger").version) == "2"
+    )
 
     evaluated = runner.invoke(app, ["evaluate", "-w", str(world_path), "--version", "1", "--json"])
     assert evaluated.exit_code == 0, evaluated.output

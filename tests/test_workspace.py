@@ -68,3 +68,16 @@ def test_refuses_to_overwrite_a_folder_that_is_not_a_workspace(
 def test_unknown_tables_are_refused(tmp_path: Path) -> None:
     with pytest.raises(WorkspaceError, match=r"not contract tables: \['basket'\]"):
         write_workspace(tmp_path / "ws", {"basket": pd.DataFrame()}, source={"name": "t"})
+
+
+def test_a_workspace_keeps_its_id_when_written_again(small_world: World, tmp_path: Path) -> None:
+    first = write_workspace(tmp_path / "Shop Data", small_world.tables, source={"name": "t"})
+    assert first.workspace_id.startswith("shop-data-") and len(first.workspace_id) == 16
+    again = write_workspace(tmp_path / "Shop Data", small_world.tables, source={"name": "t"})
+    assert again.workspace_id == first.workspace_id
+    other = write_workspace(tmp_path / "other", small_world.tables, source={"name": "t"})
+    assert other.workspace_id != first.workspace_id
+    named = write_workspace(tmp_path / "n", small_world.tables, source={}, workspace_id="acme")
+    assert named.workspace_id == "acme"
+    with pytest.raises(WorkspaceError, match="lower-case letters"):
+        write_workspace(tmp_path / "m", small_world.tables, source={}, workspace_id="Acme Co")

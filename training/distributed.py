@@ -117,7 +117,7 @@ def train_on_dask(
     from dask import delayed
     from lightgbm.dask import DaskLGBMRanker
 
-    from nextbest.cluster import dask_client
+    from runtime.cluster import dask_client
 
     stages = stages or Stages(show=False)
     with dask_client(scheduler, n_workers) as client:

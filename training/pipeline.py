@@ -92,6 +92,7 @@ class TrainResult:
     validation: RowSet
     test: RowSet
     test_scores: np.ndarray
+    catalogue: str = ""  # Snapshot.catalogue_fingerprint(): serving checks it
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -275,6 +276,7 @@ def finish(
         validation=validation,
         test=test,
         test_scores=scores,
+        catalogue=snapshot.catalogue_fingerprint(),
         extra={"validation_ndcg_at_k": metrics_validation_ndcg},
     )
 

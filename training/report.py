@@ -123,6 +123,7 @@ def _calibration(probability: np.ndarray, label: np.ndarray) -> tuple[np.ndarray
 
 def model_card(
     *,
+    name: str,
     version: str | None,
     run_id: str,
     fingerprint: str,
@@ -137,7 +138,7 @@ def model_card(
 ) -> str:
     """A markdown model card: what it is, what it was trained on, how it did, its limits."""
     lines = [
-        f"# nextbest-ranker{f' v{version}' if version else ''}",
+        f"# {name}{f' v{version}' if version else ''}",
         "",
         "LightGBM lambdarank over eligible candidates, one group per (opportunity, task); "
         "isotonic calibration per task on validation; arbitration = P(accept) × value × lever.",

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 
 from features import FEATURES, Workspace
-from nextbest.registry import CHALLENGER, MODEL_NAME
 from policy import RuleSet
+from runtime.registry import CHALLENGER, model_name, register_version
 from training.dataset import TASKS
 from training.pipeline import TrainResult, probabilities
 from training.report import model_card, write_plots
@@ -40,10 +40,10 @@ def log_run(
     Returns ``run_id``, ``model_version`` and the headline metrics.
     """
     import mlflow
-    from mlflow import MlflowClient
     from mlflow.models import infer_signature
 
     manifest = workspace.manifest
+    name = model_name(workspace.workspace_id)
     config = result.config.model_dump()
     with mlflow.start_run(run_name=f"train-{manifest['fingerprint']}") as run:
         mlflow.log_params(
@@ -83,6 +83,8 @@ def log_run(
                 "config": config,
                 "rules_hash": rules.content_hash,
                 "fingerprint": manifest["fingerprint"],
+                "workspace_id": workspace.workspace_id,
+                "catalogue": result.catalogue,
                 "splits": result.splits.as_dict(),
                 "trained_until": result.splits.test[-1].isoformat(),
             }
@@ -122,17 +124,18 @@ def log_run(
                 input_example=example,
                 pip_requirements=PIP_REQUIREMENTS,
             )
-            version = mlflow.register_model(info.model_uri, MODEL_NAME)
-            client = MlflowClient()
-            client.set_registered_model_alias(MODEL_NAME, CHALLENGER, version.version)
-            client.set_model_version_tag(
-                MODEL_NAME, version.version, "dataset.fingerprint", manifest["fingerprint"]
-            )
-            client.set_model_version_tag(
-                MODEL_NAME, version.version, "rules.hash", rules.content_hash
+            version = register_version(
+                info.model_uri,
+                name,
+                {
+                    "dataset.fingerprint": manifest["fingerprint"],
+                    "rules.hash": rules.content_hash,
+                    "workspace.id": workspace.workspace_id,
+                },
             )
             card = model_card(
-                version=str(version.version),
+                name=name,
+                version=version,
                 run_id=run.info.run_id,
                 fingerprint=manifest["fingerprint"],
                 workspace=manifest["source"],
@@ -147,7 +150,8 @@ def log_run(
             mlflow.log_text(card, "model_card.md")
     return {
         "run_id": run.info.run_id,
-        "model_version": str(version.version),
+        "model_name": name,
+        "model_version": version,
         "alias": CHALLENGER,
         "metrics": headline(result.metrics),
     }

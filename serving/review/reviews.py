@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,7 +19,7 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
-from nextbest.registry import ModelBundle
+from runtime.registry import ModelBundle
 from serving.engine import Recommender
 from serving.review.store import REJECT_REASONS, ReviewStore, _metadata
 
@@ -31,6 +32,7 @@ reviews = sa.Table(
     "reviews",
     _metadata,
     sa.Column("review_id", sa.String(32), primary_key=True),
+    sa.Column("model_name", sa.String(128), nullable=False),
     sa.Column("version", sa.String(32), nullable=False),
     sa.Column("champion_version", sa.String(32)),
     sa.Column("status", sa.String(16), nullable=False),
@@ -159,7 +161,7 @@ class Reviews:
             raise ValueError(f"the rejection threshold must be in (0, 1], not {threshold}")
         chosen = _stratified_sample(challenger, sample, seed)
         review_id = uuid.uuid4().hex
-        version = challenger.model.bundle.version
+        name, version = challenger.model.bundle.name, challenger.model.bundle.version
         champion_version = (
             None
             if champion is None or champion.model.bundle is None
@@ -192,7 +194,9 @@ class Reviews:
             self._lock_gate(connection)
             pending = connection.execute(
                 sa.select(reviews.c.review_id).where(
-                    (reviews.c.version == version) & reviews.c.status.in_(("open", "releasing"))
+                    (reviews.c.model_name == name)
+                    & (reviews.c.version == version)
+                    & reviews.c.status.in_(("open", "releasing"))
                 )
             ).scalar()
             if pending is not None:
@@ -200,6 +204,7 @@ class Reviews:
             connection.execute(
                 reviews.insert().values(
                     review_id=review_id,
+                    model_name=name,
                     version=version,
                     champion_version=champion_version,
                     status="open",
@@ -222,6 +227,7 @@ class Reviews:
                 "open_review",
                 review_id,
                 after={
+                    "model": name,
                     "version": version,
                     "champion": champion_version,
                     "slates": len(rows),
@@ -245,8 +251,21 @@ class Reviews:
         the champion column, and no holdout (reviewers see every sampled customer's
         slate)."""
         self.store.require(actor, "reviewer")
-        challenger = current.with_model(bundle, holdout_share=0.0)
-        champion = current.with_model(current.model.bundle, holdout_share=0.0)
+        from serving.assembly import build_recommender
+
+        settings = replace(current.settings, holdout_share=0.0)
+
+        def beside(version: ModelBundle | None) -> Recommender:
+            return build_recommender(
+                settings,
+                workspace=current.workspace,
+                bundle=version,
+                blocks=current.blocks,
+                snapshot=current.snapshot,
+                ledger=current.ledger,
+            )
+
+        challenger, champion = beside(bundle), beside(current.model.bundle)
         return self.open_review(
             challenger, champion, actor=actor, sample=sample, k=k, threshold=threshold
         )
@@ -444,8 +463,6 @@ class Reviews:
         review's release or a decision arriving meanwhile is refused. The registry is
         called after that transaction. If it fails, the real outcome is read back from the
         registry; a release that did not happen leaves the review open again."""
-        from nextbest.registry import resolve_version
-
         self.store.require(actor, "approver")
         with self.store.engine.begin() as connection:
             self._lock_gate(connection)
@@ -482,7 +499,7 @@ class Reviews:
             )
         if approve:
             try:
-                serving = _champion(resolve_version)
+                serving = _champion(head.model_name)
             except Exception as error:
                 self._reopen(head, actor, str(error))
                 raise ReleaseError(f"the model registry is unreachable ({error})") from error
@@ -527,9 +544,7 @@ class Reviews:
 
     @staticmethod
     def _publish(head: Any, counts: dict[str, Any], *, approve: bool, actor: str) -> str:
-        from mlflow import MlflowClient
-
-        from nextbest.registry import CHAMPION, MODEL_NAME
+        from runtime.registry import CHAMPION, set_alias, set_version_tags
 
         status = "approved" if approve else "rejected"
         tags = {
@@ -540,11 +555,9 @@ class Reviews:
             "review.items": str(counts["items"]),
             "review.rejected": str(counts["rejected"]),
         }
-        client = MlflowClient()
-        for key, value in tags.items():
-            client.set_model_version_tag(MODEL_NAME, head.version, key, value)
+        set_version_tags(head.model_name, head.version, tags)
         if approve:
-            client.set_registered_model_alias(MODEL_NAME, CHAMPION, head.version)
+            set_alias(head.model_name, CHAMPION, head.version)
         return status
 
     def _finish(self, head: Any, counts: dict[str, Any], *, status: str, actor: str) -> None:
@@ -569,12 +582,10 @@ class Reviews:
         """After a failed (or interrupted) release: if the registry shows the version as
         champion, the release happened (True); otherwise the review is open again and the
         ``review.*`` tags this attempt may have written are removed (False)."""
-        from mlflow import MlflowClient
-
-        from nextbest.registry import MODEL_NAME, resolve_version
+        from runtime.registry import delete_version_tags, version_tags
 
         try:
-            happened = approve and _champion(resolve_version) == head.version
+            happened = approve and _champion(head.model_name) == head.version
         except Exception:  # the registry still unreachable: assume it did not happen
             happened = False
         if happened:
@@ -583,11 +594,11 @@ class Reviews:
             self._finish(head, counts, status="approved", actor=actor)
             return True
         try:
-            client = MlflowClient()
-            tags = client.get_model_version(MODEL_NAME, head.version).tags
+            tags = version_tags(head.model_name, head.version)
             if tags.get("review.id") == head.review_id:
-                for key in [k for k in tags if k.startswith("review.")]:
-                    client.delete_model_version_tag(MODEL_NAME, head.version, key)
+                delete_version_tags(
+                    head.model_name, head.version, [k for k in tags if k.startswith("review.")]
+                )
         except Exception:  # best effort: the audit entry below says what happened
             pass
         self._reopen(head, actor, "interrupted" if error is None else str(error))
@@ -620,9 +631,11 @@ def _check_counts(head: Any, counts: dict[str, Any]) -> None:
         )
 
 
-def _champion(resolve_version: Any) -> str | None:
+def _champion(name: str) -> str | None:
+    from runtime.registry import CHAMPION, resolve_version
+
     try:
-        version, _ = resolve_version(alias="champion")
+        version, _ = resolve_version(name, alias=CHAMPION)
     except LookupError:
         return None
     return str(version)

@@ -1,0 +1,110 @@
+"""The one way to assemble a recommender.
+
+The service (at start and when the workspace changes), ``nextbest recommend`` and
+``recommend-batch``, every Dask worker of ``recommend-batch --engine dask``, the review
+gate, the benchmark and the tests all call :func:`build_recommender`, so they cannot drift
+apart: the same workspace, model version (checked against the workspace), rules,
+settings, ledger and reviewers' blocks give the same slates.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from features import Snapshot, Workspace, load_snapshot
+from policy.rules import SegmentBlock
+from runtime.registry import ModelBundle, configure_tracking, load_bundle, model_name
+from runtime.settings import Settings, resolve_workspace
+from serving.engine import Recommender
+from serving.ledger import SqlLedger
+from serving.settings import ServingSettings
+
+__all__ = ["UNSET", "build_recommender", "load_model"]
+
+log = logging.getLogger("nextbest.serving")
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "UNSET"
+
+    def __reduce__(self) -> str:
+        return "UNSET"  # unpickled (on a Dask worker) as this module's one UNSET
+
+
+UNSET: Any = _Unset()
+"""``bundle=UNSET`` (the default): load the version the settings name from the registry."""
+
+
+def load_model(
+    workspace: Workspace, *, alias: str | None = None, version: str | None = None
+) -> ModelBundle | None:
+    """The workspace's registered version by number, else by alias; None if the alias
+    points nowhere yet (serving then ranks by the rules alone). An unknown version is an
+    error (LookupError)."""
+    configure_tracking()
+    name = model_name(workspace.workspace_id)
+    if version is not None:
+        return load_bundle(name, version=version)
+    try:
+        return load_bundle(name, alias=alias)
+    except LookupError:
+        log.warning("no '%s' version of %s yet: serving the rules-only ranking", alias, name)
+        return None
+
+
+def build_recommender(
+    settings: ServingSettings,
+    *,
+    workspace: Workspace | Path | None = None,
+    clock: str | None = None,
+    alias: str | None = None,
+    version: str | None = None,
+    blocks: Sequence[SegmentBlock] | None = None,
+    bundle: ModelBundle | None = UNSET,
+    snapshot: Snapshot | None = None,
+    ledger: SqlLedger | None = None,
+) -> Recommender:
+    """A :class:`Recommender` from explicit inputs; anything not given comes from
+    ``settings``.
+
+    * ``workspace``: default ``settings.workspace``, else the demo (built on first use).
+    * ``clock``, ``alias``: override the settings' own.
+    * ``version``: a registered version number (instead of the alias); ``bundle``: an
+      already loaded version (or None for the rules-only ranking).
+    * ``blocks``: reviewers' segment blocks; default: those in the ledger's database.
+    * ``snapshot``, ``ledger``: reuse what another recommender holds (the review gate's
+      challenger beside the serving champion; a refreshed workspace on the same ledger).
+    """
+    settings = replace(
+        settings,
+        clock=clock if clock is not None else settings.clock,
+        alias=alias if alias is not None else settings.alias,
+    )
+    target = Workspace(resolve_workspace(_path(workspace, settings)))
+    if ledger is None:
+        ledger = SqlLedger(settings.ledger_url(Settings.load().require_data_dir()))
+    if bundle is UNSET:
+        bundle = load_model(target, alias=settings.alias, version=version)
+    if blocks is None:
+        from serving.review import ReviewStore, segment_blocks
+
+        blocks = segment_blocks(ReviewStore(ledger.engine))
+    return Recommender(
+        snapshot if snapshot is not None else load_snapshot(target),
+        bundle,
+        ledger,
+        settings,
+        workspace=target,
+        blocks=blocks,
+    )
+
+
+def _path(workspace: Workspace | Path | None, settings: ServingSettings) -> Path | None:
+    if isinstance(workspace, Workspace):
+        return workspace.path
+    return workspace if workspace is not None else settings.workspace

@@ -1,0 +1,103 @@
+"""How serving decides: every setting the service, the CLI, batch scoring, the review gate
+and the benchmark read, in one place. No BentoML here: the CLI and Dask workers import it.
+
+Settings come from :meth:`ServingSettings.from_env` (``nextbest serve`` sets the
+environment for its workers), or are built directly in code and tests. Every field has a
+safe default.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from runtime.registry import CHAMPION
+
+__all__ = ["ServingSettings"]
+
+HoldoutControl = Literal["nothing", "rules_only"]
+
+
+@dataclass(frozen=True)
+class ServingSettings:
+    """What a recommender needs to know besides its data and model.
+
+    * ``clock``: ``data`` (the workspace's last event: replaying a past dataset, time
+      stands still), ``now`` (the wall clock) or an ISO time.
+    * holdout: a sticky ``holdout_share`` of customers (hash of id and ``holdout_salt``)
+      gets ``holdout_control``; ``offer_holdout_share`` holds out (customer, offer) pairs.
+    * ``alias``: the registered model alias to serve; ``rules_path`` overrides the
+      version's own rules file.
+    """
+
+    workspace: Path | None = None
+    db_url: str | None = None
+    clock: str = "data"
+    holdout_share: float = 0.05
+    holdout_salt: str = "nextbest-holdout-1"
+    holdout_control: HoldoutControl = "nothing"
+    offer_holdout_share: float = 0.0
+    alias: str = CHAMPION
+    rules_path: Path | None = None
+    max_candidates: int = 200
+    reload_seconds: float = 5.0
+    review_threshold: float = 0.2
+    secure_cookies: bool = False
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ServingSettings:
+        """``NEXTBEST_WORKSPACE``, ``NEXTBEST_DB_URL``, ``NEXTBEST_CLOCK``,
+        ``NEXTBEST_HOLDOUT_SHARE``, ``NEXTBEST_HOLDOUT_SALT``, ``NEXTBEST_HOLDOUT_CONTROL``,
+        ``NEXTBEST_OFFER_HOLDOUT_SHARE``, ``NEXTBEST_MODEL_ALIAS``, ``NEXTBEST_RULES``,
+        ``NEXTBEST_RELOAD_SECONDS``, ``NEXTBEST_REVIEW_THRESHOLD``,
+        ``NEXTBEST_SECURE_COOKIES``; unset means the default."""
+        env = os.environ if environ is None else environ
+        default = cls()
+        return cls(
+            workspace=Path(env["NEXTBEST_WORKSPACE"]) if env.get("NEXTBEST_WORKSPACE") else None,
+            db_url=env.get("NEXTBEST_DB_URL") or None,
+            clock=env.get("NEXTBEST_CLOCK", default.clock),
+            holdout_share=_share(env, "NEXTBEST_HOLDOUT_SHARE", default.holdout_share),
+            holdout_salt=env.get("NEXTBEST_HOLDOUT_SALT", default.holdout_salt),
+            holdout_control=_control(env.get("NEXTBEST_HOLDOUT_CONTROL", "nothing")),
+            offer_holdout_share=_share(
+                env, "NEXTBEST_OFFER_HOLDOUT_SHARE", default.offer_holdout_share
+            ),
+            alias=env.get("NEXTBEST_MODEL_ALIAS", default.alias),
+            rules_path=Path(env["NEXTBEST_RULES"]) if env.get("NEXTBEST_RULES") else None,
+            reload_seconds=float(env.get("NEXTBEST_RELOAD_SECONDS", default.reload_seconds)),
+            review_threshold=_threshold(env.get("NEXTBEST_REVIEW_THRESHOLD", "0.2")),
+            secure_cookies=env.get("NEXTBEST_SECURE_COOKIES", "").lower() in ("1", "true", "yes"),
+        )
+
+    def ledger_url(self, data_dir: Path) -> str:
+        """The ledger database: ``db_url``, else SQLite in the data folder."""
+        return self.db_url or f"sqlite:///{data_dir / 'ledger.db'}"
+
+
+def _share(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    share = float(raw)
+    if not 0 <= share <= 1:
+        raise ValueError(f"{name} must be in [0, 1], not {raw!r}")
+    return share
+
+
+def _threshold(value: str) -> float:
+    share = float(value)
+    if not 0 < share <= 1:
+        raise ValueError(f"NEXTBEST_REVIEW_THRESHOLD must be in (0, 1], not {value!r}")
+    return share
+
+
+def _control(value: str) -> HoldoutControl:
+    if value == "nothing":
+        return "nothing"
+    if value == "rules_only":
+        return "rules_only"
+    raise ValueError(f"NEXTBEST_HOLDOUT_CONTROL must be 'nothing' or 'rules_only', not {value!r}")
