@@ -1,10 +1,16 @@
 """features: the data contract and everything that turns raw tables into the model's view.
 
 The public API is exported here; submodules are stages (``contract``, ``workspace``,
-``demo``, ``importing``, ``scenario``).
+``catalog``, ``demo``, ``importing``, ``scenario``).
 """
 
 from features.builder import FeatureBuilder, FeatureMatrix, Requests
+from features.catalog import (
+    NON_PRODUCT_RULES,
+    NonProductRule,
+    non_product_categories,
+    non_product_reason,
+)
 from features.contract import (
     TABLES,
     ColumnSpec,
@@ -30,12 +36,14 @@ from features.workspace import Workspace, WorkspaceError, summarize, write_works
 
 __all__ = [
     "FEATURES",
+    "NON_PRODUCT_RULES",
     "TABLES",
     "ColumnSpec",
     "ContractError",
     "FeatureBuilder",
     "FeatureMatrix",
     "FeatureSpec",
+    "NonProductRule",
     "OrderLineMapping",
     "PlantedTruth",
     "Requests",
@@ -53,6 +61,8 @@ __all__ = [
     "load_snapshot",
     "make_world",
     "map_complete_journey",
+    "non_product_categories",
+    "non_product_reason",
     "order_lines_to_tables",
     "phrase",
     "read_table_file",

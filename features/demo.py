@@ -12,13 +12,17 @@ products                            products, department → category → type
 campaigns + coupons                 coupon offers (window = the campaigns' windows)
 campaigns (receipt)                 audiences, and exposures on the "mailer" channel
 coupon redemptions                  outcomes ("redeemed")
-transactions by category            category cross-sell offers (enough volume only)
+transactions by category            category cross-sell offers (enough volume only,
+                                    products only: see features.catalog)
 ==================================  =============================================
 
 Gaps: no browse, cart, support, usage, email or loyalty events; consent unknown; no
 product names, costs or families. 0.33 % of order lines name a product the products
 table lacks: they are kept, counted in the manifest, and read as department "UNKNOWN"
-by the features.
+by the features. Categories that are not products (coupon lines, fuel, phone top-ups,
+deposits: see :mod:`features.catalog`) get no cross-sell offer; their lines stay in the
+orders, and the manifest's ``data_quality["non_product_categories"]`` lists each with its
+reason and counts.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from features.catalog import non_product_categories, non_product_report
 from features.workspace import Workspace, write_workspace
 
 __all__ = [
@@ -220,20 +225,45 @@ def _map_coupon_offers(
 
 
 def _map_category_offers(
-    orders: pd.DataFrame, products: pd.DataFrame, min_households: int
-) -> pd.DataFrame:
+    orders: pd.DataFrame, products: pd.DataFrame, min_households: int, keep_non_products: bool
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """One cross-sell offer per product category with enough households.
+
+    Categories that are not products (:mod:`features.catalog`) get no offer unless
+    ``keep_non_products``; the report says which, why, and with how many lines.
+    """
     product_info = products.set_index("product_id")
     category = orders["product_id"].map(product_info["category"])
     lines = pd.DataFrame(
-        {"category": category, "customer_id": orders["customer_id"], "amount": orders["amount"]}
-    ).dropna(subset=["category"])
+        {
+            "category": category,
+            "customer_id": orders["customer_id"],
+            "product_id": orders["product_id"],
+            "product_type": orders["product_id"].map(product_info["product_type"]),
+            "amount": orders["amount"],
+        }
+    )
     stats = lines.groupby("category").agg(
         households=("customer_id", "nunique"), value=("amount", "mean")
     )
-    stats = stats[stats["households"] >= min_households].sort_index()
+    reasons = non_product_categories(stats.index)
+    report = non_product_report(lines, reasons, offers_made=keep_non_products)
+    for name, entry in report["categories"].items():
+        types = lines.loc[lines["category"] == name, "product_type"].value_counts().head(3)
+        entry["top_product_types"] = {str(k): int(v) for k, v in types.items()}
+        entry["offer_withheld"] = bool(
+            not keep_non_products and stats.at[name, "households"] >= min_households
+        )
+    report["offers_withheld"] = sorted(
+        name for name, entry in report["categories"].items() if entry["offer_withheld"]
+    )
+    offered = stats["households"] >= min_households
+    if not keep_non_products:
+        offered &= ~stats.index.isin(list(reasons))
+    stats = stats[offered].sort_index()
     department = _modal(products["department"], products["category"])
     names = stats.index.to_series()
-    return pd.DataFrame(
+    offers = pd.DataFrame(
         {
             "offer_id": ("category:" + names).to_numpy(),
             "kind": "category",
@@ -248,6 +278,7 @@ def _map_category_offers(
             "lever": 1.0,
         }
     )
+    return offers, report
 
 
 def _map_exposures(raw: dict[str, pd.DataFrame]) -> pd.DataFrame:
@@ -299,20 +330,27 @@ def _map_audiences(raw: dict[str, pd.DataFrame]) -> pd.DataFrame:
 
 
 def map_complete_journey(
-    raw: dict[str, pd.DataFrame], *, min_category_households: int = MIN_CATEGORY_HOUSEHOLDS
+    raw: dict[str, pd.DataFrame],
+    *,
+    min_category_households: int = MIN_CATEGORY_HOUSEHOLDS,
+    keep_non_products: bool = False,
 ) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
     """Map the raw Complete Journey tables into contract tables.
 
     Returns the tables (still to be coerced and validated by the workspace writer) and a
     data-quality report: the order lines and coupon products that name unknown products,
-    and how each is treated. The raw frames are not modified.
+    the categories that are not products (no cross-sell offer for them unless
+    ``keep_non_products``; their order lines stay), and how each is treated. The raw
+    frames are not modified.
     """
     products = _map_products(raw)
     orders = _map_orders(raw["transactions"])
     known_product = orders["product_id"].isin(products["product_id"])
     line_value = orders.loc[orders["quantity"] > 0].groupby("product_id")["amount"].mean()
     coupon_offers, unknown_coupon_products = _map_coupon_offers(raw, products, line_value)
-    category_offers = _map_category_offers(orders, products, min_category_households)
+    category_offers, non_products = _map_category_offers(
+        orders, products, min_category_households, keep_non_products
+    )
     offers = pd.concat([coupon_offers, category_offers], ignore_index=True)
     tables = {
         "customers": _map_customers(raw),
@@ -331,6 +369,7 @@ def map_complete_journey(
             "distinct_products": int(orders.loc[~known_product, "product_id"].nunique()),
             "treatment": "kept; features read their department and category as UNKNOWN",
         },
+        "non_product_categories": non_products,
         "coupon_products_unknown": {
             "rows": unknown_coupon_products,
             "treatment": "left out of the coupon's product list",
@@ -352,16 +391,25 @@ DEMO_WORKSPACE_ID = "demo"
 
 
 def write_demo_workspace(
-    path: Path | str, *, min_category_households: int = MIN_CATEGORY_HOUSEHOLDS
+    path: Path | str,
+    *,
+    min_category_households: int = MIN_CATEGORY_HOUSEHOLDS,
+    keep_non_products: bool = False,
 ) -> Workspace:
     """Load the demo from the installed package, map it, validate it and write it to ``path``."""
     tables, quality = map_complete_journey(
-        load_complete_journey(), min_category_households=min_category_households
+        load_complete_journey(),
+        min_category_households=min_category_households,
+        keep_non_products=keep_non_products,
     )
     return write_workspace(
         path,
         tables,
-        source=DEMO_SOURCE | {"min_category_households": min_category_households},
+        source=DEMO_SOURCE
+        | {
+            "min_category_households": min_category_households,
+            "keep_non_products": keep_non_products,
+        },
         allow_orphans=ALLOWED_ORPHANS,
         data_quality=quality,
         workspace_id=DEMO_WORKSPACE_ID,

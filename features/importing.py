@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from features.catalog import non_product_categories, non_product_report
 from features.contract import TABLES, ContractError, coerce_table
 from features.workspace import Workspace, write_workspace
 
@@ -185,14 +186,20 @@ def _rename_error(error: ContractError, mapping: dict[str, str]) -> ContractErro
 
 
 def order_lines_to_tables(
-    lines: pd.DataFrame, mapping: OrderLineMapping, *, offer_level: OfferLevel = "item"
+    lines: pd.DataFrame,
+    mapping: OrderLineMapping,
+    *,
+    offer_level: OfferLevel = "item",
+    keep_non_products: bool = False,
 ) -> dict[str, pd.DataFrame]:
     """Map order lines to customers, products, orders and offers.
 
     ``lines`` has at least the mapped customer, time and item columns. Lines of one
     customer at one time form one order unless an ``order`` column is mapped. Offers are
     one per item (``offer_id`` = the item id as given) or, with ``offer_level="category"``,
-    one per category (``offer_id`` = the category as given). Raises
+    one per category (``offer_id`` = the category as given). Items and categories that are
+    not products (coupon lines, gift cards, fees, bags…: :mod:`features.catalog`) get no
+    offer unless ``keep_non_products``; their lines stay in the orders. Raises
     :class:`ContractError` naming the source column, row and value of the first problem.
     """
     columns = mapping.columns()
@@ -242,14 +249,18 @@ def order_lines_to_tables(
     customers = pd.DataFrame({"customer_id": orders["customer_id"].drop_duplicates().sort_values()})
     line_value = orders.loc[orders["quantity"] > 0].groupby("product_id")["amount"].mean()
     if offer_level == "item":
+        offered = products
+        if not keep_non_products:
+            not_products = non_product_categories(products["category"].dropna(), items=True)
+            offered = products[~products["category"].isin(list(not_products))]
         offers = pd.DataFrame(
             {
-                "offer_id": products["product_id"],
+                "offer_id": offered["product_id"],
                 "kind": "item",
-                "title": products["title"],
-                "product_ids": [[product] for product in products["product_id"]],
-                "category": products["category"],
-                "value": products["product_id"].map(line_value).round(2),
+                "title": offered["title"],
+                "product_ids": [[product] for product in offered["product_id"]],
+                "category": offered["category"],
+                "value": offered["product_id"].map(line_value).round(2),
             }
         )
     else:
@@ -259,6 +270,8 @@ def order_lines_to_tables(
             .mean()
         )
         names = products["category"].dropna().drop_duplicates().sort_values()
+        if not keep_non_products:
+            names = names[~names.isin(list(non_product_categories(names)))]
         offers = pd.DataFrame(
             {
                 "offer_id": names.to_numpy(),
@@ -269,6 +282,34 @@ def order_lines_to_tables(
             }
         )
     return {"customers": customers, "products": products, "orders": orders, "offers": offers}
+
+
+def _non_product_quality(
+    tables: dict[str, pd.DataFrame],
+    mapping: OrderLineMapping,
+    offer_level: OfferLevel,
+    keep_non_products: bool,
+) -> dict[str, Any]:
+    """The data-quality entry saying which categories made no offers, and why."""
+    if mapping.category is None:
+        return {
+            "categories": {},
+            "treatment": "not checked: no category column (--category) to tell products by",
+            "rule": "features.catalog.NON_PRODUCT_RULES",
+        }
+    orders, products = tables["orders"], tables["products"]
+    lines = pd.DataFrame(
+        {
+            "category": orders["product_id"].map(products.set_index("product_id")["category"]),
+            "customer_id": orders["customer_id"],
+            "product_id": orders["product_id"],
+            "amount": orders["amount"],
+        }
+    )
+    reasons = non_product_categories(
+        products["category"].dropna().unique(), items=offer_level == "item"
+    )
+    return non_product_report(lines, reasons, offers_made=keep_non_products)
 
 
 def _products_from_lines(
@@ -317,12 +358,20 @@ def import_transactions(
     workspace: Path | str,
     *,
     offer_level: OfferLevel = "item",
+    keep_non_products: bool = False,
 ) -> Workspace:
-    """Read order lines from ``path`` and write them as the workspace ``workspace``."""
+    """Read order lines from ``path`` and write them as the workspace ``workspace``.
+
+    The manifest's ``data_quality["non_product_categories"]`` lists the categories whose
+    items or category made no offer (see :func:`order_lines_to_tables`), with reasons and
+    counts.
+    """
     source = str(path)
     try:
         lines = read_table_file(path)
-        tables = order_lines_to_tables(lines, mapping, offer_level=offer_level)
+        tables = order_lines_to_tables(
+            lines, mapping, offer_level=offer_level, keep_non_products=keep_non_products
+        )
     except ContractError as error:
         raise (error if error.source else error.with_source(source)) from None
     return write_workspace(
@@ -333,6 +382,12 @@ def import_transactions(
             "file": str(Path(path).resolve()),
             "mapping": {k: v for k, v in asdict(mapping).items() if v is not None},
             "offer_level": offer_level,
+            "keep_non_products": keep_non_products,
+        },
+        data_quality={
+            "non_product_categories": _non_product_quality(
+                tables, mapping, offer_level, keep_non_products
+            )
         },
     )
 

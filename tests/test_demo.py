@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from features import Workspace, load_complete_journey, summarize
+from features import Workspace, load_complete_journey, map_complete_journey, summarize
 from nextbest.cli import app
 
 pytestmark = [pytest.mark.demo, pytest.mark.xdist_group("demo")]
@@ -24,6 +24,7 @@ def test_summary_reports_the_real_counts(demo_workspace: Workspace) -> None:
     assert summary["order_lines"] == 1_469_307
     assert summary["products"] == 92_331
     assert summary["coupon_offers"] == 981
+    assert summary["offers_by_kind"] == {"category": 242, "coupon": 981}
     assert summary["redemptions"] == 2102
     assert summary["synthetic"] is False
     assert summary["date_range"]["first"].startswith("2017-01-01")
@@ -78,9 +79,109 @@ def test_exposures_and_outcomes_link_up(demo_workspace: Workspace) -> None:
     assert set(outcomes["outcome"]) == {"redeemed"}
 
 
-def test_category_offers_need_enough_households(demo_workspace: Workspace) -> None:
+# The demo's categories that are not products (features.catalog), as the source names them.
+NOT_PRODUCTS = {
+    "COUPON/MISC ITEMS": "coupon lines; miscellaneous till lines (open-ring keys)",
+    "COUPONS/STORE & MFG": "coupon lines",
+    "COUPON": "coupon lines",
+    "FUEL": "fuel (forecourt sales)",
+    "BOTTLE DEPOSITS": "fees, charges and deposits",
+    "PREPAID WIRELESS&ACCESSORIES": "prepaid phone cards and top-ups (stored value)",
+    "LONG DISTANCE CALLING CARDS": "prepaid phone cards and top-ups (stored value)",
+}
+
+
+def _raw_lines_by_category() -> pd.DataFrame:
+    """Plain pandas on the raw tables: lines, households and amount per category."""
+    raw = load_complete_journey(("transactions", "products"))
+    lines = raw["transactions"].merge(
+        raw["products"][["product_id", "product_category"]], on="product_id", how="inner"
+    )
+    return lines.groupby("product_category").agg(
+        lines=("basket_id", "size"),
+        households=("household_id", "nunique"),
+        amount=("sales_value", "sum"),
+    )
+
+
+def test_category_offers_need_enough_households_and_real_products(
+    demo_workspace: Workspace,
+) -> None:
+    by_category = _raw_lines_by_category()
+    popular = set(by_category.index[by_category["households"] >= 100])
+    assert len(popular) == 246  # what the demo offered before non-products were left out
+    expected = popular - set(NOT_PRODUCTS)
+    assert len(expected) == 242
+
     offers = demo_workspace.read("offers")
     categories = offers[offers["kind"] == "category"]
-    assert len(categories) > 100
+    assert set(categories["category"]) == expected
+    assert len(categories) == 242
     assert (categories["offer_id"] == "category:" + categories["category"]).all()
     assert categories["product_ids"].map(len).eq(0).all()
+    for real in ("GREETING CARDS/WRAP/PARTY SPLY", "SOFT DRINKS", "MAGAZINE", "TICKETS"):
+        assert f"category:{real}" in set(categories["offer_id"]), real
+
+
+def test_non_product_categories_make_no_offer_and_are_reported(
+    demo_workspace: Workspace,
+) -> None:
+    by_category = _raw_lines_by_category()
+    offers = demo_workspace.read("offers")
+    assert not offers["category"].isin(list(NOT_PRODUCTS)).any()
+    assert "category:COUPON/MISC ITEMS" not in set(offers["offer_id"])
+    assert not offers["title"].str.contains("Coupon/Misc", regex=False).any()
+
+    report = summarize(demo_workspace)["data_quality"]["non_product_categories"]
+    assert report["treatment"] == "order lines kept; no offer is made for them"
+    assert set(report["categories"]) == set(NOT_PRODUCTS)
+    for name, reason in NOT_PRODUCTS.items():
+        entry = report["categories"][name]
+        assert entry["reason"] == reason, name
+        assert entry["lines"] == by_category.at[name, "lines"], name
+        assert entry["customers"] == by_category.at[name, "households"], name
+        assert entry["amount"] == pytest.approx(by_category.at[name, "amount"], abs=0.01), name
+        assert entry["offer_withheld"] == (by_category.at[name, "households"] >= 100), name
+    coupon_misc = report["categories"]["COUPON/MISC ITEMS"]
+    assert (coupon_misc["lines"], coupon_misc["customers"]) == (16_073, 1_652)
+    assert next(iter(coupon_misc["top_product_types"])) == "GASOLINE-REG UNLEADED"
+    assert report["offers_withheld"] == [
+        "COUPON/MISC ITEMS",
+        "COUPONS/STORE & MFG",
+        "FUEL",
+        "PREPAID WIRELESS&ACCESSORIES",
+    ]
+    assert report["lines"] == int(by_category.loc[list(NOT_PRODUCTS), "lines"].sum()) == 18_357
+    assert demo_workspace.manifest["source"]["keep_non_products"] is False
+
+
+def test_non_product_order_lines_stay_in_the_orders(demo_workspace: Workspace) -> None:
+    products = demo_workspace.read("products", columns=["product_id", "category"])
+    orders = demo_workspace.read("orders", columns=["product_id"])
+    category = orders["product_id"].map(products.set_index("product_id")["category"])
+    assert int(category.isin(list(NOT_PRODUCTS)).sum()) == 18_357
+
+
+def test_no_coupon_offer_is_only_non_products(demo_workspace: Workspace) -> None:
+    """A coupon covers real products: none covers only non-product lines, none is named
+    after one (a few list a coupon or store-supply item among thousands of products)."""
+    products = demo_workspace.read("products", columns=["product_id", "category"])
+    category = products.set_index("product_id")["category"]
+    offers = demo_workspace.read("offers")
+    coupons = offers[offers["kind"] == "coupon"]
+    only_non_products = coupons["product_ids"].map(
+        lambda ids: len(ids) > 0 and category.reindex(ids).isin(list(NOT_PRODUCTS)).all()
+    )
+    assert not only_non_products.any()
+    assert not coupons["category"].isin(list(NOT_PRODUCTS)).any()
+
+
+def test_keep_non_products_restores_their_offers() -> None:
+    tables, quality = map_complete_journey(load_complete_journey(), keep_non_products=True)
+    categories = tables["offers"].loc[tables["offers"]["kind"] == "category", "category"]
+    assert len(categories) == 246
+    assert {"COUPON/MISC ITEMS", "FUEL", "PREPAID WIRELESS&ACCESSORIES"} <= set(categories)
+    report = quality["non_product_categories"]
+    assert set(report["categories"]) == set(NOT_PRODUCTS)
+    assert report["offers_withheld"] == []
+    assert report["treatment"] == "kept as offers on request (keep_non_products)"

@@ -256,3 +256,97 @@ def test_category_offers_need_a_category_column(tmp_path: Path) -> None:
         import_transactions(
             _write(_lines(), tmp_path / "l.csv"), mapping, tmp_path / "ws", offer_level="category"
         )
+
+
+def _lines_with_non_products() -> pd.DataFrame:
+    extra = pd.DataFrame(
+        {
+            "shopper": ["0042", "77", "77", "0042"],
+            "ts": [
+                "2025-03-01 09:00:00",
+                "2025-03-02 12:00:00",
+                "2025-03-09 12:00:00",
+                "2025-03-05 18:30:00",
+            ],
+            "sku": ["GC-25", "BAG", "BAG", "CARD-1"],
+            "aisle": ["Gift Cards", "Bag fee", "Bag fee", "Gift & Greeting Cards"],
+            "paid": ["25.0", "0.1", "0.1", "3.0"],
+            "units": ["1", "1", "1", "1"],
+        }
+    )
+    return pd.concat([_lines(), extra], ignore_index=True)
+
+
+@pytest.mark.parametrize(
+    ("offer_level", "offered"),
+    [
+        ("item", ["A-1", "B-2", "C-3", "CARD-1"]),
+        ("category", ["Bakery", "Dairy", "Gift & Greeting Cards", "Produce"]),
+    ],
+)
+def test_gift_cards_and_bag_fees_make_no_offers_and_are_reported(
+    tmp_path: Path, offer_level: str, offered: list[str]
+) -> None:
+    source = _write(_lines_with_non_products(), tmp_path / "lines.csv")
+    workspace = import_transactions(
+        source,
+        MAPPING,
+        tmp_path / "ws",
+        offer_level=offer_level,  # type: ignore[arg-type]
+    )
+    assert sorted(workspace.read("offers")["offer_id"]) == offered
+    # The lines are history: they stay, with their products.
+    assert len(workspace.read("orders")) == 9
+    assert {"GC-25", "BAG"} <= set(workspace.read("products")["product_id"])
+
+    report = summarize(workspace)["data_quality"]["non_product_categories"]
+    assert report["categories"] == {
+        "Bag fee": {
+            "reason": "fees, charges and deposits; carrier bags",
+            "lines": 2,
+            "customers": 1,
+            "products": 1,
+            "amount": 0.2,
+        },
+        "Gift Cards": {
+            "reason": "gift cards and vouchers (stored value)",
+            "lines": 1,
+            "customers": 1,
+            "products": 1,
+            "amount": 25.0,
+        },
+    }
+    assert report["lines"] == 3
+    assert report["treatment"] == "order lines kept; no offer is made for them"
+
+
+def test_non_products_can_be_kept_as_offers_on_request(tmp_path: Path) -> None:
+    source = _write(_lines_with_non_products(), tmp_path / "lines.csv")
+    workspace = import_transactions(source, MAPPING, tmp_path / "ws", keep_non_products=True)
+    assert {"GC-25", "BAG"} <= set(workspace.read("offers")["offer_id"])
+    report = workspace.manifest["data_quality"]["non_product_categories"]
+    assert set(report["categories"]) == {"Bag fee", "Gift Cards"}
+    assert report["treatment"] == "kept as offers on request (keep_non_products)"
+    assert workspace.manifest["source"]["keep_non_products"] is True
+
+
+def test_placeholder_categories_keep_their_items_as_offers(tmp_path: Path) -> None:
+    lines = _lines().assign(aisle=["Bakery", "Unknown", "Bakery", "Produce", "Unknown"])
+    source = _write(lines, tmp_path / "lines.csv")
+    items = import_transactions(source, MAPPING, tmp_path / "items")
+    assert sorted(items.read("offers")["offer_id"]) == ["A-1", "B-2", "C-3"]
+    assert items.manifest["data_quality"]["non_product_categories"]["categories"] == {}
+    categories = import_transactions(source, MAPPING, tmp_path / "cats", offer_level="category")
+    assert sorted(categories.read("offers")["offer_id"]) == ["Bakery", "Produce"]
+    report = categories.manifest["data_quality"]["non_product_categories"]
+    assert report["categories"]["Unknown"]["reason"] == "no category given (a placeholder name)"
+
+
+def test_without_a_category_column_non_products_are_not_checked(tmp_path: Path) -> None:
+    mapping = OrderLineMapping(customer="shopper", time="ts", item="sku")
+    workspace = import_transactions(
+        _write(_lines_with_non_products(), tmp_path / "l.csv"), mapping, tmp_path / "ws"
+    )
+    assert len(workspace.read("offers")) == 6
+    report = workspace.manifest["data_quality"]["non_product_categories"]
+    assert report["categories"] == {} and report["treatment"].startswith("not checked")
