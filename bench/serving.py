@@ -1,13 +1,14 @@
 """/recommend on the demo, beside its floor and its peer, measured in one run.
 
-* **The work**: POST /recommend for a random demo household on the web, k = 5 explained.
-  The default rules let only the 246 category offers through at the data's end (the
-  coupons' campaigns are over), so this benchmark serves with ``bench/rules_500.yaml``,
-  which switches the rules off: all 1,227 offers reach the ranker.
+* **The work**: POST /recommend for a random demo household on the web, k = 5 explained,
+  with the trained version and its own rules (the defaults), as ``make run`` serves: all
+  1,223 offers are candidates (features for every one), eligibility with the live ledger
+  leaves the category offers new to the customer (the coupons' campaigns are over at the
+  data's end), and those are ranked.
 * **The floor**: a constant-returning endpoint of the same BentoML server, plus raw
-  ``booster.predict`` on the same candidate matrix and ``pred_contrib`` on 5 rows.
-* **The peer**: ``mlflow models serve`` of the same registered model, scoring the same
-  candidate matrix sent as JSON.
+  ``booster.predict`` on one request's ranked (eligible) rows and ``pred_contrib`` on 5.
+* **The peer**: ``mlflow models serve`` of the same registered model, scoring those same
+  rows sent as JSON.
 * **Batch**: ``recommend-batch``'s candidate rows per second, end to end (features,
   eligibility, ranking, because, ledger), against raw single-threaded ``booster.predict``
   rows per second on exactly those candidate rows.
@@ -32,7 +33,6 @@ from typing import Any
 
 import numpy as np
 
-RULES = Path(__file__).with_name("rules_500.yaml")
 REQUESTS_C1 = 300
 REQUESTS_C8 = 600
 BATCH_CUSTOMERS = 100
@@ -132,8 +132,9 @@ def run() -> dict[str, Any]:
     rng = np.random.default_rng(0)
 
     with tempfile.TemporaryDirectory() as folder:
+        # the trained version with its own (the default) rules, as `make run` serves it
         settings = ServingSettings(
-            holdout_share=0.0, rules_path=RULES, db_url=f"sqlite:///{Path(folder) / 'bench.db'}"
+            holdout_share=0.0, db_url=f"sqlite:///{Path(folder) / 'bench.db'}"
         )
         recommender = build_recommender(settings, workspace=workspace, version=version)
         snapshot, ledger, bundle = (
@@ -146,17 +147,29 @@ def run() -> dict[str, Any]:
         probe = recommender.recommend(
             customers[0], channel="web", k=5, debug=True, log_exposure=False
         )
-        # the candidate matrix of one request, for the floor and the peer
+        # the rows one request ranks (its eligible candidates), for the floor and the peer
         from features import Requests
+        from policy import evaluate
 
         builder = recommender.builder_for(recommender.now_s())
-        offers = recommender.generator.generate(
-            snapshot, Requests.build(snapshot, [customers[0]], [probe["as_of"]], channel=["web"])
-        ).offer
         requests = Requests.build(
             snapshot, [customers[0]], [probe["as_of"]], channel=["web"], placement=["home"]
         )
-        matrix = builder.build(snapshot, requests, np.zeros(len(offers), dtype=np.int64), offers)
+        candidates = recommender.generator.generate(snapshot, requests)
+        full = builder.build(snapshot, requests, candidates.request, candidates.offer)
+        eligible = evaluate(
+            snapshot,
+            recommender.model.rules,
+            requests,
+            candidates.request,
+            candidates.offer,
+            ledger=recommender.combined,
+            features={n: full.values[:, j] for j, n in enumerate(full.names)},
+        ).eligible
+        assert int(eligible.sum()) == probe["eligible"]
+        matrix = builder.build(
+            snapshot, requests, candidates.request[eligible], candidates.offer[eligible]
+        )
         booster = bundle.booster
         predict = _time(lambda: booster.predict(matrix.values, num_threads=1), 200)
         contrib = _time(
@@ -200,7 +213,6 @@ def run() -> dict[str, Any]:
             "NEXTBEST_WORKSPACE": str(workspace.path),
             "NEXTBEST_DB_URL": f"sqlite:///{Path(folder) / 'served.db'}",
             "NEXTBEST_MODEL_ALIAS": "challenger",
-            "NEXTBEST_RULES": str(RULES),
             "NEXTBEST_HOLDOUT_SHARE": "0",
             "BENTOML_HOME": str(Path(folder) / "bentoml"),
             "BENTOML_DO_NOT_TRACK": "true",
@@ -269,7 +281,7 @@ def run() -> dict[str, Any]:
             "candidates": probe["candidates"],
             "reach_ranker": probe["eligible"],
             "k": 5,
-            "rules": "bench/rules_500.yaml (rules off, so that ≥ 500 reach the ranker)",
+            "rules": "the trained version's own (the default rules)",
             "model_version": version,
         },
         "recommend": {"concurrency_1": ours_c1, "concurrency_8": ours_c8},

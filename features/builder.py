@@ -49,7 +49,10 @@ EVIDENCE = (
 
 @dataclass
 class Requests:
-    """Customers at moments, in snapshot codes. Context is optional (-1 = none)."""
+    """Customers at moments, in snapshot codes. Context is optional (-1 = none).
+
+    ``ids`` keeps each customer's own id: one the snapshot does not know has the UNKNOWN
+    code, but a live ledger still counts its caps and cooldowns under its id."""
 
     customer: np.ndarray
     as_of_s: np.ndarray
@@ -58,6 +61,11 @@ class Requests:
     moment: np.ndarray
     page_product: np.ndarray
     cart: Csr
+    ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=object))
+
+    def __post_init__(self) -> None:
+        if len(self.ids) != len(self.customer):
+            raise ValueError("Requests: one id per customer code is needed")
 
     def __len__(self) -> int:
         return len(self.customer)
@@ -83,6 +91,7 @@ class Requests:
             return np.array([names.index(v) if v in names else -1 for v in values], dtype=np.int64)
 
         return cls(
+            ids=np.asarray([str(c) for c in customer_ids], dtype=object),
             customer=snapshot.customers.encode(list(customer_ids)),
             as_of_s=to_seconds_ceil(_as_datetimes(as_of)),
             channel=vocab(channel, CHANNELS),

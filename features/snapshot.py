@@ -23,10 +23,28 @@ import pandas as pd
 from features.contract import CHANNELS, OFFER_KINDS, TABLES
 from features.history import TimeIndex, to_seconds
 
-__all__ = ["MOMENTS", "PLACEMENTS", "UNKNOWN", "Codes", "PairCodes", "Snapshot", "load_snapshot"]
+__all__ = [
+    "CHANNEL_PLACEMENTS",
+    "MOMENTS",
+    "PLACEMENTS",
+    "UNKNOWN",
+    "Codes",
+    "PairCodes",
+    "Snapshot",
+    "load_snapshot",
+]
 
 UNKNOWN = "UNKNOWN"
 PLACEMENTS = ("home", "pdp", "cart", "checkout", "post_purchase", "search", "inbox", "mailer")
+_PAGES = ("home", "pdp", "cart", "checkout", "post_purchase", "search")
+CHANNEL_PLACEMENTS: dict[str, tuple[str, ...]] = {
+    "web": _PAGES,
+    "app": _PAGES,
+    "email": ("inbox",),
+    "sms": ("inbox",),
+    "mailer": ("mailer",),
+}
+"""Where each channel shows offers: the requests a storefront or a campaign makes."""
 MOMENTS = (
     "post_purchase",
     "cart_abandonment",
@@ -334,6 +352,11 @@ class Snapshot:
         )[0]
         self.line_customer, self.line_product, self.line_seconds = customer, product, seconds
         self.line_order, self.line_amount = order_code, amount
+        # a customer's own lines in time order: what was in their last basket, and what
+        # they bought lately (the contexts training samples)
+        self.lines_by_customer = TimeIndex.build(
+            customer, seconds, payload={"product": product, "order": order_code}
+        )
         category = self.product_category[product]
         department = self.product_department[product]
 
@@ -494,12 +517,26 @@ class Snapshot:
                 "request": exposures["request_id"].astype("object").fillna("").to_numpy(),
             }
         )[~exposures["holdout"].astype(bool).to_numpy()]
+        served = touches
         touch = touches["request"].where(touches["request"] != "", touches["s"].astype("str"))
         touches = touches.assign(touch=touch).drop_duplicates(["c", "ch", "touch"])
-        self.touches_by_customer = TimeIndex.build(touches["c"].to_numpy(), touches["s"].to_numpy())
-        self.touches_by_customer_channel = TimeIndex.build(
+        # what caps count (policy.rules.Cap): sends (one slate or one mailing per channel),
+        # offers served, and the storefront's 'viewed' feedback, per (customer, channel)
+        self.sends_by_customer_channel = TimeIndex.build(
             touches["c"].to_numpy() * len(CHANNELS) + touches["ch"].to_numpy(),
             touches["s"].to_numpy(),
+        )
+        self.served_by_customer_channel = TimeIndex.build(
+            served["c"].to_numpy() * len(CHANNELS) + served["ch"].to_numpy(),
+            served["s"].to_numpy(),
+        )
+        # the contexts offers were shown in (one per request): training samples them
+        contexts = touches.sort_values("s")
+        self.exposure_context_seconds = contexts["s"].to_numpy()
+        self.exposure_context_channel = contexts["ch"].to_numpy()
+        placement = exposures["placement"].astype("object").iloc[contexts.index.to_numpy()]
+        self.exposure_context_placement = _vocabulary_codes(
+            placement.where(placement.isin(PLACEMENTS)), PLACEMENTS
         )
         self.exposure_customer_for_offer = TimeIndex.build(
             offer, seconds, payload={"customer": customer}
@@ -516,6 +553,25 @@ class Snapshot:
         self.declined_by_cust_offer = TimeIndex.build(
             self.cust_offer_declined.encode(o_customer[declined], o_offer[declined]),
             o_seconds[declined],
+        )
+        viewed = kind == "viewed"
+        channel_of_exposure = pd.Series(all_channel, index=exposures["exposure_id"].to_numpy())
+        channel_of_exposure = channel_of_exposure[~channel_of_exposure.index.duplicated()]
+        viewed_channel = (
+            channel_of_exposure.reindex(outcomes["exposure_id"][viewed].to_numpy())
+            .fillna(-1)
+            .to_numpy()
+            .astype(np.int64)
+        )
+        on_channel = viewed_channel >= 0
+        self.viewed_by_customer_channel = TimeIndex.build(
+            o_customer[viewed][on_channel] * len(CHANNELS) + viewed_channel[on_channel],
+            o_seconds[viewed][on_channel],
+        )
+        self.cust_offer_viewed = PairCodes.of(o_customer[viewed], o_offer[viewed], len(self.offers))
+        self.viewed_by_cust_offer = TimeIndex.build(
+            self.cust_offer_viewed.encode(o_customer[viewed], o_offer[viewed]),
+            o_seconds[viewed],
         )
         accepted = np.isin(kind, ACCEPTED_OUTCOMES)
         # one acceptance per (customer, offer, day) at most: redeemed + purchased is one success

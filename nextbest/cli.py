@@ -877,10 +877,37 @@ def _print_example(base: str) -> None:
         f"-d '{json.dumps(body)}'"
     )
     typer.echo(json.dumps(answer, indent=2)[:4000])
+    _print_clock(base)
     if answer.get("model", {}).get("mode") == "rules_only":
         typer.echo(
             "\nNo champion model yet, so the service ranks by the rules alone. A person "
             "reviews and approves a challenger before it serves (see the README)."
+        )
+
+
+def _print_clock(base: str) -> None:
+    """What the clock is, and what it means for caps and cooldowns."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{base}/metadata", timeout=10) as response:
+            metadata = json.loads(response.read())
+    except OSError:
+        return
+    clock = metadata.get("clock")
+    if clock == "data":
+        typer.echo(
+            f"\nClock: data. Every answer is as of {metadata.get('data_end')}, the workspace's "
+            "last event: a replay of the data, where time stands still. Frequency caps and "
+            "cooldowns counted in this replay never expire while it runs (page views on web "
+            "and app never cap a slate; sends on email, SMS and mailer do). A live storefront "
+            "runs with --clock now."
+        )
+    elif clock == "now":
+        typer.echo("\nClock: now (the wall clock): caps and cooldowns expire as time passes.")
+    else:
+        typer.echo(
+            f"\nClock: fixed at {clock}. Time stands still, so caps and cooldowns never expire."
         )
 
 

@@ -4,16 +4,17 @@ Every row (a request paired with an offer) gets a bitmask of the reasons it is e
 0 means eligible. :func:`trace` turns that into the auditable "why not shown" view for
 one customer: every offer, eligible or with all its reasons.
 
-Caps, cooldowns and sequencing read past exposures and outcomes through a
+Caps, cooldowns, sequencing and redemptions read past exposures and outcomes through a
 :class:`Ledger`. :class:`SnapshotLedger` reads them from the workspace snapshot; the
-service backs the same interface with its database.
+service backs the same interface with its database. Caps count what customers received
+(sends, offers served, or views; see ``policy.rules.Cap``), never requests.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
 
 import numpy as np
 import pandas as pd
@@ -42,9 +43,11 @@ __all__ = [
     "REASONS",
     "Eligibility",
     "Ledger",
+    "Limit",
     "SnapshotLedger",
     "customer_trace",
     "evaluate",
+    "hard_limits",
     "reasons_of",
     "trace",
 ]
@@ -53,6 +56,10 @@ DAY = 86_400
 Exclude = Callable[[str, np.ndarray], None]
 
 REASONS: dict[str, str] = {
+    "category_already_bought": "a category offer is cross-sell, and the customer already buys "
+    "in this category",
+    "already_redeemed": "the customer already redeemed this coupon",
+    "in_cart": "it is already in the cart",
     "offer_not_active": "outside the offer's valid window",
     "channel_not_allowed": "the offer is not allowed on this channel",
     "no_consent": "the customer did not consent to this channel",
@@ -66,6 +73,7 @@ REASONS: dict[str, str] = {
     "out_of_stock": "its products are out of stock",
     "frequency_cap_channel": "the customer reached the frequency cap on this channel",
     "frequency_cap_total": "the customer reached the frequency cap across channels",
+    "frequency_cap_offer": "this offer reached its cap for the customer",
     "declined_cooldown": "the customer declined it recently",
     "sequence_not_met": "it comes only after an offer the customer has not had yet",
     "bundle_mostly_owned": "the customer already owns most of the bundle",
@@ -82,24 +90,55 @@ def reasons_of(mask: int) -> list[str]:
     return [code for code, bit in _BIT.items() if mask & bit]
 
 
-class Ledger(Protocol):
-    """Past touches and outcomes, for caps, cooldowns and sequencing."""
+Unit = Literal["sends", "served", "viewed"]
 
-    def touches(
-        self, customers: np.ndarray, start_s: np.ndarray, end_s: np.ndarray, channel: int | None
+
+class Ledger(Protocol):
+    """Past exposures and outcomes, for caps, cooldowns, sequencing and redemptions.
+
+    Customers come as snapshot codes and as their ids (``ids``): a customer the snapshot
+    does not know (code UNKNOWN) is still counted under their own id by a live ledger.
+    """
+
+    def counts(
+        self,
+        unit: Unit,
+        customers: np.ndarray,
+        ids: np.ndarray,
+        start_s: np.ndarray,
+        end_s: np.ndarray,
+        channels: Sequence[int],
     ) -> np.ndarray:
-        """Touches (slates or mailings) per customer in [start, end), on a channel or all."""
+        """Per customer: sends, offers served or 'viewed' outcomes in [start, end) on any of
+        ``channels`` (holdout and empty slates never count)."""
+        ...
+
+    def offer_counts(
+        self,
+        unit: Literal["served", "viewed"],
+        customers: np.ndarray,
+        ids: np.ndarray,
+        offers: np.ndarray,
+        start_s: np.ndarray,
+        end_s: np.ndarray,
+    ) -> np.ndarray:
+        """Per (customer, offer) row: times served (or viewed) in [start, end)."""
         ...
 
     def last_declined_s(
-        self, customers: np.ndarray, offers: np.ndarray, before_s: np.ndarray
+        self, customers: np.ndarray, ids: np.ndarray, offers: np.ndarray, before_s: np.ndarray
     ) -> np.ndarray:
         """Time (seconds) each customer last declined each offer before ``before_s``, NaN
         if never."""
         ...
 
     def had_offer(
-        self, customers: np.ndarray, offers: np.ndarray, before_s: np.ndarray, event: str
+        self,
+        customers: np.ndarray,
+        ids: np.ndarray,
+        offers: np.ndarray,
+        before_s: np.ndarray,
+        event: str,
     ) -> np.ndarray:
         """Whether each customer was shown (or accepted) each offer before ``before_s``."""
         ...
@@ -111,18 +150,44 @@ class SnapshotLedger:
 
     snapshot: Snapshot
 
-    def touches(
-        self, customers: np.ndarray, start_s: np.ndarray, end_s: np.ndarray, channel: int | None
+    def counts(
+        self,
+        unit: Unit,
+        customers: np.ndarray,
+        ids: np.ndarray,
+        start_s: np.ndarray,
+        end_s: np.ndarray,
+        channels: Sequence[int],
     ) -> np.ndarray:
         s = self.snapshot
-        if channel is None:
-            return s.touches_by_customer.count(customers, start_s, end_s)
-        return s.touches_by_customer_channel.count(
-            customers * len(CHANNELS) + channel, start_s, end_s
-        )
+        index = {
+            "sends": s.sends_by_customer_channel,
+            "served": s.served_by_customer_channel,
+            "viewed": s.viewed_by_customer_channel,
+        }[unit]
+        total = np.zeros(len(customers), dtype=np.int64)
+        for channel in channels:
+            total += index.count(customers * len(CHANNELS) + channel, start_s, end_s)
+        return total
+
+    def offer_counts(
+        self,
+        unit: Literal["served", "viewed"],
+        customers: np.ndarray,
+        ids: np.ndarray,
+        offers: np.ndarray,
+        start_s: np.ndarray,
+        end_s: np.ndarray,
+    ) -> np.ndarray:
+        s = self.snapshot
+        if unit == "served":
+            pairs, index = s.cust_offer_shown, s.shown_by_cust_offer
+        else:
+            pairs, index = s.cust_offer_viewed, s.viewed_by_cust_offer
+        return index.count(pairs.encode(customers, offers), start_s, end_s).astype(np.int64)
 
     def last_declined_s(
-        self, customers: np.ndarray, offers: np.ndarray, before_s: np.ndarray
+        self, customers: np.ndarray, ids: np.ndarray, offers: np.ndarray, before_s: np.ndarray
     ) -> np.ndarray:
         s = self.snapshot
         index = s.declined_by_cust_offer
@@ -131,7 +196,12 @@ class SnapshotLedger:
         )
 
     def had_offer(
-        self, customers: np.ndarray, offers: np.ndarray, before_s: np.ndarray, event: str
+        self,
+        customers: np.ndarray,
+        ids: np.ndarray,
+        offers: np.ndarray,
+        before_s: np.ndarray,
+        event: str,
     ) -> np.ndarray:
         s = self.snapshot
         if event == "accepted":
@@ -143,9 +213,15 @@ class SnapshotLedger:
 
 @dataclass
 class Eligibility:
-    """Reason bitmasks per row (0 = eligible)."""
+    """Reason bitmasks per row (0 = eligible), and the eligible rows that rotate behind
+    the others (an inbound offer over its ``per_offer`` cap)."""
 
     mask: np.ndarray
+    demoted: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+
+    def __post_init__(self) -> None:
+        if len(self.demoted) != len(self.mask):
+            self.demoted = np.zeros(len(self.mask), dtype=bool)
 
     @property
     def eligible(self) -> np.ndarray:
@@ -167,9 +243,14 @@ def evaluate(
     killed: Sequence[str] = (),
     out_of_stock: Sequence[str] = (),
 ) -> Eligibility:
-    """Evaluate every enabled rule on every row at once.
+    """Which (request, offer) rows exist, and why each other one does not: the one
+    eligibility decision that training, evaluation, batch scoring and the live service
+    all make.
 
-    ``features`` (feature name → per-row values) is needed only by
+    First what an offer *is* (always, whatever the rules file says): a category offer is
+    cross-sell, so only for a category new to the customer; a coupon is redeemed once; an
+    item or bundle already in the cart is not offered again. Then every enabled rule, on
+    every row at once. ``features`` (feature name → per-row values) is needed only by
     ``compatibility_required``. ``killed`` and ``out_of_stock`` add run-time lists (the
     stop-loss, an inventory feed) to the rules file's own. Rules that depend on the
     channel are skipped for requests without one.
@@ -179,13 +260,17 @@ def evaluate(
     r = np.asarray(request_of_row, dtype=np.int64)
     o = np.asarray(offer_of_row, dtype=np.int64)
     c = requests.customer[r]
+    ids = requests.ids[r]
     t = requests.as_of_s[r]
     channel = requests.channel[r]
     has_channel = channel >= 0
     mask = np.zeros(len(r), dtype=np.int64)
+    demoted = np.zeros(len(r), dtype=bool)
 
     def exclude(code: str, where: np.ndarray) -> None:
         mask[np.asarray(where, dtype=bool)] |= _BIT[code]
+
+    _what_offers_are(s, ledger, requests, r, o, c, ids, t, exclude)
 
     if rules.rule(ActiveWindow):
         exclude("offer_not_active", (t < s.offer_valid_from_s[o]) | (t > s.offer_valid_to_s[o]))
@@ -241,11 +326,11 @@ def evaluate(
 
     cap = rules.rule(FrequencyCap)
     if cap:
-        _frequency_caps(ledger, cap, requests, r, exclude)
+        _frequency_caps(ledger, cap, requests, r, o, exclude, demoted)
 
     cooldown = rules.rule(DeclineCooldown)
     if cooldown:
-        declined = ledger.last_declined_s(c, o, t)
+        declined = ledger.last_declined_s(c, ids, o, t)
         exclude("declined_cooldown", ~np.isnan(declined) & (t - declined <= cooldown.days * DAY))
 
     sequencing = rules.rule(Sequencing)
@@ -255,7 +340,7 @@ def evaluate(
             if gated.any():
                 before = s.offers.encode([step.requires], missing=-1)[0]
                 had = ledger.had_offer(
-                    c[gated], np.full(int(gated.sum()), before), t[gated], step.event
+                    c[gated], ids[gated], np.full(int(gated.sum()), before), t[gated], step.event
                 )
                 where = np.zeros(len(r), dtype=bool)
                 where[np.flatnonzero(gated)[~had]] = True
@@ -272,7 +357,43 @@ def evaluate(
             offer = s.offers.encode([block.offer], missing=-2)[0]
             seg = s.segments.encode([block.segment], missing=-2)[0]
             exclude("blocked_for_segment", (o == offer) & (segment == seg))
-    return Eligibility(mask)
+    return Eligibility(mask, demoted & (mask == 0))
+
+
+def _what_offers_are(
+    s: Snapshot,
+    ledger: Ledger,
+    requests: Requests,
+    r: np.ndarray,
+    o: np.ndarray,
+    c: np.ndarray,
+    ids: np.ndarray,
+    t: np.ndarray,
+    exclude: Exclude,
+) -> None:
+    kind = s.offer_kind[o]
+    category = kind == OFFER_KINDS.index("category")
+    if category.any():
+        pair = s.cust_category.encode(c[category], s.offer_category[o[category]])
+        bought = s.orders_by_cust_category.last_before(pair, t[category]) >= 0
+        where = np.zeros(len(o), dtype=bool)
+        where[np.flatnonzero(category)[bought]] = True
+        exclude("category_already_bought", where)
+    coupon = kind == OFFER_KINDS.index("coupon")
+    if coupon.any():
+        redeemed = ledger.had_offer(c[coupon], ids[coupon], o[coupon], t[coupon], "accepted")
+        where = np.zeros(len(o), dtype=bool)
+        where[np.flatnonzero(coupon)[redeemed]] = True
+        exclude("already_redeemed", where)
+    has_cart = requests.cart.lengths()[r] > 0
+    goods = has_cart & np.isin(kind, [OFFER_KINDS.index("item"), OFFER_KINDS.index("bundle")])
+    if goods.any():
+        rows = np.flatnonzero(goods)
+        owner, product = requests.cart.expand(r[rows])
+        held = s.offer_covers(o[rows][owner], product) & (product >= 0)
+        where = np.zeros(len(o), dtype=bool)
+        where[rows[np.bincount(owner, weights=held, minlength=len(rows)) > 0]] = True
+        exclude("in_cart", where)
 
 
 def _targeting(s: Snapshot, c: np.ndarray, o: np.ndarray, t: np.ndarray, exclude: Exclude) -> None:
@@ -327,22 +448,119 @@ def _out_of_stock(s: Snapshot, o: np.ndarray, missing: np.ndarray, exclude: Excl
     exclude("out_of_stock", np.where(coupon, (size > 0) & (count == size), count > 0))
 
 
+@dataclass(frozen=True)
+class Limit:
+    """A hard cap that a slate must still fit when it is logged: at most ``allowed`` live
+    ``unit`` on ``channels`` in [``start_s``, the slate's moment] (the cap minus what the
+    recorded history already holds), for the whole slate, or for one offer."""
+
+    unit: Unit
+    channels: tuple[str, ...]
+    start_s: int
+    allowed: int
+    offer_id: str | None = None
+
+
+def hard_limits(
+    snapshot: Snapshot,
+    rules: RuleSet,
+    requests: Requests,
+    request: int,
+    offers: Sequence[int],
+    history: Ledger | None = None,
+) -> list[Limit]:
+    """The caps a request's slate (offer codes) must fit atomically as it is logged: the
+    send caps and per-offer caps of an outbound channel. 'viewed' caps count feedback that
+    comes later, so they are checked at eligibility only."""
+    rule = rules.rule(FrequencyCap)
+    code = int(requests.channel[request])
+    if rule is None or code < 0 or CHANNELS[code] not in rule.outbound_channels or not offers:
+        return []
+    history = history or SnapshotLedger(snapshot)
+    one = np.array([request])
+    c, ids, t = requests.customer[one], requests.ids[one], int(requests.as_of_s[request])
+    limits = []
+    outbound = [CHANNELS.index(name) for name in rule.outbound_channels]
+    for cap, channels in ((rule.per_channel, [code]), (rule.total, outbound)):
+        if cap is None or cap.counts == "viewed":
+            continue
+        start = t - int(cap.days * DAY)
+        seen = int(
+            history.counts(cap.counts, c, ids, np.array([start]), np.array([t]), channels)[0]
+        )
+        names = tuple(CHANNELS[ch] for ch in channels)
+        limits.append(Limit(cap.counts, names, start, cap.max - seen))
+    offer_cap = rule.per_offer
+    if offer_cap is not None and offer_cap.counts == "served":
+        start = t - int(offer_cap.days * DAY)
+        n = len(offers)
+        seen_offers = history.offer_counts(
+            "served",
+            np.repeat(c, n),
+            np.repeat(ids, n),
+            np.asarray(offers),
+            np.full(n, start),
+            np.full(n, t),
+        )
+        for offer, seen_offer in zip(offers, seen_offers, strict=True):
+            limits.append(
+                Limit(
+                    "served",
+                    tuple(CHANNELS),
+                    start,
+                    offer_cap.max - int(seen_offer),
+                    offer_id=str(snapshot.offers.values[offer]),
+                )
+            )
+    return limits
+
+
 def _frequency_caps(
-    ledger: Ledger, rule: FrequencyCap, requests: Requests, r: np.ndarray, exclude: Exclude
+    ledger: Ledger,
+    rule: FrequencyCap,
+    requests: Requests,
+    r: np.ndarray,
+    o: np.ndarray,
+    exclude: Exclude,
+    demoted: np.ndarray,
 ) -> None:
-    c, t, channel = requests.customer, requests.as_of_s, requests.channel
+    """Sends are capped on outbound channels only (per channel and all together); a
+    per-offer cap excludes outbound and rotates inbound."""
+    c, ids, t, channel = requests.customer, requests.ids, requests.as_of_s, requests.channel
+    outbound_codes = [CHANNELS.index(name) for name in rule.outbound_channels]
+    outbound = np.isin(channel, outbound_codes)
     if rule.per_channel is not None:
+        cap = rule.per_channel
         capped = np.zeros(len(c), dtype=bool)
-        for code in np.unique(channel[channel >= 0]):
-            asking = channel == code
-            window = rule.per_channel.days * DAY
-            seen = ledger.touches(c[asking], t[asking] - window, t[asking], int(code))
-            capped[np.flatnonzero(asking)[seen >= rule.per_channel.max]] = True
+        for code in np.unique(channel[outbound]):
+            asking = np.flatnonzero(channel == code)
+            window = t[asking] - cap.days * DAY
+            seen = ledger.counts(cap.counts, c[asking], ids[asking], window, t[asking], [code])
+            capped[asking[seen >= cap.max]] = True
         exclude("frequency_cap_channel", capped[r])
-    if rule.total is not None:
-        window = rule.total.days * DAY
-        seen = ledger.touches(c, t - window, t, None)
-        exclude("frequency_cap_total", (seen >= rule.total.max)[r])
+    if rule.total is not None and outbound.any():
+        cap = rule.total
+        asking = np.flatnonzero(outbound)
+        window = t[asking] - cap.days * DAY
+        seen = ledger.counts(cap.counts, c[asking], ids[asking], window, t[asking], outbound_codes)
+        capped = np.zeros(len(c), dtype=bool)
+        capped[asking[seen >= cap.max]] = True
+        exclude("frequency_cap_total", capped[r])
+    offer_cap = rule.per_offer
+    if offer_cap is not None:
+        rows = np.flatnonzero(channel[r] >= 0)
+        if not len(rows):
+            return
+        tr = t[r[rows]]
+        seen = ledger.offer_counts(
+            offer_cap.counts, c[r[rows]], ids[r[rows]], o[rows], tr - offer_cap.days * DAY, tr
+        )
+        over = rows[seen >= offer_cap.max]
+        on_outbound = outbound[r[over]]
+        where = np.zeros(len(r), dtype=bool)
+        where[over[on_outbound]] = True
+        exclude("frequency_cap_offer", where)
+        demoted[over[~on_outbound]] = True
 
 
 def _bundles(

@@ -27,7 +27,14 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-__all__ = ["DEFAULT_RULES", "RuleSet", "RulesError", "load_rules", "parse_rules"]
+__all__ = [
+    "DEFAULT_RULES",
+    "OUTBOUND_CHANNELS",
+    "RuleSet",
+    "RulesError",
+    "load_rules",
+    "parse_rules",
+]
 
 DEFAULT_RULES = Path(__file__).with_name("default_rules.yaml")
 
@@ -98,18 +105,51 @@ class OutOfStock(_Rule):
     products: list[str] = []
 
 
+ChannelName = Literal["web", "app", "email", "sms", "mailer"]
+OUTBOUND_CHANNELS: list[ChannelName] = ["email", "sms", "mailer"]
+"""Channels where nextbest starts the contact (a send), as opposed to answering a page."""
+
+
 class Cap(BaseModel):
+    """At most ``max`` of ``counts`` within ``days``.
+
+    ``counts`` is the unit: ``sends`` (an email, SMS or mailer that carried at least one
+    offer), ``served`` (offers in the slates nextbest returned) or ``viewed`` (the
+    storefront's ``viewed`` feedback). Holdout slates and empty slates never count.
+    """
+
     model_config = ConfigDict(extra="forbid", frozen=True)
     max: int = Field(ge=0)
     days: float = Field(gt=0)
+    counts: Literal["sends", "served", "viewed"] = "sends"
+
+
+class OfferCap(BaseModel):
+    """How often one offer may reach one customer: at most ``max`` ``counts`` (``served``
+    or ``viewed``) within ``days``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    max: int = Field(ge=0)
+    days: float = Field(gt=0)
+    counts: Literal["served", "viewed"] = "served"
 
 
 class FrequencyCap(_Rule):
-    """At most N offers shown per window: on the asking channel, and across channels."""
+    """Contact caps across channels.
+
+    * ``per_channel`` and ``total`` cap what nextbest *sends*: on each outbound channel,
+      and on all of them together. A page view on an inbound channel (web, app) is the
+      customer's own visit, never a send: caps never empty a storefront's slates.
+    * ``per_offer`` caps how often one offer reaches one customer, on every channel. On an
+      inbound channel an offer over its cap rotates behind the others (the slate stays
+      full while there is anything else to show); on an outbound channel it is not sent.
+    """
 
     type: Literal["frequency_cap"]
+    outbound_channels: list[ChannelName] = Field(default_factory=lambda: list(OUTBOUND_CHANNELS))
     per_channel: Cap | None = None
     total: Cap | None = None
+    per_offer: OfferCap | None = None
 
 
 class DeclineCooldown(_Rule):

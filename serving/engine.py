@@ -30,7 +30,7 @@ from features.contract import OFFER_KINDS
 from features.history import second_ceil
 from policy import Eligibility, RuleSet, evaluate, load_rules, parse_rules
 from policy.arbitration import Calibrator, offer_tasks, rank_scores
-from policy.eligibility import reasons_of
+from policy.eligibility import Limit, hard_limits, reasons_of
 from policy.rules import SegmentBlock
 from policy.slate import Slate, assemble_slate
 from runtime.registry import ModelBundle, ModelMismatchError, model_name
@@ -272,7 +272,9 @@ class Recommender:
             eligible &= ~self._offer_holdout(customer_ids, rows, offers)
         plan = self._plan(model, customer_ids)
         score, probability = self._scores(model, matrix, rows, offers, eligible, plan.scoring)
-        slates = self._slates(s, rules, rows, offers, eligible, score, len(customer_ids), k)
+        slates = self._slates(
+            s, rules, rows, offers, eligible, eligibility.demoted, score, len(customer_ids), k
+        )
         explanations = self._explain(model, matrix, builder, slates, plan)
         responses, logs = self._respond(
             model,
@@ -286,8 +288,26 @@ class Recommender:
             (rows, eligibility, eligible) if debug else None,
         )
         if log_exposure:
-            self.ledger.log_slates(logs)
+            limits = self._limits(rules, requests, plan, logs)
+            admitted = self.ledger.log_slates(logs, limits)
+            for response, logged in zip(responses, logs, strict=True):
+                if logged["request_id"] in limits:
+                    _keep(response, admitted[logged["request_id"]])
         return responses
+
+    def _limits(
+        self, rules: RuleSet, requests: Requests, plan: _Plan, logs: list[dict[str, Any]]
+    ) -> dict[str, list[Limit]]:
+        """The hard caps each outbound slate must still fit as it is logged."""
+        s, out = self.snapshot, {}
+        for i, logged in enumerate(logs):
+            if plan.holdout[i] or not logged["offers"]:
+                continue
+            offers = s.offers.encode([o.offer_id for o in logged["offers"]])
+            limits = hard_limits(s, rules, requests, i, list(offers), self.combined.history)
+            if limits:
+                out[logged["request_id"]] = limits
+        return out
 
     # -- the stages of a call -------------------------------------------------------------
     def _requests(
@@ -378,13 +398,15 @@ class Recommender:
         rows: np.ndarray,
         offers: np.ndarray,
         eligible: np.ndarray,
+        demoted: np.ndarray,
         score: np.ndarray,
         n: int,
         k: int,
     ) -> list[tuple[Slate, list[int]]]:
         """Each request's slate (best first, no collisions) and the rows it holds."""
         ranked = np.flatnonzero(eligible)
-        ranked = ranked[np.lexsort((-score[ranked], rows[ranked]))]
+        # best first, but offers rotated out by their per-offer cap after all the others
+        ranked = ranked[np.lexsort((-score[ranked], demoted[ranked], rows[ranked]))]
         bounds = np.searchsorted(rows[ranked], np.arange(n + 1))
         slates = []
         for i in range(n):
@@ -503,6 +525,7 @@ class Recommender:
         ]
         return {
             "excluded": excluded,
+            "rotated": [str(values[offers[j]]) for j in mine if eligibility.demoted[j]],
             "candidates": len(mine),
             "eligible": int(eligible[mine].sum()),
         }
@@ -602,6 +625,15 @@ class Recommender:
             },
             "ledger": self.ledger.backend,
         }
+
+
+def _keep(response: dict[str, Any], offers: list[str]) -> None:
+    """What a capped slate really carried once logged (a concurrent request may have taken
+    the last place under a cap), ranked again from 1."""
+    kept = [o for o in response["offers"] if o["offer_id"] in set(offers)]
+    for rank, offer in enumerate(kept, start=1):
+        offer["rank"] = rank
+    response["offers"] = kept
 
 
 def _title(s: Snapshot, offer: int) -> str:

@@ -4,6 +4,11 @@ SQLite (with WAL) is the embedded default; ``NEXTBEST_DB_URL`` points it at Post
 (``postgresql+psycopg://user:pass@host/db``). Frequency caps, cooldowns and sequencing
 read it at request time, so they hold across channels and across workers.
 
+Caps count what customers received (see ``policy.rules.Cap``): sends (a slate with at
+least one offer), offers served, or 'viewed' feedback; holdout slates never count. When a
+slate is logged with its hard caps, they are counted again inside the same transaction,
+with the customer locked, so concurrent requests cannot overrun a cap together.
+
 Times are integer seconds on the service's clock (the moment each request was served).
 What the live ledger holds has already happened, so its reads include the current second
 (a fixed clock serves many requests in the same second); the workspace's history stays
@@ -12,9 +17,9 @@ strictly before the moment.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import sqlalchemy as sa
@@ -25,6 +30,7 @@ from features import Snapshot
 from features.contract import CHANNELS, OUTCOMES
 from features.snapshot import ACCEPTED_OUTCOMES
 from policy import SnapshotLedger
+from policy.eligibility import Limit, Unit
 
 __all__ = ["CombinedLedger", "ServedOffer", "SqlLedger"]
 
@@ -131,11 +137,33 @@ class SqlLedger:
             ]
         )
 
-    def log_slates(self, slates_to_log: Sequence[dict[str, Any]]) -> None:
-        """Log many slates in one transaction (keyword arguments of :meth:`log_slate`)."""
+    def log_slates(
+        self,
+        slates_to_log: Sequence[dict[str, Any]],
+        limits: Mapping[str, Sequence[Limit]] | None = None,
+    ) -> dict[str, list[str]]:
+        """Log many slates in one transaction (keyword arguments of :meth:`log_slate`);
+        return, per request, the offers actually logged.
+
+        ``limits`` (request id → its hard caps) makes the caps atomic: the slates are
+        written, the caps counted again with them in, and whatever would exceed a cap is
+        taken out before the transaction commits. Each capped customer is locked first
+        (an advisory lock on PostgreSQL; SQLite runs one writer at a time), so two
+        requests at once cannot both pass a cap only one may pass.
+        """
         if not slates_to_log:
-            return
+            return {}
+        limits = limits or {}
         with self.engine.begin() as connection:
+            if limits and self.engine.dialect.name == "postgresql":
+                capped = sorted(
+                    {str(x["customer_id"]) for x in slates_to_log if x["request_id"] in limits}
+                )
+                for customer in capped:
+                    connection.execute(
+                        sa.text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"),
+                        {"key": f"nextbest-caps:{customer}"},
+                    )
             connection.execute(
                 slates.insert(),
                 [
@@ -157,6 +185,49 @@ class SqlLedger:
             ]
             if items:
                 connection.execute(slate_offers.insert(), items)
+            logged = {
+                str(slate["request_id"]): [o.offer_id for o in slate["offers"]]
+                for slate in slates_to_log
+            }
+            for slate in slates_to_log:
+                request = str(slate["request_id"])
+                if request in limits and logged[request]:
+                    logged[request] = self._admit(connection, slate, limits[request])
+        return logged
+
+    def _admit(
+        self, connection: sa.Connection, slate: Mapping[str, Any], limits: Sequence[Limit]
+    ) -> list[str]:
+        """Recount this slate's caps with it written; take out what exceeds them."""
+        request, customer, at_s = slate["request_id"], str(slate["customer_id"]), slate["at_s"]
+        kept = [o.offer_id for o in slate["offers"]]
+        for limit in limits:
+            if limit.offer_id is not None:
+                if limit.offer_id not in kept:
+                    continue
+                seen = self._offer_count(
+                    connection, customer, limit.offer_id, limit.start_s, at_s, limit.unit
+                )
+                if seen > limit.allowed:
+                    kept.remove(limit.offer_id)
+                    self._drop(connection, request, [limit.offer_id])
+            elif kept:
+                seen = self._count(
+                    connection, limit.unit, [customer], limit.start_s, at_s, limit.channels
+                ).get(customer, 0)
+                if seen > limit.allowed:
+                    self._drop(connection, request, kept)
+                    kept = []
+        return kept
+
+    @staticmethod
+    def _drop(connection: sa.Connection, request_id: str, offers: Sequence[str]) -> None:
+        connection.execute(
+            slate_offers.delete().where(
+                (slate_offers.c.request_id == request_id)
+                & slate_offers.c.offer_id.in_(list(offers))
+            )
+        )
 
     def record_feedback(
         self, *, request_id: str, offer_id: str, outcome: str, value: float | None, at_s: int
@@ -191,51 +262,135 @@ class SqlLedger:
         except IntegrityError:
             return False
 
-    def touches(self, customer_id: str, start_s: int, end_s: int, channel: str | None) -> int:
-        query = (
-            sa.select(sa.func.count())
-            .select_from(slates)
-            .where(
-                slates.c.customer_id == customer_id,
-                slates.c.holdout.is_(False),
-                slates.c.at_s >= start_s,
-                slates.c.at_s <= end_s,
-            )
-        )
-        if channel is not None:
-            query = query.where(slates.c.channel == channel)
+    # -- what caps, cooldowns and sequencing read (batched over customers) ---------------
+    def counts(
+        self, unit: str, customers: Sequence[str], start_s: int, end_s: int, channels: Sequence[str]
+    ) -> dict[str, int]:
+        """customer → sends, offers served or 'viewed' outcomes in [start, end] on
+        ``channels`` (holdout and empty slates never count)."""
         with self.engine.connect() as connection:
-            return int(connection.execute(query).scalar_one())
+            return self._count(connection, unit, customers, start_s, end_s, channels)
+
+    @staticmethod
+    def _count(
+        connection: sa.Connection,
+        unit: str,
+        customers: Sequence[str],
+        start_s: int,
+        end_s: int,
+        channels: Sequence[str],
+    ) -> dict[str, int]:
+        window = (
+            slates.c.customer_id.in_(list(customers)),
+            slates.c.holdout.is_(False),
+            slates.c.channel.in_(list(channels)),
+        )
+        if unit == "sends":
+            carried = sa.exists().where(slate_offers.c.request_id == slates.c.request_id)
+            query = sa.select(slates.c.customer_id, sa.func.count()).where(
+                *window, slates.c.at_s >= start_s, slates.c.at_s <= end_s, carried
+            )
+        elif unit == "served":
+            query = (
+                sa.select(slates.c.customer_id, sa.func.count())
+                .select_from(slates.join(slate_offers))
+                .where(*window, slates.c.at_s >= start_s, slates.c.at_s <= end_s)
+            )
+        else:
+            query = (
+                sa.select(slates.c.customer_id, sa.func.count())
+                .select_from(slates.join(feedback, feedback.c.request_id == slates.c.request_id))
+                .where(
+                    *window,
+                    feedback.c.outcome == "viewed",
+                    feedback.c.at_s >= start_s,
+                    feedback.c.at_s <= end_s,
+                )
+            )
+        rows = connection.execute(query.group_by(slates.c.customer_id))
+        return {str(customer): int(n) for customer, n in rows}
+
+    def offer_counts(
+        self, unit: str, customers: Sequence[str], start_s: int, end_s: int
+    ) -> dict[tuple[str, str], int]:
+        """(customer, offer) → times served (or viewed) in [start, end]."""
+        with self.engine.connect() as connection:
+            query = self._offer_query(unit, start_s, end_s).where(
+                slates.c.customer_id.in_(list(customers))
+            )
+            return {
+                (str(c), str(o)): int(n)
+                for c, o, n in connection.execute(
+                    query.group_by(slates.c.customer_id, slate_offers.c.offer_id)
+                )
+            }
+
+    def _offer_count(
+        self,
+        connection: sa.Connection,
+        customer: str,
+        offer: str,
+        start_s: int,
+        end_s: int,
+        unit: str,
+    ) -> int:
+        query = self._offer_query(unit, start_s, end_s).where(
+            slates.c.customer_id == customer, slate_offers.c.offer_id == offer
+        )
+        row = connection.execute(
+            query.group_by(slates.c.customer_id, slate_offers.c.offer_id)
+        ).first()
+        return 0 if row is None else int(row[2])
+
+    @staticmethod
+    def _offer_query(unit: str, start_s: int, end_s: int) -> sa.Select[Any]:
+        base = slates.join(slate_offers)
+        if unit == "viewed":
+            base = base.join(
+                feedback,
+                (feedback.c.request_id == slate_offers.c.request_id)
+                & (feedback.c.offer_id == slate_offers.c.offer_id)
+                & (feedback.c.outcome == "viewed"),
+            )
+            at = feedback.c.at_s
+        else:
+            at = slates.c.at_s
+        return (
+            sa.select(slates.c.customer_id, slate_offers.c.offer_id, sa.func.count())
+            .select_from(base)
+            .where(slates.c.holdout.is_(False), at >= start_s, at <= end_s)
+        )
 
     def last_outcomes(
-        self, customer_id: str, outcomes: Sequence[str], before_s: int
-    ) -> dict[str, int]:
-        """offer_id → last time (seconds) the customer had one of ``outcomes`` with it."""
+        self, customers: Sequence[str], outcomes: Sequence[str], before_s: int
+    ) -> dict[tuple[str, str], int]:
+        """(customer, offer) → last time (seconds) the customer had one of ``outcomes``."""
         query = (
-            sa.select(feedback.c.offer_id, sa.func.max(feedback.c.at_s))
+            sa.select(feedback.c.customer_id, feedback.c.offer_id, sa.func.max(feedback.c.at_s))
             .where(
-                feedback.c.customer_id == customer_id,
+                feedback.c.customer_id.in_(list(customers)),
                 feedback.c.outcome.in_(list(outcomes)),
                 feedback.c.at_s <= before_s,
             )
-            .group_by(feedback.c.offer_id)
+            .group_by(feedback.c.customer_id, feedback.c.offer_id)
         )
         with self.engine.connect() as connection:
-            return {offer: int(at) for offer, at in connection.execute(query)}
+            return {(str(c), str(o)): int(at) for c, o, at in connection.execute(query)}
 
-    def shown_offers(self, customer_id: str, before_s: int) -> set[str]:
+    def shown_offers(self, customers: Sequence[str], before_s: int) -> set[tuple[str, str]]:
+        """(customer, offer) pairs served (outside the holdout) up to ``before_s``."""
         query = (
-            sa.select(slate_offers.c.offer_id)
+            sa.select(slates.c.customer_id, slate_offers.c.offer_id)
             .select_from(slates.join(slate_offers))
             .where(
-                slates.c.customer_id == customer_id,
+                slates.c.customer_id.in_(list(customers)),
                 slates.c.holdout.is_(False),
                 slates.c.at_s <= before_s,
             )
             .distinct()
         )
         with self.engine.connect() as connection:
-            return {offer for (offer,) in connection.execute(query)}
+            return {(str(c), str(o)) for c, o in connection.execute(query)}
 
     def slate(self, request_id: str) -> dict[str, Any] | None:
         with self.engine.connect() as connection:
@@ -271,57 +426,99 @@ class SqlLedger:
 
 class CombinedLedger:
     """The workspace's recorded history plus the live SQL ledger, behind the eligibility
-    engine's :class:`policy.Ledger` interface (customer and offer codes of a snapshot)."""
+    engine's :class:`policy.Ledger` interface. History is read by snapshot code, the live
+    ledger by each customer's own id (so a customer the snapshot does not know is still
+    capped as themself)."""
 
     def __init__(self, snapshot: Snapshot, sql: SqlLedger) -> None:
         self.snapshot = snapshot
         self.history = SnapshotLedger(snapshot)
         self.sql = sql
 
-    def _ids(self, codes: np.ndarray) -> np.ndarray:
-        return self.snapshot.customers.decode(codes)
-
-    def touches(
-        self, customers: np.ndarray, start_s: np.ndarray, end_s: np.ndarray, channel: int | None
+    def counts(
+        self,
+        unit: Unit,
+        customers: np.ndarray,
+        ids: np.ndarray,
+        start_s: np.ndarray,
+        end_s: np.ndarray,
+        channels: Sequence[int],
     ) -> np.ndarray:
-        counts = self.history.touches(customers, start_s, end_s, channel).astype(np.int64)
-        name = None if channel is None else CHANNELS[channel]
-        ids = self._ids(customers)
-        live = [
-            self.sql.touches(str(c), int(s), int(e), name)
-            for c, s, e in zip(ids, start_s, end_s, strict=True)
-        ]
-        return counts + np.asarray(live, dtype=np.int64)
+        out = self.history.counts(unit, customers, ids, start_s, end_s, channels).copy()
+        names = [CHANNELS[code] for code in channels]
+        for rows, start, end in _windows(start_s, end_s):
+            live = self.sql.counts(unit, list(dict.fromkeys(ids[rows])), start, end, names)
+            out[rows] += np.array([live.get(str(i), 0) for i in ids[rows]], dtype=np.int64)
+        return out
+
+    def offer_counts(
+        self,
+        unit: Literal["served", "viewed"],
+        customers: np.ndarray,
+        ids: np.ndarray,
+        offers: np.ndarray,
+        start_s: np.ndarray,
+        end_s: np.ndarray,
+    ) -> np.ndarray:
+        out = self.history.offer_counts(unit, customers, ids, offers, start_s, end_s).copy()
+        offer_ids = self.snapshot.offers.decode(offers)
+        for rows, start, end in _windows(start_s, end_s):
+            live = self.sql.offer_counts(unit, list(dict.fromkeys(ids[rows])), start, end)
+            if live:
+                out[rows] += np.array(
+                    [
+                        live.get((str(c), str(o)), 0)
+                        for c, o in zip(ids[rows], offer_ids[rows], strict=True)
+                    ],
+                    dtype=np.int64,
+                )
+        return out
 
     def last_declined_s(
-        self, customers: np.ndarray, offers: np.ndarray, before_s: np.ndarray
+        self, customers: np.ndarray, ids: np.ndarray, offers: np.ndarray, before_s: np.ndarray
     ) -> np.ndarray:
-        out = self.history.last_declined_s(customers, offers, before_s).copy()
-        ids = self._ids(customers)
-        for customer, before in {(str(c), int(b)) for c, b in zip(ids, before_s, strict=True)}:
-            live = self.sql.last_outcomes(customer, ["declined"], before)
-            if not live:
-                continue
-            rows = np.flatnonzero((ids == customer) & (before_s == before))
-            declined = self.snapshot.offers.encode(list(live), missing=-1)
-            at = dict(zip(declined.tolist(), live.values(), strict=True))
-            for row in rows[np.isin(offers[rows], declined)]:
-                moment = at[int(offers[row])]
-                out[row] = moment if np.isnan(out[row]) else max(out[row], moment)
+        out = self.history.last_declined_s(customers, ids, offers, before_s).copy()
+        offer_ids = self.snapshot.offers.decode(offers)
+        for rows, _, before in _windows(before_s, before_s):
+            live = self.sql.last_outcomes(list(dict.fromkeys(ids[rows])), ["declined"], before)
+            for row in rows:
+                moment = live.get((str(ids[row]), str(offer_ids[row])))
+                if moment is not None:
+                    out[row] = moment if np.isnan(out[row]) else max(out[row], moment)
         return out
 
     def had_offer(
-        self, customers: np.ndarray, offers: np.ndarray, before_s: np.ndarray, event: str
+        self,
+        customers: np.ndarray,
+        ids: np.ndarray,
+        offers: np.ndarray,
+        before_s: np.ndarray,
+        event: str,
     ) -> np.ndarray:
-        had = self.history.had_offer(customers, offers, before_s, event).copy()
-        ids = self._ids(customers)
+        had = self.history.had_offer(customers, ids, offers, before_s, event).copy()
         offer_ids = self.snapshot.offers.decode(offers)
-        for i, (customer, before) in enumerate(zip(ids, before_s, strict=True)):
-            if had[i]:
-                continue
+        for rows, _, before in _windows(before_s, before_s):
+            who = list(dict.fromkeys(ids[rows]))
             if event == "accepted":
-                live = self.sql.last_outcomes(str(customer), list(ACCEPTED_OUTCOMES), int(before))
-                had[i] = str(offer_ids[i]) in live
+                pairs = set(self.sql.last_outcomes(who, list(ACCEPTED_OUTCOMES), before))
             else:
-                had[i] = str(offer_ids[i]) in self.sql.shown_offers(str(customer), int(before))
+                pairs = self.sql.shown_offers(who, before)
+            if pairs:
+                had[rows] |= [
+                    (str(i), str(o)) in pairs
+                    for i, o in zip(ids[rows], offer_ids[rows], strict=True)
+                ]
         return had
+
+
+def _windows(start_s: np.ndarray, end_s: np.ndarray) -> list[tuple[np.ndarray, int, int]]:
+    """Rows grouped by their (start, end) window: one query per window, not per row (a
+    call serves one moment, so there is usually one)."""
+    keys = np.stack([np.asarray(start_s, dtype=np.int64), np.asarray(end_s, dtype=np.int64)], 1)
+    if not len(keys):
+        return []
+    unique, inverse = np.unique(keys, axis=0, return_inverse=True)
+    return [
+        (np.flatnonzero(inverse.ravel() == i), int(start), int(end))
+        for i, (start, end) in enumerate(unique)
+    ]

@@ -99,8 +99,10 @@ def test_a_data_dir_that_does_not_exist_is_one_clear_error(
     (tmp_path / "who.csv").write_text("customer_id\nS00001\n")
     result = runner.invoke(
         app,
-        ["recommend-batch", "--customers", str(tmp_path / "who.csv"), "--out", "x.csv"]
-        + ["-w", str(small_workspace.path)],
+        [
+            *("recommend-batch", "--customers", str(tmp_path / "who.csv")),
+            *("--out", "x.csv", "-w", str(small_workspace.path)),
+        ],
     )
     assert result.exit_code == 2
     assert f"NEXTBEST_DATA_DIR is {missing}, which does not exist" in result.output

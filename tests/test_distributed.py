@@ -23,6 +23,7 @@ def test_dask_matches_the_single_machine_run() -> None:
         train_customers_per_cut=400,
         eval_customers_per_cut=400,
         bootstrap_samples=50,
+        n_jobs=1,
     )
     local = train(snapshot, load_rules(), config)
     distributed = train_on_dask(snapshot, load_rules(), config, n_workers=2)

@@ -217,12 +217,13 @@ def test_out_of_stock(base: dict[str, pd.DataFrame], start: pd.Timestamp) -> Non
     assert got["coupon:Coffee"] == []  # a coupon is out only when all its products are
 
 
-def test_frequency_caps_per_channel_and_total(
+def test_send_caps_count_outbound_sends_and_never_page_views(
     base: dict[str, pd.DataFrame], start: pd.Timestamp
 ) -> None:
     when = start + 40 * DAY
-    shown = [("item:F1-A1", when - i * DAY, "web") for i in range(1, 4)]
-    shown += [("item:F1-A2", when - 2 * DAY, "email")]
+    shown = [("item:F1-A1", when - i * DAY, "email") for i in range(1, 4)]  # 3 emails
+    shown += [("item:F1-C1", when - 2 * DAY, "sms")]  # 1 text
+    shown += [("item:F1-A2", when - i * DAY / 10, "web") for i in range(1, 9)]  # 8 pages
     snapshot = with_customer(base, exposures=shown)
     rule = only(
         {
@@ -231,15 +232,107 @@ def test_frequency_caps_per_channel_and_total(
             "total": {"max": 5, "days": 7},
         }
     )
-    assert set(map(tuple, reasons(snapshot, rule, when, "web").values())) == {
+    assert set(map(tuple, reasons(snapshot, rule, when, "email").values())) == {
         ("frequency_cap_channel",)
     }
-    assert set(map(tuple, reasons(snapshot, rule, when, "email").values())) == {()}
-    total = only({"type": "frequency_cap", "total": {"max": 4, "days": 7}})
-    assert set(map(tuple, reasons(snapshot, total, when, "app").values())) == {
+    assert set(map(tuple, reasons(snapshot, rule, when, "sms").values())) == {()}
+    # 8 slates on the web in a day are page views, not sends: nothing is capped there
+    assert set(map(tuple, reasons(snapshot, rule, when, "web").values())) == {()}
+    assert set(map(tuple, reasons(snapshot, rule, when, "app").values())) == {()}
+    total = only({"type": "frequency_cap", "total": {"max": 4, "days": 7}})  # 3 + 1 sends
+    assert set(map(tuple, reasons(snapshot, total, when, "mailer").values())) == {
         ("frequency_cap_total",)
     }
-    assert set(map(tuple, reasons(snapshot, rule, when + 10 * DAY, "web").values())) == {()}
+    assert set(map(tuple, reasons(snapshot, total, when, "web").values())) == {()}
+    assert set(map(tuple, reasons(snapshot, rule, when + 10 * DAY, "email").values())) == {()}
+
+
+def test_the_counting_unit_is_the_rules_files_own(
+    base: dict[str, pd.DataFrame], start: pd.Timestamp
+) -> None:
+    when = start + 40 * DAY
+    # one email carrying three offers, of which the customer viewed one
+    sent = [("item:F1-A1", when - DAY, "email"), ("item:F1-A2", when - DAY, "email")]
+    sent += [("item:F1-C1", when - DAY, "email")]
+    snapshot = with_customer(base, exposures=sent)
+
+    def capped(counts: str, limit: int) -> bool:
+        rule = only(
+            {"type": "frequency_cap", "per_channel": {"max": limit, "days": 7, "counts": counts}}
+        )
+        got = set(map(tuple, reasons(snapshot, rule, when, "email").values()))
+        return got == {("frequency_cap_channel",)}
+
+    # the three exposures share no request id here, so each is a send of its own
+    assert capped("sends", 3) and not capped("sends", 4)
+    assert capped("served", 3) and not capped("served", 4)
+    assert not capped("viewed", 1)
+    viewed = with_customer(
+        base, exposures=sent, outcomes=[("item:F1-A1", "viewed", when - DAY + pd.Timedelta(1, "m"))]
+    )
+    rule = only({"type": "frequency_cap", "per_channel": {"max": 1, "days": 7, "counts": "viewed"}})
+    # an outcome counts for caps through the exposure it follows; this one names none
+    assert set(map(tuple, reasons(viewed, rule, when, "email").values())) == {()}
+
+
+def test_a_per_offer_cap_rotates_inbound_and_excludes_outbound(
+    base: dict[str, pd.DataFrame], start: pd.Timestamp
+) -> None:
+    when = start + 40 * DAY
+    shown = [("item:F1-A1", when - pd.Timedelta(hours=h), "web") for h in (1, 2, 3)]
+    snapshot = with_customer(base, exposures=shown)
+    rule = parse_rules(only({"type": "frequency_cap", "per_offer": {"max": 3, "days": 1}}))
+    offers = np.flatnonzero(snapshot.offer_known)
+    a1 = int(snapshot.offers.encode(["item:F1-A1"])[0])
+    for channel, excluded in (("web", False), ("app", False), ("email", True)):
+        requests = Requests.build(snapshot, ["T1"], [when], channel=[channel])
+        result = evaluate(snapshot, rule, requests, np.zeros(len(offers), dtype=np.int64), offers)
+        row = int(np.flatnonzero(offers == a1)[0])
+        assert result.reasons(row) == (["frequency_cap_offer"] if excluded else [])
+        assert bool(result.demoted[row]) is (not excluded)
+        others = np.arange(len(offers)) != row
+        assert not result.demoted[others].any() and result.eligible[others].all()
+    later = Requests.build(snapshot, ["T1"], [when + DAY], channel=["email"])
+    result = evaluate(snapshot, rule, later, np.zeros(len(offers), dtype=np.int64), offers)
+    assert result.eligible.all()
+
+
+def test_what_an_offer_is_holds_whatever_the_rules(
+    base: dict[str, pd.DataFrame], start: pd.Timestamp
+) -> None:
+    """A category offer is for a new category, a coupon is redeemed once, and what is in the
+    cart is not offered again: with no rules at all."""
+    when = start + 40 * DAY
+    snapshot = with_customer(
+        base,
+        orders=[("F1-A1", start + 5 * DAY)],  # a Coffee Accessories purchase
+        outcomes=[("coupon:Coffee", "redeemed", start + 35 * DAY)],
+    )
+    none = {"rules": []}
+    got = reasons(snapshot, none, when)
+    assert got["category:Coffee Accessories"] == ["category_already_bought"]
+    assert got["category:Skincare Accessories"] == []
+    assert got["coupon:Coffee"] == ["already_redeemed"]
+    assert got["coupon:Skincare"] == []
+    before = reasons(snapshot, none, start + 5 * DAY)  # strictly before the purchase
+    assert before["category:Coffee Accessories"] == [] and before["coupon:Coffee"] == []
+    offers = np.flatnonzero(snapshot.offer_known)
+    requests = Requests.build(
+        snapshot, ["T1"], [when], channel=["web"], placement=["cart"], cart=[["F2-A1", "nope"]]
+    )
+    result = evaluate(
+        snapshot, parse_rules(none), requests, np.zeros(len(offers), dtype=np.int64), offers
+    )
+    in_cart = {snapshot.offers.values[o] for i, o in enumerate(offers) if result.reasons(i)}
+    in_cart -= {"category:Coffee Accessories", "coupon:Coffee"}
+    # the item and the bundles holding F2-A1; the coupon for it stays (a saving on it)
+    assert in_cart == {
+        "item:F2-A1",
+        "bundle:Skincare:starter",
+        "bundle:Skincare:good",
+        "bundle:Skincare:better",
+        "bundle:Skincare:best",
+    }
 
 
 def test_decline_cooldown(base: dict[str, pd.DataFrame], start: pd.Timestamp) -> None:

@@ -27,6 +27,22 @@ def ledger(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-u
     sql.dispose()
 
 
+def _slate_kwargs(
+    request_id: str, customer: str, channel: str, at_s: int, offers: tuple[str, ...] = ("a", "b")
+) -> dict[str, object]:
+    return {
+        "request_id": request_id,
+        "customer_id": customer,
+        "channel": channel,
+        "placement": "inbox",
+        "model_version": "3",
+        "mode": "model",
+        "holdout": False,
+        "at_s": at_s,
+        "offers": [ServedOffer(o, i + 1, 1.0 - i / 10, 0.1) for i, o in enumerate(offers)],
+    }
+
+
 def _slate(
     ledger: SqlLedger,
     request_id: str,
@@ -88,15 +104,49 @@ def test_reads_for_caps_cooldowns_and_sequencing(ledger: SqlLedger) -> None:
     _slate(ledger, "r2", "c1", "email", 2000, offers=("c",))
     _slate(ledger, "r3", "c1", "web", 3000, holdout=True)
     _slate(ledger, "r4", "c2", "web", 3000)
-    assert ledger.touches("c1", 0, 5000, "web") == 1  # the holdout's ghost slate is no touch
-    assert ledger.touches("c1", 0, 5000, None) == 2
-    assert ledger.touches("c1", 1500, 5000, None) == 1
-    assert ledger.touches("c1", 0, 1000, None) == 1  # this second counts: it has happened
+    _slate(ledger, "r5", "c1", "email", 3500, offers=())  # an empty slate reached nobody
+    every = ["web", "app", "email", "sms", "mailer"]
+    # the holdout's ghost slate and the empty one are no sends
+    assert ledger.counts("sends", ["c1"], 0, 5000, ["web"]) == {"c1": 1}
+    assert ledger.counts("sends", ["c1", "c2"], 0, 5000, every) == {"c1": 2, "c2": 1}
+    assert ledger.counts("sends", ["c1"], 1500, 5000, every) == {"c1": 1}
+    assert ledger.counts("sends", ["c1"], 0, 1000, every) == {"c1": 1}  # this second counts
+    assert ledger.counts("sends", ["c1"], 0, 5000, ["email"]) == {"c1": 1}
+    assert ledger.counts("served", ["c1"], 0, 5000, every) == {"c1": 3}
+    assert ledger.counts("viewed", ["c1"], 0, 5000, every) == {}
+    ledger.record_feedback(request_id="r1", offer_id="a", outcome="viewed", value=None, at_s=1001)
+    assert ledger.counts("viewed", ["c1"], 0, 5000, ["web"]) == {"c1": 1}
+    assert ledger.counts("viewed", ["c1"], 0, 5000, ["email"]) == {}
+    assert ledger.offer_counts("served", ["c1", "c2"], 0, 5000) == {
+        ("c1", "a"): 1,
+        ("c1", "b"): 1,
+        ("c1", "c"): 1,
+        ("c2", "a"): 1,
+        ("c2", "b"): 1,
+    }
+    assert ledger.offer_counts("viewed", ["c1"], 0, 5000) == {("c1", "a"): 1}
     ledger.record_feedback(request_id="r1", offer_id="b", outcome="declined", value=None, at_s=1500)
-    assert ledger.last_outcomes("c1", ["declined"], 2000) == {"b": 1500}
-    assert ledger.last_outcomes("c1", ["declined"], 1400) == {}
-    assert ledger.shown_offers("c1", 5000) == {"a", "b", "c"}
-    assert ledger.shown_offers("c2", 5000) == {"a", "b"}
+    assert ledger.last_outcomes(["c1", "c2"], ["declined"], 2000) == {("c1", "b"): 1500}
+    assert ledger.last_outcomes(["c1"], ["declined"], 1400) == {}
+    assert ledger.shown_offers(["c1"], 5000) == {("c1", "a"), ("c1", "b"), ("c1", "c")}
+    assert ledger.shown_offers(["c2"], 5000) == {("c2", "a"), ("c2", "b")}
+
+
+def test_a_capped_slate_is_admitted_only_while_it_fits(ledger: SqlLedger) -> None:
+    from policy.eligibility import Limit
+
+    sends = [Limit("sends", ("email",), 0, 2)]
+    offer = [Limit("served", ("email",), 0, 1, offer_id="a")]
+    for i in range(3):
+        slate = dict(_slate_kwargs(f"s{i}", "c1", "email", 100 + i))
+        assert ledger.log_slates([slate], {f"s{i}": sends}) == {
+            f"s{i}": ["a", "b"] if i < 2 else []
+        }
+    assert ledger.counts("sends", ["c1"], 0, 1000, ["email"]) == {"c1": 2}
+    assert ledger.slate("s2")["offers"] == []  # type: ignore[index]
+    kept = ledger.log_slates([dict(_slate_kwargs("o1", "c2", "email", 100))], {"o1": offer})
+    again = ledger.log_slates([dict(_slate_kwargs("o2", "c2", "email", 101))], {"o2": offer})
+    assert kept == {"o1": ["a", "b"]} and again == {"o2": ["b"]}
 
 
 def test_many_writers_at_once(ledger: SqlLedger) -> None:
@@ -123,5 +173,6 @@ def test_many_writers_at_once(ledger: SqlLedger) -> None:
     for thread in threads:
         thread.join()
     assert errors == []
-    assert sum(ledger.touches(f"c{c}", 0, 20_000, "app") for c in range(3)) == 100
+    customers = [f"c{c}" for c in range(3)]
+    assert sum(ledger.counts("sends", customers, 0, 20_000, ["app"]).values()) == 100
     other.dispose()

@@ -55,7 +55,7 @@ def test_training_logs_and_registers_on_a_real_server(
     world = make_world(ScenarioConfig(n_customers=120, n_days=120, seed=2))
     workspace = write_world(world, tmp_path / "ws")
     (tmp_path / "config.yaml").write_text(
-        json.dumps({"min_pair_orders": 3, "n_estimators": 40, "bootstrap_samples": 50})
+        json.dumps({"min_pair_orders": 3, "n_estimators": 40, "bootstrap_samples": 50, "n_jobs": 1})
     )
     result = CliRunner().invoke(
         app,

@@ -22,7 +22,7 @@ def test_retrain_and_compare_runs_end_to_end(
         make_world(ScenarioConfig(n_customers=120, n_days=120, seed=6)), tmp_path / "ws"
     )
     (tmp_path / "config.yaml").write_text(
-        json.dumps({"min_pair_orders": 3, "n_estimators": 40, "bootstrap_samples": 50})
+        json.dumps({"min_pair_orders": 3, "n_estimators": 40, "bootstrap_samples": 50, "n_jobs": 1})
     )
     monkeypatch.setenv("NEXTBEST_NOTEBOOK_WORKSPACE", str(workspace.path))
     monkeypatch.setenv("NEXTBEST_NOTEBOOK_CONFIG", str(tmp_path / "config.yaml"))

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 
 from features import TABLES, ScenarioConfig, Snapshot, coerce_table, make_world
+from features.candidates import CandidateGenerator
 from policy import load_rules
 from training.offpolicy import off_policy_value
 
@@ -23,12 +24,14 @@ def test_ips_prefers_the_policy_that_picks_high_lift_offers() -> None:
     rules = load_rules().model_copy(update={"rules": []})
     start = pd.Timestamp(world.config.start) + pd.Timedelta(days=30)
     end = pd.Timestamp(world.config.start) + pd.Timedelta(days=120)
+    generator = CandidateGenerator().fit(snapshot, start)
     good = off_policy_value(
         snapshot,
         tables["exposures"],
         tables["outcomes"],
         rules,
         by_lift(1),
+        generator=generator,
         start=start,
         end=end,
         bootstrap_samples=200,
@@ -39,6 +42,7 @@ def test_ips_prefers_the_policy_that_picks_high_lift_offers() -> None:
         tables["outcomes"],
         rules,
         by_lift(-1),
+        generator=generator,
         start=start,
         end=end,
         bootstrap_samples=200,
@@ -61,6 +65,7 @@ def test_without_propensities_it_says_so() -> None:
         tables["outcomes"],
         load_rules(),
         lambda *a: np.zeros(0),
+        generator=CandidateGenerator(),
         start=pd.Timestamp("2025-01-01"),
         end=pd.Timestamp("2026-01-01"),
     )

@@ -117,23 +117,95 @@ def test_holdout_is_sticky_and_about_the_configured_share(served: Served, tmp_pa
     assert answer["holdout"] is True and len(answer["offers"]) == 3
 
 
-def test_frequency_caps_read_the_ledger_across_channels(served: Served, tmp_path: Path) -> None:
+def test_page_views_never_starve_a_slate_and_offer_caps_rotate(
+    served: Served, tmp_path: Path
+) -> None:
+    """50 requests for one customer on web/home in one moment (the fixed data clock): every
+    slate is full, and the per-offer cap (3 a day) rotates what is shown."""
     recommender = _recommender(served, tmp_path)
     customer = _customers(recommender)[5]
+    eligible = recommender.recommend(customer, channel="web", k=3, debug=True, log_exposure=False)
+    assert eligible["eligible"] >= 20  # enough to rotate through
+    slates = [recommender.recommend(customer, channel="web", k=3) for _ in range(50)]
+    assert all(len(slate["offers"]) == 3 for slate in slates)
+    shown = [o["offer_id"] for slate in slates for o in slate["offers"]]
+    early = shown[:30]  # the first 10 slates: no offer more than its cap of 3
+    assert max(early.count(o) for o in set(early)) <= 3
+    assert len(set(shown)) >= 20  # without rotation it would be the same 3 offers 50 times
+    again = recommender.recommend(customer, channel="web", k=3, debug=True)
+    assert len(again["offers"]) == 3 and len(again["rotated"]) >= 20
+
+
+def test_sends_are_capped_per_channel_and_in_total_by_real_id(
+    served: Served, tmp_path: Path
+) -> None:
+    recommender = _recommender(served, tmp_path)
+    customer = _customers(recommender)[5]
+    # empty slates (every offer held out here) reached nobody: they are never sends
+    nothing = _recommender(served, tmp_path, offer_holdout_share=1.0)
+    assert all(not nothing.recommend(customer, channel="email")["offers"] for _ in range(4))
     for _ in range(3):
-        assert recommender.recommend(customer, channel="web", k=2)["offers"]
-    capped = recommender.recommend(customer, channel="web", k=2, debug=True)
+        assert recommender.recommend(customer, channel="email", k=2)["offers"]
+    capped = recommender.recommend(customer, channel="email", k=2, debug=True)
     assert capped["offers"] == []
     assert all("frequency_cap_channel" in e["reasons"] for e in capped["excluded"])
-    # another channel is still open until the total cap (6 in 7 days) is reached
-    for _ in range(2):
-        assert recommender.recommend(customer, channel="app", k=2)["offers"]
-    total = recommender.recommend(customer, channel="app", k=2, debug=True)
-    assert total["offers"] == []
-    assert all("frequency_cap_total" in e["reasons"] for e in total["excluded"])
     # a second recommender on the same database (another worker) sees the same caps
     other = _recommender(served, tmp_path)
     assert other.recommend(customer, channel="email", k=2)["offers"] == []
+    # the web is no send: still served
+    assert len(other.recommend(customer, channel="web", k=2)["offers"]) == 2
+    # customers the snapshot does not know are capped as themselves, not as one 'UNKNOWN'
+    for _ in range(3):
+        assert recommender.recommend("newcomer-1", channel="email", k=2)["offers"]
+    assert recommender.recommend("newcomer-1", channel="email", k=2)["offers"] == []
+    assert recommender.recommend("newcomer-2", channel="email", k=2)["offers"]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_two_workers_at_once_cannot_both_pass_a_cap(
+    served: Served, tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    """Two workers (two recommenders, two connection pools, one ledger) serve one customer
+    at the same moment with one send left under the cap: exactly one slate goes out."""
+    import threading
+
+    from serving.ledger import SqlLedger
+
+    url = (
+        f"sqlite:///{tmp_path / 'shared.db'}"
+        if backend == "sqlite"
+        else request.getfixturevalue("fresh_postgres")
+    )
+    workers = [_recommender(served, tmp_path, db_url=url) for _ in range(2)]
+    customer = _customers(workers[0])[9]
+    for _ in range(2):
+        assert workers[0].recommend(customer, channel="email", k=2)["offers"]
+    both_checked = threading.Barrier(2, timeout=30)
+    for worker in workers:  # both have passed eligibility before either logs
+        real = worker.ledger.log_slates
+
+        def log_after_both(slates, limits=None, real=real):  # type: ignore[no-untyped-def]
+            both_checked.wait()
+            return real(slates, limits)
+
+        worker.ledger.log_slates = log_after_both  # type: ignore[method-assign]
+    answers: list[dict] = []
+    threads = [
+        threading.Thread(
+            target=lambda w=w: answers.append(w.recommend(customer, channel="email", k=2))
+        )
+        for w in workers
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    reader = SqlLedger(url)
+    sends = reader.counts("sends", [customer], 0, 2**40, ["email"])
+    for ledger in (reader, *(w.ledger for w in workers)):  # before the database is dropped
+        ledger.dispose()
+    assert sorted(len(a["offers"]) for a in answers) == [0, 2]
+    assert sends == {customer: 3}
 
 
 def test_a_decline_starts_the_cooldown(served: Served, tmp_path: Path) -> None:

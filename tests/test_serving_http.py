@@ -212,6 +212,8 @@ def test_nextbest_serve_end_to_end(served: Served, tmp_path: Path) -> None:
             time.sleep(0.2)
         printed = log.read_text()
         assert "curl -s -X POST" in printed  # what `make run` ends with
+        assert "Clock: data. Every answer is as of" in printed
+        assert "never expire while it runs" in printed
         assert f"Review page: http://127.0.0.1:{port}/review/" in printed
         assert "nextbest review add-user alice --role approver" in printed
 

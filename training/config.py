@@ -27,6 +27,9 @@ class TrainConfig(BaseModel):
     train_customers_per_cut: int = Field(600, ge=1)
     eval_customers_per_cut: int = Field(800, ge=1)
     negatives_per_group: int = Field(40, ge=1)
+    # contexts: the share of opportunities whose channel and placement are drawn from the
+    # logged exposures (where there are any); the others from the channels offers allow
+    context_from_exposures: float = Field(0.5, ge=0, le=1)
     # candidates and features
     max_candidates: int = Field(200, ge=1)
     min_pair_orders: int = Field(20, ge=1)

@@ -1,7 +1,10 @@
 """The training set: opportunities along time, their candidates, features and labels.
 
 * An **opportunity** is a customer at a cut point (weekly by default).
-* Its **candidates** are what generation and eligibility let through at that moment.
+* Its **context** is sampled as serving sees them: channel, placement, moment, page
+  product and cart (``training.contexts``).
+* Its **candidates** are what generation and eligibility (``policy.evaluate``, the very
+  decision serving makes) let through at that moment.
 * **Labels** look forward from the cut point: a coupon is redeemed (or accepted) inside
   its campaign window; an item or bundle offer's product is bought within the horizon;
   a category offer counts only while the category is new to the customer (cross-sell),
@@ -30,6 +33,7 @@ from policy import RuleSet, evaluate
 from policy.arbitration import TASKS, offer_tasks
 from policy.rules import CompatibilityRequired
 from training.config import TrainConfig
+from training.contexts import sample_contexts
 
 __all__ = ["TASKS", "RowSet", "Splits", "build_rows", "cut_points", "task_of_offer"]
 
@@ -158,13 +162,6 @@ def _labels(
     return label
 
 
-def _already_redeemed(
-    snapshot: Snapshot, customers: np.ndarray, offers: np.ndarray, t: np.ndarray
-) -> np.ndarray:
-    pair = snapshot.accepted_by_cust_offer_pairs.encode(customers, offers)
-    return snapshot.accepted_by_cust_offer.last_before(pair, t) >= 0
-
-
 def build_rows(
     snapshot: Snapshot,
     rules: RuleSet,
@@ -205,26 +202,37 @@ def build_rows(
         )
         chosen = np.sort(chosen)
         ids = list(snapshot.customers.decode(chosen))
-        requests = Requests.build(snapshot, ids, [cut] * len(ids))
+        context = sample_contexts(
+            snapshot,
+            chosen,
+            t_cut,
+            rng,
+            from_exposures=config.context_from_exposures,
+            horizon_days=config.horizon_days,
+        )
+        requests = Requests.build(
+            snapshot,
+            ids,
+            [cut] * len(ids),
+            channel=context.channel,
+            placement=context.placement,
+            moment=context.moment,
+            page_product=context.page_product,
+            cart=context.cart,
+        )
         candidates = generator.generate(snapshot, requests)
         r, o = candidates.request, candidates.offer
-        t = requests.as_of_s[r]
-        live = (t >= s.offer_valid_from_s[o]) & (t <= s.offer_valid_to_s[o])
-        r, o = r[live], o[live]
         builder = builders(cut)
         features = None
         if needs_features:
             matrix = builder.build(snapshot, requests, r, o, out_of_fold=out_of_fold)
             features = {n: matrix.values[:, j] for j, n in enumerate(matrix.names)}
+        # the one eligibility decision serving makes too (policy.evaluate), on the history
         eligible = evaluate(snapshot, rules, requests, r, o, features=features).eligible
-        c = requests.customer[r]
-        eligible &= ~_already_redeemed(snapshot, c, o, requests.as_of_s[r])
         r, o = r[eligible], o[eligible]
         matrix = builder.build(snapshot, requests, r, o, out_of_fold=out_of_fold)
         task = task_of_offer(snapshot, o)
-        new_category = matrix.values[:, matrix.names.index("category_is_new")] == 1
-        keep = (task != 1) | new_category
-        r, o, task, values = r[keep], o[keep], task[keep], matrix.values[keep]
+        values = matrix.values
         c, t = requests.customer[r], requests.as_of_s[r]
         label = _labels(snapshot, c, o, t, task, config.horizon_days)
         group = r.astype(np.int64) * len(TASKS) + task

@@ -60,8 +60,8 @@ def fit_ranker(train: RowSet, validation: RowSet, config: TrainConfig) -> lgb.Bo
     return ranker.booster_
 
 
-def raw_scores(booster: lgb.Booster, rows: RowSet) -> np.ndarray:
-    return np.asarray(booster.predict(rows.values, num_threads=2), dtype=np.float64)
+def raw_scores(booster: lgb.Booster, rows: RowSet, n_jobs: int) -> np.ndarray:
+    return np.asarray(booster.predict(rows.values, num_threads=n_jobs), dtype=np.float64)
 
 
 def calibrate(scores: np.ndarray, rows: RowSet) -> dict[str, Calibrator]:

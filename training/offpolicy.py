@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from features import Requests, Snapshot
+from features.candidates import CandidateGenerator
 from features.snapshot import ACCEPTED_OUTCOMES
 from policy import RuleSet, evaluate
 from policy.slate import assemble_slate
@@ -39,13 +40,17 @@ def off_policy_value(
     rules: RuleSet,
     score: Scorer,
     *,
+    generator: CandidateGenerator,
     start: pd.Timestamp,
     end: pd.Timestamp,
     bootstrap_samples: int = 500,
     seed: int = 0,
 ) -> dict[str, Any]:
     """IPS and SNIPS estimates of the policy ``score`` (rows → arbitration score) on the
-    exposures logged with a propensity in ``[start, end)``, beside the logging policy."""
+    exposures logged with a propensity in ``[start, end)``, beside the logging policy.
+
+    The new policy's slates come from the same candidates (``generator``) and the same
+    eligibility (``policy.evaluate``) as training's rows and serving's slates."""
     logged = exposures[
         exposures["propensity"].notna()
         & ~exposures["holdout"].astype(bool)
@@ -75,9 +80,8 @@ def off_policy_value(
         channel=requests_frame["channel"].tolist(),
         placement=requests_frame["placement"].tolist(),
     )
-    offers = np.flatnonzero(snapshot.offer_known)
-    rows = np.repeat(np.arange(len(requests)), len(offers))
-    offer_rows = np.tile(offers, len(requests))
+    candidates = generator.generate(snapshot, requests)
+    rows, offer_rows = candidates.request, candidates.offer
     eligible = evaluate(snapshot, rules, requests, rows, offer_rows).eligible
     rows, offer_rows = rows[eligible], offer_rows[eligible]
     values = score(snapshot, requests, rows, offer_rows)

@@ -230,7 +230,7 @@ def finish(
 ) -> TrainResult:
     """Calibrate on validation, evaluate on test (and off-policy where possible)."""
     with stages.stage("calibrate"):
-        calibrators = calibrate(raw_scores(booster, validation), validation)
+        calibrators = calibrate(raw_scores(booster, validation, config.n_jobs), validation)
     default_values = {
         task: float(np.nanmedian(train_rows.value[train_rows.task == code]))
         if (train_rows.task == code).any()
@@ -239,9 +239,11 @@ def finish(
         for code, task in enumerate(TASKS)
     }
     with stages.stage("evaluate"):
-        scores = raw_scores(booster, test)
+        scores = raw_scores(booster, test, config.n_jobs)
         metrics = evaluate_rows(test, scores, calibrators, config, snapshot)
-        metrics_validation_ndcg = validation_ndcg(booster, validation, config.eval_at)
+        metrics_validation_ndcg = validation_ndcg(
+            booster, validation, config.eval_at, config.n_jobs
+        )
     if logged is not None:
         with stages.stage("off-policy value"):
             scorer = model_scorer(
@@ -253,6 +255,7 @@ def finish(
                 logged[1],
                 rules,
                 scorer,
+                generator=fitted.generator(splits.test[0]),
                 start=splits.test[0],
                 end=splits.test[-1] + pd.Timedelta(days=config.horizon_days),
                 bootstrap_samples=config.bootstrap_samples,
@@ -281,9 +284,10 @@ def finish(
     )
 
 
-def validation_ndcg(booster: lgb.Booster, validation: RowSet, k: int) -> float:
+def validation_ndcg(booster: lgb.Booster, validation: RowSet, k: int, n_jobs: int) -> float:
     """Mean NDCG@k over validation groups with a positive: the early-stopping metric."""
-    values = ndcg_at_k(validation.group, validation.label, raw_scores(booster, validation), k)
+    scores = raw_scores(booster, validation, n_jobs)
+    values = ndcg_at_k(validation.group, validation.label, scores, k)
     return float(values.mean()) if len(values) else float("nan")
 
 
@@ -391,7 +395,9 @@ def evaluate_booster(
     fitted = _Fitted(snapshot, config, splits.train[0])
     test = _rows(snapshot, rules, fitted, splits.test, config, stages, "test", train=False)
     with stages.stage("evaluate"):
-        return evaluate_rows(test, raw_scores(booster, test), calibrators, config, snapshot)
+        return evaluate_rows(
+            test, raw_scores(booster, test, config.n_jobs), calibrators, config, snapshot
+        )
 
 
 def model_scorer(
