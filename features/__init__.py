@@ -5,6 +5,7 @@ The public API is exported here; submodules are stages (``contract``, ``workspac
 """
 
 from features.builder import FeatureBuilder, FeatureMatrix, Requests
+from features.claims import Catalogue, RowContext, Statement, catalogue_at, row_context
 from features.contract import (
     TABLES,
     ColumnSpec,
@@ -31,6 +32,7 @@ from features.workspace import Workspace, WorkspaceError, summarize, write_works
 __all__ = [
     "FEATURES",
     "TABLES",
+    "Catalogue",
     "ColumnSpec",
     "ContractError",
     "FeatureBuilder",
@@ -39,12 +41,15 @@ __all__ = [
     "OrderLineMapping",
     "PlantedTruth",
     "Requests",
+    "RowContext",
     "ScenarioConfig",
     "Snapshot",
+    "Statement",
     "TableSpec",
     "Workspace",
     "WorkspaceError",
     "World",
+    "catalogue_at",
     "coerce_table",
     "feature_names",
     "import_table",
@@ -56,6 +61,7 @@ __all__ = [
     "order_lines_to_tables",
     "phrase",
     "read_table_file",
+    "row_context",
     "summarize",
     "validate_foreign_keys",
     "validate_table",
