@@ -173,6 +173,7 @@ class Raw:
         self._orders_by_category: dict[int, tuple[int, dict[str, np.ndarray]]] = {}
         self._lines: dict[tuple[str, int], pd.DataFrame] = {}
         self._lifts: dict[tuple[str, str, int], float] = {}
+        self._peers: dict[tuple[int, str], np.ndarray] = {}
 
     def customer_lines(self, customer: str, t: int) -> pd.DataFrame:
         """The customer's order lines strictly before ``t``."""
@@ -229,6 +230,14 @@ class Raw:
                 )
             self._popularity[t] = pd.Series(counts)
         return self._popularity[t]
+
+    def peer_popularity(self, t: int, kind: str) -> np.ndarray:
+        """The popularity of every offer of ``kind`` valid at ``t``."""
+        key = (t, kind)
+        if key not in self._peers:
+            valid = self.valid_offers(t)
+            self._peers[key] = self.popularity(t)[valid.index[valid["kind"] == kind]].to_numpy()
+        return self._peers[key]
 
     def times_accepted(self, offer: str, t: int) -> int:
         return int(np.searchsorted(self.accepted.get(offer, np.zeros(0)), t))
@@ -604,8 +613,9 @@ def _share(o: Served, m: re.Match[str], column: str, name: str, level: float) ->
     share = pct_span(m["pct"])
     assert share[0] >= level, f"{m['pct']}% is below the stated level {level:.0%}"
     assert within(o.value, share)
-    year = o.in_year(o.lines)
-    raw = year.loc[year[column] == name, "amount"].sum() / year["amount"].sum()
+    year = o.lines["s"].to_numpy() >= o.t - 365 * DAY
+    amount = o.lines["amount"].to_numpy()[year]
+    raw = amount[o.lines[column].to_numpy()[year] == name].sum() / amount.sum()
     assert within(raw, share)
 
 
@@ -649,10 +659,8 @@ def _discount(o: Served, m: re.Match[str]) -> None:
 )
 def _popular(o: Served, m: re.Match[str]) -> None:
     assert m["kind"] == KIND_WORDS[o.kind]
-    popularity = o.raw.popularity(o.t)
-    assert popularity[o.offer] == o.value >= 1
-    valid = o.raw.valid_offers(o.t)
-    peers = popularity.reindex(valid.index[valid["kind"] == o.kind])
+    assert o.raw.popularity(o.t)[o.offer] == o.value >= 1
+    peers = o.raw.peer_popularity(o.t, o.kind)
     # the top fifth: fewer than a fifth of the kind's offers valid now sell more
     assert (peers > o.value).sum() < len(peers) / 5, (int((peers > o.value).sum()), len(peers))
 
