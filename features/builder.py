@@ -44,6 +44,7 @@ EVIDENCE = (
     "offer_product",
     "usage_product",
     "page_product",
+    "cart_product",
 )
 
 
@@ -124,11 +125,15 @@ def _as_datetimes(values: Sequence[Any] | pd.Series) -> np.ndarray:
 @dataclass
 class FeatureMatrix:
     """Features of rows: ``values[i, j]`` is feature ``names[j]`` of row i (float32, NaN =
-    unknown). ``evidence`` holds, per row, codes of what a "because" may name."""
+    unknown). ``evidence`` holds, per row, codes of what a "because" may name; ``offer``
+    and ``as_of_s`` are each row's offer code and moment (seconds), for a "because" that
+    compares the offer with the catalogue at that moment."""
 
     values: np.ndarray
     names: list[str]
     evidence: dict[str, np.ndarray] = field(default_factory=dict)
+    offer: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    as_of_s: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     def frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.values, columns=self.names)
@@ -465,6 +470,7 @@ class FeatureBuilder:
         page_category = np.where(page >= 0, s.product_category[np.maximum(page, 0)], -1)
         out["page_product_lift"] = _lift_between(enc, category, page_category)
         cart_lift = np.full(n, np.nan)
+        cart_product = np.full(n, -1, dtype=np.int64)
         in_cart = np.zeros(n)
         cart_sizes = requests.cart.lengths()
         for j in range(int(cart_sizes.max()) if len(cart_sizes) else 0):
@@ -472,15 +478,26 @@ class FeatureBuilder:
             product = np.full(n, -1, dtype=np.int64)
             product[has] = requests.cart.values[requests.cart.offsets[r[has]] + j]
             cart_category = np.where(product >= 0, s.product_category[np.maximum(product, 0)], -1)
-            cart_lift = np.fmax(cart_lift, _lift_between(enc, category, cart_category))
+            lift = _lift_between(enc, category, cart_category)
+            cart_product = np.where(
+                lift > np.nan_to_num(cart_lift, nan=-np.inf), product, cart_product
+            )
+            cart_lift = np.fmax(cart_lift, lift)
             in_cart = np.maximum(in_cart, (product >= 0) & s.offer_covers(o, product))
         out["cart_lift"] = cart_lift
         out["in_cart"] = in_cart
+        evidence["cart_product"] = cart_product
 
         values = np.empty((n, len(FEATURES)), dtype=np.float32)
         for j, spec in enumerate(FEATURES):
             values[:, j] = out[spec.name]
-        return FeatureMatrix(values=values, names=feature_names(), evidence=evidence)
+        return FeatureMatrix(
+            values=values,
+            names=feature_names(),
+            evidence=evidence,
+            offer=o.copy(),
+            as_of_s=t.astype(np.int64, copy=False),
+        )
 
     def _customer_level(self, s: Snapshot, requests: Requests) -> dict[str, np.ndarray]:
         c, t = requests.customer, requests.as_of_s
@@ -738,6 +755,7 @@ class FeatureBuilder:
             "offer_product": product(ev["offer_product"]),
             "usage_product": product(ev["usage_product"]),
             "page_product": product(ev["page_product"]),
+            "cart_product": product(ev.get("cart_product", -1)),
         }
 
 

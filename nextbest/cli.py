@@ -353,15 +353,25 @@ def features_command(
     ] = False,
 ) -> None:
     """Write the point-in-time feature table (customer × offer at --as-of), or print the
-    registry of every feature with its family, unit, meaning and "because" phrase."""
+    registry of every feature with its family, unit, meaning and the claims a "because" may
+    make from it, each with the condition under which it is true."""
     from features import FEATURES
 
     if list_features:
+        from features.registry import NAMES, QUANTITIES
+
         for spec in FEATURES:
             typer.echo(f"{spec.name}  [{spec.family}, {spec.unit}]")
             typer.echo(f"    {spec.description}")
-            if spec.because:
-                typer.echo(f'    because: "{spec.because}"')
+            for claim in spec.claims:
+                typer.echo(f'    says "{claim.template}"')
+                typer.echo(f"      when {' and '.join(map(str, claim.when))}")
+        typer.echo("\nquantities a condition may use besides the features:")
+        for name, meaning in QUANTITIES.items():
+            typer.echo(f"  {name}: {meaning}")
+        typer.echo("names a phrase may use:")
+        for name, meaning in NAMES.items():
+            typer.echo(f"  {name}: {meaning}")
         return
     if as_of is None or out is None:
         raise typer.BadParameter("--as-of and --out are needed (or --list)")

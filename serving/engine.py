@@ -552,19 +552,29 @@ class Recommender:
             "probability": None if np.isnan(probability) else round(float(probability), 6),
             "value": None if np.isnan(s.offer_value[offer]) else float(s.offer_value[offer]),
             "because": "",
+            "reasons": [],
             "contributions": [],
         }
+        # a cold start is ranked by popularity, except in a rules-only holdout
+        popular = float(
+            np.nan_to_num(matrix.values[row, matrix.names.index("offer_popularity_30d")])
+        )
         if explanation is not None:
             item["because"] = explanation.because
+            item["reasons"] = explanation.reasons
             item["contributions"] = explanation.contributions
             item["expected_value"] = explanation.expected_value
             item["raw_score"] = explanation.raw_score
             if debug:  # both signs, strongest first: the review page's SHAP chart
                 item["shap"] = explanation.strongest
-        elif mode == "cold_start":
-            item["because"] = COLD_START_BECAUSE
+        elif mode == "cold_start" and score == popular:
+            from serving.explain import explain_cold_start
+
+            said = explain_cold_start(builder, s, matrix, row)
+            item["because"], item["reasons"] = said or (COLD_START_BECAUSE, [])
         else:
-            item["because"] = _rules_because(builder, s, matrix, row)
+            # the rules-only ranking, or a cold start in a rules-only holdout: facts only
+            item["because"], item["reasons"] = _rules_because(builder, s, matrix, row)
         if s.offer_kind[offer] == OFFER_KINDS.index("bundle"):
             products = s.offer_products.values[
                 s.offer_products.offsets[offer] : s.offer_products.offsets[offer + 1]
@@ -649,25 +659,10 @@ def _none_if_missing(codes: Any, code: int) -> str | None:
     return None if code < 0 else str(codes.values[code])
 
 
-def _rules_because(builder: FeatureBuilder, s: Snapshot, matrix: Any, row: int) -> str:
-    """Without a model there are no contributions: say the strongest plain fact."""
-    from features import phrase
+def _rules_because(
+    builder: FeatureBuilder, s: Snapshot, matrix: Any, row: int
+) -> tuple[str, list[dict[str, Any]]]:
+    """Without a model there are no contributions: no reason, the strongest plain fact."""
+    from serving.explain import explain_facts
 
-    evidence = builder.describe_evidence(s, matrix, row)
-    values = dict(zip(matrix.names, matrix.values[row].tolist(), strict=True))
-    for name in (
-        "days_since_offer_product_purchase",
-        "browsing_intent",
-        "category_spend_share",
-        "copurchase_lift",
-        "category_is_new",
-    ):
-        value = values[name]
-        if name in ("browsing_intent", "category_is_new") and value != 1:
-            continue
-        if name == "category_spend_share" and not value > 0:
-            continue
-        text = phrase(name, value, evidence)
-        if text:
-            return f"Because {text}."
-    return "Because it fits what you shop for."
+    return explain_facts(builder, s, matrix, row)

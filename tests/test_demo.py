@@ -185,3 +185,78 @@ def test_keep_non_products_restores_their_offers() -> None:
     assert set(report["categories"]) == set(NOT_PRODUCTS)
     assert report["offers_withheld"] == []
     assert report["treatment"] == "kept as offers on request (keep_non_products)"
+
+
+# -- the session's small demo model (conftest.demo_model) -----------------------------------
+
+
+def test_training_carries_serving_contexts_and_the_cart_moves_scores(demo_model) -> None:  # type: ignore[no-untyped-def]
+    """Training sees what serving sees (channels, placements, moments, page products and
+    carts), so the context features vary in its rows and the model answers to them."""
+    import numpy as np
+    import pandas as pd
+
+    from features import FeatureBuilder, Requests
+    from features.contract import CHANNELS, OFFER_KINDS
+    from features.snapshot import MOMENTS, PLACEMENTS
+
+    rows, snapshot = demo_model.result.test, demo_model.snapshot
+    assert {CHANNELS[int(c)] for c in rows.column("channel")} == set(CHANNELS)
+    assert len({PLACEMENTS[int(p)] for p in rows.column("placement")}) >= 7
+    moments = rows.column("moment")
+    assert "post_purchase" in {MOMENTS[int(m)] for m in moments[~np.isnan(moments)]}
+    for name in ("cart_lift", "page_product_lift"):
+        assert np.isfinite(rows.column(name)).any(), name
+    booster = demo_model.result.booster
+    used = dict(zip(booster.feature_name(), booster.feature_importance("split"), strict=True))
+    assert used["cart_lift"] > 0
+    # one customer, the same offers, with and without a cart: the scores move
+    when = pd.Timestamp(demo_model.result.splits.test[0])
+    builder = FeatureBuilder(min_pair_orders=demo_model.result.config.min_pair_orders).fit(
+        snapshot, when
+    )
+    offers = np.flatnonzero(snapshot.offer_kind == OFFER_KINDS.index("category"))
+
+    def scores(cart: list[str]) -> np.ndarray:
+        requests = Requests.build(
+            snapshot, ["1029"], [when], channel=["web"], placement=["cart"], cart=[cart]
+        )
+        matrix = builder.build(snapshot, requests, np.zeros(len(offers), dtype=np.int64), offers)
+        return np.asarray(booster.predict(matrix.values))
+
+    lines = demo_model.workspace.read("orders", columns=["product_id"])
+    popular = lines["product_id"].value_counts().index[:20].tolist()
+    assert not np.allclose(scores([]), scores(popular))
+
+
+def test_web_slates_are_cross_sell_for_new_categories_and_differ(demo_model, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """200 random customers on web/home, k = 3: no category offer for a category the
+    customer already buys (recomputed here from the order lines), and the slates are the
+    customers' own, not one slate for all."""
+    import numpy as np
+
+    from serving.assembly import build_recommender
+    from serving.settings import ServingSettings
+
+    recommender = build_recommender(
+        ServingSettings(holdout_share=0.0, db_url=f"sqlite:///{tmp_path / 'l.db'}"),
+        workspace=demo_model.workspace,
+        bundle=demo_model.bundle,
+        snapshot=demo_model.snapshot,
+        blocks=[],
+    )
+    customers = sorted(recommender.known_customers())
+    chosen = list(np.random.default_rng(0).choice(customers, 200, replace=False))
+    answers = recommender.recommend_many(chosen, channel="web", k=3, log_exposure=False)
+    orders = demo_model.workspace.read("orders", columns=["customer_id", "product_id", "quantity"])
+    products = demo_model.workspace.read("products", columns=["product_id", "category"])
+    bought = orders[orders["quantity"] > 0].merge(products, on="product_id")
+    owned = bought.groupby("customer_id")["category"].agg(set)
+    served = [(a["customer_id"], o["offer_id"]) for a in answers for o in a["offers"]]
+    assert len(served) == 600
+    again = [
+        (c, o) for c, o in served if o.startswith("category:") and o[9:] in owned.get(c, set())
+    ]
+    assert again == []
+    distinct = {tuple(o["offer_id"] for o in a["offers"]) for a in answers}
+    assert len(distinct) >= 100

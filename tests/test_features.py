@@ -202,18 +202,78 @@ def test_registry_is_complete_and_readable() -> None:
     assert {spec.family for spec in FEATURES} == set(FAMILIES)
     builder = FeatureBuilder().fit(SNAPSHOT, START + pd.Timedelta(days=30))
     assert builder.get_feature_names_out() == names
-    assert phrase("days_since_category_purchase", 2.0, {"category": "Skincare"}) == (
+    skincare = {"category": "Skincare"}
+    assert phrase("days_since_category_purchase", 2.0, skincare) == (
         "you bought Skincare 2 days ago"
     )
-    assert phrase("category_spend_share", 0.33, {"category": "Skincare"}) == (
-        "Skincare is 33% of your basket"
+    # whole elapsed days, never "0 days" or "1 days"
+    assert phrase("days_since_category_purchase", 0.4, skincare) == (
+        "you bought Skincare less than a day ago"
     )
+    assert phrase("days_since_category_purchase", 1.97, skincare) == (
+        "you bought Skincare a day ago"
+    )
+    assert phrase("category_spend_share", 0.33, skincare) == (
+        "Skincare is 33% of what you spent with us in the past year"
+    )
+    # a share below its stated level is not a reason, and is never printed as 0 %
+    assert phrase("category_spend_share", 0.02, skincare) is None
+    assert phrase("category_spend_share", 0.0999, skincare) is None
+    assert phrase("category_orders_365d", 1.0, skincare) == (
+        "you bought Skincare once in the past year"
+    )
+    assert phrase("category_orders_365d", 2.0, skincare) == (
+        "you bought Skincare twice in the past year"
+    )
+    assert phrase("category_orders_365d", 0.0, skincare) is None
+    # a flag speaks only when it is 1
+    assert phrase("in_cart_abandon_window", 0.0, {}, {"cart_abandon_hours": 4}) is None
+    assert phrase("in_cart_abandon_window", 1.0, {}, {"cart_abandon_hours": 4}) == (
+        "you left items in a cart in the last 4 hours"
+    )
+    assert phrase("category_is_new", 0.0, skincare) is None
+    # "popular" and "most" are relative to the catalogue at the moment, never absolute
+    kind = {"kind_offers": "coupons"}
+    popular = {"popularity_top_fifth": 40.0, "popularity_days": 30}
+    assert phrase("offer_popularity_30d", 39.0, kind, popular) is None
+    assert phrase("offer_popularity_30d", 40.0, kind, popular) == (
+        "it is in the top fifth of our coupons by purchases in the last 30 days"
+    )
+    assert phrase("offer_popularity_30d", 40.0, kind) is None  # no catalogue: nothing said
+    taken = {"acceptance_median": 0.02, "offer_accepted": 3.0}
+    assert phrase("offer_acceptance_rate", 0.0026, kind, taken) is None
+    assert phrase("offer_acceptance_rate", 0.02, kind, taken) is None
+    assert phrase("offer_acceptance_rate", 0.05, kind, taken | {"offer_accepted": 0}) is None
+    assert phrase("offer_acceptance_rate", 0.05, kind, taken) == (
+        "customers accept it more often than most of our coupons"
+    )
+    # a count over many products is not attributed to one of them
+    coffee = {"offer_product": "Ground Coffee"}
+    assert phrase("offer_product_purchases_365d", 5.0, coffee, {"offer_products": 1}) == (
+        "you bought Ground Coffee 5 times in the past year"
+    )
+    assert phrase("offer_product_purchases_365d", 5.0, coffee, {"offer_products": 40}) == (
+        "you bought products this offer covers 5 times in the past year"
+    )
+    assert phrase("copurchase_lift", 1.49, {"anchor_category": "Tea", "category": "Mugs"}) is None
+    assert phrase("copurchase_lift", 2.37, {"anchor_category": "Tea", "category": "Mugs"}) == (
+        "baskets with Tea, which you bought in the past year, hold Mugs 2.3 times as often "
+        "as the average basket"
+    )
+    replenish = {"category_cycle_days": 12.6, "days_since_category_purchase": 13.2}
+    assert phrase("category_replenishment_due", 13.2 / 12.6, {"category": "Coffee"}, replenish) == (
+        "you buy Coffee about every 12 days and last bought it 13 days ago"
+    )
+    assert phrase("category_replenishment_due", 0.6, {"category": "Coffee"}, replenish) is None
     assert phrase("days_since_anchor_purchase", 2.0, {}) is None
     assert phrase("days_since_category_purchase", float("nan"), {"category": "x"}) is None
     listed = CliRunner().invoke(app, ["features", "--list"])
     assert listed.exit_code == 0
     for spec in FEATURES:
         assert spec.name in listed.stdout
+        for claim in spec.claims:
+            assert f'says "{claim.template}"' in listed.stdout
+            assert f"when {' and '.join(map(str, claim.when))}" in listed.stdout
 
 
 def test_features_command_writes_the_table(small_workspace, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from serving_helpers import Served, recommender_for, train_and_register
 
-from features import FEATURES, Requests, phrase
+from features import FEATURES, Requests
 from serving.assembly import build_recommender
 from serving.engine import Recommender, in_holdout
 
@@ -56,6 +56,7 @@ def test_because_is_faithful_to_shap(served: Served, tmp_path: Path) -> None:
     recommender = _recommender(served, tmp_path)
     booster = recommender.model.bundle.booster  # type: ignore[union-attr]
     s = recommender.snapshot
+    said = 0
     for customer in _customers(recommender)[:8]:
         response = recommender.recommend(customer, channel="web", k=3)
         builder = recommender.builder_for(recommender.now_s())
@@ -84,15 +85,23 @@ def test_because_is_faithful_to_shap(served: Served, tmp_path: Path) -> None:
             listed = [c["feature"] for c in offer["contributions"]]
             assert listed == [matrix.names[j] for j in positive[: len(listed)]]
             assert all(c["shap"] > 0 for c in offer["contributions"])
-            # every reason said is the phrase of a feature with a positive contribution
-            evidence = builder.describe_evidence(s, matrix, i)
-            allowed = {
-                phrase(matrix.names[j], float(matrix.values[i, j]), evidence) for j in positive
-            } - {None}
-            said = re.sub(r"^Because |\.$", "", offer["because"])
-            if said != "it fits what you shop for":
-                for reason in said.split(" and "):
-                    assert any(reason in a or a.startswith(reason) for a in allowed), reason
+            # every reason is a feature with a positive contribution, in the order of the
+            # contributions, at its value in the matrix; the sentence is exactly the reasons
+            reasons = [r for r in offer["reasons"] if r["role"] == "reason"]
+            columns = [matrix.names.index(r["feature"]) for r in reasons]
+            assert all(shap[j] > 0 for j in columns)
+            assert columns == sorted(columns, key=lambda j: -shap[j])
+            for r, j in zip(reasons, columns, strict=True):
+                assert r["value"] == float(matrix.values[i, j])
+                assert r["shap"] == pytest.approx(shap[j], abs=1e-9)
+            if reasons:
+                said += len(reasons)
+                texts = " and ".join(r["text"] for r in reasons)
+                assert offer["because"] == f"Because {texts}."
+            else:  # nothing passed off as the reason: at most one fact, said as a fact
+                assert not offer["because"].startswith("Because")
+                assert [r["role"] for r in offer["reasons"]] in ([], ["fact"])
+    assert said  # the test would pass vacuously if nothing were ever said
 
 
 def test_holdout_is_sticky_and_about_the_configured_share(served: Served, tmp_path: Path) -> None:
@@ -241,9 +250,15 @@ def test_cold_start_and_rules_only(served: Served, tmp_path: Path) -> None:
     recommender = _recommender(served, tmp_path)
     cold = recommender.recommend("never-seen-before", channel="web", k=3)
     assert cold["model"]["mode"] == "cold_start"
-    assert [o["because"] for o in cold["offers"]] == [
-        "Because it is popular with customers like you."
-    ] * 3
+    # ranked by 30-day popularity alone, and says so with the count (no segment: the
+    # customer is unknown)
+    for offer in cold["offers"]:
+        assert re.fullmatch(
+            r"Because we have no orders from you yet, we show what sells most: customers "
+            r"bought .+ (once|twice|[\d,]+ times) in the last 30 days\.",
+            offer["because"],
+        ), offer["because"]
+        assert [r["feature"] for r in offer["reasons"]] == ["offer_popularity_30d"]
     no_model = build_recommender(
         replace(recommender.settings, db_url=f"sqlite:///{tmp_path / 'other.db'}"),
         workspace=served.workspace,
@@ -261,4 +276,10 @@ def test_cold_start_and_rules_only(served: Served, tmp_path: Path) -> None:
 
 
 def test_registry_phrases_cover_the_because_features() -> None:
-    assert sum(spec.because is not None for spec in FEATURES) >= 20
+    phrased = [spec for spec in FEATURES if spec.claims]
+    assert len(phrased) >= 20
+    for spec in phrased:
+        for claim in spec.claims:
+            # every claim is conditioned on the feature's own value, declared as data
+            assert any(c.quantity == "value" for c in claim.when), spec.name
+            assert spec.because is not None and claim.template in spec.because

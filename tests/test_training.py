@@ -59,40 +59,6 @@ def test_same_data_and_config_give_the_same_model(world_path: Path) -> None:
     assert first.metrics == again.metrics
 
 
-def test_training_requests_carry_serving_contexts_and_the_cart_moves_scores(
-    world_path: Path,
-) -> None:
-    """Training sees what serving sees (channels, placements, moments, pages and carts), so
-    the context features vary in its rows and the model answers to them."""
-    from features import FeatureBuilder, Requests
-    from features.contract import CHANNELS
-    from features.snapshot import MOMENTS, PLACEMENTS
-
-    snapshot = load_snapshot(Workspace(world_path))
-    result = train(snapshot, load_rules(), load_config(None, **CONFIG))
-    rows = result.test
-    channels = {CHANNELS[int(c)] for c in rows.column("channel")}
-    placements = {PLACEMENTS[int(p)] for p in rows.column("placement")}
-    assert {"web", "app", "email"} <= channels and len(placements) >= 5
-    moments = rows.column("moment")
-    assert {MOMENTS[int(m)] for m in moments[~np.isnan(moments)]} >= {"post_purchase"}
-    assert np.isfinite(rows.column("cart_lift")).any()
-    assert np.isfinite(rows.column("page_product_lift")).any()
-    # the same customer and offers, with and without a cart: the scores move
-    when = pd.Timestamp(result.splits.test[0])
-    builder = FeatureBuilder(min_pair_orders=3).fit(snapshot, when)
-    offers = np.flatnonzero(snapshot.offer_known)
-
-    def scores(cart: list[str]) -> np.ndarray:
-        requests = Requests.build(
-            snapshot, ["S00007"], [when], channel=["web"], placement=["cart"], cart=[cart]
-        )
-        matrix = builder.build(snapshot, requests, np.zeros(len(offers), dtype=np.int64), offers)
-        return np.asarray(result.booster.predict(matrix.values))
-
-    assert not np.allclose(scores([]), scores(["F1-D1", "F2-C1"]))
-
-
 def test_splits_are_in_time_order_with_an_embargo(world_path: Path) -> None:
     config = load_config(None, **CONFIG)
     splits = cut_points(load_snapshot(Workspace(world_path)), config)

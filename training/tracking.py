@@ -19,7 +19,7 @@ from training.dataset import TASKS
 from training.pipeline import TrainResult, probabilities
 from training.report import model_card, write_plots
 
-__all__ = ["log_run"]
+__all__ = ["bundle_meta", "log_run"]
 
 PIP_REQUIREMENTS = ["lightgbm==4.7.0", "numpy==2.4.6", "pandas==3.1.1", "scikit-learn==1.9.1"]
 
@@ -30,6 +30,24 @@ def _flatten(prefix: str, value: Any, out: dict[str, float]) -> None:
             _flatten(f"{prefix}.{key}" if prefix else str(key), item, out)
     elif isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value):
         out[prefix] = float(value)
+
+
+def bundle_meta(result: TrainResult, workspace: Workspace, rules: RuleSet) -> dict[str, Any]:
+    """What serving needs besides the booster (``runtime.registry.ModelBundle.meta``),
+    including the workspace and catalogue it was trained on, which serving checks."""
+    return {
+        "feature_names": result.test.names,
+        "calibrators": {task: c.to_dict() for task, c in result.calibrators.items()},
+        "default_values": result.default_values,
+        "lever_cap": result.config.lever_cap,
+        "config": result.config.model_dump(),
+        "rules_hash": rules.content_hash,
+        "fingerprint": workspace.fingerprint,
+        "workspace_id": workspace.workspace_id,
+        "catalogue": result.catalogue,
+        "splits": result.splits.as_dict(),
+        "trained_until": result.splits.test[-1].isoformat(),
+    }
 
 
 def log_run(
@@ -75,19 +93,7 @@ def log_run(
             root = Path(folder)
             bundle = root / "bundle"
             bundle.mkdir()
-            meta = {
-                "feature_names": result.test.names,
-                "calibrators": {task: c.to_dict() for task, c in result.calibrators.items()},
-                "default_values": result.default_values,
-                "lever_cap": result.config.lever_cap,
-                "config": config,
-                "rules_hash": rules.content_hash,
-                "fingerprint": manifest["fingerprint"],
-                "workspace_id": workspace.workspace_id,
-                "catalogue": result.catalogue,
-                "splits": result.splits.as_dict(),
-                "trained_until": result.splits.test[-1].isoformat(),
-            }
+            meta = bundle_meta(result, workspace, rules)
             (bundle / "bundle.json").write_text(json.dumps(meta, indent=2))
             (bundle / "rules.yaml").write_text(rules.to_yaml())
             (bundle / "metrics.json").write_text(json.dumps(result.metrics, indent=2))
