@@ -138,6 +138,16 @@ class FeatureMatrix:
     def frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.values, columns=self.names)
 
+    def take(self, rows: np.ndarray) -> FeatureMatrix:
+        """The matrix of these rows only (positions)."""
+        return FeatureMatrix(
+            values=self.values[rows],
+            names=self.names,
+            evidence={name: codes[rows] for name, codes in self.evidence.items()},
+            offer=self.offer[rows] if len(self.offer) else self.offer,
+            as_of_s=self.as_of_s[rows] if len(self.as_of_s) else self.as_of_s,
+        )
+
 
 def cooccurrence_anchors(
     order_codes: np.ndarray,

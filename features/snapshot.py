@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -106,7 +107,12 @@ class Codes:
         return np.where(codes < 0, fallback, codes).astype(np.int64)
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
-        return np.asarray(self.values)[np.asarray(codes, dtype=np.int64)]
+        return self._array[np.asarray(codes, dtype=np.int64)]
+
+    @cached_property
+    def _array(self) -> np.ndarray:
+        # the ids as one numpy array, made once: a request decodes a few codes at a time
+        return np.asarray(self.values, dtype=object)
 
 
 @dataclass(frozen=True)

@@ -240,6 +240,13 @@ class RuleSet(BaseModel):
         return None
 
     @property
+    def needs_features(self) -> bool:
+        """Whether eligibility reads the candidates' features (``compatibility_required``
+        with something to check): otherwise features are built for eligible rows only."""
+        rule = self.rule(CompatibilityRequired)
+        return bool(rule and (rule.kinds or rule.categories))
+
+    @property
     def content_hash(self) -> str:
         """A short hash of the rules' content: their version identity."""
         canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)

@@ -264,16 +264,35 @@ class Recommender:
         candidates = model.generator.generate(s, requests)
         rows, offers = candidates.request, candidates.offer
         builder = self.builder_for(t, model)
-        matrix = builder.build(s, requests, rows, offers)
         rules = model.rules.with_blocks(self.blocks) if self.blocks else model.rules
-        eligibility = self._eligible(rules, requests, rows, offers, matrix, customer_ids)
+        # features of every candidate only if a rule reads them; else of the eligible ones
+        full = builder.build(s, requests, rows, offers) if rules.needs_features else None
+        eligibility = self._eligible(rules, requests, rows, offers, full)
         eligible = eligibility.eligible.copy()
         if self.settings.offer_holdout_share > 0:
             eligible &= ~self._offer_holdout(customer_ids, rows, offers)
+        keep = np.flatnonzero(eligible)
+        ranked_rows, ranked_offers = rows[keep], offers[keep]
+        matrix = (
+            full.take(keep)
+            if full is not None
+            else builder.build(s, requests, ranked_rows, ranked_offers)
+        )
         plan = self._plan(model, customer_ids)
-        score, probability = self._scores(model, matrix, rows, offers, eligible, plan.scoring)
+        everything = np.ones(len(keep), dtype=bool)
+        score, probability = self._scores(
+            model, matrix, ranked_rows, ranked_offers, everything, plan.scoring
+        )
         slates = self._slates(
-            s, rules, rows, offers, eligible, eligibility.demoted, score, len(customer_ids), k
+            s,
+            rules,
+            ranked_rows,
+            ranked_offers,
+            everything,
+            eligibility.demoted[keep],
+            score,
+            len(customer_ids),
+            k,
         )
         explanations = self._explain(model, matrix, builder, slates, plan)
         responses, logs = self._respond(
@@ -284,8 +303,8 @@ class Recommender:
             t,
             plan,
             slates,
-            (offers, score, probability, explanations, builder, matrix),
-            (rows, eligibility, eligible) if debug else None,
+            (ranked_offers, score, probability, explanations, builder, matrix),
+            (rows, offers, eligibility, eligible) if debug else None,
         )
         if log_exposure:
             limits = self._limits(rules, requests, plan, logs)
@@ -336,10 +355,13 @@ class Recommender:
         requests: Requests,
         rows: np.ndarray,
         offers: np.ndarray,
-        matrix: FeatureMatrix,
-        customer_ids: list[str],
+        matrix: FeatureMatrix | None,
     ) -> Eligibility:
-        features = {name: matrix.values[:, j] for j, name in enumerate(matrix.names)}
+        features = (
+            None
+            if matrix is None
+            else {name: matrix.values[:, j] for j, name in enumerate(matrix.names)}
+        )
         return evaluate(
             self.snapshot, rules, requests, rows, offers, ledger=self.combined, features=features
         )
@@ -447,7 +469,7 @@ class Recommender:
         plan: _Plan,
         slates: list[tuple[Slate, list[int]]],
         ranked: tuple[Any, ...],
-        debug: tuple[np.ndarray, Eligibility, np.ndarray] | None,
+        debug: tuple[np.ndarray, np.ndarray, Eligibility, np.ndarray] | None,
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """The answers, and the ledger rows of what each answer served."""
         s, settings = self.snapshot, self.settings
@@ -499,7 +521,7 @@ class Recommender:
                 "offers": [] if holdout and settings.holdout_control == "nothing" else served,
             }
             if debug is not None:
-                response |= self._trace(i, slate, offers, *debug)
+                response |= self._trace(i, slate, *debug)
             responses.append(response)
         return responses, logs
 
@@ -507,8 +529,8 @@ class Recommender:
         self,
         request: int,
         slate: Slate,
-        offers: np.ndarray,
         rows: np.ndarray,
+        offers: np.ndarray,
         eligibility: Eligibility,
         eligible: np.ndarray,
     ) -> dict[str, Any]:

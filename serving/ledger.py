@@ -461,14 +461,14 @@ class CombinedLedger:
         end_s: np.ndarray,
     ) -> np.ndarray:
         out = self.history.offer_counts(unit, customers, ids, offers, start_s, end_s).copy()
-        offer_ids = self.snapshot.offers.decode(offers)
         for rows, start, end in _windows(start_s, end_s):
             live = self.sql.offer_counts(unit, list(dict.fromkeys(ids[rows])), start, end)
             if live:
+                offer_ids = self.snapshot.offers.decode(offers[rows])
                 out[rows] += np.array(
                     [
                         live.get((str(c), str(o)), 0)
-                        for c, o in zip(ids[rows], offer_ids[rows], strict=True)
+                        for c, o in zip(ids[rows], offer_ids, strict=True)
                     ],
                     dtype=np.int64,
                 )
@@ -478,13 +478,18 @@ class CombinedLedger:
         self, customers: np.ndarray, ids: np.ndarray, offers: np.ndarray, before_s: np.ndarray
     ) -> np.ndarray:
         out = self.history.last_declined_s(customers, ids, offers, before_s).copy()
-        offer_ids = self.snapshot.offers.decode(offers)
         for rows, _, before in _windows(before_s, before_s):
             live = self.sql.last_outcomes(list(dict.fromkeys(ids[rows])), ["declined"], before)
-            for row in rows:
-                moment = live.get((str(ids[row]), str(offer_ids[row])))
-                if moment is not None:
-                    out[row] = moment if np.isnan(out[row]) else max(out[row], moment)
+            if not live:
+                continue
+            offer_ids = self.snapshot.offers.decode(offers[rows])
+            moment = np.array(
+                [
+                    live.get((str(i), str(o)), np.nan)
+                    for i, o in zip(ids[rows], offer_ids, strict=True)
+                ]
+            )
+            out[rows] = np.fmax(out[rows], moment)
         return out
 
     def had_offer(
@@ -496,7 +501,6 @@ class CombinedLedger:
         event: str,
     ) -> np.ndarray:
         had = self.history.had_offer(customers, ids, offers, before_s, event).copy()
-        offer_ids = self.snapshot.offers.decode(offers)
         for rows, _, before in _windows(before_s, before_s):
             who = list(dict.fromkeys(ids[rows]))
             if event == "accepted":
@@ -504,9 +508,9 @@ class CombinedLedger:
             else:
                 pairs = self.sql.shown_offers(who, before)
             if pairs:
+                offer_ids = self.snapshot.offers.decode(offers[rows])
                 had[rows] |= [
-                    (str(i), str(o)) in pairs
-                    for i, o in zip(ids[rows], offer_ids[rows], strict=True)
+                    (str(i), str(o)) in pairs for i, o in zip(ids[rows], offer_ids, strict=True)
                 ]
         return had
 
@@ -514,9 +518,12 @@ class CombinedLedger:
 def _windows(start_s: np.ndarray, end_s: np.ndarray) -> list[tuple[np.ndarray, int, int]]:
     """Rows grouped by their (start, end) window: one query per window, not per row (a
     call serves one moment, so there is usually one)."""
-    keys = np.stack([np.asarray(start_s, dtype=np.int64), np.asarray(end_s, dtype=np.int64)], 1)
-    if not len(keys):
+    start_s, end_s = np.asarray(start_s, dtype=np.int64), np.asarray(end_s, dtype=np.int64)
+    if not len(start_s):
         return []
+    if (start_s == start_s[0]).all() and (end_s == end_s[0]).all():
+        return [(np.arange(len(start_s)), int(start_s[0]), int(end_s[0]))]
+    keys = np.stack([start_s, end_s], 1)
     unique, inverse = np.unique(keys, axis=0, return_inverse=True)
     return [
         (np.flatnonzero(inverse.ravel() == i), int(start), int(end))

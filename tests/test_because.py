@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from model_helpers import DemoModel
 
 from features import (
     FeatureBuilder,
@@ -1033,27 +1032,6 @@ def test_every_phrase_is_true_on_a_synthetic_world(
     assert len(tally.features) >= 10, tally.features
     assert set(CLAIMS) <= set(tally.claims), set(CLAIMS) - set(tally.claims)
     assert tally.facts, "no offer without a reason: the fact path was never checked"
-
-
-@pytest.mark.demo
-@pytest.mark.slow
-@pytest.mark.xdist_group("demo")  # with the other tests of the session's demo model
-def test_every_phrase_is_true_on_the_demo(demo_model: DemoModel, tmp_path: Path) -> None:
-    workspace, snapshot, bundle = demo_model.workspace, demo_model.snapshot, demo_model.bundle
-    raw = Raw(workspace)
-    recommender = _recommender(workspace, snapshot, bundle, tmp_path / "model.db")
-    customers = sorted(recommender.known_customers())
-    rng = np.random.default_rng(7)
-    chosen = [customers[i] for i in rng.choice(len(customers), 400, replace=False)]
-    tally = Tally()
-    for channel, placement, contexts in _contexts(rng, raw, chosen, recommender.now_s()):
-        serve_and_check(recommender, raw, chosen, channel, placement, contexts, tally)
-    rules_only = _recommender(workspace, snapshot, None, tmp_path / "rules.db")
-    serve_and_check(rules_only, raw, chosen[:100], "web", "home", [{}] * 100, tally)
-    serve_and_check(recommender, raw, ["stranger-1", "stranger-2"], "web", "home", [{}, {}], tally)
-    assert not tally.false, _report(tally)
-    assert tally.offers >= 5000 and tally.phrases >= 8000, (tally.offers, tally.phrases)
-    assert len(tally.features) >= 8, tally.features
 
 
 # -- honesty when nothing qualifies, and the catalogue ----------------------------------------

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+from model_helpers import DemoModel
 from typer.testing import CliRunner
 
 from features import Workspace, load_complete_journey, map_complete_journey, summarize
 from nextbest.cli import app
 
-pytestmark = [pytest.mark.demo, pytest.mark.xdist_group("demo")]
+pytestmark = pytest.mark.demo
 
 
 def test_summary_reports_the_real_counts(demo_workspace: Workspace) -> None:
@@ -190,12 +193,11 @@ def test_keep_non_products_restores_their_offers() -> None:
 # -- the session's small demo model (conftest.demo_model) -----------------------------------
 
 
-def test_training_carries_serving_contexts_and_the_cart_moves_scores(demo_model) -> None:  # type: ignore[no-untyped-def]
+def test_training_carries_serving_contexts_and_the_cart_moves_scores(
+    demo_model: DemoModel,
+) -> None:
     """Training sees what serving sees (channels, placements, moments, page products and
     carts), so the context features vary in its rows and the model answers to them."""
-    import numpy as np
-    import pandas as pd
-
     from features import FeatureBuilder, Requests
     from features.contract import CHANNELS, OFFER_KINDS
     from features.snapshot import MOMENTS, PLACEMENTS
@@ -229,12 +231,12 @@ def test_training_carries_serving_contexts_and_the_cart_moves_scores(demo_model)
     assert not np.allclose(scores([]), scores(popular))
 
 
-def test_web_slates_are_cross_sell_for_new_categories_and_differ(demo_model, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_web_slates_are_cross_sell_for_new_categories_and_differ(
+    demo_model: DemoModel, tmp_path: Path
+) -> None:
     """200 random customers on web/home, k = 3: no category offer for a category the
     customer already buys (recomputed here from the order lines), and the slates are the
     customers' own, not one slate for all."""
-    import numpy as np
-
     from serving.assembly import build_recommender
     from serving.settings import ServingSettings
 
@@ -260,3 +262,26 @@ def test_web_slates_are_cross_sell_for_new_categories_and_differ(demo_model, tmp
     assert again == []
     distinct = {tuple(o["offer_id"] for o in a["offers"]) for a in answers}
     assert len(distinct) >= 100
+
+
+@pytest.mark.slow
+def test_every_phrase_is_true_on_the_demo(demo_model: DemoModel, tmp_path: Path) -> None:
+    """The because oracle of tests/test_because.py, on the real demo: 400 customers across
+    web/home, web/pdp, web/cart, email and mailer at k = 5, rules-only and cold starts."""
+    from test_because import Raw, Tally, _contexts, _recommender, _report, serve_and_check
+
+    workspace, snapshot, bundle = demo_model.workspace, demo_model.snapshot, demo_model.bundle
+    raw = Raw(workspace)
+    recommender = _recommender(workspace, snapshot, bundle, tmp_path / "model.db")
+    customers = sorted(recommender.known_customers())
+    rng = np.random.default_rng(7)
+    chosen = [customers[i] for i in rng.choice(len(customers), 400, replace=False)]
+    tally = Tally()
+    for channel, placement, contexts in _contexts(rng, raw, chosen, recommender.now_s()):
+        serve_and_check(recommender, raw, chosen, channel, placement, contexts, tally)
+    rules_only = _recommender(workspace, snapshot, None, tmp_path / "rules.db")
+    serve_and_check(rules_only, raw, chosen[:100], "web", "home", [{}] * 100, tally)
+    serve_and_check(recommender, raw, ["stranger-1", "stranger-2"], "web", "home", [{}, {}], tally)
+    assert not tally.false, _report(tally)
+    assert tally.offers >= 5000 and tally.phrases >= 8000, (tally.offers, tally.phrases)
+    assert len(tally.features) >= 8, tally.features

@@ -11,7 +11,7 @@ from training.config import load_config
 from training.distributed import train_on_dask
 from training.pipeline import train
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("dask")]
+pytestmark = pytest.mark.slow
 
 
 def test_dask_matches_the_single_machine_run() -> None:

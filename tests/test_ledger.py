@@ -9,8 +9,6 @@ import pytest
 
 from serving.ledger import ServedOffer, SqlLedger
 
-pytestmark = pytest.mark.xdist_group("postgres")
-
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def ledger(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]

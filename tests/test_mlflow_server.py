@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from features import ScenarioConfig, make_world, write_world
 from nextbest.cli import app
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("mlflow")]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture

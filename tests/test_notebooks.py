@@ -11,7 +11,7 @@ from nbclient import NotebookClient
 
 from features import ScenarioConfig, make_world, write_world
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("mlflow")]
+pytestmark = pytest.mark.slow
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
 

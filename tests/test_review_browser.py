@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 
 from nextbest.cli import app
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("mlflow")]
+pytestmark = pytest.mark.slow
 
 CHROMIUM = Path(os.environ.get("NEXTBEST_CHROMIUM", "/usr/bin/chromium"))
 FLAGS = [

@@ -16,8 +16,6 @@ from serving.ledger import SqlLedger
 from serving.review import AccessError, ReleaseError, Reviews, ReviewStore
 from serving.settings import ServingSettings
 
-pytestmark = pytest.mark.xdist_group("mlflow")
-
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Served:

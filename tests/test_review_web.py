@@ -18,8 +18,6 @@ from serving_helpers import Served, forget_bentoml_metrics, train_and_register
 from serving.ledger import SqlLedger
 from serving.review import ReviewStore
 
-pytestmark = pytest.mark.xdist_group("mlflow")
-
 
 @dataclass
 class Site:

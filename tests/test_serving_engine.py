@@ -14,8 +14,6 @@ from features import FEATURES, Requests
 from serving.assembly import build_recommender
 from serving.engine import Recommender, in_holdout
 
-pytestmark = pytest.mark.xdist_group("mlflow")
-
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Served:

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from nextbest.cli import app
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("mlflow")]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,6 @@ from training.config import ConfigError, load_config
 from training.dataset import cut_points
 from training.pipeline import train
 
-pytestmark = pytest.mark.xdist_group("mlflow")
 CONFIG = {
     "min_pair_orders": 3,
     "train_customers_per_cut": 150,

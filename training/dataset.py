@@ -31,7 +31,6 @@ from features.candidates import CandidateGenerator
 from features.history import second_ceil
 from policy import RuleSet, evaluate
 from policy.arbitration import TASKS, offer_tasks
-from policy.rules import CompatibilityRequired
 from training.config import TrainConfig
 from training.contexts import sample_contexts
 
@@ -185,9 +184,7 @@ def build_rows(
     parts: list[RowSet] = []
     group_base = 0
     all_customers = np.flatnonzero(np.asarray(snapshot.customers.values) != "UNKNOWN")
-    needs_features = bool(
-        (rule := rules.rule(CompatibilityRequired)) and (rule.kinds or rule.categories)
-    )
+    needs_features = rules.needs_features
     for index, cut in enumerate(cuts):
         rng = np.random.default_rng([config.random_state, seed_offset, index])
         t_cut = second_ceil(cut)
