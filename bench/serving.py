@@ -7,8 +7,9 @@
   data's end), and those are ranked.
 * **The floor**: a constant-returning endpoint of the same BentoML server, plus raw
   ``booster.predict`` on one request's ranked (eligible) rows and ``pred_contrib`` on 5.
-* **The peer**: ``mlflow models serve`` of the same registered model, scoring those same
-  rows sent as JSON.
+* **The peer**: ``mlflow models serve`` of the same registered model, scoring the
+  request's candidate matrix sent as JSON (a model server without an eligibility engine
+  must score every candidate).
 * **Batch**: ``recommend-batch``'s candidate rows per second, end to end (features,
   eligibility, ranking, because, ledger), against raw single-threaded ``booster.predict``
   rows per second on exactly those candidate rows.
@@ -264,7 +265,8 @@ def run() -> dict[str, Any]:
             ours_c1 = _load(port, "/recommend", bodies[:REQUESTS_C1], 1)
             ours_c8 = _load(port, "/recommend", bodies, 8)
             floor_c8 = _load(port, "/constant", [b"{}"] * REQUESTS_C8, 8)
-            matrix_json = json.dumps({"inputs": np.nan_to_num(matrix.values, nan=-1e9).tolist()})
+            # the peer has no eligibility engine: it must score every candidate of the request
+            matrix_json = json.dumps({"inputs": np.nan_to_num(full.values, nan=-1e9).tolist()})
             peer_body = [matrix_json.encode()] * REQUESTS_C1
             _load(peer_port, "/invocations", peer_body[:10], 1)
             peer_c1 = _load(peer_port, "/invocations", peer_body, 1)

@@ -363,7 +363,13 @@ class Recommender:
             else {name: matrix.values[:, j] for j, name in enumerate(matrix.names)}
         )
         return evaluate(
-            self.snapshot, rules, requests, rows, offers, ledger=self.combined, features=features
+            self.snapshot,
+            rules,
+            requests,
+            rows,
+            offers,
+            ledger=self.combined.for_call(),
+            features=features,
         )
 
     def _offer_holdout(

@@ -69,6 +69,21 @@ feedback = sa.Table(
 )
 
 
+_LAST_BY_KIND = (
+    sa.select(
+        feedback.c.customer_id,
+        feedback.c.offer_id,
+        feedback.c.outcome,
+        sa.func.max(feedback.c.at_s),
+    )
+    .where(
+        feedback.c.customer_id.in_(sa.bindparam("customers", expanding=True)),
+        feedback.c.at_s <= sa.bindparam("before"),
+    )
+    .group_by(feedback.c.customer_id, feedback.c.offer_id, feedback.c.outcome)
+)
+
+
 @dataclass(frozen=True)
 class ServedOffer:
     offer_id: str
@@ -377,6 +392,17 @@ class SqlLedger:
         with self.engine.connect() as connection:
             return {(str(c), str(o)): int(at) for c, o, at in connection.execute(query)}
 
+    def last_outcomes_by_kind(
+        self, customers: Sequence[str], before_s: int
+    ) -> dict[tuple[str, str, str], int]:
+        """(customer, offer, outcome) → last time, for every outcome: one read that a call's
+        cooldown, redemption and sequencing checks share."""
+        with self.engine.connect() as connection:
+            rows = connection.execute(
+                _LAST_BY_KIND, {"customers": list(customers), "before": before_s}
+            )
+            return {(str(c), str(o), str(k)): int(at) for c, o, k, at in rows}
+
     def shown_offers(self, customers: Sequence[str], before_s: int) -> set[tuple[str, str]]:
         """(customer, offer) pairs served (outside the holdout) up to ``before_s``."""
         query = (
@@ -430,10 +456,32 @@ class CombinedLedger:
     ledger by each customer's own id (so a customer the snapshot does not know is still
     capped as themself)."""
 
-    def __init__(self, snapshot: Snapshot, sql: SqlLedger) -> None:
+    def __init__(self, snapshot: Snapshot, sql: SqlLedger, *, per_call: bool = False) -> None:
         self.snapshot = snapshot
         self.history = SnapshotLedger(snapshot)
         self.sql = sql
+        self._outcomes: dict[tuple[tuple[str, ...], int], dict[tuple[str, str, str], int]] | None
+        self._outcomes = {} if per_call else None
+
+    def for_call(self) -> CombinedLedger:
+        """The same ledger for one call (one moment): the customers' live outcomes are read
+        once and shared by the cooldown, the redemption check and sequencing."""
+        return CombinedLedger(self.snapshot, self.sql, per_call=True)
+
+    def _last_outcomes(
+        self, ids: Sequence[str], outcomes: Sequence[str], before: int
+    ) -> dict[tuple[str, str], int]:
+        if self._outcomes is None:
+            return self.sql.last_outcomes(ids, outcomes, before)
+        key = (tuple(ids), before)
+        if key not in self._outcomes:
+            self._outcomes[key] = self.sql.last_outcomes_by_kind(ids, before)
+        last: dict[tuple[str, str], int] = {}
+        for (customer, offer, outcome), at in self._outcomes[key].items():
+            if outcome in outcomes:
+                pair = (customer, offer)
+                last[pair] = max(at, last.get(pair, at))
+        return last
 
     def counts(
         self,
@@ -479,7 +527,7 @@ class CombinedLedger:
     ) -> np.ndarray:
         out = self.history.last_declined_s(customers, ids, offers, before_s).copy()
         for rows, _, before in _windows(before_s, before_s):
-            live = self.sql.last_outcomes(list(dict.fromkeys(ids[rows])), ["declined"], before)
+            live = self._last_outcomes(list(dict.fromkeys(ids[rows])), ["declined"], before)
             if not live:
                 continue
             offer_ids = self.snapshot.offers.decode(offers[rows])
@@ -504,7 +552,7 @@ class CombinedLedger:
         for rows, _, before in _windows(before_s, before_s):
             who = list(dict.fromkeys(ids[rows]))
             if event == "accepted":
-                pairs = set(self.sql.last_outcomes(who, list(ACCEPTED_OUTCOMES), before))
+                pairs = set(self._last_outcomes(who, list(ACCEPTED_OUTCOMES), before))
             else:
                 pairs = self.sql.shown_offers(who, before)
             if pairs:

@@ -13,6 +13,7 @@ fingerprint changes. Settings come from ``serving.settings.ServingSettings.from_
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from typing import Annotated, Any, Literal
@@ -214,14 +215,16 @@ class NextBest:
                 400,
                 f"as_of {as_of!r} is not a date/time; use ISO 8601, e.g. 2017-06-01T10:00:00",
             )
-        return self.recommender.recommend(
-            customer_id,
-            channel=channel,
-            placement=placement,
-            context=(context or Context.model_validate({})).model_dump(),
-            k=k,
-            debug=debug,
-            as_of=as_of,
+        return _answer(
+            self.recommender.recommend(
+                customer_id,
+                channel=channel,
+                placement=placement,
+                context=(context or Context.model_validate({})).model_dump(),
+                k=k,
+                debug=debug,
+                as_of=as_of,
+            )
         )
 
     @bentoml.api(route="/constant")
@@ -272,6 +275,27 @@ def _is_time(value: str) -> bool:
         return not pd.isna(pd.Timestamp(value))
     except (ValueError, TypeError):
         return False
+
+
+def _answer(payload: dict[str, Any]) -> Any:
+    """The answer serialised once, as it is. Returned as a response, it skips BentoML's
+    validation of a free-form dict and its JSON-schema lookup on every call (a third of a
+    /recommend's time on the service's own loop); the OpenAPI still shows the method's
+    declared type."""
+    from starlette.responses import Response
+
+    return Response(
+        json.dumps(payload, default=_plain, allow_nan=False, separators=(",", ":")),
+        media_type="application/json",
+    )
+
+
+def _plain(value: Any) -> Any:
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def _error(ctx: bentoml.Context, status: int, message: str) -> dict[str, Any]:

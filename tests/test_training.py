@@ -82,7 +82,7 @@ def test_train_logs_everything_and_registers_a_challenger(world_path: Path, home
     client = MlflowClient()
     assert mlflow.get_tracking_uri() == f"sqlite:///{home / 'models' / 'mlflow.db'}"
     run = client.get_run(summary["run_id"])
-    assert run.data.params["config.max_depth"] == "6"
+    assert run.data.params["config.max_depth"] == "5"
     assert run.data.params["rules.hash"] == load_rules().content_hash
     assert run.data.tags["dataset.fingerprint"] == Workspace(world_path).fingerprint
     metrics = run.data.metrics
@@ -195,5 +195,5 @@ def test_config_errors_are_clear(tmp_path: Path) -> None:
     (tmp_path / "c.yaml").write_text("max_dept: 4\n")
     with pytest.raises(ConfigError, match=r"c.yaml: field 'max_dept': Extra inputs"):
         load_config(tmp_path / "c.yaml")
-    assert load_config(None).max_depth == 6
-    assert np.isclose(load_config(None, learning_rate=0.1).learning_rate, 0.1)
+    assert load_config(None).max_depth == 5
+    assert np.isclose(load_config(None, learning_rate=0.05).learning_rate, 0.05)
