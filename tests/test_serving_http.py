@@ -255,7 +255,8 @@ def test_recommend_batch_writes_one_row_per_recommendation(
     # customers at a frequency cap get nothing, exactly as from the service
     sizes = rows.groupby("customer_id").size()
     assert set(sizes.index) <= {"S00001", "S00002", "S00003"} and (sizes == 2).all()
-    assert rows["because"].str.startswith("Because ").all()
+    # a reason, or honestly none ("There is no single reason we can state …")
+    assert rows["because"].str.match(r"^(Because |There is no single reason)").all()
     single = CliRunner().invoke(
         app, ["recommend", "S00001", "--json", "-w", str(served.workspace.path)]
     )
