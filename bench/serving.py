@@ -2,9 +2,9 @@
 
 * **The work**: POST /recommend for a random demo household on the web, k = 5 explained,
   with the trained version and its own rules (the defaults), as ``make run`` serves: all
-  1,223 offers are candidates (features for every one), eligibility with the live ledger
-  leaves the category offers new to the customer (the coupons' campaigns are over at the
-  data's end), and those are ranked.
+  1,223 offers are candidates, eligibility with the live ledger leaves the category offers
+  new to the customer (the coupons' campaigns are over at the data's end), and features
+  are built for those, which are ranked.
 * **The floor**: a constant-returning endpoint of the same BentoML server, plus raw
   ``booster.predict`` on one request's ranked (eligible) rows and ``pred_contrib`` on 5.
 * **The peer**: ``mlflow models serve`` of the same registered model, scoring the

@@ -513,9 +513,9 @@ class Snapshot:
         all_customer = self.customers.encode(exposures["customer_id"])
         all_channel = _vocabulary_codes(exposures["channel"], CHANNELS)
         all_seconds = to_seconds(exposures["shown_at"])
-        # Caps count touches (one slate or one mailing), not offers, and never the ghost
+        # Caps count what customers received (sends, offers served), never the ghost
         # exposures of the holdout.
-        touches = pd.DataFrame(
+        served = pd.DataFrame(
             {
                 "c": all_customer,
                 "ch": all_channel,
@@ -523,21 +523,20 @@ class Snapshot:
                 "request": exposures["request_id"].astype("object").fillna("").to_numpy(),
             }
         )[~exposures["holdout"].astype(bool).to_numpy()]
-        served = touches
-        touch = touches["request"].where(touches["request"] != "", touches["s"].astype("str"))
-        touches = touches.assign(touch=touch).drop_duplicates(["c", "ch", "touch"])
+        send = served["request"].where(served["request"] != "", served["s"].astype("str"))
+        sends = served.assign(send=send).drop_duplicates(["c", "ch", "send"])
         # what caps count (policy.rules.Cap): sends (one slate or one mailing per channel),
         # offers served, and the storefront's 'viewed' feedback, per (customer, channel)
         self.sends_by_customer_channel = TimeIndex.build(
-            touches["c"].to_numpy() * len(CHANNELS) + touches["ch"].to_numpy(),
-            touches["s"].to_numpy(),
+            sends["c"].to_numpy() * len(CHANNELS) + sends["ch"].to_numpy(),
+            sends["s"].to_numpy(),
         )
         self.served_by_customer_channel = TimeIndex.build(
             served["c"].to_numpy() * len(CHANNELS) + served["ch"].to_numpy(),
             served["s"].to_numpy(),
         )
         # the contexts offers were shown in (one per request): training samples them
-        contexts = touches.sort_values("s")
+        contexts = sends.sort_values("s")
         self.exposure_context_seconds = contexts["s"].to_numpy()
         self.exposure_context_channel = contexts["ch"].to_numpy()
         placement = exposures["placement"].astype("object").iloc[contexts.index.to_numpy()]
@@ -560,7 +559,9 @@ class Snapshot:
             self.cust_offer_declined.encode(o_customer[declined], o_offer[declined]),
             o_seconds[declined],
         )
-        viewed = kind == "viewed"
+        # a view counts through the exposure it follows; never one of a holdout's ghost
+        ghost = set(exposures.loc[exposures["holdout"].astype(bool), "exposure_id"])
+        viewed = (kind == "viewed") & ~outcomes["exposure_id"].isin(ghost).to_numpy()
         channel_of_exposure = pd.Series(all_channel, index=exposures["exposure_id"].to_numpy())
         channel_of_exposure = channel_of_exposure[~channel_of_exposure.index.duplicated()]
         viewed_channel = (

@@ -13,11 +13,17 @@ import logging
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from features import Snapshot, Workspace, load_snapshot
 from policy.rules import SegmentBlock
-from runtime.registry import ModelBundle, configure_tracking, load_bundle, model_name
+from runtime.registry import (
+    ModelBundle,
+    ModelMismatchError,
+    configure_tracking,
+    load_bundle,
+    model_name,
+)
 from runtime.settings import Settings, resolve_workspace
 from serving.engine import Recommender
 from serving.ledger import SqlLedger
@@ -68,6 +74,7 @@ def build_recommender(
     bundle: ModelBundle | None = UNSET,
     snapshot: Snapshot | None = None,
     ledger: SqlLedger | None = None,
+    if_mismatch: Literal["raise", "rules_only"] = "raise",
 ) -> Recommender:
     """A :class:`Recommender` from explicit inputs; anything not given comes from
     ``settings``.
@@ -79,6 +86,9 @@ def build_recommender(
     * ``blocks``: reviewers' segment blocks; default: those in the ledger's database.
     * ``snapshot``, ``ledger``: reuse what another recommender holds (the review gate's
       challenger beside the serving champion; a refreshed workspace on the same ledger).
+    * ``if_mismatch``: a version that does not fit the workspace (``ModelMismatchError``)
+      is an error, or (the service at start) is refused and logged while the rules-only
+      ranking serves.
     """
     settings = replace(
         settings,
@@ -87,21 +97,22 @@ def build_recommender(
     )
     target = Workspace(resolve_workspace(_path(workspace, settings)))
     if ledger is None:
-        ledger = SqlLedger(settings.ledger_url(Settings.load().require_data_dir()))
+        url = settings.db_url or settings.ledger_url(Settings.load().require_data_dir())
+        ledger = SqlLedger(url)
     if bundle is UNSET:
         bundle = load_model(target, alias=settings.alias, version=version)
     if blocks is None:
         from serving.review import ReviewStore, segment_blocks
 
         blocks = segment_blocks(ReviewStore(ledger.engine))
-    return Recommender(
-        snapshot if snapshot is not None else load_snapshot(target),
-        bundle,
-        ledger,
-        settings,
-        workspace=target,
-        blocks=blocks,
-    )
+    snapshot = snapshot if snapshot is not None else load_snapshot(target)
+    try:
+        return Recommender(snapshot, bundle, ledger, settings, workspace=target, blocks=blocks)
+    except ModelMismatchError as error:
+        if if_mismatch == "raise" or bundle is None:
+            raise
+        log.error("refused %s: %s; serving the rules-only ranking", settings.alias, error)
+        return Recommender(snapshot, None, ledger, settings, workspace=target, blocks=blocks)
 
 
 def _path(workspace: Workspace | Path | None, settings: ServingSettings) -> Path | None:

@@ -1,7 +1,8 @@
 """The recommender: one request through the whole flow, in process.
 
-candidates → features → eligibility (with the live ledger) → ranker → calibrated
-P(accept) × value × lever → slate without collisions → "because" → exposure ledger.
+candidates → eligibility (with the live ledger) → features of the eligible rows → ranker →
+calibrated P(accept) × value × lever → slate without collisions → "because" → exposure
+ledger (hard caps admitted atomically).
 
 The service, ``nextbest recommend``, ``nextbest recommend-batch`` (local and Dask) and the
 review gate all get their recommender from :func:`serving.assembly.build_recommender` and
@@ -110,6 +111,7 @@ class Recommender:
         self.reference = pd.Timestamp(self.data_end_s, unit="s")
         self.combined = CombinedLedger(snapshot, ledger)
         self._lock = threading.Lock()
+        self._fitting = threading.Lock()
         ordered = np.unique(snapshot.orders_by_customer.groups)
         self._known = set(snapshot.customers.decode(ordered).tolist())
         self.offer_task = offer_tasks(snapshot.offer_kind)
@@ -172,8 +174,10 @@ class Recommender:
 
     def swap_model(self, bundle: ModelBundle | None) -> None:
         """Switch to another version; requests in flight finish on the one they started.
-        The new version brings its own candidates and feature statistics."""
+        The new version brings its own candidates and feature statistics, fitted before it
+        serves (so the first request after a swap does not pay for them)."""
         model = self._model(bundle)
+        self.builder_for(self.data_end_s, model)
         self.model = model  # one reference assignment: atomic for readers
         log.info("serving %s", self.model_info(model))
 
@@ -197,13 +201,17 @@ class Recommender:
             if reference_s in model.builders:
                 model.builders.move_to_end(reference_s)
                 return model.builders[reference_s]
-        builder = FeatureBuilder(min_pair_orders=model.min_pair_orders).fit(
-            self.snapshot, pd.Timestamp(reference_s, unit="s")
-        )
-        with self._lock:
-            model.builders[reference_s] = builder
-            while len(model.builders) > _BUILDER_CACHE:
-                model.builders.popitem(last=False)
+        with self._fitting:  # one fit at a time: concurrent requests wait for it, not redo it
+            with self._lock:
+                if reference_s in model.builders:
+                    return model.builders[reference_s]
+            builder = FeatureBuilder(min_pair_orders=model.min_pair_orders).fit(
+                self.snapshot, pd.Timestamp(reference_s, unit="s")
+            )
+            with self._lock:
+                model.builders[reference_s] = builder
+                while len(model.builders) > _BUILDER_CACHE:
+                    model.builders.popitem(last=False)
         return builder
 
     @property
@@ -279,16 +287,12 @@ class Recommender:
             else builder.build(s, requests, ranked_rows, ranked_offers)
         )
         plan = self._plan(model, customer_ids)
-        everything = np.ones(len(keep), dtype=bool)
-        score, probability = self._scores(
-            model, matrix, ranked_rows, ranked_offers, everything, plan.scoring
-        )
+        score, probability = self._scores(model, matrix, ranked_rows, ranked_offers, plan.scoring)
         slates = self._slates(
             s,
             rules,
             ranked_rows,
             ranked_offers,
-            everything,
             eligibility.demoted[keep],
             score,
             len(customer_ids),
@@ -319,8 +323,9 @@ class Recommender:
     ) -> dict[str, list[Limit]]:
         """The hard caps each outbound slate must still fit as it is logged."""
         s, out = self.snapshot, {}
+        ghost = self.settings.holdout_control == "nothing"  # a holdout slate shown to nobody
         for i, logged in enumerate(logs):
-            if plan.holdout[i] or not logged["offers"]:
+            if (plan.holdout[i] and ghost) or not logged["offers"]:
                 continue
             offers = s.offers.encode([o.offer_id for o in logged["offers"]])
             limits = hard_limits(s, rules, requests, i, list(offers), self.combined.history)
@@ -408,13 +413,13 @@ class Recommender:
         matrix: FeatureMatrix,
         rows: np.ndarray,
         offers: np.ndarray,
-        eligible: np.ndarray,
         scoring: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray]:
+        """Scores of the eligible rows, each ranked the way its customer's plan says."""
         score = np.full(len(rows), -np.inf)
         probability = np.full(len(rows), np.nan)
         for mode in np.unique(scoring):
-            mine = np.flatnonzero(eligible & (scoring[rows] == mode))
+            mine = np.flatnonzero(scoring[rows] == mode)
             if len(mine):
                 score[mine], probability[mine] = self._score(model, matrix, offers, mine, mode)
         return score, probability
@@ -425,14 +430,14 @@ class Recommender:
         rules: RuleSet,
         rows: np.ndarray,
         offers: np.ndarray,
-        eligible: np.ndarray,
         demoted: np.ndarray,
         score: np.ndarray,
         n: int,
         k: int,
     ) -> list[tuple[Slate, list[int]]]:
-        """Each request's slate (best first, no collisions) and the rows it holds."""
-        ranked = np.flatnonzero(eligible)
+        """Each request's slate from its eligible rows (best first, no collisions), and the
+        rows it holds."""
+        ranked = np.arange(len(rows))
         # best first, but offers rotated out by their per-offer cap after all the others
         ranked = ranked[np.lexsort((-score[ranked], demoted[ranked], rows[ranked]))]
         bounds = np.searchsorted(rows[ranked], np.arange(n + 1))
@@ -492,7 +497,7 @@ class Recommender:
                     score[j],
                     probability[j],
                     explanations.get(j),
-                    plan.modes[i],
+                    str(plan.scoring[i]),  # the ranking used: the holdout's control may differ
                     builder,
                     matrix,
                     j,
@@ -549,11 +554,18 @@ class Recommender:
             if not eligibility.eligible[j]
         ]
         excluded += [
+            {"offer_id": str(values[offers[j]]), "reasons": ["offer_holdout"]}
+            for j in mine
+            if eligibility.eligible[j] and not eligible[j]
+        ]
+        excluded += [
             {"offer_id": str(values[o]), "reasons": [why]} for o, why in slate.skipped.items()
         ]
         return {
             "excluded": excluded,
-            "rotated": [str(values[offers[j]]) for j in mine if eligibility.demoted[j]],
+            "rotated": [
+                str(values[offers[j]]) for j in mine if eligible[j] and eligibility.demoted[j]
+            ],
             "candidates": len(mine),
             "eligible": int(eligible[mine].sum()),
         }
@@ -566,7 +578,7 @@ class Recommender:
         score: float,
         probability: float,
         explanation: Any,
-        mode: str,
+        ranking: str,
         builder: FeatureBuilder,
         matrix: Any,
         row: int,
@@ -583,10 +595,6 @@ class Recommender:
             "reasons": [],
             "contributions": [],
         }
-        # a cold start is ranked by popularity, except in a rules-only holdout
-        popular = float(
-            np.nan_to_num(matrix.values[row, matrix.names.index("offer_popularity_30d")])
-        )
         if explanation is not None:
             item["because"] = explanation.because
             item["reasons"] = explanation.reasons
@@ -595,7 +603,7 @@ class Recommender:
             item["raw_score"] = explanation.raw_score
             if debug:  # both signs, strongest first: the review page's SHAP chart
                 item["shap"] = explanation.strongest
-        elif mode == "cold_start" and score == popular:
+        elif ranking == "cold_start":  # ranked by popularity (not in a rules-only holdout)
             from serving.explain import explain_cold_start
 
             said = explain_cold_start(builder, s, matrix, row)

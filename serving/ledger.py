@@ -5,7 +5,8 @@ SQLite (with WAL) is the embedded default; ``NEXTBEST_DB_URL`` points it at Post
 read it at request time, so they hold across channels and across workers.
 
 Caps count what customers received (see ``policy.rules.Cap``): sends (a slate with at
-least one offer), offers served, or 'viewed' feedback; holdout slates never count. When a
+least one offer), offers served, or 'viewed' feedback; a holdout's ghost slate (shown to
+nobody) never counts, a rules-only holdout's slate (shown) does. When a
 slate is logged with its hard caps, they are counted again inside the same transaction,
 with the customer locked, so concurrent requests cannot overrun a cap together.
 
@@ -43,7 +44,7 @@ slates = sa.Table(
     sa.Column("channel", sa.String(16), nullable=False),
     sa.Column("placement", sa.String(32), nullable=False),
     sa.Column("model_version", sa.String(32)),
-    sa.Column("mode", sa.String(16), nullable=False),
+    sa.Column("mode", sa.String(32), nullable=False),
     sa.Column("holdout", sa.Boolean, nullable=False),
     sa.Column("at_s", sa.BigInteger, nullable=False, index=True),
 )
@@ -68,6 +69,11 @@ feedback = sa.Table(
     sa.Column("at_s", sa.BigInteger, nullable=False),
 )
 
+
+GHOST_MODE = "holdout_nothing"
+"""A holdout slate whose control is "nothing": logged as what would have been served, and
+shown to nobody. Every other slate was delivered (a rules-only holdout's slate too)."""
+_DELIVERED = sa.or_(slates.c.holdout.is_(False), slates.c.mode != GHOST_MODE)
 
 _LAST_BY_KIND = (
     sa.select(
@@ -101,6 +107,18 @@ def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
     cursor.close()
 
 
+def _widen_mode(engine: sa.Engine) -> None:
+    """Ledgers made before a rules-only holdout's mode ("holdout_rules_only", 18
+    characters) fitted: widen the column (PostgreSQL checks lengths; SQLite does not)."""
+    if engine.dialect.name != "postgresql":
+        return
+    columns = {c["name"]: c for c in sa.inspect(engine).get_columns("slates")}
+    length = getattr(columns["mode"]["type"], "length", None)
+    if length is not None and length < 32:
+        with engine.begin() as connection:
+            connection.execute(sa.text("ALTER TABLE slates ALTER COLUMN mode TYPE VARCHAR(32)"))
+
+
 class SqlLedger:
     """The ledger tables in any SQLAlchemy database."""
 
@@ -110,6 +128,7 @@ class SqlLedger:
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         _metadata.create_all(self.engine)
+        _widen_mode(self.engine)
 
     @property
     def backend(self) -> str:
@@ -213,26 +232,40 @@ class SqlLedger:
     def _admit(
         self, connection: sa.Connection, slate: Mapping[str, Any], limits: Sequence[Limit]
     ) -> list[str]:
-        """Recount this slate's caps with it written; take out what exceeds them."""
+        """Recount this slate's caps with it written; take out what exceeds them: first each
+        offer over its own cap, then, for a cap on offers served, the lowest-ranked offers
+        beyond what is left, and for a cap on sends, the whole slate. The offers kept are
+        ranked again from 1, as the customer sees them."""
         request, customer, at_s = slate["request_id"], str(slate["customer_id"]), slate["at_s"]
         kept = [o.offer_id for o in slate["offers"]]
-        for limit in limits:
+        for limit in sorted(limits, key=lambda limit: limit.offer_id is None):
+            if not kept:
+                break
             if limit.offer_id is not None:
-                if limit.offer_id not in kept:
-                    continue
-                seen = self._offer_count(
-                    connection, customer, limit.offer_id, limit.start_s, at_s, limit.unit
+                if limit.offer_id in kept:
+                    seen = self._offer_count(
+                        connection, customer, limit.offer_id, limit.start_s, at_s, limit.unit
+                    )
+                    if seen > limit.allowed:
+                        kept.remove(limit.offer_id)
+                continue
+            seen = self._count(
+                connection, limit.unit, [customer], limit.start_s, at_s, limit.channels
+            ).get(customer, 0)
+            over = seen - limit.allowed
+            if over > 0:
+                kept = [] if limit.unit == "sends" else kept[: max(len(kept) - over, 0)]
+        dropped = [o.offer_id for o in slate["offers"] if o.offer_id not in kept]
+        if dropped:
+            self._drop(connection, request, dropped)
+            for rank, offer in enumerate(kept, start=1):
+                connection.execute(
+                    slate_offers.update()
+                    .where(
+                        (slate_offers.c.request_id == request) & (slate_offers.c.offer_id == offer)
+                    )
+                    .values(rank=rank)
                 )
-                if seen > limit.allowed:
-                    kept.remove(limit.offer_id)
-                    self._drop(connection, request, [limit.offer_id])
-            elif kept:
-                seen = self._count(
-                    connection, limit.unit, [customer], limit.start_s, at_s, limit.channels
-                ).get(customer, 0)
-                if seen > limit.allowed:
-                    self._drop(connection, request, kept)
-                    kept = []
         return kept
 
     @staticmethod
@@ -282,7 +315,7 @@ class SqlLedger:
         self, unit: str, customers: Sequence[str], start_s: int, end_s: int, channels: Sequence[str]
     ) -> dict[str, int]:
         """customer → sends, offers served or 'viewed' outcomes in [start, end] on
-        ``channels`` (holdout and empty slates never count)."""
+        ``channels`` (ghost and empty slates never count)."""
         with self.engine.connect() as connection:
             return self._count(connection, unit, customers, start_s, end_s, channels)
 
@@ -297,7 +330,7 @@ class SqlLedger:
     ) -> dict[str, int]:
         window = (
             slates.c.customer_id.in_(list(customers)),
-            slates.c.holdout.is_(False),
+            _DELIVERED,
             slates.c.channel.in_(list(channels)),
         )
         if unit == "sends":
@@ -373,7 +406,7 @@ class SqlLedger:
         return (
             sa.select(slates.c.customer_id, slate_offers.c.offer_id, sa.func.count())
             .select_from(base)
-            .where(slates.c.holdout.is_(False), at >= start_s, at <= end_s)
+            .where(_DELIVERED, at >= start_s, at <= end_s)
         )
 
     def last_outcomes(
@@ -404,13 +437,13 @@ class SqlLedger:
             return {(str(c), str(o), str(k)): int(at) for c, o, k, at in rows}
 
     def shown_offers(self, customers: Sequence[str], before_s: int) -> set[tuple[str, str]]:
-        """(customer, offer) pairs served (outside the holdout) up to ``before_s``."""
+        """(customer, offer) pairs the customers were shown up to ``before_s``."""
         query = (
             sa.select(slates.c.customer_id, slate_offers.c.offer_id)
             .select_from(slates.join(slate_offers))
             .where(
                 slates.c.customer_id.in_(list(customers)),
-                slates.c.holdout.is_(False),
+                _DELIVERED,
                 slates.c.at_s <= before_s,
             )
             .distinct()

@@ -55,7 +55,7 @@ class NextBest:
 
     def __init__(self) -> None:
         from features import Workspace
-        from runtime.registry import ModelMismatchError, model_name
+        from runtime.registry import model_name
         from runtime.settings import resolve_workspace
         from serving.assembly import build_recommender
         from serving.review import Reviews, ReviewStore
@@ -66,11 +66,10 @@ class NextBest:
         self.workspace = Workspace(resolve_workspace(settings.workspace))
         self.model_name = model_name(self.workspace.workspace_id)
         self.fingerprint = self.workspace.fingerprint
-        try:
-            self.recommender = build_recommender(settings, workspace=self.workspace)
-        except ModelMismatchError as error:
-            log.error("refusing the '%s' version: %s", settings.alias, error)
-            self.recommender = build_recommender(settings, workspace=self.workspace, bundle=None)
+        self.recommender = build_recommender(
+            settings, workspace=self.workspace, if_mismatch="rules_only"
+        )
+        self.recommender.builder_for(self.recommender.now_s())  # fitted before the first request
         self.ledger = self.recommender.ledger
         log.info(
             "serving %s on workspace %s (%s); clock %s",
@@ -84,6 +83,11 @@ class NextBest:
         self.review_threshold = settings.review_threshold
         self.secure_cookies = settings.secure_cookies
         self._sync_lock = threading.Lock()
+        # what was refused is not tried again until it changes (no reload loop)
+        self._refused_version: str | None = None
+        self._refused_fingerprint: str | None = None
+        if self.recommender.model.bundle is None:
+            self._refuse_alias_version()
         self._stop = threading.Event()
         self._watcher = threading.Thread(
             target=self._watch_alias, daemon=True, name="nextbest-alias-watcher"
@@ -114,7 +118,7 @@ class NextBest:
             except Exception:  # the registry being briefly unreachable must not kill serving
                 log.exception("could not resolve alias %s", alias)
                 return
-            if version == self._current_version():
+            if version in (self._current_version(), self._refused_version):
                 return
             try:
                 bundle = load_bundle(self.model_name, version=version)
@@ -123,9 +127,23 @@ class NextBest:
                 self.recommender.swap_model(bundle)
                 log.info("alias %s moved: version %s → %s", alias, previous, version)
             except Exception:  # a version that cannot load, or does not fit, is refused
+                self._refused_version = version
                 log.exception(
-                    "could not load version %s; still serving %s", version, self._current_version()
+                    "refused version %s (not tried again until %s moves); still serving %s",
+                    version,
+                    alias,
+                    self._current_version(),
                 )
+
+    def _refuse_alias_version(self) -> None:
+        """At start without a model: the alias's version, if any, was refused (it does not
+        fit the workspace), and is not loaded again every few seconds."""
+        from runtime.registry import resolve_version
+
+        try:
+            self._refused_version, _ = resolve_version(self.model_name, alias=self.settings.alias)
+        except Exception:  # no such alias yet, or the registry unreachable: nothing refused
+            self._refused_version = None
 
     # -- what the review page needs (serving.review.web.ReviewHost) ------------------------
     def review_segments(self) -> list[str]:
@@ -169,28 +187,40 @@ class NextBest:
 
     def _refresh_snapshot(self) -> None:
         """When the workspace changes, index it anew and switch to it; requests in flight
-        finish on the recommender they started with."""
+        finish on the recommender they started with. A workspace the serving version does
+        not fit (its offers changed) is refused, said once, and not loaded again until it
+        changes again: the service keeps serving what it served."""
         from serving.assembly import build_recommender
 
-        try:
-            fingerprint = self.workspace.fingerprint
-            if fingerprint == self.fingerprint:
-                return
+        fingerprint = self.workspace.fingerprint
+        if fingerprint in (self.fingerprint, self._refused_fingerprint):
+            return
+        with self._sync_lock:  # never beside a model swap from sync()
             current = self.recommender
-            fresh = build_recommender(
-                self.settings,
-                workspace=self.workspace,
-                bundle=current.model.bundle,
-                blocks=current.blocks,
-                ledger=self.ledger,
-            )
+            try:
+                fresh = build_recommender(
+                    self.settings,
+                    workspace=self.workspace,
+                    bundle=current.model.bundle,
+                    blocks=current.blocks,
+                    ledger=self.ledger,
+                )
+                fresh.builder_for(fresh.now_s())
+            except Exception:  # a broken workspace, or one the version does not fit
+                self._refused_fingerprint = fingerprint
+                log.exception(
+                    "workspace changed (%s → %s) but cannot be served as it is; still "
+                    "serving %s (retrain and release a version trained on it)",
+                    self.fingerprint,
+                    fingerprint,
+                    self.fingerprint,
+                )
+                return
             self.recommender = fresh  # one reference assignment: atomic for readers
             log.info(
                 "workspace changed (%s → %s): snapshot refreshed", self.fingerprint, fingerprint
             )
             self.fingerprint = fingerprint
-        except Exception:  # a half-written or broken workspace must not stop serving
-            log.exception("could not refresh the snapshot; still serving %s", self.fingerprint)
 
     def __is_ready__(self) -> bool:
         return self.ledger.ping()

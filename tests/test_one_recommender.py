@@ -150,8 +150,36 @@ def test_a_version_from_another_workspace_or_feature_list_is_refused(
     recataloged = replace(own, meta=own.meta | {"catalogue": "0" * 16})
     with pytest.raises(ModelMismatchError, match="another offer catalogue"):
         build_recommender(settings, workspace=served.workspace, bundle=recataloged)
-    # the CLI says it in one line
+    # an alias that points nowhere yet: the CLI says so and ranks by the rules
     result = CliRunner().invoke(
         app, ["recommend", "S00001", "-w", str(served.workspace.path), "--alias", "nope"]
     )
-    assert result.exit_code == 0 and "rules-only" in result.output
+    assert result.exit_code == 0 and "No 'nope' version" in result.output
+
+
+def test_batch_on_dask_in_many_chunks_matches_the_local_run(served: Served, tmp_path: Path) -> None:
+    """recommend-batch on a 2-worker cluster, 40 customers in chunks of 7: the same rows,
+    in the customers' order, with the same scores."""
+    import pandas as pd
+
+    from serving.assembly import build_recommender
+    from serving.batch import recommend_batch, recommend_batch_dask
+    from serving.settings import ServingSettings
+
+    customers = pd.DataFrame({"customer_id": [f"S{i:05d}" for i in range(1, 41)]})
+
+    def recommender(name: str):  # type: ignore[no-untyped-def]
+        settings = ServingSettings(holdout_share=0.1, db_url=f"sqlite:///{tmp_path / name}")
+        return build_recommender(settings, workspace=served.workspace)
+
+    local = recommend_batch(
+        recommender("local.db"), customers, channel="email", placement="inbox", k=3
+    )
+    spread = recommend_batch_dask(
+        recommender("dask.db"), customers, channel="email", placement="inbox", k=3, chunk=7
+    )
+    assert len(local) > 40
+    pd.testing.assert_frame_equal(
+        local.drop(columns=["score", "probability"]), spread.drop(columns=["score", "probability"])
+    )
+    assert spread["score"].to_numpy() == pytest.approx(local["score"].to_numpy())

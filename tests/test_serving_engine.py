@@ -168,6 +168,61 @@ def test_sends_are_capped_per_channel_and_in_total_by_real_id(
     assert recommender.recommend("newcomer-2", channel="email", k=2)["offers"]
 
 
+def test_a_rules_only_holdout_is_shown_so_its_sends_are_capped(
+    served: Served, tmp_path: Path
+) -> None:
+    """A holdout whose control is the rules-only ranking really receives its slates: they
+    count, as anyone's (only the 'nothing' control's ghost slates are shown to nobody)."""
+    control = _recommender(served, tmp_path, holdout_share=1.0, holdout_control="rules_only")
+    customer = _customers(control)[5]
+    for _ in range(3):
+        answer = control.recommend(customer, channel="email", k=2)
+        assert answer["holdout"] and answer["offers"]
+    assert control.recommend(customer, channel="email", k=2)["offers"] == []
+    ghosts = _recommender(served, tmp_path, holdout_share=1.0, holdout_control="nothing")
+    other = _customers(ghosts)[6]
+    for _ in range(5):  # logged with the would-be slate, shown to nobody: never a send
+        assert ghosts.recommend(other, channel="email", k=2)["offers"] == []
+    sends = ghosts.ledger.counts("sends", [customer, other], 0, 2**40, ["email"])
+    assert sends == {customer: 3}
+
+
+def test_features_of_every_candidate_when_a_rule_reads_them(served: Served, tmp_path: Path) -> None:
+    """With compatibility_required on, features are built for every candidate first (the
+    rule reads them) and the ranked rows are taken from that matrix: the slate is the
+    compatible offers' best, each with its true because."""
+    import yaml
+
+    from policy import load_rules
+
+    rules = load_rules().model_dump(mode="json")
+    for rule in rules["rules"]:
+        if rule["type"] == "compatibility_required":
+            rule["kinds"] = ["item", "bundle"]
+    path = tmp_path / "rules.yaml"
+    path.write_text(yaml.safe_dump(rules))
+    strict = _recommender(served, tmp_path, rules_path=path)
+    assert strict.model.rules.needs_features
+    plain = _recommender(served, tmp_path)
+    for customer in _customers(strict)[:20]:
+        answer = strict.recommend(customer, channel="web", k=5, debug=True, log_exposure=False)
+        excluded = {e["offer_id"]: e["reasons"] for e in answer["excluded"]}
+        assert not {o["offer_id"] for o in answer["offers"]} & set(excluded)
+        # each offer is scored and explained as its own row, whichever others remain: the
+        # same score and because as under the plain rules, in the same order
+        loose = plain.recommend(customer, channel="web", k=25, debug=True, log_exposure=False)
+        theirs = {o["offer_id"]: o for o in loose["offers"]}
+        both = [o for o in answer["offers"] if o["offer_id"] in theirs]
+        assert both, customer
+        for offer in both:
+            assert offer["score"] == theirs[offer["offer_id"]]["score"]
+            assert offer["because"] == theirs[offer["offer_id"]]["because"]
+        order = [o["offer_id"] for o in loose["offers"]]
+        assert [order.index(o["offer_id"]) for o in both] == sorted(
+            order.index(o["offer_id"]) for o in both
+        )
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_two_workers_at_once_cannot_both_pass_a_cap(
     served: Served, tmp_path: Path, backend: str, request: pytest.FixtureRequest
@@ -242,6 +297,20 @@ def test_a_decline_starts_the_cooldown(served: Served, tmp_path: Path) -> None:
         recommender.ledger.record_feedback(
             request_id=first["request_id"], offer_id="nope", outcome="accepted", value=None, at_s=0
         )
+    # a customer the snapshot does not know cools down as themself, not as 'UNKNOWN'
+    stranger = recommender.recommend("stranger-1", channel="web", k=1)
+    declined = stranger["offers"][0]["offer_id"]
+    recommender.ledger.record_feedback(
+        request_id=stranger["request_id"],
+        offer_id=declined,
+        outcome="declined",
+        value=None,
+        at_s=recommender.now_s(),
+    )
+    later = recommender.recommend("stranger-1", channel="web", k=3, debug=True)
+    assert "declined_cooldown" in {e["offer_id"]: e["reasons"] for e in later["excluded"]}[declined]
+    other = recommender.recommend("stranger-2", channel="web", k=1)
+    assert other["offers"][0]["offer_id"] == declined
 
 
 def test_cold_start_and_rules_only(served: Served, tmp_path: Path) -> None:

@@ -289,3 +289,28 @@ def test_the_snapshot_refreshes_when_the_workspace_changes(client, served: Serve
     assert client.get("/metadata").json()["snapshot_customers"] == before + 1
     answer = client.post("/recommend", json={"customer_id": "NEW-1", "channel": "web"}).json()
     assert answer["model"]["mode"] == "model"  # known now, no longer a cold start
+
+
+def test_a_workspace_whose_offers_changed_is_refused_and_not_reloaded(  # type: ignore[no-untyped-def]
+    client, served: Served
+) -> None:
+    """Runs after the refresh above: a new offer in the workspace does not fit the serving
+    version (trained on the old catalogue), so the service keeps what it serves, says so
+    once, and does not load the snapshot again every few seconds."""
+    import pandas as pd
+
+    from features import write_workspace
+
+    before = client.get("/metadata").json()
+    tables = served.workspace.read_all()
+    extra = tables["offers"].iloc[:1].assign(offer_id="item:NEW-OFFER")
+    tables["offers"] = pd.concat([tables["offers"], extra], ignore_index=True)
+    write_workspace(
+        served.workspace.path, tables, source=served.workspace.manifest["source"], synthetic=True
+    )
+    time.sleep(2)  # ten watcher ticks
+    after = client.get("/metadata").json()
+    assert after["catalogue"] == before["catalogue"]
+    assert after["snapshot_customers"] == before["snapshot_customers"]
+    answer = client.post("/recommend", json={"customer_id": "S00005", "channel": "web"})
+    assert answer.status_code == 200 and answer.json()["model"]["mode"] == "model"

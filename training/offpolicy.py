@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from features import Requests, Snapshot
+from features import FeatureBuilder, Requests, Snapshot
 from features.candidates import CandidateGenerator
 from features.snapshot import ACCEPTED_OUTCOMES
 from policy import RuleSet, evaluate
@@ -41,6 +41,7 @@ def off_policy_value(
     score: Scorer,
     *,
     generator: CandidateGenerator,
+    builder: FeatureBuilder | None = None,
     start: pd.Timestamp,
     end: pd.Timestamp,
     bootstrap_samples: int = 500,
@@ -82,7 +83,13 @@ def off_policy_value(
     )
     candidates = generator.generate(snapshot, requests)
     rows, offer_rows = candidates.request, candidates.offer
-    eligible = evaluate(snapshot, rules, requests, rows, offer_rows).eligible
+    features = None
+    if rules.needs_features:
+        if builder is None:
+            raise ValueError("these rules read the candidates' features: pass the builder")
+        matrix = builder.build(snapshot, requests, rows, offer_rows)
+        features = {name: matrix.values[:, j] for j, name in enumerate(matrix.names)}
+    eligible = evaluate(snapshot, rules, requests, rows, offer_rows, features=features).eligible
     rows, offer_rows = rows[eligible], offer_rows[eligible]
     values = score(snapshot, requests, rows, offer_rows)
     chosen: set[tuple[int, int]] = set()

@@ -256,6 +256,7 @@ def finish(
                 rules,
                 scorer,
                 generator=fitted.generator(splits.test[0]),
+                builder=fitted.builder(splits.test[0]),
                 start=splits.test[0],
                 end=splits.test[-1] + pd.Timedelta(days=config.horizon_days),
                 bootstrap_samples=config.bootstrap_samples,

@@ -104,6 +104,7 @@ class Reviews:
     def __init__(self, store: ReviewStore) -> None:
         self.store = store
         _metadata.create_all(store.engine)
+        _add_model_name(store.engine)
         self._ensure_gate()
         self._backfill_items()
 
@@ -615,6 +616,30 @@ class Reviews:
             self.store._audit(
                 connection, actor, "release_failed", head.review_id, after={"error": why}
             )
+
+
+LEGACY_MODEL_NAME = "nextbest-ranker"
+"""The one registered model before each workspace had its own: reviews opened then
+reviewed its versions."""
+
+
+def _add_model_name(engine: sa.Engine) -> None:
+    """Reviews tables made before ``model_name`` existed get the column, their rows the
+    name every version had then."""
+    columns = {c["name"] for c in sa.inspect(engine).get_columns("reviews")}
+    if "model_name" in columns:
+        return
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                sa.text(
+                    "ALTER TABLE reviews ADD COLUMN model_name VARCHAR(128) NOT NULL "
+                    f"DEFAULT '{LEGACY_MODEL_NAME}'"
+                )
+            )
+    except sa.exc.DBAPIError:  # another process added it at the same moment
+        if "model_name" not in {c["name"] for c in sa.inspect(engine).get_columns("reviews")}:
+            raise
 
 
 def _check_counts(head: Any, counts: dict[str, Any]) -> None:
