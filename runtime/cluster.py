@@ -12,7 +12,7 @@ __all__ = ["dask_client"]
 @contextmanager
 def dask_client(scheduler: str | None, n_workers: int = 2) -> Iterator[Any]:
     """A client of ``scheduler``, or of a local cluster of ``n_workers`` single-threaded
-    processes on loopback (no dashboard); both are closed on the way out."""
+    processes on loopback (no fixed HTTP port); both are closed on the way out."""
     from distributed import Client, LocalCluster
 
     cluster = (
@@ -22,7 +22,9 @@ def dask_client(scheduler: str | None, n_workers: int = 2) -> Iterator[Any]:
             n_workers=n_workers,
             threads_per_worker=1,
             processes=True,
-            dashboard_address=None,
+            # the scheduler's HTTP server (metrics) starts even without a dashboard: on a
+            # free port, so that two clusters on one machine never race for 8787
+            dashboard_address=":0",
             host="127.0.0.1",
         )
     )

@@ -49,6 +49,7 @@ def _slate(
     at_s: int,
     offers: tuple[str, ...] = ("a", "b"),
     holdout: bool = False,
+    mode: str | None = None,
 ) -> None:
     ledger.log_slate(
         request_id=request_id,
@@ -56,7 +57,7 @@ def _slate(
         channel=channel,
         placement="home",
         model_version="3",
-        mode="model",
+        mode=mode or ("holdout_nothing" if holdout else "model"),
         holdout=holdout,
         at_s=at_s,
         offers=[ServedOffer(o, i + 1, 1.0 - i / 10, 0.1) for i, o in enumerate(offers)],
@@ -103,6 +104,9 @@ def test_reads_for_caps_cooldowns_and_sequencing(ledger: SqlLedger) -> None:
     _slate(ledger, "r3", "c1", "web", 3000, holdout=True)
     _slate(ledger, "r4", "c2", "web", 3000)
     _slate(ledger, "r5", "c1", "email", 3500, offers=())  # an empty slate reached nobody
+    # a rules-only holdout's slate is shown: it counts, unlike the ghost r3
+    _slate(ledger, "r6", "c3", "web", 3000, holdout=True, mode="holdout_rules_only")
+    assert ledger.counts("sends", ["c3"], 0, 5000, ["web"]) == {"c3": 1}
     every = ["web", "app", "email", "sms", "mailer"]
     # the holdout's ghost slate and the empty one are no sends
     assert ledger.counts("sends", ["c1"], 0, 5000, ["web"]) == {"c1": 1}
