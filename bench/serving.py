@@ -164,7 +164,7 @@ def run() -> dict[str, Any]:
             requests,
             candidates.request,
             candidates.offer,
-            ledger=recommender.combined,
+            ledger=recommender.reads(),
             features={n: full.values[:, j] for j, n in enumerate(full.names)},
         ).eligible
         assert int(eligible.sum()) == probe["eligible"]

@@ -29,7 +29,7 @@ from features import FeatureBuilder, FeatureMatrix, Requests, Snapshot, Workspac
 from features.candidates import CandidateGenerator
 from features.contract import OFFER_KINDS
 from features.history import second_ceil
-from policy import Eligibility, RuleSet, evaluate, load_rules, parse_rules
+from policy import Eligibility, RuleSet, SnapshotLedger, evaluate, load_rules, parse_rules
 from policy.arbitration import Calibrator, offer_tasks, rank_scores
 from policy.eligibility import Limit, hard_limits, reasons_of
 from policy.rules import SegmentBlock
@@ -109,7 +109,7 @@ class Recommender:
             + 1
         )
         self.reference = pd.Timestamp(self.data_end_s, unit="s")
-        self.combined = CombinedLedger(snapshot, ledger)
+        self.history = SnapshotLedger(snapshot)
         self._lock = threading.Lock()
         self._fitting = threading.Lock()
         ordered = np.unique(snapshot.orders_by_customer.groups)
@@ -213,6 +213,11 @@ class Recommender:
                 while len(model.builders) > _BUILDER_CACHE:
                     model.builders.popitem(last=False)
         return builder
+
+    def reads(self) -> CombinedLedger:
+        """What eligibility reads for one call: the workspace's history and the live
+        ledger, each customer's outcomes read once."""
+        return CombinedLedger(self.snapshot, self.ledger)
 
     @property
     def generator(self) -> CandidateGenerator:
@@ -328,7 +333,7 @@ class Recommender:
             if (plan.holdout[i] and ghost) or not logged["offers"]:
                 continue
             offers = s.offers.encode([o.offer_id for o in logged["offers"]])
-            limits = hard_limits(s, rules, requests, i, list(offers), self.combined.history)
+            limits = hard_limits(s, rules, requests, i, list(offers), self.history)
             if limits:
                 out[logged["request_id"]] = limits
         return out
@@ -373,7 +378,7 @@ class Recommender:
             requests,
             rows,
             offers,
-            ledger=self.combined.for_call(),
+            ledger=self.reads(),
             features=features,
         )
 

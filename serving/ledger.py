@@ -238,16 +238,18 @@ class SqlLedger:
         ranked again from 1, as the customer sees them."""
         request, customer, at_s = slate["request_id"], str(slate["customer_id"]), slate["at_s"]
         kept = [o.offer_id for o in slate["offers"]]
-        for limit in sorted(limits, key=lambda limit: limit.offer_id is None):
-            if not kept:
-                break
-            if limit.offer_id is not None:
-                if limit.offer_id in kept:
-                    seen = self._offer_count(
-                        connection, customer, limit.offer_id, limit.start_s, at_s, limit.unit
-                    )
-                    if seen > limit.allowed:
-                        kept.remove(limit.offer_id)
+        per_offer = [limit for limit in limits if limit.offer_id is not None]
+        windows = {(limit.unit, limit.start_s) for limit in per_offer}
+        seen_offers: dict[tuple[str, str, int], int] = {}
+        for unit, start in windows:  # one read for every offer of the slate
+            counted = self._offer_counts(connection, unit, [customer], start, at_s, kept)
+            seen_offers |= {(unit, o, start): n for (_, o), n in counted.items()}
+        for limit in per_offer:
+            key = (limit.unit, str(limit.offer_id), limit.start_s)
+            if limit.offer_id in kept and seen_offers.get(key, 0) > limit.allowed:
+                kept.remove(limit.offer_id)
+        for limit in limits:
+            if limit.offer_id is not None or not kept:
                 continue
             seen = self._count(
                 connection, limit.unit, [customer], limit.start_s, at_s, limit.channels
@@ -363,35 +365,18 @@ class SqlLedger:
     ) -> dict[tuple[str, str], int]:
         """(customer, offer) → times served (or viewed) in [start, end]."""
         with self.engine.connect() as connection:
-            query = self._offer_query(unit, start_s, end_s).where(
-                slates.c.customer_id.in_(list(customers))
-            )
-            return {
-                (str(c), str(o)): int(n)
-                for c, o, n in connection.execute(
-                    query.group_by(slates.c.customer_id, slate_offers.c.offer_id)
-                )
-            }
-
-    def _offer_count(
-        self,
-        connection: sa.Connection,
-        customer: str,
-        offer: str,
-        start_s: int,
-        end_s: int,
-        unit: str,
-    ) -> int:
-        query = self._offer_query(unit, start_s, end_s).where(
-            slates.c.customer_id == customer, slate_offers.c.offer_id == offer
-        )
-        row = connection.execute(
-            query.group_by(slates.c.customer_id, slate_offers.c.offer_id)
-        ).first()
-        return 0 if row is None else int(row[2])
+            return self._offer_counts(connection, unit, customers, start_s, end_s)
 
     @staticmethod
-    def _offer_query(unit: str, start_s: int, end_s: int) -> sa.Select[Any]:
+    def _offer_counts(
+        connection: sa.Connection,
+        unit: str,
+        customers: Sequence[str],
+        start_s: int,
+        end_s: int,
+        offers: Sequence[str] | None = None,
+    ) -> dict[tuple[str, str], int]:
+        """:meth:`offer_counts` on a connection, for these offers only if given."""
         base = slates.join(slate_offers)
         if unit == "viewed":
             base = base.join(
@@ -403,27 +388,26 @@ class SqlLedger:
             at = feedback.c.at_s
         else:
             at = slates.c.at_s
-        return (
+        query = (
             sa.select(slates.c.customer_id, slate_offers.c.offer_id, sa.func.count())
             .select_from(base)
-            .where(_DELIVERED, at >= start_s, at <= end_s)
+            .where(
+                _DELIVERED,
+                at >= start_s,
+                at <= end_s,
+                slates.c.customer_id.in_(list(customers)),
+            )
         )
+        if offers is not None:
+            query = query.where(slate_offers.c.offer_id.in_(list(offers)))
+        rows = connection.execute(query.group_by(slates.c.customer_id, slate_offers.c.offer_id))
+        return {(str(c), str(o)): int(n) for c, o, n in rows}
 
     def last_outcomes(
         self, customers: Sequence[str], outcomes: Sequence[str], before_s: int
     ) -> dict[tuple[str, str], int]:
         """(customer, offer) → last time (seconds) the customer had one of ``outcomes``."""
-        query = (
-            sa.select(feedback.c.customer_id, feedback.c.offer_id, sa.func.max(feedback.c.at_s))
-            .where(
-                feedback.c.customer_id.in_(list(customers)),
-                feedback.c.outcome.in_(list(outcomes)),
-                feedback.c.at_s <= before_s,
-            )
-            .group_by(feedback.c.customer_id, feedback.c.offer_id)
-        )
-        with self.engine.connect() as connection:
-            return {(str(c), str(o)): int(at) for c, o, at in connection.execute(query)}
+        return _latest(self.last_outcomes_by_kind(customers, before_s), outcomes)
 
     def last_outcomes_by_kind(
         self, customers: Sequence[str], before_s: int
@@ -487,34 +471,23 @@ class CombinedLedger:
     """The workspace's recorded history plus the live SQL ledger, behind the eligibility
     engine's :class:`policy.Ledger` interface. History is read by snapshot code, the live
     ledger by each customer's own id (so a customer the snapshot does not know is still
-    capped as themself)."""
+    capped as themself). Make one per call: it keeps what it read for that moment."""
 
-    def __init__(self, snapshot: Snapshot, sql: SqlLedger, *, per_call: bool = False) -> None:
+    def __init__(self, snapshot: Snapshot, sql: SqlLedger) -> None:
         self.snapshot = snapshot
         self.history = SnapshotLedger(snapshot)
         self.sql = sql
-        self._outcomes: dict[tuple[tuple[str, ...], int], dict[tuple[str, str, str], int]] | None
-        self._outcomes = {} if per_call else None
-
-    def for_call(self) -> CombinedLedger:
-        """The same ledger for one call (one moment): the customers' live outcomes are read
-        once and shared by the cooldown, the redemption check and sequencing."""
-        return CombinedLedger(self.snapshot, self.sql, per_call=True)
+        self._outcomes: dict[tuple[tuple[str, ...], int], dict[tuple[str, str, str], int]] = {}
 
     def _last_outcomes(
         self, ids: Sequence[str], outcomes: Sequence[str], before: int
     ) -> dict[tuple[str, str], int]:
-        if self._outcomes is None:
-            return self.sql.last_outcomes(ids, outcomes, before)
+        # one read of the customers' outcomes, shared by the cooldown, the redemption check
+        # and sequencing (an instance serves one call, so nothing here goes stale)
         key = (tuple(ids), before)
         if key not in self._outcomes:
             self._outcomes[key] = self.sql.last_outcomes_by_kind(ids, before)
-        last: dict[tuple[str, str], int] = {}
-        for (customer, offer, outcome), at in self._outcomes[key].items():
-            if outcome in outcomes:
-                pair = (customer, offer)
-                last[pair] = max(at, last.get(pair, at))
-        return last
+        return _latest(self._outcomes[key], outcomes)
 
     def counts(
         self,
@@ -594,6 +567,17 @@ class CombinedLedger:
                     (str(i), str(o)) in pairs for i, o in zip(ids[rows], offer_ids, strict=True)
                 ]
         return had
+
+
+def _latest(
+    by_kind: Mapping[tuple[str, str, str], int], outcomes: Sequence[str]
+) -> dict[tuple[str, str], int]:
+    """(customer, offer) → the last time of any of ``outcomes``."""
+    last: dict[tuple[str, str], int] = {}
+    for (customer, offer, outcome), at in by_kind.items():
+        if outcome in outcomes:
+            last[(customer, offer)] = max(at, last.get((customer, offer), at))
+    return last
 
 
 def _windows(start_s: np.ndarray, end_s: np.ndarray) -> list[tuple[np.ndarray, int, int]]:
