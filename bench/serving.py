@@ -165,7 +165,7 @@ def run() -> dict[str, Any]:
             candidates.request,
             candidates.offer,
             ledger=recommender.reads(),
-            features={n: full.values[:, j] for j, n in enumerate(full.names)},
+            features=full.columns(),
         ).eligible
         assert int(eligible.sum()) == probe["eligible"]
         matrix = builder.build(

@@ -138,6 +138,10 @@ class FeatureMatrix:
     def frame(self) -> pd.DataFrame:
         return pd.DataFrame(self.values, columns=self.names)
 
+    def columns(self) -> dict[str, np.ndarray]:
+        """Feature name → its values per row (what eligibility rules read)."""
+        return {name: self.values[:, j] for j, name in enumerate(self.names)}
+
     def take(self, rows: np.ndarray) -> FeatureMatrix:
         """The matrix of these rows only (positions)."""
         return FeatureMatrix(

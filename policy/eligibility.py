@@ -623,6 +623,6 @@ def customer_trace(
     offers = np.flatnonzero(snapshot.offer_known)
     rows = np.zeros(len(offers), dtype=np.int64)
     matrix = builder.build(snapshot, requests, rows, offers)
-    features = {name: matrix.values[:, j] for j, name in enumerate(matrix.names)}
+    features = matrix.columns()
     result = evaluate(snapshot, rules, requests, rows, offers, ledger=ledger, features=features)
     return trace(snapshot, result, offers)

@@ -367,11 +367,7 @@ class Recommender:
         offers: np.ndarray,
         matrix: FeatureMatrix | None,
     ) -> Eligibility:
-        features = (
-            None
-            if matrix is None
-            else {name: matrix.values[:, j] for j, name in enumerate(matrix.names)}
-        )
+        features = None if matrix is None else matrix.columns()
         return evaluate(
             self.snapshot,
             rules,

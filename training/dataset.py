@@ -223,7 +223,7 @@ def build_rows(
         features = None
         if needs_features:
             matrix = builder.build(snapshot, requests, r, o, out_of_fold=out_of_fold)
-            features = {n: matrix.values[:, j] for j, n in enumerate(matrix.names)}
+            features = matrix.columns()
         # the one eligibility decision serving makes too (policy.evaluate), on the history
         eligible = evaluate(snapshot, rules, requests, r, o, features=features).eligible
         r, o = r[eligible], o[eligible]

@@ -88,7 +88,7 @@ def off_policy_value(
         if builder is None:
             raise ValueError("these rules read the candidates' features: pass the builder")
         matrix = builder.build(snapshot, requests, rows, offer_rows)
-        features = {name: matrix.values[:, j] for j, name in enumerate(matrix.names)}
+        features = matrix.columns()
     eligible = evaluate(snapshot, rules, requests, rows, offer_rows, features=features).eligible
     rows, offer_rows = rows[eligible], offer_rows[eligible]
     values = score(snapshot, requests, rows, offer_rows)
