@@ -21,6 +21,7 @@ from features.contract import TABLES, ContractError, coerce_table
 from features.workspace import Workspace, write_workspace
 
 __all__ = [
+    "CATEGORY_POLICY",
     "OrderLineMapping",
     "import_table",
     "import_transactions",
@@ -191,6 +192,8 @@ def order_lines_to_tables(
     *,
     offer_level: OfferLevel = "item",
     keep_non_products: bool = False,
+    strict_categories: bool = False,
+    quality: dict[str, Any] | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Map order lines to customers, products, orders and offers.
 
@@ -199,8 +202,11 @@ def order_lines_to_tables(
     one per item (``offer_id`` = the item id as given) or, with ``offer_level="category"``,
     one per category (``offer_id`` = the category as given). Items and categories that are
     not products (coupon lines, gift cards, fees, bags…: :mod:`features.catalog`) get no
-    offer unless ``keep_non_products``; their lines stay in the orders. Raises
-    :class:`ContractError` naming the source column, row and value of the first problem.
+    offer unless ``keep_non_products``; their lines stay in the orders. An item whose
+    lines name several categories gets one by :data:`CATEGORY_POLICY` (its lines keep their
+    rows), or, with ``strict_categories``, is an error. ``quality``, when given, receives the
+    data-quality entry ``items_in_several_categories``. Raises :class:`ContractError` naming
+    the source column, row and value of the first problem.
     """
     columns = mapping.columns()
     missing = [source for source in columns.values() if source not in lines.columns]
@@ -245,7 +251,11 @@ def order_lines_to_tables(
                 columns,
             )
 
-    products = _products_from_lines(orders, raw.get("category"), columns)
+    products, resolution = _products_from_lines(
+        orders, raw.get("category"), columns, strict_categories=strict_categories
+    )
+    if quality is not None:
+        quality["items_in_several_categories"] = resolution
     customers = pd.DataFrame({"customer_id": orders["customer_id"].drop_duplicates().sort_values()})
     line_value = orders.loc[orders["quantity"] > 0].groupby("product_id")["amount"].mean()
     if offer_level == "item":
@@ -312,15 +322,45 @@ def _non_product_quality(
     return non_product_report(lines, reasons, offers_made=keep_non_products)
 
 
+CATEGORY_POLICY = (
+    "order lines kept; the item's product takes its most recent category: the one on its "
+    "latest line with a category; a tie among lines at that time goes to the category on most "
+    "of them, then to the first by name"
+)
+"""What an import does with an item whose lines name several categories (the default)."""
+
+_EXAMPLES = 5
+
+
 def _products_from_lines(
-    orders: pd.DataFrame, category: pd.Series | None, columns: dict[str, str]
-) -> pd.DataFrame:
-    items = pd.DataFrame({"product_id": orders["product_id"]})
-    if category is not None:
+    orders: pd.DataFrame,
+    category: pd.Series | None,
+    columns: dict[str, str],
+    *,
+    strict_categories: bool = False,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """One product per item, its category resolved by :data:`CATEGORY_POLICY`, and the
+    data-quality entry for the items whose lines name several categories."""
+    items = pd.DataFrame({"product_id": orders["product_id"], "ordered_at": orders["ordered_at"]})
+    quality: dict[str, Any] = {
+        "items": 0,
+        "lines_in_other_categories": 0,
+        "share": 0.0,
+        "examples": [],
+        "treatment": (
+            "none allowed: such an item is refused (strict_categories)"
+            if strict_categories
+            else CATEGORY_POLICY
+        ),
+    }
+    if category is None:
+        chosen = pd.Series(dtype="object")
+        quality["treatment"] = "not checked: no category column (--category)"
+    else:
         items["category"] = category.astype("str").str.strip().replace("", None)
-        pairs = items.dropna(subset=["category"]).drop_duplicates()
+        pairs = items[["product_id", "category"]].dropna(subset=["category"]).drop_duplicates()
         conflicting = pairs["product_id"].duplicated(keep=False)
-        if conflicting.any():
+        if conflicting.any() and strict_categories:
             item = pairs.loc[conflicting, "product_id"].iloc[0]
             seen = items[(items["product_id"] == item) & items["category"].notna()]
             first, other = seen.iloc[0], seen[seen["category"] != seen["category"].iloc[0]].iloc[0]
@@ -332,24 +372,67 @@ def _products_from_lines(
                 column=f"{columns['category']} (→ category)",
                 row=int(other.name) + 1,
                 value=other["category"],
-                hint="An item belongs to one category: fix the file, or leave out --category",
+                hint="With --strict-categories an item belongs to one category: fix the file, "
+                "or leave out --strict-categories to give each item its most recent category",
                 more=int(pairs.loc[conflicting, "product_id"].nunique()) - 1,
             )
-    else:
-        items["category"] = None
+        chosen = pairs[~conflicting].set_index("product_id")["category"]
+        if conflicting.any():
+            several = items["product_id"].isin(pairs.loc[conflicting, "product_id"])
+            resolved, found = _resolve_categories(items[several].dropna(subset=["category"]))
+            chosen = pd.concat([chosen, resolved])
+            quality |= found
+            quality["share"] = round(found["lines_in_other_categories"] / len(orders), 5)
     sold = orders[orders["quantity"] > 0]
     unit_price = (sold["amount"] / sold["quantity"]).groupby(sold["product_id"]).median()
-    products = (
-        items.dropna(subset=["category"])
-        .drop_duplicates("product_id")
-        .set_index("product_id")
-        .reindex(pd.Index(orders["product_id"].unique(), name="product_id"))
-        .reset_index()
-        .sort_values("product_id", ignore_index=True)
+    products = pd.DataFrame(
+        {"product_id": orders["product_id"].drop_duplicates().sort_values(ignore_index=True)}
     )
+    products["category"] = products["product_id"].map(chosen)
     products["title"] = products["product_id"]
     products["price"] = products["product_id"].map(unit_price).round(2)
-    return products
+    return products, quality
+
+
+def _resolve_categories(lines: pd.DataFrame) -> tuple[pd.Series, dict[str, Any]]:
+    """Each item's category by :data:`CATEGORY_POLICY`, from ``lines`` (``product_id``,
+    ``ordered_at``, ``category``; each item in several categories), and what was found:
+    how many items, how many of their lines name another category than the one chosen,
+    and examples (the items with most such lines first, then by id)."""
+    latest = lines.groupby("product_id")["ordered_at"].transform("max")
+    seen = (
+        lines.assign(at_latest=lines["ordered_at"] == latest)
+        .groupby(["product_id", "category"])
+        .agg(
+            lines=("at_latest", "size"), at_latest=("at_latest", "sum"), last=("ordered_at", "max")
+        )
+        .reset_index()
+    )
+    ranked = seen.sort_values(
+        ["product_id", "last", "at_latest", "category"],
+        ascending=[True, False, False, True],
+        na_position="last",
+    )
+    chosen = ranked.drop_duplicates("product_id").set_index("product_id")["category"]
+    other = seen["category"].to_numpy() != seen["product_id"].map(chosen).to_numpy()
+    moved = seen[other].groupby("product_id")["lines"].sum()
+    first = sorted(chosen.index, key=lambda item: (-int(moved[item]), item))[:_EXAMPLES]
+    examples = [
+        {
+            "item": item,
+            "categories": {
+                str(row.category): int(row.lines)
+                for row in seen[seen["product_id"] == item].itertuples()
+            },
+            "chosen": chosen[item],
+        }
+        for item in first
+    ]
+    return chosen, {
+        "items": len(chosen),
+        "lines_in_other_categories": int(moved.sum()),
+        "examples": examples,
+    }
 
 
 def import_transactions(
@@ -359,18 +442,27 @@ def import_transactions(
     *,
     offer_level: OfferLevel = "item",
     keep_non_products: bool = False,
+    strict_categories: bool = False,
 ) -> Workspace:
     """Read order lines from ``path`` and write them as the workspace ``workspace``.
 
     The manifest's ``data_quality["non_product_categories"]`` lists the categories whose
     items or category made no offer (see :func:`order_lines_to_tables`), with reasons and
-    counts.
+    counts; ``data_quality["items_in_several_categories"]`` counts the items whose lines
+    name several categories, with examples (the item, its categories with their lines, the
+    one chosen by :data:`CATEGORY_POLICY`). ``strict_categories`` refuses such an item.
     """
     source = str(path)
+    several: dict[str, Any] = {}
     try:
         lines = read_table_file(path)
         tables = order_lines_to_tables(
-            lines, mapping, offer_level=offer_level, keep_non_products=keep_non_products
+            lines,
+            mapping,
+            offer_level=offer_level,
+            keep_non_products=keep_non_products,
+            strict_categories=strict_categories,
+            quality=several,
         )
     except ContractError as error:
         raise (error if error.source else error.with_source(source)) from None
@@ -383,11 +475,13 @@ def import_transactions(
             "mapping": {k: v for k, v in asdict(mapping).items() if v is not None},
             "offer_level": offer_level,
             "keep_non_products": keep_non_products,
+            "strict_categories": strict_categories,
         },
         data_quality={
             "non_product_categories": _non_product_quality(
                 tables, mapping, offer_level, keep_non_products
-            )
+            ),
+            **several,
         },
     )
 

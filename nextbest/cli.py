@@ -154,6 +154,17 @@ def _format_summary(summary: dict[str, Any]) -> str:
             f"quality     {len(dropped['categories'])} categories are not products "
             f"({', '.join(sorted(dropped['categories']))}): {dropped.get('treatment', '')}"
         )
+    several = summary["data_quality"].get("items_in_several_categories")
+    if isinstance(several, dict) and several.get("items"):
+        examples = "; ".join(
+            f"{e['item']}: {', '.join(e['categories'])} → {e['chosen']}"
+            for e in several["examples"][:3]
+        )
+        lines.append(
+            f"quality     {several['items']:,} "
+            f"{'item is' if several['items'] == 1 else 'items are'} in several categories "
+            f"(e.g. {examples}): {several['treatment']}"
+        )
     return "\n".join(lines)
 
 
@@ -262,6 +273,15 @@ def import_transactions_command(
             "workspace's data quality lists them."
         ),
     ] = False,
+    strict_categories: Annotated[
+        bool,
+        typer.Option(
+            help="With --category: refuse an item whose lines name several categories. By "
+            "default it takes its most recent category (the one on its latest line; a tie "
+            "goes to the category on most of those lines, then the first by name) and the "
+            "workspace's data quality counts such items, with examples."
+        ),
+    ] = False,
 ) -> None:
     """Import any retailer's order lines into a new workspace in the data contract.
 
@@ -286,6 +306,7 @@ def import_transactions_command(
         workspace,
         offer_level=offer_level.value,
         keep_non_products=keep_non_products,
+        strict_categories=strict_categories,
     )
     typer.echo(_format_summary(summarize(Workspace(workspace))))
 

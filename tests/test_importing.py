@@ -156,10 +156,12 @@ BAD_INPUTS = [
     ),
     pytest.param(
         lambda d: d.assign(aisle=["Bakery", "Dairy", "Frozen", "Produce", "Dairy"]),
-        [],
+        ["--strict-categories"],
         r"column 'aisle \(→ category\)', row 3: value 'Frozen' is a duplicate key: item 'A-1' "
-        r"has two categories, 'Bakery' \(row 1\) and 'Frozen' \(row 3\)",
-        id="duplicate-key",
+        r"has two categories, 'Bakery' \(row 1\) and 'Frozen' \(row 3\)\. With "
+        r"--strict-categories an item belongs to one category: fix the file, or leave out "
+        r"--strict-categories to give each item its most recent category$",
+        id="duplicate-key-strict",
     ),
     pytest.param(
         lambda d: d.assign(shopper=["0042", None, "0042", "77", "77"]),
@@ -350,3 +352,118 @@ def test_without_a_category_column_non_products_are_not_checked(tmp_path: Path) 
     assert len(workspace.read("offers")) == 6
     report = workspace.manifest["data_quality"]["non_product_categories"]
     assert report["categories"] == {} and report["treatment"].startswith("not checked")
+
+
+RECLASSIFIED_CSV = """\
+shopper,ts,sku,aisle,paid,units
+0042,2025-03-01 09:00:00,A-1,Bakery,1.5,1
+0042,2025-03-09 10:00:00,A-1,Frozen,1.5,1
+77,2025-03-02 12:00:00,A-1,Bakery,1.5,1
+77,2025-03-02 12:00:00,B-2,Cheese,1.5,1
+0042,2025-03-01 09:00:00,B-2,Cheese,1.5,1
+77,2025-03-09 12:00:00,B-2,Cheese,1.5,1
+88,2025-03-09 12:00:00,B-2,Dairy,1.5,1
+99,2025-03-09 12:00:00,B-2,Dairy,1.5,1
+0042,2025-03-01 09:00:00,C-3,Produce,1.5,1
+88,2025-03-09 12:00:00,C-3,Produce,1.5,1
+99,2025-03-09 12:00:00,C-3,Fruit,1.5,1
+77,2025-03-02 12:00:00,E-5,Snacks,1.5,1
+88,2025-03-09 12:00:00,E-5,,1.5,1
+"""
+"""Order lines of reclassified items. A-1 moved from Bakery to Frozen: its latest line is
+Frozen (Bakery comes first and last in the file, has more lines and comes first by name).
+B-2's latest time has two Dairy lines and one Cheese: Dairy (Cheese has more lines overall
+and comes first by name). C-3's latest time has one Produce and one Fruit line, a tie:
+Fruit, first by name (Produce comes first in the file and has more lines). E-5's latest
+line has no category: Snacks, its only one, and it is not counted."""
+
+
+def _reclassified(tmp_path: Path) -> Path:
+    source = tmp_path / "lines.csv"
+    source.write_text(RECLASSIFIED_CSV)
+    return source
+
+
+RECLASSIFIED = {
+    "items": 3,
+    "lines_in_other_categories": 7,  # A-1: 2 Bakery, B-2: 3 Cheese, C-3: 2 Produce
+    "share": 0.53846,  # 7 of 13 lines
+    "examples": [  # most lines in another category first, then by id
+        {"item": "B-2", "categories": {"Cheese": 3, "Dairy": 2}, "chosen": "Dairy"},
+        {"item": "A-1", "categories": {"Bakery": 2, "Frozen": 1}, "chosen": "Frozen"},
+        {"item": "C-3", "categories": {"Fruit": 1, "Produce": 2}, "chosen": "Fruit"},
+    ],
+    "treatment": "order lines kept; the item's product takes its most recent category: the "
+    "one on its latest line with a category; a tie among lines at that time goes to the "
+    "category on most of them, then to the first by name",
+}
+
+
+def test_an_item_in_several_categories_takes_its_most_recent_one(tmp_path: Path) -> None:
+    source = _reclassified(tmp_path)
+    workspace = import_transactions(source, MAPPING, tmp_path / "ws")
+
+    products = workspace.read("products").set_index("product_id")["category"]
+    assert products.to_dict() == {"A-1": "Frozen", "B-2": "Dairy", "C-3": "Fruit", "E-5": "Snacks"}
+    orders = workspace.read("orders")
+    assert len(orders) == 13
+    assert orders["product_id"].tolist() == ["A-1"] * 3 + ["B-2"] * 5 + ["C-3"] * 3 + ["E-5"] * 2
+    offers = workspace.read("offers").set_index("offer_id")["category"]
+    assert offers.to_dict() == products.to_dict()
+    assert workspace.manifest["data_quality"]["items_in_several_categories"] == RECLASSIFIED
+    assert workspace.manifest["source"]["strict_categories"] is False
+
+
+def test_category_offers_follow_the_resolved_categories(tmp_path: Path) -> None:
+    source = _reclassified(tmp_path)
+    workspace = import_transactions(source, MAPPING, tmp_path / "ws", offer_level="category")
+    assert sorted(workspace.read("offers")["offer_id"]) == ["Dairy", "Frozen", "Fruit", "Snacks"]
+
+
+def test_strict_categories_refuses_an_item_in_several_categories(tmp_path: Path) -> None:
+    source = _reclassified(tmp_path)
+    with pytest.raises(
+        ContractError,
+        match=r"lines.csv: table 'transactions', column 'aisle \(→ category\)', row 2: value "
+        r"'Frozen' is a duplicate key: item 'A-1' has two categories, 'Bakery' \(row 1\) and "
+        r"'Frozen' \(row 2\) \(2 more problems of this kind\)\. With --strict-categories .* "
+        r"its most recent category$",
+    ):
+        import_transactions(source, MAPPING, tmp_path / "ws", strict_categories=True)
+    assert not (tmp_path / "ws").exists()
+
+
+def test_one_category_per_item_reports_none_and_strict_accepts_it(tmp_path: Path) -> None:
+    source = _write(_lines(), tmp_path / "lines.csv")
+    workspace = import_transactions(source, MAPPING, tmp_path / "ws", strict_categories=True)
+    assert workspace.manifest["data_quality"]["items_in_several_categories"] == {
+        "items": 0,
+        "lines_in_other_categories": 0,
+        "share": 0.0,
+        "examples": [],
+        "treatment": "none allowed: such an item is refused (strict_categories)",
+    }
+    unchecked = import_transactions(
+        source, OrderLineMapping(customer="shopper", time="ts", item="sku"), tmp_path / "bare"
+    )
+    report = unchecked.manifest["data_quality"]["items_in_several_categories"]
+    assert report["items"] == 0
+    assert report["treatment"] == "not checked: no category column (--category)"
+
+
+def test_cli_import_prints_and_records_items_in_several_categories(tmp_path: Path) -> None:
+    source = _reclassified(tmp_path)
+    target = tmp_path / "ws"
+    result = CliRunner().invoke(
+        app, ["import", "transactions", str(source), *CLI_MAPPING, "--workspace", str(target)]
+    )
+    assert result.exit_code == 0, result.output
+    line = (
+        "quality     3 items are in several categories (e.g. B-2: Cheese, Dairy → Dairy; "
+        "A-1: Bakery, Frozen → Frozen; C-3: Fruit, Produce → Fruit): order lines kept; the "
+        "item's product takes its most recent category"
+    )
+    assert line in result.stdout
+    assert Workspace(target).manifest["data_quality"]["items_in_several_categories"]["items"] == 3
+    summary = CliRunner().invoke(app, ["data", "summary", "-w", str(target)])
+    assert summary.exit_code == 0 and line in summary.stdout
