@@ -236,6 +236,8 @@ class FeatureBuilder:
         browsing_views: int = 3,
         usage_milestone: float = 0.75,
         popularity_days: int = 30,
+        repeat_decay: float = 0.9,
+        min_repeat_buyers: int = 20,
     ) -> None:
         self.anchors_per_item = anchors_per_item
         self.min_pair_orders = min_pair_orders
@@ -248,6 +250,8 @@ class FeatureBuilder:
         self.browsing_views = browsing_views
         self.usage_milestone = usage_milestone
         self.popularity_days = popularity_days
+        self.repeat_decay = repeat_decay
+        self.min_repeat_buyers = min_repeat_buyers
 
     # -- learning ----------------------------------------------------------------------
     def fit(self, snapshot: Snapshot, reference_time: Any) -> FeatureBuilder:
@@ -632,6 +636,7 @@ class FeatureBuilder:
         out["days_since_offer_product_purchase"] = (t - bought.seconds_at(last)) / DAY
         out["offer_product_purchases_365d"] = bought.count(pair, t - 365 * DAY, t).astype(float)
         evidence["offer_product"] = bought.payload_at("product", last, missing=-1).astype(np.int64)
+        self._replenishment(s, c, o, t, pair, out)
         shown = s.shown_by_cust_offer
         shown_pair = s.cust_offer_shown.encode(c, o)
         out["days_since_offer_shown"] = (
@@ -649,6 +654,48 @@ class FeatureBuilder:
         evidence["compatible_product"] = compatible.payload_at(
             "product", last_compatible, missing=-1
         ).astype(np.int64)
+
+    def _replenishment(
+        self,
+        s: Snapshot,
+        c: np.ndarray,
+        o: np.ndarray,
+        t: np.ndarray,
+        pair: np.ndarray,
+        out: dict[str, np.ndarray],
+    ) -> None:
+        """How the customer repeats the offer's products: purchase occasions (one per
+        order), their share of the customer's orders, the customer's own cycle, how due
+        it is, a recency-weighted count, and the repeat rate of everyone who bought it."""
+        occasions = s.occasions_by_cust_offer
+        last = occasions.last_before(pair, t)
+        first = occasions.first_of_group(pair, t)
+        n_before = np.where(last >= 0, last - first + 1, 0)
+        orders_365d = s.orders_by_customer.total("orders", c, t - 365 * DAY, t)
+        in_year = occasions.count(pair, t - 365 * DAY, t)
+        out["offer_product_order_share"] = _ratio(in_year.astype(np.float64), orders_365d)
+        last_s, first_s = occasions.seconds_at(last), occasions.seconds_at(first)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cycle = np.where(
+                n_before >= 2, (last_s - first_s) / np.maximum(n_before - 1, 1) / DAY, np.nan
+            )
+            out["offer_product_cycle_days"] = cycle
+            # a cycle under a day (two orders an hour apart) counts as a day
+            due = (t - last_s) / DAY / np.maximum(cycle, 1.0)
+            out["offer_product_due"] = np.where(cycle > 0, due, np.nan)
+        # Σ decay^(orders since): each occasion weighs by how many of the customer's
+        # orders came after it (0 for one in their last order), as TIFU-KNN weighs baskets
+        decayed = np.zeros(len(o))
+        owned = np.flatnonzero(last >= 0)
+        if len(owned):
+            counts = n_before[owned]
+            row = np.repeat(owned, counts)
+            offsets = np.arange(len(row)) - np.repeat(np.cumsum(counts) - counts, counts)
+            event = first[row] + offsets
+            since = s.orders_by_customer.count(c[row], occasions.seconds[event], t[row]) - 1
+            np.add.at(decayed, row, self.repeat_decay ** np.maximum(since, 0))
+        out["offer_product_decayed"] = decayed
+        out["offer_repeat_rate"] = s.repeat_rate(o, t, self.min_repeat_buyers)
 
     def _item_anchors(
         self,

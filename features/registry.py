@@ -452,6 +452,55 @@ FEATURES: tuple[FeatureSpec, ...] = (
         ),
     ),
     _F(
+        "offer_product_order_share",
+        "usage",
+        "Share of the customer's orders in the last 365 days that held a product the offer covers.",
+        "share",
+        (
+            says(
+                "{offer_item} was in {value:pct} of your orders in the past year",
+                "value >= 0.1",
+                "offer_products == 1",
+            ),
+        ),
+    ),
+    _F(
+        "offer_product_cycle_days",
+        "usage",
+        "The customer's mean days between orders holding a product the offer covers.",
+        "days",
+    ),
+    _F(
+        "offer_product_due",
+        "usage",
+        "Days since the customer's last order with the offer's products over their own cycle "
+        "for them (1 = due): replenishment.",
+        "ratio",
+        (
+            says(
+                "you buy {offer_item} about {offer_product_cycle_days:every} and your last "
+                "was {days_since_offer_product_purchase:ago}",
+                "value >= 0.5",
+                "offer_products == 1",
+                "offer_product_cycle_days >= 1",
+            ),
+        ),
+    ),
+    _F(
+        "offer_product_decayed",
+        "usage",
+        "Orders with the offer's products, each weighted 0.9 to the power of the customer's "
+        "orders since (TIFU-KNN's basket decay).",
+        "weight",
+    ),
+    _F(
+        "offer_repeat_rate",
+        "offer",
+        "Share of the offer's buyers who bought it again on a later order (its category's "
+        "share when it has fewer than 20 buyers): consumable or durable, from the data.",
+        "share",
+    ),
+    _F(
         "category_orders_365d",
         "usage",
         "Orders in the offer's category, last 365 days.",

@@ -647,6 +647,42 @@ class Snapshot:
         """Whether each offer's product list holds the paired product."""
         return self.offer_product_pairs.encode(offers, products) >= 0
 
+    @cached_property
+    def order_spans(self) -> pd.DataFrame:
+        """One row per order: ``customer`` (code), ``start`` and ``end`` (seconds of its
+        first and last line), sorted by start: the baskets that training cuts at."""
+        frame = pd.DataFrame(
+            {"order": self.line_order, "customer": self.line_customer, "s": self.line_seconds}
+        )
+        spans = frame.groupby("order", sort=False).agg(
+            customer=("customer", "first"), start=("s", "min"), end=("s", "max")
+        )
+        return spans.sort_values(["start", "customer"], kind="stable").reset_index(drop=True)
+
+    def repeat_rate(
+        self, offers: np.ndarray, seconds: np.ndarray, min_buyers: int = 20
+    ) -> np.ndarray:
+        """For each offer, the share of its buyers before ``seconds`` who bought it again
+        on a later order: the data's own word on consumable (high) or durable (low).
+
+        An item offer with fewer than ``min_buyers`` buyers takes its category's rate; a
+        category offer has its category's rate; NaN where neither has enough buyers."""
+        o = np.asarray(offers, dtype=np.int64)
+        t = np.asarray(seconds, dtype=np.int64)
+        zero = np.zeros(len(o), dtype=np.int64)
+        category = self.offer_category[o]
+
+        def rate(buyers: TimeIndex, repeaters: TimeIndex, groups: np.ndarray) -> np.ndarray:
+            first = buyers.count(groups, zero, t)
+            again = repeaters.count(groups, zero, t)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                return np.where(first >= min_buyers, again / first, np.nan)
+
+        by_category = rate(self.category_buyers, self.category_repeaters, category)
+        by_item = rate(self.offer_buyers, self.offer_repeaters, o)
+        has_products = self.offer_products.lengths()[o] > 0
+        return np.where(has_products & ~np.isnan(by_item), by_item, by_category)
+
     def _build_offer_purchases(self) -> None:
         """(customer, offer) purchase events: lines of a product the offer covers, and
         lines of a product that an offer's product explicitly completes."""
@@ -662,6 +698,21 @@ class Snapshot:
             payload={"product": self.line_product[owner]},
         )
         self.bought_by_offer = TimeIndex.build(offer, self.line_seconds[owner])
+        # purchase occasions: one event per (customer, offer, order), the unit of a cycle
+        self.occasions_by_cust_offer = self._order_level_index(
+            self.cust_offer_bought.encode(self.line_customer[owner], offer),
+            self.line_order[owner],
+            self.line_seconds[owner],
+            self.line_amount[owner],
+            self.line_product[owner],
+        )
+        # who bought an offer's products, and who came back for them: the repeat rate
+        self.offer_buyers, self.offer_repeaters = _first_and_second(
+            self.occasions_by_cust_offer, self.cust_offer_bought.keys % len(self.offers)
+        )
+        self.category_buyers, self.category_repeaters = _first_and_second(
+            self.orders_by_cust_category, self.cust_category.keys % len(self.categories)
+        )
         # completion through the catalog: bought p, and p is completed by a product of o
         line, related = self.compatibility.expand(self.line_product)
         if len(related):
@@ -679,6 +730,26 @@ class Snapshot:
             self.compatible_by_cust_offer = TimeIndex.build(
                 np.zeros(0), np.zeros(0), payload={"product": np.zeros(0, dtype=np.int64)}
             )
+
+
+def _first_and_second(
+    occasions: TimeIndex, target_of_pair: np.ndarray
+) -> tuple[TimeIndex, TimeIndex]:
+    """From purchase occasions grouped by (customer, target) pair: one event per pair at
+    its first occasion, and one per pair that came back, at its second, grouped by target."""
+    groups = occasions.groups
+    if not len(groups):
+        empty = TimeIndex.build(np.zeros(0), np.zeros(0))
+        return empty, empty
+    starts = np.r_[0, np.flatnonzero(np.diff(groups)) + 1]
+    target = target_of_pair[groups[starts]]
+    second = starts + 1
+    again = second < len(groups)
+    again[again] &= groups[second[again]] == groups[starts[again]]
+    return (
+        TimeIndex.build(target, occasions.seconds[starts]),
+        TimeIndex.build(target[again], occasions.seconds[second[again]]),
+    )
 
 
 def load_snapshot(workspace: Any) -> Snapshot:

@@ -625,6 +625,16 @@ def train_command(
     with stages.stage("log to mlflow"), contextlib.redirect_stdout(sys.stderr):
         summary = log_run(result, target, rule_set, engine=engine.value)
     typer.echo("Stage timings:\n" + stages.summary(), err=True)
+    served = result.metrics.get("served")
+    if served and not served["beats_best_baseline"]:
+        from training.tracking import served_margin_text
+
+        typer.echo(
+            f"warning: version {summary['model_version']} does not beat its best baseline "
+            f"({served_margin_text(served)}). It is registered as challenger with the tag "
+            "quality.beats_best_baseline=false; releasing it needs an approver's override.",
+            err=True,
+        )
     _echo_json(summary | {"timings": stages.seconds})
 
 
@@ -668,6 +678,7 @@ def evaluate_command(
         bundle.booster,
         calibrators,
         TrainConfig.model_validate(bundle.meta["config"]),
+        default_values=bundle.meta["default_values"],
     )
     payload = {
         "model_name": bundle.name,
@@ -679,7 +690,13 @@ def evaluate_command(
         _echo_json(payload)
         return
     for task, report in metrics.items():
-        typer.echo(f"{task}: model NDCG@10 {report['model']['ndcg_at_10']:.4f}")
+        title = "served slate (every task, as serving ranks)" if task == "served" else task
+        margin = report["ndcg_at_10_margin"]
+        typer.echo(
+            f"{title}: model NDCG@10 {report['model']['ndcg_at_10']:.4f}; margin over "
+            f"{report['best_baseline']} (chosen on validation) {margin['mean']:+.4f} "
+            f"[{margin['ci95_low']:+.4f}, {margin['ci95_high']:+.4f}], customers resampled"
+        )
         for name, values in report["baselines"].items():
             typer.echo(f"  {name:<22} NDCG@10 {values['ndcg_at_10']:.4f}")
 

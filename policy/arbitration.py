@@ -14,11 +14,24 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["TASKS", "TASK_OF_KIND", "Calibrator", "arbitrate", "offer_tasks", "rank_scores"]
+__all__ = [
+    "REPEAT_FEATURE",
+    "TASKS",
+    "TASK_OF_KIND",
+    "Calibrator",
+    "arbitrate",
+    "offer_tasks",
+    "rank_scores",
+    "row_tasks",
+]
 
-TASKS = ("coupon", "cross_sell", "item")
-"""What each calibrator (and each ranking group in training) is about."""
+TASKS = ("coupon", "cross_sell", "item", "replenishment")
+"""What each calibrator (and each ranking group in training) is about: coupons, new
+categories (cross-sell), items new to the customer, and items they bought before
+(replenishment: what they may buy anyway, kept apart so that arbitration can tell)."""
 TASK_OF_KIND = {"coupon": "coupon", "category": "cross_sell", "item": "item", "bundle": "item"}
+REPEAT_FEATURE = "days_since_offer_product_purchase"
+"""The feature that says a row's item was bought before: known = replenishment."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +73,19 @@ def offer_tasks(kind_codes: np.ndarray) -> np.ndarray:
 
     kinds = np.asarray(OFFER_KINDS)[np.maximum(np.asarray(kind_codes), 0)]
     return np.array([TASK_OF_KIND[kind] for kind in kinds], dtype=object)
+
+
+def row_tasks(kind_codes: np.ndarray, days_since_bought: np.ndarray) -> np.ndarray:
+    """The task of each (customer, offer) row: an item offer whose product the customer
+    bought before is replenishment; otherwise the task of the offer's kind."""
+    from features.contract import OFFER_KINDS
+
+    tasks = offer_tasks(kind_codes)
+    repeat = (np.asarray(kind_codes) == OFFER_KINDS.index("item")) & ~np.isnan(
+        np.asarray(days_since_bought, dtype=np.float64)
+    )
+    tasks[repeat] = "replenishment"
+    return tasks
 
 
 def rank_scores(

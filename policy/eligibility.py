@@ -66,7 +66,7 @@ REASONS: dict[str, str] = {
     "consent_unknown": "the customer's consent for this channel is unknown",
     "not_in_audience": "the customer is not in the offer's target audience",
     "not_in_segment": "the customer is not in the offer's target segments",
-    "already_owns": "the customer already bought it",
+    "already_owns": "the customer already bought it, and it is not a consumable",
     "bought_recently": "the customer bought it recently",
     "not_compatible": "nothing the customer bought makes it compatible",
     "offer_killed": "the offer is switched off",
@@ -81,6 +81,7 @@ REASONS: dict[str, str] = {
     "blocked_for_segment": "a reviewer blocked it for the customer's segment",
     "mutually_exclusive": "an offer of the same exclusion group is already in the slate",
     "bundle_ladder_conflict": "another tier of the same bundle ladder is already in the slate",
+    "not_due": "a consumable the customer bought, not due yet by their own cycle",
 }
 _BIT = {code: 1 << i for i, code in enumerate(REASONS)}
 
@@ -428,15 +429,35 @@ def _already_owns(
 ) -> None:
     applies = np.isin(s.offer_kind[o], [OFFER_KINDS.index(k) for k in rule.kinds])
     applies &= s.offer_kind[o] != OFFER_KINDS.index("bundle")  # bundles: the bundles rule
-    bought = s.bought_by_cust_offer
-    last = bought.last_before(s.cust_offer_bought.encode(c, o), t)
-    days_since = (t - bought.seconds_at(last)) / DAY
-    limit = np.full(len(o), np.inf if rule.default_days is None else rule.default_days)
-    for category, days in rule.category_days.items():
-        limit[s.offer_category[o] == s.categories.encode([category], missing=-2)[0]] = days
+    occasions = s.occasions_by_cust_offer
+    pair = s.cust_offer_bought.encode(c, o)
+    last = occasions.last_before(pair, t)
     owned = applies & (last >= 0)
-    exclude("already_owns", owned & np.isinf(limit))
-    exclude("bought_recently", owned & np.isfinite(limit) & (days_since <= limit))
+    if not owned.any():
+        return
+    days_since = (t - occasions.seconds_at(last)) / DAY
+    # consumable or durable: the data's repeat rate, then the rules' own word per category
+    if rule.consumable_repeat_rate is None:
+        consumable = np.zeros(len(o), dtype=bool)
+    else:
+        rate = s.repeat_rate(o, t, rule.min_buyers)
+        consumable = np.nan_to_num(rate, nan=0.0) >= rule.consumable_repeat_rate
+    category = s.offer_category[o]
+    for name, kind in rule.categories.items():
+        consumable[category == s.categories.encode([name], missing=-2)[0]] = kind == "consumable"
+    # due: the customer's own cycle (mean days between their orders of it)
+    first = occasions.first_of_group(pair, t)
+    n_before = np.where(last >= 0, last - first + 1, 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cycle = (occasions.seconds_at(last) - occasions.seconds_at(first)) / DAY / (n_before - 1)
+    due = (n_before < 2) | (days_since >= rule.due_share * np.maximum(cycle, 1.0))
+    fixed = np.full(len(o), np.nan)
+    for name, days in rule.category_days.items():
+        fixed[category == s.categories.encode([name], missing=-2)[0]] = days
+    has_fixed = ~np.isnan(fixed)
+    exclude("already_owns", owned & ~has_fixed & ~consumable)
+    exclude("not_due", owned & ~has_fixed & consumable & ~due)
+    exclude("bought_recently", owned & has_fixed & (days_since <= fixed))
 
 
 def _out_of_stock(s: Snapshot, o: np.ndarray, missing: np.ndarray, exclude: Exclude) -> None:

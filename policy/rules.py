@@ -70,12 +70,24 @@ class Targeting(_Rule):
 
 
 class AlreadyOwns(_Rule):
-    """Not offered again after a purchase of its products: never for durables
-    (``default_days: null``), or only within N days (per category) for consumables."""
+    """What the customer already bought: a durable is not offered again; a consumable
+    comes back when the customer's own cycle says it is due (replenishment).
+
+    The data decides which is which: an item is a consumable when at least
+    ``consumable_repeat_rate`` of its buyers bought it again on a later order (its
+    category's share when it has fewer than ``min_buyers`` buyers; ``null`` treats
+    everything as durable). ``categories`` overrides the data per category. A consumable
+    is due once the days since its last purchase reach ``due_share`` × the customer's own
+    mean days between purchases of it; bought once so far, it is due (the ranker judges).
+    ``category_days`` re-offers a category's items a fixed number of days after a purchase,
+    whatever the data says."""
 
     type: Literal["already_owns"]
     kinds: list[Literal["item", "category", "coupon", "bundle"]] = ["item", "bundle"]
-    default_days: float | None = None
+    consumable_repeat_rate: float | None = Field(0.2, ge=0, le=1)
+    min_buyers: int = Field(20, ge=1)
+    due_share: float = Field(0.5, ge=0)
+    categories: dict[str, Literal["consumable", "durable"]] = {}
     category_days: dict[str, float] = {}
 
 

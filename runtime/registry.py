@@ -52,6 +52,11 @@ MODEL_PREFIX = "nextbest-ranker"
 EXPERIMENT = "nextbest"
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+BEATS_BASELINE_TAG = "quality.beats_best_baseline"
+"""'true' or 'false': the version's served slate beat its best baseline on test (the
+95 % interval of the NDCG@10 margin above 0). A 'false' version needs an audited
+override to be released."""
+QUALITY_SUMMARY_TAG = "quality.served_margin"
 
 
 class UnknownVersion(LookupError):

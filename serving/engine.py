@@ -30,7 +30,7 @@ from features.candidates import CandidateGenerator
 from features.contract import OFFER_KINDS
 from features.history import second_ceil
 from policy import Eligibility, RuleSet, SnapshotLedger, evaluate, load_rules, parse_rules
-from policy.arbitration import Calibrator, offer_tasks, rank_scores
+from policy.arbitration import REPEAT_FEATURE, Calibrator, rank_scores, row_tasks
 from policy.eligibility import Limit, hard_limits, reasons_of
 from policy.rules import SegmentBlock
 from policy.slate import Slate, assemble_slate
@@ -114,7 +114,6 @@ class Recommender:
         self._fitting = threading.Lock()
         ordered = np.unique(snapshot.orders_by_customer.groups)
         self._known = set(snapshot.customers.decode(ordered).tolist())
-        self.offer_task = offer_tasks(snapshot.offer_kind)
         self.model = self._model(bundle)
 
     # -- model -------------------------------------------------------------------------
@@ -638,7 +637,7 @@ class Recommender:
         raw = model.bundle.booster.predict(values, num_threads=1)
         return rank_scores(
             raw,
-            self.offer_task[chosen],
+            row_tasks(s.offer_kind[chosen], values[:, matrix.names.index(REPEAT_FEATURE)]),
             s.offer_value[chosen],
             s.offer_lever[chosen],
             model.calibrators,

@@ -559,6 +559,37 @@ def _replenishment(o: Served, m: re.Match[str]) -> None:
     assert o.value >= 1
 
 
+@claim(
+    "offer_product_order_share", rf"(?P<product>.+) was in {PCT} of your orders in the past year"
+)
+def _offer_product_share(o: Served, m: re.Match[str]) -> None:
+    assert len(o.products) == 1 and m["product"] == o.raw.title[o.products[0]]
+    year = o.in_year(o.lines)
+    holding = year.loc[year["product_id"].isin(o.products), "order"].nunique()
+    share = holding / year["order"].nunique()
+    assert within(share, pct_span(m["pct"])), (share, m["pct"])
+    assert within(o.value, pct_span(m["pct"]))
+
+
+@claim(
+    "offer_product_due",
+    rf"you buy (?P<product>.+) about (?P<every>every day|every [\d,]+ days) and your last was "
+    rf"{AGO}",
+)
+def _item_replenishment(o: Served, m: re.Match[str]) -> None:
+    assert len(o.products) == 1 and m["product"] == o.raw.title[o.products[0]]
+    mine = o.lines[o.lines["product_id"].isin(o.products)]
+    orders = mine["order"].nunique()
+    assert orders >= 2
+    # the mean gap between the orders that held the product, and the last of them
+    cycle = (mine["s"].max() - mine["s"].min()) / (orders - 1) / DAY
+    since = o.days_since(mine["s"].max())
+    assert within(cycle, every_span(m["every"]), SLACK_DAYS), (cycle, m["every"])
+    assert within(since, ago_span(m["ago"]), SLACK_DAYS), (since, m["ago"])
+    # said only once at least half the cycle has passed (a cycle under a day counts as one)
+    assert since >= 0.5 * max(cycle, 1.0) - SLACK_DAYS
+
+
 def _usage(o: Served, product: str) -> float:
     family = o.raw.products.loc[o.products[0], "family"]
     readings = o.raw.customer_events(o.customer, o.t, "usage")

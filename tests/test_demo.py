@@ -8,7 +8,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from model_helpers import DemoModel
+from model_helpers import (
+    DemoModel,
+    assert_same_rows,
+    rows_with_and_without_the_future,
+)
 from typer.testing import CliRunner
 
 from features import Workspace, load_complete_journey, map_complete_journey, summarize
@@ -285,3 +289,23 @@ def test_every_phrase_is_true_on_the_demo(demo_model: DemoModel, tmp_path: Path)
     assert not tally.false, _report(tally)
     assert tally.offers >= 5000 and tally.phrases >= 8000, (tally.offers, tally.phrases)
     assert len(tally.features) >= 8, tally.features
+
+
+def test_no_label_reads_past_its_split_coupons_included(demo_workspace: Workspace) -> None:
+    """The demo's coupons run in campaigns that straddle the splits: removing everything at
+    or after the validation split's end changes none of its rows, coupon labels included."""
+    from training.config import load_config
+    from training.dataset import TASKS
+
+    config = load_config(
+        None,
+        eval_customers_per_cut=150,
+        min_eval_opportunities=600,
+        cut_every_days=14,
+        context_from_exposures=1.0,
+        n_jobs=1,
+    )
+    before, after = rows_with_and_without_the_future(demo_workspace, config, "validation")
+    coupon = before.task == TASKS.index("coupon")
+    assert before.label[coupon].sum() > 0
+    assert_same_rows(before, after)

@@ -217,6 +217,13 @@ def test_review_in_the_browser_releases_the_model_and_blocks_serve(
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     if os.environ.get("NEXTBEST_SCREENSHOTS"):
         shutil.copy(shot, Path(os.environ["NEXTBEST_SCREENSHOTS"]) / "review-page.png")
+    # the version did not beat its best baseline (set here): the approver ticks the override
+    from runtime.registry import BEATS_BASELINE_TAG, set_version_tags
+
+    set_version_tags(server.served.model_name, version, {BEATS_BASELINE_TAG: "false"})
+    page.goto(review_url)
+    expect(page.locator("#baseline-warning")).to_contain_text("does not beat its best baseline")
+    page.get_by_label("Release it anyway").check()
     page.get_by_role("button", name=f"Approve release: make version {version} the champion").click()
     expect(page.get_by_role("status")).to_contain_text(
         f"Released: version {version} is the champion and now serves."

@@ -9,7 +9,7 @@ import pytest
 from mlflow import MlflowClient
 from serving_helpers import Served, train_and_register
 
-from runtime.registry import configure_tracking
+from runtime.registry import BEATS_BASELINE_TAG, configure_tracking, set_version_tags
 from serving.assembly import build_recommender
 from serving.engine import Recommender
 from serving.ledger import SqlLedger
@@ -23,9 +23,12 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Served:
 
 
 def _setup(
-    served: Served, tmp_path: Path, db_url: str | None = None
+    served: Served, tmp_path: Path, db_url: str | None = None, *, beats: str = "true"
 ) -> tuple[Reviews, Recommender]:
+    """A review gate on a fresh ledger. The version's baseline verdict is set by hand:
+    by default it beat its best baseline (the tests of the other conditions)."""
     configure_tracking()
+    set_version_tags(served.model_name, served.version, {BEATS_BASELINE_TAG: beats})
     ledger = SqlLedger(db_url or f"sqlite:///{tmp_path / 'ledger.db'}")
     store = ReviewStore(ledger.engine)
     store.add_user("rita", "reviewer-pass", "reviewer")
@@ -341,3 +344,28 @@ def test_review_open_command(
     listed = Reviews(store).list_reviews()
     assert [r["review_id"] for r in listed] == [review_id]
     assert len(Reviews(store).review(review_id)["slates"]) == 4
+
+
+def test_a_version_that_does_not_beat_its_baseline_needs_an_audited_override(
+    served: Served, tmp_path: Path
+) -> None:
+    reviews, challenger = _setup(served, tmp_path, beats="false")
+    review_id = reviews.open_review(challenger, None, actor="rita", sample=3, k=2)
+    assert reviews.quality(review_id)["beats"] is False
+    for slate in reviews.review(review_id)["slates"]:
+        for offer in slate["challenger"]["offers"]:
+            reviews.decide(review_id, slate["slate_no"], offer["offer_id"], "approve", actor="rita")
+    with pytest.raises(ReleaseError, match="does not beat its best baseline"):
+        reviews.release(review_id, approve=True, actor="alan")
+    client = MlflowClient()
+    with pytest.raises(Exception, match="alias"):
+        client.get_model_version_by_alias(served.model_name, "champion")
+    assert reviews.review(review_id)["status"] == "open"
+    outcome = reviews.release(review_id, approve=True, actor="alan", override_baseline=True)
+    assert outcome["status"] == "approved"
+    tags = client.get_model_version(served.model_name, served.version).tags
+    assert tags["review.baseline_override"] == "alan"
+    started = [e for e in reviews.store.audit_log() if e["action"] == "release_started"]
+    assert "baseline_override" in str(started[-1]["after"])
+    client.delete_registered_model_alias(served.model_name, "champion")
+    client.delete_model_version_tag(served.model_name, served.version, "review.baseline_override")

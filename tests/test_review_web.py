@@ -165,7 +165,12 @@ def test_forms_need_the_session_csrf_token_and_sign_out_ends_the_session(site: S
 def test_review_release_by_page_moves_champion_and_what_recommend_serves(site: Site) -> None:
     from mlflow import MlflowClient
 
-    from runtime.registry import CHAMPION
+    from runtime.registry import (
+        BEATS_BASELINE_TAG,
+        CHAMPION,
+        QUALITY_SUMMARY_TAG,
+        set_version_tags,
+    )
 
     client = site.client
     csrf = _sign_in(client, "rita", "reviewer-pass")
@@ -223,16 +228,29 @@ def test_review_release_by_page_moves_champion_and_what_recommend_serves(site: S
     champion = MlflowClient().get_model_version_by_alias(site.served.model_name, CHAMPION)
     assert str(champion.version) == site.served.version
 
+    # this version did not beat its best baseline: the page says so, and a release
+    # without the approver's explicit override is refused
+    set_version_tags(
+        site.served.model_name,
+        site.challenger,
+        {BEATS_BASELINE_TAG: "false", QUALITY_SUMMARY_TAG: "served-slate NDCG@10 margin -0.01"},
+    )
     csrf = _sign_in(client, "alan", "approver-pass")
-    assert "Approve release" in client.get(path).text
+    page = client.get(path).text
+    assert "Approve release" in page and "does not beat its best baseline" in page
+    assert 'name="override_baseline"' in page
+    plain = client.post(f"/review/{review_id}/release", data={"csrf": csrf, "decision": "approve"})
+    assert plain.status_code == 303 and "tick the override" in client.get(path).text
     released = client.post(
-        f"/review/{review_id}/release", data={"csrf": csrf, "decision": "approve"}
+        f"/review/{review_id}/release",
+        data={"csrf": csrf, "decision": "approve", "override_baseline": "yes"},
     )
     assert released.status_code == 303
     assert "is the champion and now serves" in client.get(path).text
     version = MlflowClient().get_model_version(site.served.model_name, site.challenger)
     assert "champion" in version.aliases
     assert version.tags["review.by"] == "alan" and version.tags["review.rejected"] == "2"
+    assert version.tags["review.baseline_override"] == "alan"
     again = client.post(f"/review/{review_id}/release", data={"csrf": csrf, "decision": "reject"})
     assert again.status_code == 303 and "is already approved" in client.get(path).text
     assert (

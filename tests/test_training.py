@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from model_helpers import assert_same_rows, rows_with_and_without_the_future
 from typer.testing import CliRunner
 
 from features import (
@@ -58,12 +59,29 @@ def test_same_data_and_config_give_the_same_model(world_path: Path) -> None:
     assert first.metrics == again.metrics
 
 
-def test_splits_are_in_time_order_with_an_embargo(world_path: Path) -> None:
+def test_splits_are_in_time_order_and_cover_the_history(world_path: Path) -> None:
     config = load_config(None, **CONFIG)
-    splits = cut_points(load_snapshot(Workspace(world_path)), config)
-    horizon = pd.Timedelta(days=config.horizon_days)
-    assert splits.train[-1] + horizon <= splits.validation[0]
-    assert splits.validation[-1] + horizon <= splits.test[0]
+    snapshot = load_snapshot(Workspace(world_path))
+    splits = cut_points(snapshot, config)
+    last_line = pd.Timestamp(int(snapshot.line_seconds.max()), unit="s")
+    assert splits.train[-1] < splits.ends["train"] <= splits.validation[0]
+    assert splits.validation[-1] < splits.ends["validation"] <= splits.test[0]
+    assert splits.test[-1] < splits.ends["test"] and splits.ends["test"] > last_line
+    # 2025-01-06 .. 2025-06-04: the warm-up is a quarter of it (37 days), shorter than 8 weeks
+    assert splits.train[0] == pd.Timestamp("2025-02-12")
+    assert all(
+        b - a == pd.Timedelta(days=7) for a, b in zip(splits.train, splits.train[1:], strict=False)
+    )
+
+
+@pytest.mark.parametrize("name", ["train", "validation", "test"])
+def test_no_label_or_feature_reads_past_its_split(world_path: Path, name: str) -> None:
+    """Remove everything at or after a split's end from the raw tables: that split's rows
+    (opportunities, features and labels) must not change. For the test split the end is
+    ``until``, so this also holds ``--until``. (Coupons: the demo's test does it.)"""
+    config = load_config(None, **{**CONFIG, "until": "2025-05-20"})
+    before, after = rows_with_and_without_the_future(Workspace(world_path), config, name)
+    assert_same_rows(before, after)
 
 
 def test_train_logs_everything_and_registers_a_challenger(world_path: Path, home: Path) -> None:

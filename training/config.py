@@ -17,15 +17,20 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     # opportunities and labels
-    start: str | None = Field(None, description="First cut point (default: 8 weeks in).")
-    until: str | None = Field(None, description="Last moment whose labels may be read.")
-    cut_every_days: int = Field(7, ge=1, description="Days between cut points.")
-    horizon_days: int = Field(14, ge=1, description="Label horizon for item/category offers.")
+    start: str | None = Field(
+        None, description="First bucket (default: 8 weeks in, or a quarter of a shorter span)."
+    )
+    until: str | None = Field(None, description="Nothing at or after it is read, labels too.")
+    cut_every_days: int = Field(7, ge=1, description="Days per bucket of opportunities.")
+    horizon_days: int = Field(14, ge=1, description="Coupon window when it has no end date.")
     validation_share: float = Field(0.15, gt=0, lt=0.5)
     test_share: float = Field(0.15, gt=0, lt=0.5)
     # sampling (training only; evaluation ranks every candidate of every test opportunity)
-    train_customers_per_cut: int = Field(600, ge=1)
+    train_customers_per_cut: int = Field(600, ge=1, description="Opportunities per bucket.")
     eval_customers_per_cut: int = Field(800, ge=1)
+    # a short history has few buckets: each then takes more, up to these totals per split
+    min_train_opportunities: int = Field(16_000, ge=1)
+    min_eval_opportunities: int = Field(3_000, ge=1)
     negatives_per_group: int = Field(40, ge=1)
     # contexts: the share of opportunities whose channel and placement are drawn from the
     # logged exposures (where there are any); the others from the channels offers allow

@@ -55,26 +55,27 @@ class Contexts:
 def sample_contexts(
     snapshot: Snapshot,
     customers: np.ndarray,
-    t: int,
+    t: int | np.ndarray,
     rng: np.random.Generator,
     *,
     from_exposures: float = 0.5,
     horizon_days: float = 14,
 ) -> Contexts:
-    """Contexts for ``customers`` (snapshot codes) at cut point ``t`` (seconds)."""
+    """Contexts for ``customers`` (snapshot codes) at moments ``t`` (seconds: one for all,
+    or one per customer)."""
     s = snapshot
     n = len(customers)
-    moments = _moments(s, customers, t)
-    channel, placement = _channels(s, n, t, rng, from_exposures, moments)
+    at = np.broadcast_to(np.asarray(t, dtype=np.int64), (n,)).copy()
+    moments = _moments(s, customers, at)
+    channel, placement = _channels(s, at, rng, from_exposures, moments)
     page: list[str | None] = [None] * n
     cart: list[list[str]] = [[] for _ in range(n)]
     lines = s.lines_by_customer
-    at = np.full(n, t)
     end = lines.position(customers, at)
     recent = lines.position(customers, at - EXPOSURE_WINDOW_DAYS * DAY)
     start = lines.group_start(customers)
     horizon = lines.position(customers, at + int(horizon_days * DAY))
-    top = _top_sellers(s, t)
+    top = _top_sellers(s, int(at.min())) if n else np.zeros(0, dtype=np.int64)
     for i in range(n):
         if placement[i] == "pdp":
             if end[i] > recent[i]:
@@ -113,23 +114,21 @@ def _order_at(lines: Any, bound: int, at: int, *, forward: bool) -> np.ndarray:
 
 def _channels(
     s: Snapshot,
-    n: int,
-    t: int,
+    t: np.ndarray,
     rng: np.random.Generator,
     from_exposures: float,
     moments: list[str | None],
 ) -> tuple[list[str], list[str]]:
     allowed = np.bitwise_or.reduce(s.offer_channels[s.offer_known]) if s.offer_known.any() else 0
     offered = [c for i, c in enumerate(CHANNELS) if (int(allowed) >> i) & 1] or list(CHANNELS)
-    lo, hi = np.searchsorted(s.exposure_context_seconds, [t - EXPOSURE_WINDOW_DAYS * DAY, t])
-    logged = np.arange(lo, hi)
-    logged = logged[
-        (s.exposure_context_channel[logged] >= 0) & (s.exposure_context_placement[logged] >= 0)
-    ]
+    usable = np.flatnonzero((s.exposure_context_channel >= 0) & (s.exposure_context_placement >= 0))
+    times = s.exposure_context_seconds[usable]
+    lo = np.searchsorted(times, t - EXPOSURE_WINDOW_DAYS * DAY)
+    hi = np.searchsorted(times, t)
     channel, placement = [], []
-    for i in range(n):
-        if len(logged) and rng.random() < from_exposures:
-            j = rng.choice(logged)
+    for i in range(len(t)):
+        if hi[i] > lo[i] and rng.random() < from_exposures:
+            j = usable[rng.integers(lo[i], hi[i])]
             channel.append(CHANNELS[s.exposure_context_channel[j]])
             placement.append(PLACEMENTS[s.exposure_context_placement[j]])
             continue
@@ -144,10 +143,10 @@ def _channels(
     return channel, placement
 
 
-def _moments(s: Snapshot, customers: np.ndarray, t: int) -> list[str | None]:
+def _moments(s: Snapshot, customers: np.ndarray, t: np.ndarray) -> list[str | None]:
     """The moment a storefront would declare, from what happened just before ``t``."""
     n = len(customers)
-    at = np.full(n, t)
+    at = t
     events, types = s.events_by_customer_type, len(s.event_types)
 
     def since(name: str) -> np.ndarray:

@@ -1,21 +1,26 @@
 """The training set: opportunities along time, their candidates, features and labels.
 
-* An **opportunity** is a customer at a cut point (weekly by default).
+* An **opportunity** is a customer about to place an order: the request is made at the
+  order's first line, and features read only what came strictly before. Training cuts at
+  the customers' own baskets, as the next-basket literature does, so that a few months of
+  order lines still give many opportunities: time is split into buckets of
+  ``cut_every_days``, and each bucket samples customers who ordered in it (one order each).
 * Its **context** is sampled as serving sees them: channel, placement, moment, page
   product and cart (``training.contexts``).
 * Its **candidates** are what generation and eligibility (``policy.evaluate``, the very
   decision serving makes) let through at that moment.
-* **Labels** look forward from the cut point: a coupon is redeemed (or accepted) inside
-  its campaign window; an item or bundle offer's product is bought within the horizon;
-  a category offer counts only while the category is new to the customer (cross-sell),
-  and its label is that first purchase within the horizon.
+* **Labels**: an item, bundle or category offer is positive when that order holds its
+  products (its category, for a category offer, which is cross-sell: eligibility keeps
+  only categories new to the customer); a coupon when it is redeemed (or accepted) inside
+  its campaign window, else within ``horizon_days``. Every label window ends at its
+  split's end (and at ``until``): nothing after a split is read for it.
 * Rows are grouped per (opportunity, task), the unit the ranker orders. The tasks are
-  ``coupon``, ``cross_sell`` and ``item`` (item and bundle offers).
-* Cut points are split by time into train, validation and test, with an embargo of one
-  horizon between them so that no label window of one split reaches into the next.
+  ``coupon``, ``cross_sell``, ``item`` (item and bundle offers new to the customer) and
+  ``replenishment`` (items they bought before): see ``policy.arbitration.row_tasks``.
+* Time is split into train, validation and test: a warm-up first (8 weeks, or a quarter
+  of a shorter history), then the shares of the rest in time order.
 
-Training may sample customers per cut point and negatives per group; evaluation always
-keeps every candidate of every sampled opportunity.
+Training may sample negatives per group; evaluation keeps every candidate.
 """
 
 from __future__ import annotations
@@ -30,63 +35,86 @@ from features import FeatureBuilder, Requests, Snapshot
 from features.candidates import CandidateGenerator
 from features.history import second_ceil
 from policy import RuleSet, evaluate
-from policy.arbitration import TASKS, offer_tasks
+from policy.arbitration import REPEAT_FEATURE, TASKS, row_tasks
 from training.config import TrainConfig
 from training.contexts import sample_contexts
 
-__all__ = ["TASKS", "RowSet", "Splits", "build_rows", "cut_points", "task_of_offer"]
+__all__ = ["TASKS", "RowSet", "Splits", "build_rows", "cut_points"]
 
 DAY = 86_400
 
 
-def task_of_offer(snapshot: Snapshot, offers: np.ndarray) -> np.ndarray:
-    """Task codes (positions in TASKS) of offers."""
-    tasks = offer_tasks(snapshot.offer_kind[offers])
-    return np.array([TASKS.index(task) for task in tasks], dtype=np.int8)
-
-
 @dataclass
 class Splits:
+    """Bucket starts of each split, and where each split ends (exclusive): no label of a
+    split reads anything at or after its end."""
+
     train: list[pd.Timestamp]
     validation: list[pd.Timestamp]
     test: list[pd.Timestamp]
+    ends: dict[str, pd.Timestamp]
 
     def as_dict(self) -> dict[str, list[str]]:
-        return {
+        out = {
             name: [t.isoformat() for t in getattr(self, name)]
             for name in ("train", "validation", "test")
         }
+        out["ends"] = [self.ends[name].isoformat() for name in ("train", "validation", "test")]
+        return out
+
+    def describe(self, step_days: int) -> str:
+        """What was chosen, in one line (``nextbest train`` prints it)."""
+        return (
+            f"opportunities: customers at their own orders, in {step_days}-day buckets; "
+            f"train {self.train[0].date()}..{self.ends['train'].date()} "
+            f"({len(self.train)} buckets), validation ..{self.ends['validation'].date()} "
+            f"({len(self.validation)}), test ..{self.ends['test'].date()} ({len(self.test)})"
+        )
+
+
+WARM_UP = pd.Timedelta(weeks=8)
 
 
 def cut_points(snapshot: Snapshot, config: TrainConfig) -> Splits:
-    """Cut points every ``cut_every_days`` between ``start`` and ``until - horizon``,
-    split by time with a one-horizon embargo between the parts."""
+    """Buckets of ``cut_every_days`` from the warm-up's end to ``until``, split in time
+    order into train, validation and test by their shares."""
     seconds = snapshot.line_seconds
     if not len(seconds):
         raise ValueError("the workspace has no orders to train on")
     first = pd.Timestamp(int(seconds.min()), unit="s").normalize()
-    last = pd.Timestamp(int(seconds.max()), unit="s")
-    start = pd.Timestamp(config.start) if config.start else first + pd.Timedelta(weeks=8)
-    until = pd.Timestamp(config.until) if config.until else last
-    horizon = pd.Timedelta(days=config.horizon_days)
-    cuts = list(pd.date_range(start, until - horizon, freq=f"{config.cut_every_days}D"))
-    if len(cuts) < 6:
+    until = (
+        pd.Timestamp(config.until)
+        if config.until
+        else pd.Timestamp(int(seconds.max()) + 1, unit="s")
+    )
+    start = (
+        pd.Timestamp(config.start)
+        if config.start
+        else (first + min(WARM_UP, (until - first) / 4)).normalize()
+    )
+    length = until - start
+    step = pd.Timedelta(days=config.cut_every_days)
+    test_start = until - length * config.test_share
+    validation_start = test_start - length * config.validation_share
+
+    def buckets(a: pd.Timestamp, b: pd.Timestamp) -> list[pd.Timestamp]:
+        return list(pd.date_range(a, b, freq=step, inclusive="left")) if b > a else []
+
+    train = buckets(start, validation_start)
+    validation = buckets(validation_start, test_start)
+    test = buckets(test_start, until)
+    if len(train) < 2 or not validation or not test:
         raise ValueError(
-            f"only {len(cuts)} cut points between {start.date()} and {until.date()} minus the "
-            f"{config.horizon_days}-day horizon; train on a longer history or cut more often"
+            f"{start.date()}..{until.date()} is too short to split into train, validation "
+            f"and test buckets of {config.cut_every_days} days; train on a longer history "
+            "or set a smaller cut_every_days"
         )
-    n_test = max(1, round(len(cuts) * config.test_share))
-    n_validation = max(1, round(len(cuts) * config.validation_share))
-    test = cuts[-n_test:]
-    validation = [t for t in cuts if t + horizon <= test[0]][-n_validation:]
-    train = [t for t in cuts if validation and t + horizon <= validation[0]]
-    if not train or not validation:
-        raise ValueError(
-            f"{len(cuts)} cut points are too few to split into train, validation and test "
-            f"with a {config.horizon_days}-day gap between them; train on a longer history, "
-            "cut more often or shorten the horizon"
-        )
-    return Splits(train=train, validation=validation, test=test)
+    return Splits(
+        train=train,
+        validation=validation,
+        test=test,
+        ends={"train": validation_start, "validation": test_start, "test": until},
+    )
 
 
 @dataclass
@@ -138,27 +166,67 @@ def _labels(
     customers: np.ndarray,
     offers: np.ndarray,
     t: np.ndarray,
+    basket_end: np.ndarray,
     task: np.ndarray,
     horizon_days: int,
+    split_end: int,
 ) -> np.ndarray:
+    """Labels of rows at moments ``t``: the order placed at ``t`` (which ends at
+    ``basket_end``) for products and categories, the campaign window for coupons; every
+    window ends by ``split_end`` (seconds, exclusive)."""
     s = snapshot
-    end = t + horizon_days * DAY
     label = np.zeros(len(offers), dtype=np.int8)
-    coupon = task == 0
+    basket = np.minimum(basket_end, split_end)
+    coupon = task == TASKS.index("coupon")
     if coupon.any():
         valid_to = s.offer_valid_to_s[offers[coupon]]
-        window_end = np.where(valid_to < np.iinfo(np.int64).max // 2, valid_to + 1, end[coupon])
+        campaign = np.where(
+            valid_to < np.iinfo(np.int64).max // 2,
+            valid_to + 1,
+            t[coupon] + horizon_days * DAY,
+        )
+        window_end = np.minimum(campaign, split_end)
         pair = s.accepted_by_cust_offer_pairs.encode(customers[coupon], offers[coupon])
         label[coupon] = s.accepted_by_cust_offer.count(pair, t[coupon], window_end) > 0
-    cross = task == 1
+    cross = task == TASKS.index("cross_sell")
     if cross.any():
         pair = s.cust_category.encode(customers[cross], s.offer_category[offers[cross]])
-        label[cross] = s.orders_by_cust_category.count(pair, t[cross], end[cross]) > 0
-    item = task == 2
+        label[cross] = s.orders_by_cust_category.count(pair, t[cross], basket[cross]) > 0
+    item = (task == TASKS.index("item")) | (task == TASKS.index("replenishment"))
     if item.any():
         pair = s.cust_offer_bought.encode(customers[item], offers[item])
-        label[item] = s.bought_by_cust_offer.count(pair, t[item], end[item]) > 0
+        label[item] = s.bought_by_cust_offer.count(pair, t[item], basket[item]) > 0
     return label
+
+
+def _opportunities(
+    snapshot: Snapshot,
+    start: int,
+    end: int,
+    size: int,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(customer, as_of, basket end) in seconds: up to ``size`` customers who placed an
+    order in ``[start, end)`` and had ordered before, one random order of each."""
+    spans = snapshot.order_spans
+    lo, hi = np.searchsorted(spans["start"].to_numpy(), [start, end])
+    window = spans.iloc[lo:hi]
+    window = window[window["customer"] != snapshot.customers.unknown]
+    customer = window["customer"].to_numpy(np.int64)
+    at = window["start"].to_numpy(np.int64)
+    earlier = snapshot.orders_by_customer.first_of_group(customer, at) >= 0
+    window = window[earlier]
+    if not len(window):
+        return (np.zeros(0, dtype=np.int64),) * 3
+    one_each = window.sample(frac=1.0, random_state=rng).drop_duplicates("customer")
+    if len(one_each) > size:
+        one_each = one_each.iloc[rng.choice(len(one_each), size=size, replace=False)]
+    one_each = one_each.sort_values(["customer", "start"])
+    return (
+        one_each["customer"].to_numpy(np.int64),
+        one_each["start"].to_numpy(np.int64),
+        one_each["end"].to_numpy(np.int64) + 1,
+    )
 
 
 def build_rows(
@@ -169,40 +237,40 @@ def build_rows(
     cuts: list[pd.Timestamp],
     config: TrainConfig,
     *,
+    split_end: pd.Timestamp,
     customers_per_cut: int,
     negatives_per_group: int | None,
     out_of_fold: bool,
     seed_offset: int = 0,
     progress: Callable[[int], None] | None = None,
 ) -> RowSet:
-    """Rows for every cut point: candidates → eligibility → features → labels.
+    """Rows for every bucket starting at ``cuts``: opportunities → candidates →
+    eligibility → features → labels. No bucket reaches past ``split_end``.
 
-    ``builders(t)`` returns the feature builder fitted for cut point ``t``.
+    ``builders(t)`` returns the feature builder fitted for bucket start ``t``.
     ``negatives_per_group`` samples negatives (training); None keeps every candidate.
     """
     s = snapshot
     parts: list[RowSet] = []
     group_base = 0
-    all_customers = np.flatnonzero(np.asarray(snapshot.customers.values) != "UNKNOWN")
     needs_features = rules.needs_features
+    end_s = second_ceil(split_end)
+    step = config.cut_every_days * DAY
     for index, cut in enumerate(cuts):
         rng = np.random.default_rng([config.random_state, seed_offset, index])
-        t_cut = second_ceil(cut)
-        first_order = s.orders_by_customer.first_of_group(
-            all_customers, np.full(len(all_customers), t_cut)
+        start_s = second_ceil(cut)
+        chosen, at, basket_end = _opportunities(
+            s, start_s, min(start_s + step, end_s), customers_per_cut, rng
         )
-        active = all_customers[first_order >= 0]
-        chosen = (
-            rng.choice(active, size=customers_per_cut, replace=False)
-            if len(active) > customers_per_cut
-            else active
-        )
-        chosen = np.sort(chosen)
+        if not len(chosen):
+            if progress:
+                progress(1)
+            continue
         ids = list(snapshot.customers.decode(chosen))
         context = sample_contexts(
             snapshot,
             chosen,
-            t_cut,
+            at,
             rng,
             from_exposures=config.context_from_exposures,
             horizon_days=config.horizon_days,
@@ -210,7 +278,7 @@ def build_rows(
         requests = Requests.build(
             snapshot,
             ids,
-            [cut] * len(ids),
+            pd.to_datetime(at, unit="s"),
             channel=context.channel,
             placement=context.placement,
             moment=context.moment,
@@ -228,10 +296,12 @@ def build_rows(
         eligible = evaluate(snapshot, rules, requests, r, o, features=features).eligible
         r, o = r[eligible], o[eligible]
         matrix = builder.build(snapshot, requests, r, o, out_of_fold=out_of_fold)
-        task = task_of_offer(snapshot, o)
+        names = matrix.names
         values = matrix.values
+        tasks = row_tasks(s.offer_kind[o], values[:, names.index(REPEAT_FEATURE)])
+        task = np.array([TASKS.index(name) for name in tasks], dtype=np.int8)
         c, t = requests.customer[r], requests.as_of_s[r]
-        label = _labels(snapshot, c, o, t, task, config.horizon_days)
+        label = _labels(snapshot, c, o, t, basket_end[r], task, config.horizon_days, end_s)
         group = r.astype(np.int64) * len(TASKS) + task
         if negatives_per_group is not None:
             sample = _sample_negatives(group, label, negatives_per_group, rng)
@@ -242,7 +312,7 @@ def build_rows(
         order = np.lexsort((o, group))
         part = RowSet(
             values=values[order],
-            names=matrix.names,
+            names=names,
             label=label[order],
             group=group[order] + group_base,
             task=task[order],

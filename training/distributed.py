@@ -32,11 +32,11 @@ from training.dataset import RowSet, build_rows, cut_points
 from training.metrics import ndcg_at_k
 from training.model import ranker_params
 from training.pipeline import (
-    _SEED_OFFSET,
     Stages,
     TrainResult,
     _Fitted,
     _require_positives,
+    bucket_rows_options,
     finish,
 )
 
@@ -52,24 +52,9 @@ def _cut_rows(
     generator: CandidateGenerator,
     cut: pd.Timestamp,
     config: TrainConfig,
-    name: str,
-    index: int,
-    train: bool,
+    options: dict[str, Any],
 ) -> RowSet:
-    return build_rows(
-        snapshot,
-        rules,
-        lambda _: builder,
-        generator,
-        [cut],
-        config,
-        customers_per_cut=(
-            config.train_customers_per_cut if train else config.eval_customers_per_cut
-        ),
-        negatives_per_group=config.negatives_per_group if train else None,
-        out_of_fold=train,
-        seed_offset=_SEED_OFFSET[name] + index * 7919,
-    )
+    return build_rows(snapshot, rules, lambda _: builder, generator, [cut], config, **options)
 
 
 def _renumber(parts: list[RowSet]) -> RowSet:
@@ -130,11 +115,8 @@ def train_on_dask(
         with stages.stage(
             "rows on dask", total=len(splits.train) + len(splits.validation) + len(splits.test)
         ) as advance:
-            for name, cuts, is_train in (
-                ("train", splits.train, True),
-                ("validation", splits.validation, False),
-                ("test", splits.test, False),
-            ):
+            for name in ("train", "validation", "test"):
+                cuts = getattr(splits, name)
                 futures[name] = [
                     client.submit(
                         _cut_rows,
@@ -144,9 +126,7 @@ def train_on_dask(
                         fitted.generator(cut),
                         cut,
                         config,
-                        name,
-                        index,
-                        is_train,
+                        bucket_rows_options(config, splits, name, index),
                         pure=False,
                     )
                     for index, cut in enumerate(cuts)

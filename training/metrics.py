@@ -23,6 +23,7 @@ __all__ = [
     "bootstrap_difference",
     "brier_score",
     "catalog_coverage",
+    "group_owners",
     "hit_rate_at_k",
     "map_at_k",
     "ndcg_at_k",
@@ -115,13 +116,36 @@ def catalog_coverage(
 
 
 def bootstrap_difference(
-    a: np.ndarray, b: np.ndarray, samples: int, seed: int
+    a: np.ndarray,
+    b: np.ndarray,
+    samples: int,
+    seed: int,
+    clusters: np.ndarray | None = None,
 ) -> tuple[float, float, float]:
-    """Mean of paired per-group differences a − b with a 95 % bootstrap interval."""
+    """Mean of paired per-group differences a − b with a 95 % bootstrap interval.
+
+    With ``clusters`` (e.g. the customer of each group) whole clusters are resampled:
+    the same customers recur in every bucket, and their groups are not independent."""
     diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
     if not len(diff):
         return float("nan"), float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, len(diff), size=(samples, len(diff)))].mean(axis=1)
+    if clusters is None:
+        means = diff[rng.integers(0, len(diff), size=(samples, len(diff)))].mean(axis=1)
+    else:
+        _, code = np.unique(np.asarray(clusters), return_inverse=True)
+        n = int(code.max()) + 1
+        total = np.bincount(code, weights=diff, minlength=n)
+        count = np.bincount(code, minlength=n).astype(np.float64)
+        draws = rng.integers(0, n, size=(samples, n))
+        means = total[draws].sum(axis=1) / count[draws].sum(axis=1)
     low, high = np.percentile(means, [2.5, 97.5])
     return float(diff.mean()), float(low), float(high)
+
+
+def group_owners(group: np.ndarray, label: np.ndarray, owner: np.ndarray) -> np.ndarray:
+    """The owner (e.g. customer) of each group with a positive, in the order the ranking
+    metrics return their per-group values."""
+    _, first = np.unique(group, return_index=True)
+    positives = np.bincount(np.unique(group, return_inverse=True)[1], weights=label > 0)
+    return np.asarray(owner)[first][positives > 0]

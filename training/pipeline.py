@@ -22,7 +22,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from features import FeatureBuilder, Snapshot
 from features.candidates import CandidateGenerator
 from policy import RuleSet
-from policy.arbitration import Calibrator, arbitrate, offer_tasks, rank_scores
+from policy.arbitration import REPEAT_FEATURE, Calibrator, arbitrate, rank_scores, row_tasks
 from training.baselines import BASELINES
 from training.config import TrainConfig
 from training.dataset import TASKS, RowSet, Splits, build_rows, cut_points
@@ -31,6 +31,7 @@ from training.metrics import (
     bootstrap_difference,
     brier_score,
     catalog_coverage,
+    group_owners,
     ndcg_at_k,
     ranks_within_groups,
 )
@@ -71,6 +72,11 @@ class Stages:
                 self.console.print(f"[bold]{name}[/bold] …")
             yield lambda n: None
         self.seconds[name] = round(time.perf_counter() - started, 2)
+
+    def note(self, text: str) -> None:
+        """Say what the run chose (shown with the progress)."""
+        if self.show:
+            self.console.print(text)
 
     def summary(self) -> str:
         width = max(map(len, self.seconds), default=0)
@@ -127,17 +133,35 @@ class _Fitted:
         return self._get(t)[1]
 
 
+def bucket_rows_options(
+    config: TrainConfig, splits: Splits, name: str, index: int
+) -> dict[str, Any]:
+    """How ``build_rows`` samples bucket ``index`` of split ``name``: where the split ends,
+    how many opportunities a bucket takes (more per bucket when a short history has few
+    buckets), negatives and folds. The local and the Dask engine both read it."""
+    train = name == "train"
+    cuts = getattr(splits, name)
+    per_cut = config.train_customers_per_cut if train else config.eval_customers_per_cut
+    at_least = config.min_train_opportunities if train else config.min_eval_opportunities
+    return {
+        "split_end": splits.ends[name],
+        "customers_per_cut": max(per_cut, -(-at_least // max(len(cuts), 1))),
+        "negatives_per_group": config.negatives_per_group if train else None,
+        "out_of_fold": train,
+        "seed_offset": _SEED_OFFSET[name] + index * 7919,
+    }
+
+
 def _rows(
     snapshot: Snapshot,
     rules: RuleSet,
     fitted: _Fitted,
-    cuts: list[pd.Timestamp],
+    splits: Splits,
     config: TrainConfig,
     stages: Stages,
     name: str,
-    *,
-    train: bool,
 ) -> RowSet:
+    cuts = getattr(splits, name)
     parts = []
     with stages.stage(f"{name} rows", total=len(cuts)) as advance:
         for index, cut in enumerate(cuts):
@@ -149,12 +173,7 @@ def _rows(
                     fitted.generator(cut),
                     [cut],
                     config,
-                    customers_per_cut=(
-                        config.train_customers_per_cut if train else config.eval_customers_per_cut
-                    ),
-                    negatives_per_group=config.negatives_per_group if train else None,
-                    out_of_fold=train,
-                    seed_offset=_SEED_OFFSET[name] + index * 7919,
+                    **bucket_rows_options(config, splits, name, index),
                 )
             )
             advance(1)
@@ -182,12 +201,11 @@ def train(
     stages = stages or Stages(show=False)
     with stages.stage("cut points"):
         splits = cut_points(snapshot, config)
+    stages.note(splits.describe(config.cut_every_days))
     fitted = _Fitted(snapshot, config, splits.train[0])
-    train_rows = _rows(snapshot, rules, fitted, splits.train, config, stages, "train", train=True)
-    validation = _rows(
-        snapshot, rules, fitted, splits.validation, config, stages, "validation", train=False
-    )
-    test = _rows(snapshot, rules, fitted, splits.test, config, stages, "test", train=False)
+    train_rows = _rows(snapshot, rules, fitted, splits, config, stages, "train")
+    validation = _rows(snapshot, rules, fitted, splits, config, stages, "validation")
+    test = _rows(snapshot, rules, fitted, splits, config, stages, "test")
     _require_positives(train_rows, validation)
     with stages.stage("fit ranker"):
         booster = fit_ranker(train_rows, validation, config)
@@ -240,7 +258,15 @@ def finish(
     }
     with stages.stage("evaluate"):
         scores = raw_scores(booster, test, config.n_jobs)
-        metrics = evaluate_rows(test, scores, calibrators, config, snapshot)
+        metrics = evaluate_rows(
+            test,
+            scores,
+            calibrators,
+            config,
+            snapshot,
+            validation=validation,
+            default_values=default_values,
+        )
         metrics_validation_ndcg = validation_ndcg(
             booster, validation, config.eval_at, config.n_jobs
         )
@@ -258,7 +284,7 @@ def finish(
                 generator=fitted.generator(splits.test[0]),
                 builder=fitted.builder(splits.test[0]),
                 start=splits.test[0],
-                end=splits.test[-1] + pd.Timedelta(days=config.horizon_days),
+                end=splits.ends["test"],
                 bootstrap_samples=config.bootstrap_samples,
                 seed=config.random_state,
             )
@@ -324,9 +350,13 @@ def evaluate_rows(
     calibrators: dict[str, Calibrator],
     config: TrainConfig,
     snapshot: Snapshot,
+    *,
+    validation: RowSet,
+    default_values: dict[str, float],
 ) -> dict[str, Any]:
-    """Model and baseline metrics per task, with the model's NDCG@10 margin over the best
-    baseline and its bootstrap 95 % interval."""
+    """Model and baseline metrics per task and for the served slate (every task together,
+    ranked as serving ranks), each with the model's NDCG@10 margin over the best baseline
+    (chosen on validation) and its 95 % interval, resampling customers."""
     probability = probabilities(scores, rows, calibrators)
     report: dict[str, Any] = {}
     for code, task in enumerate(TASKS):
@@ -352,13 +382,7 @@ def evaluate_rows(
             name: _ranking_metrics(part, baseline(part), catalog)
             for name, baseline in BASELINES.items()
         }
-        best = max(baselines, key=lambda name: baselines[name]["ndcg_at_10"])
-        mean, low, high = bootstrap_difference(
-            ndcg_at_k(part.group, part.label, scores[mine], 10),
-            ndcg_at_k(part.group, part.label, BASELINES[best](part), 10),
-            config.bootstrap_samples,
-            config.random_state,
-        )
+        best = _best_on_validation(validation.subset(validation.task == code))
         report[task] = {
             "groups": len(np.unique(part.group)),
             "groups_with_positive": len(ndcg_at_k(part.group, part.label, scores[mine], 10)),
@@ -366,9 +390,117 @@ def evaluate_rows(
             "model": model,
             "baselines": baselines,
             "best_baseline": best,
-            "ndcg_at_10_margin": {"mean": mean, "ci95_low": low, "ci95_high": high},
+            "best_baseline_chosen_on": "validation",
+            "ndcg_at_10_margin": _margin(
+                part.group, part.label, scores[mine], BASELINES[best](part), part.customer, config
+            ),
         }
+    report["served"] = served_slate_metrics(
+        rows, scores, calibrators, default_values, config, validation=validation
+    )
     return report
+
+
+def _margin(
+    group: np.ndarray,
+    label: np.ndarray,
+    model: np.ndarray,
+    baseline: np.ndarray,
+    customer: np.ndarray,
+    config: TrainConfig,
+    k: int = 10,
+) -> dict[str, float]:
+    """Model − baseline NDCG@k over groups with a positive, bootstrapped by customer."""
+    mean, low, high = bootstrap_difference(
+        ndcg_at_k(group, label, model, k),
+        ndcg_at_k(group, label, baseline, k),
+        config.bootstrap_samples,
+        config.random_state,
+        clusters=group_owners(group, label, customer),
+    )
+    return {"mean": mean, "ci95_low": low, "ci95_high": high}
+
+
+def _best_on_validation(rows: RowSet) -> str:
+    """The baseline with the best NDCG@10 on validation rows (the first, without any)."""
+    if not len(rows) or not rows.label.any():
+        return next(iter(BASELINES))
+    ndcg = {
+        name: float(ndcg_at_k(rows.group, rows.label, baseline(rows), 10).mean())
+        for name, baseline in BASELINES.items()
+    }
+    return max(ndcg, key=lambda name: ndcg[name])
+
+
+SERVED_KS = (3, 10)
+
+
+def opportunities_of(rows: RowSet) -> np.ndarray:
+    """One code per opportunity (customer at a moment): the unit a served slate ranks,
+    across every task's group."""
+    return np.unique(
+        rows.customer.astype(np.int64) * (1 << 34) + rows.as_of_s.astype(np.int64),
+        return_inverse=True,
+    )[1]
+
+
+def _slate_metrics(opportunity: np.ndarray, label: np.ndarray, score: np.ndarray) -> dict:
+    out: dict[str, float] = {}
+    for k in SERVED_KS:
+        for name in ("ndcg", "recall", "hit_rate"):
+            values = METRICS[name](opportunity, label, score, k)
+            out[f"{name}_at_{k}"] = float(values.mean()) if len(values) else float("nan")
+    return out
+
+
+def served_slate_metrics(
+    rows: RowSet,
+    raw: np.ndarray,
+    calibrators: dict[str, Calibrator],
+    default_values: dict[str, float],
+    config: TrainConfig,
+    *,
+    validation: RowSet,
+) -> dict[str, Any]:
+    """The slate serving would return, evaluated: every eligible offer of an opportunity,
+    all tasks together, ranked by P(accept) × value × lever; a hit is any offer taken.
+    Beside it, each baseline ranking the same rows; the best is chosen on validation."""
+    opportunity = opportunities_of(rows)
+    # what serving orders a slate by: P(accept) per task × value × lever
+    score, _ = rank_scores(
+        raw,
+        np.asarray(TASKS, dtype=object)[rows.task],
+        rows.value,
+        rows.lever,
+        calibrators,
+        default_values,
+        config.lever_cap,
+    )
+    val_opportunity = opportunities_of(validation)
+    if len(validation) and validation.label.any():
+        on_validation = {
+            name: float(
+                ndcg_at_k(val_opportunity, validation.label, baseline(validation), 10).mean()
+            )
+            for name, baseline in BASELINES.items()
+        }
+        best = max(on_validation, key=lambda name: on_validation[name])
+    else:
+        best = next(iter(BASELINES))
+    margin = _margin(opportunity, rows.label, score, BASELINES[best](rows), rows.customer, config)
+    return {
+        "opportunities": int(opportunity.max()) + 1 if len(opportunity) else 0,
+        "customers": len(np.unique(rows.customer)),
+        "model": _slate_metrics(opportunity, rows.label, score),
+        "baselines": {
+            name: _slate_metrics(opportunity, rows.label, baseline(rows))
+            for name, baseline in BASELINES.items()
+        },
+        "best_baseline": best,
+        "best_baseline_chosen_on": "validation",
+        "ndcg_at_10_margin": margin,
+        "beats_best_baseline": bool(margin["ci95_low"] > 0),
+    }
 
 
 def _expected_attach(rows: RowSet, probability: np.ndarray) -> float:
@@ -388,16 +520,25 @@ def evaluate_booster(
     calibrators: dict[str, Calibrator],
     config: TrainConfig,
     *,
+    default_values: dict[str, float],
     stages: Stages | None = None,
 ) -> dict[str, Any]:
-    """Metrics of a trained booster and the baselines on this snapshot's test cut points."""
+    """Metrics of a trained booster and the baselines on this snapshot's test buckets (the
+    best baselines chosen on its validation buckets)."""
     stages = stages or Stages(show=False)
     splits = cut_points(snapshot, config)
     fitted = _Fitted(snapshot, config, splits.train[0])
-    test = _rows(snapshot, rules, fitted, splits.test, config, stages, "test", train=False)
+    validation = _rows(snapshot, rules, fitted, splits, config, stages, "validation")
+    test = _rows(snapshot, rules, fitted, splits, config, stages, "test")
     with stages.stage("evaluate"):
         return evaluate_rows(
-            test, raw_scores(booster, test, config.n_jobs), calibrators, config, snapshot
+            test,
+            raw_scores(booster, test, config.n_jobs),
+            calibrators,
+            config,
+            snapshot,
+            validation=validation,
+            default_values=default_values,
         )
 
 
@@ -417,7 +558,7 @@ def model_scorer(
         raw = np.asarray(booster.predict(matrix.values, num_threads=config.n_jobs))
         score, _ = rank_scores(
             raw,
-            offer_tasks(snapshot.offer_kind[offers]),
+            row_tasks(snapshot.offer_kind[offers], matrix.columns()[REPEAT_FEATURE]),
             snapshot.offer_value[offers],
             snapshot.offer_lever[offers],
             calibrators,

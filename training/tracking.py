@@ -14,7 +14,13 @@ import numpy as np
 
 from features import FEATURES, Workspace
 from policy import RuleSet
-from runtime.registry import CHALLENGER, model_name, register_version
+from runtime.registry import (
+    BEATS_BASELINE_TAG,
+    CHALLENGER,
+    QUALITY_SUMMARY_TAG,
+    model_name,
+    register_version,
+)
 from training.dataset import TASKS
 from training.pipeline import TrainResult, probabilities
 from training.report import model_card, write_plots
@@ -137,6 +143,7 @@ def log_run(
                     "dataset.fingerprint": manifest["fingerprint"],
                     "rules.hash": rules.content_hash,
                     "workspace.id": workspace.workspace_id,
+                    **quality_tags(result.metrics),
                 },
             )
             card = model_card(
@@ -163,21 +170,48 @@ def log_run(
     }
 
 
-def headline(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The numbers a person looks at first, per task."""
-    tasks = {
-        task: {
-            "ndcg_at_10": round(report["model"]["ndcg_at_10"], 4),
-            "recall_at_10": round(report["model"]["recall_at_10"], 4),
-            "best_baseline": report["best_baseline"],
-            "best_baseline_ndcg_at_10": round(
-                report["baselines"][report["best_baseline"]]["ndcg_at_10"], 4
-            ),
-            "ndcg_at_10_margin": {k: round(v, 4) for k, v in report["ndcg_at_10_margin"].items()},
-        }
-        for task, report in metrics.items()
-        if task in TASKS
+def quality_tags(metrics: dict[str, Any]) -> dict[str, str]:
+    """The registry tags that say whether the served slate beat its best baseline."""
+    served = metrics.get("served")
+    if not served:
+        return {BEATS_BASELINE_TAG: "false", QUALITY_SUMMARY_TAG: "no served-slate evaluation"}
+    return {
+        BEATS_BASELINE_TAG: str(served["beats_best_baseline"]).lower(),
+        QUALITY_SUMMARY_TAG: served_margin_text(served),
     }
+
+
+def served_margin_text(served: dict[str, Any]) -> str:
+    """One line: the served slate's NDCG@10 margin over its best baseline."""
+    margin = served["ndcg_at_10_margin"]
+    best = served["best_baseline"]
+    return (
+        f"served-slate NDCG@10 {served['model']['ndcg_at_10']:.4f} vs "
+        f"{best} {served['baselines'][best]['ndcg_at_10']:.4f}: "
+        f"margin {margin['mean']:+.4f} [{margin['ci95_low']:+.4f}, {margin['ci95_high']:+.4f}]"
+    )
+
+
+def _headline_of(report: dict[str, Any]) -> dict[str, Any]:
+    best = report["best_baseline"]
+    return {
+        "ndcg_at_10": round(report["model"]["ndcg_at_10"], 4),
+        "recall_at_10": round(report["model"]["recall_at_10"], 4),
+        "best_baseline": best,
+        "best_baseline_ndcg_at_10": round(report["baselines"][best]["ndcg_at_10"], 4),
+        "ndcg_at_10_margin": {k: round(v, 4) for k, v in report["ndcg_at_10_margin"].items()},
+    }
+
+
+def headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The numbers a person looks at first, per task and for the served slate."""
+    tasks = {task: _headline_of(report) for task, report in metrics.items() if task in TASKS}
+    served = metrics.get("served")
+    if served:
+        tasks["served"] = _headline_of(served) | {
+            "hit_rate_at_3": round(served["model"]["hit_rate_at_3"], 4),
+            "beats_best_baseline": served["beats_best_baseline"],
+        }
     if metrics.get("off_policy", {}).get("available"):
         tasks["off_policy"] = {
             key: round(metrics["off_policy"][key]["estimate"], 4)

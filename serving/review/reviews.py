@@ -452,7 +452,9 @@ class Reviews:
             raise KeyError(f"no review {review_id!r}")
         raise NotOpen(review_id, status)
 
-    def release(self, review_id: str, *, approve: bool, actor: str) -> dict[str, Any]:
+    def release(
+        self, review_id: str, *, approve: bool, actor: str, override_baseline: bool = False
+    ) -> dict[str, Any]:
         """The release decision. Approval needs every item reviewed, a rejection rate under
         the review's threshold, an approver, and the champion the reviewers compared with
         still serving; it moves ``champion`` to the version and tags it. Rejection tags the
@@ -463,8 +465,13 @@ class Reviews:
         database can be releasing at a time: a double submit, a second approver, another
         review's release or a decision arriving meanwhile is refused. The registry is
         called after that transaction. If it fails, the real outcome is read back from the
-        registry; a release that did not happen leaves the review open again."""
+        registry; a release that did not happen leaves the review open again.
+
+        A version whose served slate did not beat its best baseline (registry tag
+        ``quality.beats_best_baseline=false``) is released only with
+        ``override_baseline``, which the audit log and the version's tags record."""
         self.store.require(actor, "approver")
+        quality = _quality(self._model_of(review_id)) if approve else {}
         with self.store.engine.begin() as connection:
             self._lock_gate(connection)
             busy = connection.execute(
@@ -488,15 +495,23 @@ class Reviews:
             counts = _count(connection, review_id)
             if approve:
                 _check_counts(head, counts)
+                if quality.get("beats") is False and not override_baseline:
+                    raise ReleaseError(
+                        f"version {quality['version']} does not beat its best baseline "
+                        f"({quality['summary']}); tick the override to release it anyway"
+                    )
             connection.execute(
                 reviews.update().where(reviews.c.review_id == review_id).values(status="releasing")
             )
+            overridden = bool(approve and quality.get("beats") is False)
             self.store._audit(
                 connection,
                 actor,
                 "release_started",
                 review_id,
-                after={"approve": approve, "version": head.version} | counts,
+                after={"approve": approve, "version": head.version}
+                | counts
+                | ({"baseline_override": quality["summary"]} if overridden else {}),
             )
         if approve:
             try:
@@ -513,7 +528,9 @@ class Reviews:
                 self._reopen(head, actor, message)
                 raise ReleaseError(message)
         try:
-            status = self._publish(head, counts, approve=approve, actor=actor)
+            status = self._publish(
+                head, counts, approve=approve, actor=actor, overridden=overridden
+            )
         except Exception as error:
             if self._settle(head, approve=approve, actor=actor, error=error):
                 return {"review_id": review_id, "version": head.version, "status": "approved"}
@@ -543,8 +560,29 @@ class Reviews:
                 ).scalar()
             )
 
+    def _model_of(self, review_id: str) -> tuple[str, str]:
+        with self.store.engine.connect() as connection:
+            head = connection.execute(
+                sa.select(reviews.c.model_name, reviews.c.version).where(
+                    reviews.c.review_id == review_id
+                )
+            ).first()
+        if head is None:
+            raise KeyError(f"no review {review_id!r}")
+        return str(head.model_name), str(head.version)
+
+    def quality(self, review_id: str) -> dict[str, Any]:
+        """Whether the reviewed version beat its best baseline (what the page shows)."""
+        model = self._model_of(review_id)
+        try:
+            return _quality(model)
+        except ReleaseError as error:
+            return {"version": model[1], "beats": None, "summary": str(error)}
+
     @staticmethod
-    def _publish(head: Any, counts: dict[str, Any], *, approve: bool, actor: str) -> str:
+    def _publish(
+        head: Any, counts: dict[str, Any], *, approve: bool, actor: str, overridden: bool = False
+    ) -> str:
         from runtime.registry import CHAMPION, set_alias, set_version_tags
 
         status = "approved" if approve else "rejected"
@@ -556,6 +594,8 @@ class Reviews:
             "review.items": str(counts["items"]),
             "review.rejected": str(counts["rejected"]),
         }
+        if overridden:
+            tags["review.baseline_override"] = actor
         set_version_tags(head.model_name, head.version, tags)
         if approve:
             set_alias(head.model_name, CHAMPION, head.version)
@@ -654,6 +694,24 @@ def _check_counts(head: Any, counts: dict[str, Any]) -> None:
             f"the rejection rate {counts['rejection_rate']:.0%} is not under "
             f"the threshold {head.threshold:.0%}"
         )
+
+
+def _quality(model: tuple[str, str]) -> dict[str, Any]:
+    """The version's baseline verdict from its registry tags: ``beats`` is True, False,
+    or None for a version registered before the served-slate evaluation."""
+    from runtime.registry import BEATS_BASELINE_TAG, QUALITY_SUMMARY_TAG, version_tags
+
+    name, version = model
+    try:
+        tags = version_tags(name, version)
+    except Exception as error:  # an unreachable registry: the release itself will say so
+        raise ReleaseError(f"the model registry is unreachable ({error})") from error
+    verdict = tags.get(BEATS_BASELINE_TAG)
+    return {
+        "version": version,
+        "beats": None if verdict is None else verdict == "true",
+        "summary": tags.get(QUALITY_SUMMARY_TAG, "not evaluated"),
+    }
 
 
 def _champion(name: str) -> str | None:

@@ -421,6 +421,7 @@ def review_page(request: Request, review_id: str, review_host: Host, session: Vi
         ),
         ("released by an approver", session.is_approver, f"you are a {session.role}"),
     ]
+    quality = review_host.reviews.quality(review_id)
     slates = [_slate_view(slate) for slate in review["slates"]]
     shown = sorted({bar["feature"] for s in slates for o in s["offers"] for bar in o["chart"]})
     return _page(
@@ -433,6 +434,7 @@ def review_page(request: Request, review_id: str, review_host: Host, session: Vi
             "segments": review_host.review_segments(),
             "blocked": blocked,
             "conditions": conditions,
+            "quality": quality,
             "flash": _heard(review_host, session),
         },
         session=session,
@@ -577,13 +579,17 @@ def release(
     review_host: Host,
     session: Actor,
     decision: Annotated[str, Form()],
+    override_baseline: Annotated[str | None, Form()] = None,
 ) -> Response:
     if decision not in ("approve", "reject"):
         raise Refused(400, "The release decision is approve or reject.")
     _load(review_host, review_id)
     try:
         outcome = review_host.reviews.release(
-            review_id, approve=decision == "approve", actor=session.username
+            review_id,
+            approve=decision == "approve",
+            actor=session.username,
+            override_baseline=override_baseline == "yes",
         )
     except AccessError:
         raise Refused(403, "Only an approver can make the release decision.") from None
