@@ -710,8 +710,12 @@ def _champion_or_challenger(load: Any) -> Any:
         return load(CHALLENGER)
 
 
-def _recommender(workspace: Path | None, clock: str, db_url: str | None, alias: str) -> Any:
-    """The recommender every in-process command uses: the service's own factory."""
+def _recommender(
+    workspace: Path | None, clock: str, db_url: str | None, alias: str, *, holdout: bool = True
+) -> Any:
+    """The recommender every in-process command uses: the service's own factory.
+    ``holdout=False`` turns both holdouts off (customer and offer shares 0) for this
+    recommender only."""
     from dataclasses import replace
 
     from serving.assembly import build_recommender
@@ -720,6 +724,8 @@ def _recommender(workspace: Path | None, clock: str, db_url: str | None, alias: 
     settings = ServingSettings.from_env()
     if db_url:
         settings = replace(settings, db_url=db_url)
+    if not holdout:
+        settings = replace(settings, holdout_share=0.0, offer_holdout_share=0.0)
     recommender = build_recommender(settings, workspace=workspace, clock=clock, alias=alias)
     if recommender.model.bundle is None:
         typer.echo(
@@ -794,16 +800,26 @@ def recommend_batch_command(
     scheduler: Annotated[
         str | None, typer.Option(help="Dask scheduler address (default: a local cluster).")
     ] = None,
+    no_holdout: Annotated[
+        bool,
+        typer.Option(
+            "--no-holdout",
+            help="Hold nobody out in this run (holdout and offer holdout shares 0), for "
+            "offline scoring where every customer must be scored; a campaign keeps the "
+            "holdout (NEXTBEST_HOLDOUT_SHARE) to measure its lift.",
+        ),
+    ] = False,
 ) -> None:
     """Score many customers for an email or SMS campaign: one row per recommendation
     (customer_id, rank, offer_id, score, probability, because), with the same ranking,
-    eligibility, caps, holdouts and because text as the service."""
+    eligibility, caps, holdouts and because text as the service. The last line on stderr
+    says how many customers were held out and got nothing."""
     import pandas as pd
 
     from features import read_table_file
-    from serving.batch import recommend_batch
+    from serving.batch import recommend_batch, without_rows
 
-    recommender = _recommender(workspace, clock, None, alias)
+    recommender = _recommender(workspace, clock, None, alias, holdout=not no_holdout)
     if customers == "all":
         table = pd.DataFrame({"customer_id": sorted(recommender.known_customers())})
     else:
@@ -822,9 +838,17 @@ def recommend_batch_command(
         rows.to_csv(out, index=False)
     else:
         rows.to_parquet(out, index=False)
+    held_out, others = without_rows(recommender.settings, table["customer_id"], rows)
+    settings = recommender.settings
+    holdout = (
+        "holdout off (--no-holdout)"
+        if no_holdout
+        else f"{held_out:,} in the holdout (share {settings.holdout_share:g}, control "
+        f"{settings.holdout_control}) got nothing"
+    )
     typer.echo(
         f"Wrote {len(rows):,} recommendations for {table['customer_id'].nunique():,} "
-        f"customers to {out}.",
+        f"customers to {out}; {holdout}; {others:,} other customers got nothing.",
         err=True,
     )
 

@@ -13,9 +13,10 @@ from typing import Any
 import pandas as pd
 
 from serving.assembly import UNSET
-from serving.engine import Recommender
+from serving.engine import Recommender, in_holdout
+from serving.settings import ServingSettings
 
-__all__ = ["recommend_batch", "recommend_batch_dask"]
+__all__ = ["recommend_batch", "recommend_batch_dask", "without_rows"]
 
 COLUMNS = ["customer_id", "rank", "offer_id", "score", "probability", "because"]
 
@@ -65,6 +66,17 @@ def recommend_batch(
                         }
                     )
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def without_rows(
+    settings: ServingSettings, customer_ids: pd.Series, rows: pd.DataFrame
+) -> tuple[int, int]:
+    """Of the distinct customers scored, how many got no row: (those in the holdout,
+    the others). The holdout is the engine's own sticky assignment under ``settings``."""
+    ids = pd.Index(customer_ids.astype("str").unique())
+    empty = ids[~ids.isin(rows["customer_id"].astype("str"))]
+    held = sum(in_holdout(c, settings.holdout_salt, settings.holdout_share) for c in empty)
+    return held, len(empty) - held
 
 
 PLUGIN_NAME = "nextbest-recommender"

@@ -1,0 +1,797 @@
+"""Next-basket recommendation on the demo's order lines, as the Reality Check measures it.
+
+The protocol of "A Next Basket Recommendation Reality Check" (Li et al., ACM TOIS 2023)
+on dunnhumby's Complete Journey (the demo's order lines, read offline), with its
+references computed in the same run, and nextbest run exactly as a user runs it.
+
+**The split** (:func:`make_split`), in this order:
+
+1. A basket is one customer's order (``basket_id``); its time is the earliest timestamp
+   of its lines (all lines of a demo basket share one); its items are the distinct items
+   of its lines. A customer's baskets are ordered by (time, basket id).
+2. Customers with fewer than 3 baskets are dropped; a longer history keeps its last 50.
+3. Each customer's last basket is the target, the others are the history.
+4. Items in fewer than 3 history baskets (all customers' history baskets, one count per
+   basket holding the item; targets never count) are dropped from every history basket
+   and every target.
+5. Baskets that lost every item are dropped. A customer whose target lost every item is
+   dropped (the target is fixed in step 3, before the counts, so it is never replaced by
+   a history basket), and so is a customer left with fewer than 2 history baskets (the
+   ≥ 3 baskets rule again). The item counts are not recomputed after this: an item kept
+   in step 4 can end up in fewer than 3 history baskets of the kept customers.
+6. 20 % of the kept customers (rounded), drawn with ``numpy.random.default_rng(SEED)``
+   from the customer ids in sorted order, are the test customers.
+
+**The references**, for the test customers, from the histories only (no target of any
+customer): G-TopFreq (items by the number of history baskets holding them, ties by item
+id), P-TopFreq (the customer's own items by the number of their baskets holding them,
+ties: the most recently bought first, then item id; no padding), GP-TopFreq (P-TopFreq
+filled with G-TopFreq items the customer lacks), G-TopFreq-new (G-TopFreq without the
+items the customer has bought), and TIFU-KNN (Hu et al., SIGIR 2020) with the Reality
+Check's dunnhumby hyper-parameters (:data:`TIFU`): within-basket decay
+``within_decay_rate^(n−1−i)`` for history basket i of n over the whole history, the
+baskets cut into ``group_count`` consecutive groups as evenly as possible (the earlier
+groups the smaller; with fewer baskets than groups each basket is a group), each group
+averaged, group g weighted ``group_decay_rate^(group_count−1−g)``, the sum divided by the
+number of groups; neighbours are the non-test customers, found by brute-force euclidean
+KNN; the prediction is ``alpha × own + (1 − alpha) × mean of the neighbours' vectors``,
+ranked by score (ties by item id), items scored 0 never ranked.
+
+**nextbest** goes through a user's commands, as subprocesses: the order lines of every
+history basket and of the non-test customers' targets (never a test customer's target)
+written as a CSV with a retailer's column names, ``nextbest import transactions``,
+``nextbest train`` (its defaults), ``nextbest recommend-batch --no-holdout`` for the test
+customers, each ``as_of`` its target basket's time (features then see only what
+happened before it). Offers are the import's item offers (``offer_id`` = item id; items
+of categories that are not products, such as fuel or coupons, get no offer there, while
+the references may rank them). A customer it returns nothing for scores 0.
+
+**The metrics**, per test customer then averaged, at k = 10 and 20: Recall@k (hits in
+the top k / |target|), NDCG@k (binary gains; the ideal DCG is over min(|target|, k)
+items: the Reality Check's own code divides by the ideal DCG over all |target| items,
+which is lower whenever |target| > k), PHR@k (hit at least once). Each is also taken on
+the target's repeat items (those in the customer's history; averaged over the customers
+with any) and new items (the rest; over the customers with any): the full top-k list
+against that part of the target, the ideal over min(|part|, k). The Reality Check
+splits recall and PHR this way; NDCG is split here too. A customer-level bootstrap
+(resampled test customers, :data:`BOOTSTRAP` draws, fixed seed) gives the 95 % interval
+of nextbest − TIFU-KNN for Recall@10 and NDCG@10, and of nextbest − G-TopFreq-new for the
+new-item Recall@10. The target: nextbest ≥ TIFU-KNN on Recall@10 and NDCG@10, and
+nextbest's new-item Recall@10 > G-TopFreq-new's.
+
+Environment: ``NEXTBEST_BENCH_NB_SKIP_NEXTBEST=1`` runs the references only;
+``NEXTBEST_BENCH_NB_KEEP=FOLDER`` keeps the split (``order_lines.csv``,
+``test_customers.csv``, ``truth.csv``: the test customers' target items), and with
+nextbest its ``workspace``, MLflow ``home``, ``ledger.db``, the commands' logs and
+``recommendations.csv``, there. The nextbest commands run with none of the caller's
+``NEXTBEST_*`` variables (the product's defaults), in that home, on a fresh ledger. To
+re-run nextbest on the same split and score it::
+
+    export NEXTBEST_HOME=FOLDER/home NEXTBEST_DB_URL=sqlite:///FOLDER/ledger-2.db
+    nextbest train -w FOLDER/workspace
+    nextbest recommend-batch -w FOLDER/workspace --alias challenger --no-holdout \\
+        --customers FOLDER/test_customers.csv --k 20 --channel web --placement home \\
+        --out RECS.csv
+    python -m bench.nextbasket score RECS.csv FOLDER
+
+``score`` reads any file with ``customer_id``, ``rank`` and ``offer_id`` columns and
+prints the table beside the references, recomputed from the folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import sparse
+
+KS = (10, 20)
+MIN_BASKETS = 3
+MAX_BASKETS = 50
+MIN_ITEM_BASKETS = 3
+TEST_SHARE = 0.2
+SEED = 0
+BOOTSTRAP = 1000
+TIFU: dict[str, Any] = {
+    "num_nearest_neighbors": 900,
+    "within_decay_rate": 0.9,
+    "group_decay_rate": 0.6,
+    "alpha": 0.2,
+    "group_count": 3,
+}
+REFERENCES = ("G-TopFreq", "P-TopFreq", "GP-TopFreq", "G-TopFreq-new", "TIFU-KNN")
+NEXTBEST = "nextbest"
+PARTS = ("all", "repeat", "new")
+MEASURES = ("recall", "ndcg", "phr")
+# the retailer's own column names in the CSV nextbest imports
+CSV_COLUMNS = {
+    "basket_id": "receipt",
+    "customer_id": "shopper",
+    "time": "when",
+    "item_id": "sku",
+    "category": "category",
+    "quantity": "units",
+    "amount": "paid",
+}
+LINES_FILE, TEST_FILE, TRUTH_FILE = "order_lines.csv", "test_customers.csv", "truth.csv"
+LEDGER_FILE = "ledger.db"
+SKIP_ENV, KEEP_ENV = "NEXTBEST_BENCH_NB_SKIP_NEXTBEST", "NEXTBEST_BENCH_NB_KEEP"
+
+
+# -- the split ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Split:
+    """The protocol's outcome.
+
+    * ``pairs``: one row per (basket, item) kept: ``customer_id``, ``basket_id``, ``time``
+      (the basket's), ``item_id``, ``position`` (the basket's index in the customer's
+      history, 0 the oldest; the target's is the number of history baskets) and
+      ``target``.
+    * ``lines``: the order lines of the kept baskets and items (columns as given).
+    * ``test``: the test customers, sorted.
+    """
+
+    pairs: pd.DataFrame
+    lines: pd.DataFrame
+    test: np.ndarray
+
+    @property
+    def history(self) -> pd.DataFrame:
+        return self.pairs[~self.pairs["target"].to_numpy()]
+
+    @property
+    def customers(self) -> np.ndarray:
+        return np.sort(self.pairs["customer_id"].unique())
+
+    def targets(self) -> dict[str, set[str]]:
+        """Every test customer's target items."""
+        rows = self.pairs[self.pairs["target"].to_numpy() & self._is_test()]
+        return {c: set(g) for c, g in rows.groupby("customer_id")["item_id"]}
+
+    def baskets(self, customers: Collection[str]) -> dict[str, list[list[str]]]:
+        """The history baskets of these customers, oldest first."""
+        rows = self.history[self.history["customer_id"].isin(list(customers))]
+        rows = rows.sort_values(["customer_id", "position", "item_id"])
+        out: dict[str, list[list[str]]] = {}
+        for (customer, _), items in rows.groupby(["customer_id", "position"], sort=True)["item_id"]:
+            out.setdefault(str(customer), []).append(items.tolist())
+        return out
+
+    def target_times(self) -> pd.Series:
+        """Each test customer's target basket time (the ``as_of`` of its request)."""
+        rows = self.pairs[self.pairs["target"].to_numpy() & self._is_test()]
+        return rows.groupby("customer_id")["time"].first().sort_index()
+
+    def _is_test(self) -> np.ndarray:
+        return self.pairs["customer_id"].isin(self.test).to_numpy()
+
+    def hidden_baskets(self) -> np.ndarray:
+        """The test customers' target baskets: never in nextbest's workspace."""
+        pairs = self.pairs
+        hidden = pairs["target"].to_numpy() & self._is_test()
+        return np.asarray(pairs.loc[hidden, "basket_id"].unique())
+
+    def sizes(self) -> dict[str, float]:
+        targets = self.targets()
+        histories = self.baskets(self.test)
+        repeat = sum(
+            len(t & {i for b in histories.get(c, []) for i in b}) for c, t in targets.items()
+        )
+        items = sum(len(t) for t in targets.values())
+        return {
+            "customers": int(self.pairs["customer_id"].nunique()),
+            "test_customers": len(self.test),
+            "items": int(self.pairs["item_id"].nunique()),
+            "baskets": int(self.pairs["basket_id"].nunique()),
+            "lines": len(self.lines),
+            "lines_in_workspace": int((~self.lines["basket_id"].isin(self.hidden_baskets())).sum()),
+            "test_target_items": items,
+            "repeat_share_of_test_target_items": round(repeat / items, 4) if items else 0.0,
+        }
+
+
+def make_split(lines: pd.DataFrame, *, seed: int = SEED, test_share: float = TEST_SHARE) -> Split:
+    """The protocol (see the module's docstring) on order lines with at least
+    ``customer_id``, ``basket_id``, ``time`` and ``item_id``."""
+    lines = lines.reset_index(drop=True)
+    baskets = (
+        lines.groupby("basket_id", sort=False)
+        .agg(customer_id=("customer_id", "first"), time=("time", "min"))
+        .reset_index()
+        .sort_values(["customer_id", "time", "basket_id"], ignore_index=True)
+    )
+    from_end = baskets.groupby("customer_id").cumcount(ascending=False)
+    count = baskets.groupby("customer_id")["basket_id"].transform("size")
+    baskets = baskets[(count >= MIN_BASKETS).to_numpy() & (from_end < MAX_BASKETS).to_numpy()]
+    baskets = baskets.assign(target=(from_end[baskets.index] == 0).to_numpy())
+    pairs = lines[["basket_id", "item_id"]].drop_duplicates()
+    pairs = pairs.merge(baskets, on="basket_id", how="inner")
+    seen = pairs.loc[~pairs["target"].to_numpy(), "item_id"].value_counts()
+    kept_items = seen.index[seen >= MIN_ITEM_BASKETS]
+    pairs = pairs[pairs["item_id"].isin(kept_items)]
+    # baskets left empty vanish with their pairs; then the customers that lost their
+    # target or are left with fewer than MIN_BASKETS - 1 history baskets
+    per_customer = pairs.groupby("customer_id").agg(
+        has_target=("target", "any"),
+        baskets=("basket_id", "nunique"),
+    )
+    keep = per_customer.index[
+        per_customer["has_target"].to_numpy() & (per_customer["baskets"] >= MIN_BASKETS).to_numpy()
+    ]
+    pairs = pairs[pairs["customer_id"].isin(keep)]
+    pairs = pairs.sort_values(["customer_id", "time", "basket_id", "item_id"], ignore_index=True)
+    first = ~pairs.duplicated("basket_id")
+    pairs["position"] = (
+        first.astype("int64").groupby(pairs["customer_id"]).cumsum().to_numpy() - 1
+    ).astype("int64")
+    pairs = pairs[["customer_id", "basket_id", "time", "item_id", "position", "target"]]
+    customers = np.sort(pairs["customer_id"].unique())
+    rng = np.random.default_rng(seed)
+    test = np.sort(rng.choice(customers, size=round(test_share * len(customers)), replace=False))
+    kept_lines = lines[
+        lines["basket_id"].isin(pairs["basket_id"].unique()) & lines["item_id"].isin(kept_items)
+    ].reset_index(drop=True)
+    return Split(pairs=pairs, lines=kept_lines, test=test)
+
+
+def demo_lines() -> pd.DataFrame:
+    """The Complete Journey's order lines (from the installed package, offline) with the
+    product category, ids as text."""
+    from features import load_complete_journey
+
+    raw = load_complete_journey(("transactions", "products"))
+    lines = raw["transactions"]
+    category = lines["product_id"].map(raw["products"].set_index("product_id")["product_category"])
+    return pd.DataFrame(
+        {
+            "basket_id": lines["basket_id"].astype("str"),
+            "customer_id": lines["household_id"].astype("str"),
+            "time": lines["transaction_timestamp"],
+            "item_id": lines["product_id"].astype("str"),
+            "category": category,
+            "quantity": lines["quantity"],
+            "amount": lines["sales_value"],
+        }
+    )
+
+
+# -- the split on disk -----------------------------------------------------------------------
+def write_folder(split: Split, folder: Path) -> dict[str, Path]:
+    """What nextbest and a re-run need: the order lines nextbest may see (every history
+    basket, and the targets of the non-test customers), the test customers with their
+    ``as_of``, and the test customers' target items (the truth)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    seen = split.lines[~split.lines["basket_id"].isin(split.hidden_baskets())]
+    times = split.pairs.groupby("basket_id")["time"].first()
+    seen = seen.assign(time=seen["basket_id"].map(times))  # one time per basket
+    paths = {name: folder / name for name in (LINES_FILE, TEST_FILE, TRUTH_FILE)}
+    columns = [c for c in CSV_COLUMNS if c in seen.columns]
+    seen[columns].rename(columns=CSV_COLUMNS).to_csv(paths[LINES_FILE], index=False)
+    as_of = split.target_times()
+    pd.DataFrame({"customer_id": as_of.index, "as_of": _iso(as_of)}).to_csv(
+        paths[TEST_FILE], index=False
+    )
+    truth = [(c, item) for c, items in sorted(split.targets().items()) for item in sorted(items)]
+    pd.DataFrame(truth, columns=["customer_id", "item_id"]).to_csv(paths[TRUTH_FILE], index=False)
+    return paths
+
+
+def read_folder(folder: Path) -> Split:
+    """The split back from :func:`write_folder`'s files: a non-test customer's last basket
+    in the order lines (by time, then basket id) is its target, as :func:`make_split` made
+    it; a test customer's target is the truth file's items, at its ``as_of``."""
+    order_lines = _read_text(folder / LINES_FILE)
+    lines = order_lines.rename(columns={v: k for k, v in CSV_COLUMNS.items()})
+    lines["time"] = pd.to_datetime(lines["time"])
+    test_file, truth = _read_text(folder / TEST_FILE), _read_text(folder / TRUTH_FILE)
+    test = np.sort(test_file["customer_id"].to_numpy(dtype=object))
+    pairs = lines[["customer_id", "basket_id", "time", "item_id"]].drop_duplicates(
+        ["basket_id", "item_id"]
+    )
+    pairs = pairs.sort_values(["customer_id", "time", "basket_id", "item_id"], ignore_index=True)
+    first = ~pairs.duplicated("basket_id")
+    pairs["position"] = first.astype("int64").groupby(pairs["customer_id"]).cumsum() - 1
+    last = pairs.groupby("customer_id")["position"].transform("max")
+    pairs["target"] = ((pairs["position"] == last) & ~pairs["customer_id"].isin(test)).to_numpy()
+    as_of = pd.to_datetime(test_file.set_index("customer_id")["as_of"])
+    after = last.groupby(pairs["customer_id"]).first() + 1
+    hidden = truth.assign(
+        basket_id="target:" + truth["customer_id"],
+        time=truth["customer_id"].map(as_of),
+        position=truth["customer_id"].map(after).astype("int64"),
+        target=True,
+    )
+    pairs = pd.concat([pairs, hidden[pairs.columns]], ignore_index=True)
+    return Split(pairs=pairs, lines=lines, test=test)
+
+
+def _read_text(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
+
+
+def _iso(times: pd.Series) -> list[str]:
+    return [pd.Timestamp(t).isoformat() for t in times]
+
+
+# -- references --------------------------------------------------------------------------------
+def global_top(split: Split) -> list[str]:
+    """Every history item, by the number of history baskets holding it (ties: item id)."""
+    counts = split.history["item_id"].value_counts()
+    frame = pd.DataFrame({"item": counts.index, "n": counts.to_numpy()})
+    return frame.sort_values(["n", "item"], ascending=[False, True])["item"].tolist()
+
+
+def personal_top(baskets: Sequence[Collection[str]]) -> list[str]:
+    """One customer's items by the number of their baskets holding them; ties: the most
+    recently bought first, then item id."""
+    count: dict[str, int] = {}
+    last: dict[str, int] = {}
+    for index, basket in enumerate(baskets):
+        for item in set(basket):
+            count[item] = count.get(item, 0) + 1
+            last[item] = index
+    return sorted(count, key=lambda item: (-count[item], -last[item], item))
+
+
+def topfreq_references(split: Split, k: int = max(KS)) -> dict[str, dict[str, list[str]]]:
+    """G-, P-, GP-TopFreq and G-TopFreq-new for every test customer, top k."""
+    popular = global_top(split)
+    baskets = split.baskets(split.test)
+    out: dict[str, dict[str, list[str]]] = {
+        name: {} for name in ("G-TopFreq", "P-TopFreq", "GP-TopFreq", "G-TopFreq-new")
+    }
+    for customer in split.test:
+        own = personal_top(baskets.get(customer, []))
+        have = set(own)
+        out["G-TopFreq"][customer] = popular[:k]
+        out["P-TopFreq"][customer] = own[:k]
+        out["GP-TopFreq"][customer] = _fill(own[:k], popular, have, k)
+        out["G-TopFreq-new"][customer] = _fill([], popular, have, k)
+    return out
+
+
+def _fill(head: list[str], popular: list[str], have: Collection[str], k: int) -> list[str]:
+    out = list(head)
+    for item in popular:
+        if len(out) >= k:
+            break
+        if item not in have:
+            out.append(item)
+    return out
+
+
+def tifu_vectors(
+    user: np.ndarray,
+    position: np.ndarray,
+    item: np.ndarray,
+    shape: tuple[int, int],
+    *,
+    within_decay_rate: float,
+    group_decay_rate: float,
+    group_count: int,
+) -> sparse.csr_matrix:
+    """TIFU-KNN's user vectors (rows: users, columns: items) from one entry per (history
+    basket, item): the user's row, the basket's position in that user's history (0 the
+    oldest) and the item's column. See the module's docstring for the decays and groups."""
+    user, position, item = (np.asarray(a, dtype="int64") for a in (user, position, item))
+    n = np.zeros(shape[0], dtype="int64")
+    np.maximum.at(n, user, position + 1)
+    n_user = n[user]
+    within = within_decay_rate ** (n_user - 1 - position).astype(float)
+    small = n_user < group_count  # every basket its own group
+    base = np.maximum(n_user // group_count, 1)
+    extra = n_user % group_count
+    plain = group_count - extra  # groups of `base` baskets, then `extra` of base + 1
+    boundary = plain * base
+    group = np.where(
+        position < boundary, position // base, plain + (position - boundary) // (base + 1)
+    )
+    size = np.where(position < boundary, base, base + 1)
+    group = np.where(small, position, group)
+    size = np.where(small, 1, size)
+    groups = np.where(small, n_user, group_count)
+    weight = within * group_decay_rate ** (group_count - 1 - group) / size / groups
+    matrix = sparse.coo_matrix((weight, (user, item)), shape=shape).tocsr()
+    matrix.sum_duplicates()
+    return matrix
+
+
+def tifu_knn(split: Split, k: int = max(KS), **params: Any) -> dict[str, list[str]]:
+    """TIFU-KNN's top k for every test customer (neighbours: the non-test customers)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    settings = TIFU | params
+    history = split.history
+    customers = split.customers
+    items = np.sort(split.pairs["item_id"].unique())
+    rows = pd.Index(customers).get_indexer(history["customer_id"])
+    columns = pd.Index(items).get_indexer(history["item_id"])
+    vectors = tifu_vectors(
+        rows,
+        history["position"].to_numpy(),
+        columns,
+        (len(customers), len(items)),
+        within_decay_rate=settings["within_decay_rate"],
+        group_decay_rate=settings["group_decay_rate"],
+        group_count=settings["group_count"],
+    )
+    is_test = np.isin(customers, split.test)
+    train, test = vectors[~is_test], vectors[is_test]
+    neighbours = min(int(settings["num_nearest_neighbors"]), train.shape[0])
+    knn = NearestNeighbors(n_neighbors=neighbours, algorithm="brute", metric="euclidean")
+    index = knn.fit(train).kneighbors(test, return_distance=False)
+    mean = sparse.csr_matrix(
+        (
+            np.full(index.size, 1.0 / neighbours),
+            (np.repeat(np.arange(len(index)), neighbours), index.ravel()),
+        ),
+        shape=(test.shape[0], train.shape[0]),
+    )
+    alpha = float(settings["alpha"])
+    scores = (alpha * test + (1 - alpha) * (mean @ train)).tocsr()
+    out = {}
+    for row, customer in enumerate(customers[is_test]):
+        start, end = scores.indptr[row], scores.indptr[row + 1]
+        values, cols = scores.data[start:end], scores.indices[start:end]
+        order = np.lexsort((cols, -values))
+        order = order[values[order] > 0][:k]
+        out[str(customer)] = items[cols[order]].tolist()
+    return out
+
+
+def references(split: Split) -> tuple[dict[str, dict[str, list[str]]], dict[str, float]]:
+    """Every reference's lists for the test customers, and the seconds each took."""
+    seconds = {}
+    started = time.perf_counter()
+    lists = topfreq_references(split)
+    seconds["topfreq"] = time.perf_counter() - started
+    started = time.perf_counter()
+    lists["TIFU-KNN"] = tifu_knn(split)
+    seconds["tifu_knn"] = time.perf_counter() - started
+    return lists, seconds
+
+
+# -- metrics ------------------------------------------------------------------------------------
+def customer_metrics(
+    ranked: Sequence[str],
+    target: Collection[str],
+    history: Collection[str],
+    ks: Sequence[int] = KS,
+) -> dict[str, float]:
+    """Recall, NDCG and PHR at each k on the whole target, its repeat items (those in
+    ``history``) and its new items; NaN for a part the target lacks."""
+    ranked = list(dict.fromkeys(ranked))
+    whole = set(target)
+    repeat = whole & set(history)
+    parts = {"all": whole, "repeat": repeat, "new": whole - repeat}
+    out = {}
+    for k in ks:
+        top = ranked[:k]
+        for part, truth in parts.items():
+            suffix = "" if part == "all" else f"_{part}"
+            if not truth:
+                for measure in MEASURES:
+                    out[f"{measure}{suffix}@{k}"] = math.nan
+                continue
+            hits = [i for i, item in enumerate(top) if item in truth]
+            ideal = sum(1 / math.log2(i + 2) for i in range(min(len(truth), k)))
+            out[f"recall{suffix}@{k}"] = len(hits) / len(truth)
+            out[f"ndcg{suffix}@{k}"] = sum(1 / math.log2(i + 2) for i in hits) / ideal
+            out[f"phr{suffix}@{k}"] = float(bool(hits))
+    return out
+
+
+def per_customer(
+    lists: Mapping[str, Sequence[str]],
+    targets: Mapping[str, Collection[str]],
+    histories: Mapping[str, Collection[str]],
+) -> pd.DataFrame:
+    """One row of :func:`customer_metrics` per target customer (no list: an empty one)."""
+    rows = {
+        c: customer_metrics(lists.get(c, []), targets[c], histories.get(c, ()))
+        for c in sorted(targets)
+    }
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def summarise(frame: pd.DataFrame) -> dict[str, float]:
+    """Means over the customers (each repeat/new column over those who have that part)."""
+    return {column: round(float(frame[column].mean()), 4) for column in frame.columns}
+
+
+def bootstrap_difference(
+    ours: np.ndarray, theirs: np.ndarray, *, draws: int = BOOTSTRAP, seed: int = SEED
+) -> dict[str, float | None]:
+    """Mean of ours − theirs over customers, with a 95 % percentile interval from
+    resampling the customers (None for no customers)."""
+    difference = np.asarray(ours, dtype=float) - np.asarray(theirs, dtype=float)
+    if not len(difference):
+        return {"mean": None, "low": None, "high": None, "customers": 0}
+    rng = np.random.default_rng(seed)
+    means = difference[rng.integers(0, len(difference), (draws, len(difference)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {
+        "mean": round(float(difference.mean()), 4),
+        "low": round(float(low), 4),
+        "high": round(float(high), 4),
+        "customers": len(difference),
+    }
+
+
+def table(summaries: Mapping[str, Mapping[str, float]], counts: Mapping[str, int]) -> str:
+    """Rows: methods; a block per part of the target (all, repeat, new); columns: Recall,
+    NDCG, PHR at each k."""
+    names = {"recall": "Recall", "ndcg": "NDCG", "phr": "PHR"}
+    header = "".join(f"{names[m] + '@' + str(k):>12}" for k in KS for m in MEASURES)
+    width = max(len(name) for name in summaries) + 2
+    lines = []
+    for part in PARTS:
+        suffix = "" if part == "all" else f"_{part}"
+        label = {"all": "all target items", "repeat": "repeat items", "new": "new items"}[part]
+        lines.append(f"{label} ({counts[part]:,} customers)")
+        lines.append(" " * width + header)
+        for name, summary in summaries.items():
+            cells = "".join(f"{summary[f'{m}{suffix}@{k}']:>12.4f}" for k in KS for m in MEASURES)
+            lines.append(f"{name:<{width}}{cells}")
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def evaluate(
+    split: Split, lists: Mapping[str, Mapping[str, Sequence[str]]]
+) -> tuple[dict[str, pd.DataFrame], dict[str, int]]:
+    """Per-customer metrics of every method, and how many test customers have any target
+    items at all, any repeat ones and any new ones."""
+    targets = split.targets()
+    histories = {
+        c: {i for b in baskets for i in b} for c, baskets in split.baskets(split.test).items()
+    }
+    frames = {name: per_customer(ranked, targets, histories) for name, ranked in lists.items()}
+    any_frame = next(iter(frames.values()))
+    counts = {
+        "all": len(targets),
+        "repeat": int(any_frame[f"recall_repeat@{KS[0]}"].notna().sum()),
+        "new": int(any_frame[f"recall_new@{KS[0]}"].notna().sum()),
+    }
+    return frames, counts
+
+
+def compare(frames: Mapping[str, pd.DataFrame]) -> dict[str, Any]:
+    """nextbest against TIFU-KNN and G-TopFreq-new (bootstrap intervals of the
+    differences), and whether the target holds."""
+    ours = frames[NEXTBEST]
+
+    def interval(reference: str, column: str) -> dict[str, float | None]:
+        theirs = frames[reference].loc[ours.index, column]
+        has = ours[column].notna().to_numpy()  # a repeat/new part: its customers only
+        return bootstrap_difference(ours[column].to_numpy()[has], theirs.to_numpy()[has])
+
+    means = {name: summarise(frame) for name, frame in frames.items()}
+    mine, tifu, new = means[NEXTBEST], means["TIFU-KNN"], means["G-TopFreq-new"]
+    return {
+        "nextbest_minus_tifu_knn_95ci": {
+            column: interval("TIFU-KNN", column) for column in ("recall@10", "ndcg@10")
+        },
+        "nextbest_minus_g_topfreq_new_95ci": {
+            "recall_new@10": interval("G-TopFreq-new", "recall_new@10")
+        },
+        "targets": {
+            "recall@10_ge_tifu_knn": mine["recall@10"] >= tifu["recall@10"],
+            "ndcg@10_ge_tifu_knn": mine["ndcg@10"] >= tifu["ndcg@10"],
+            "new_recall@10_gt_g_topfreq_new": mine["recall_new@10"] > new["recall_new@10"],
+        },
+    }
+
+
+def _verdict(figures: Mapping[str, Any], customers: int) -> str:
+    """The comparison in words, under the table."""
+
+    def ci(values: Mapping[str, float | None]) -> str:
+        if values["mean"] is None:
+            return "n/a (no customers)"
+        return f"{values['mean']:+.4f} [{values['low']:+.4f}, {values['high']:+.4f}]"
+
+    tifu = figures["nextbest_minus_tifu_knn_95ci"]
+    new = figures["nextbest_minus_g_topfreq_new_95ci"]["recall_new@10"]
+    targets = figures["targets"]
+    return "\n".join(
+        [
+            "nextbest − TIFU-KNN (95 % customer bootstrap): Recall@10 "
+            f"{ci(tifu['recall@10'])}, NDCG@10 {ci(tifu['ndcg@10'])}",
+            f"nextbest − G-TopFreq-new, new-item Recall@10: {ci(new)}",
+            f"nextbest returned nothing for {figures['nextbest_customers_without_recommendations']}"
+            f" of {customers} test customers (scored 0)",
+            "target (Recall@10 and NDCG@10 ≥ TIFU-KNN, new-item Recall@10 > G-TopFreq-new): "
+            + ("met" if all(targets.values()) else "not met")
+            + " ("
+            + ", ".join(f"{name} {'yes' if held else 'no'}" for name, held in targets.items())
+            + ")",
+        ]
+    )
+
+
+def read_recommendations(path: Path) -> dict[str, list[str]]:
+    """A recommend-batch output's ranked offer ids per customer."""
+    rows = pd.read_csv(path, dtype={"customer_id": str, "offer_id": str})
+    rows = rows.sort_values(["customer_id", "rank"], kind="stable")
+    return {str(c): g.tolist() for c, g in rows.groupby("customer_id")["offer_id"]}
+
+
+def report(
+    split: Split, lists: Mapping[str, Mapping[str, Sequence[str]]]
+) -> tuple[str, dict[str, Any]]:
+    """The printed table and the figures of every method (with the comparison when
+    nextbest is among them)."""
+    frames, counts = evaluate(split, lists)
+    summaries = {name: summarise(frame) for name, frame in frames.items()}
+    figures: dict[str, Any] = {"metrics": summaries, "customers_with": counts}
+    text = table(summaries, counts)
+    if NEXTBEST in lists:
+        empty = sum(1 for c in split.test if not lists[NEXTBEST].get(c))
+        figures["nextbest_customers_without_recommendations"] = empty
+        figures |= compare(frames)
+        text += "\n\n" + _verdict(figures, len(split.test))
+    return text, figures
+
+
+def score(recs_csv: Path | str, folder: Path | str) -> dict[str, Any]:
+    """Score a recommendations file against a kept split (``NEXTBEST_BENCH_NB_KEEP``),
+    beside the references, and print the table."""
+    split = read_folder(Path(folder))
+    lists, _ = references(split)
+    lists[NEXTBEST] = read_recommendations(Path(recs_csv))
+    text, figures = report(split, lists)
+    print(text)
+    print(json.dumps({k: v for k, v in figures.items() if k != "metrics"}, indent=2))
+    return figures
+
+
+# -- nextbest, as a user runs it -------------------------------------------------------------------
+def _nextbest(folder: Path, *args: str, log: str) -> tuple[float, str, str]:
+    """`python -m nextbest.cli ARGS` with the product's defaults (no ``NEXTBEST_*``
+    variable of the caller) in its own home and ledger under ``folder``; seconds, stdout
+    and the last stderr line."""
+    root = Path(__file__).resolve().parents[1]
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("NEXTBEST_") and k != "MLFLOW_TRACKING_URI"
+    }
+    env |= {
+        "NEXTBEST_HOME": str(folder / "home"),
+        "NEXTBEST_DB_URL": f"sqlite:///{folder / LEDGER_FILE}",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "BENTOML_DO_NOT_TRACK": "true",
+    }
+    (folder / "home").mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with (folder / log).open("w") as errors:
+        done = subprocess.run(
+            [sys.executable, "-m", "nextbest.cli", *args],
+            cwd=root,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=errors,
+            text=True,
+        )
+    seconds = time.perf_counter() - started
+    stderr = (folder / log).read_text().strip().splitlines()
+    if done.returncode != 0:
+        tail = "\n".join(stderr[-20:])
+        raise RuntimeError(f"nextbest {' '.join(args[:2])} failed ({done.returncode}):\n{tail}")
+    return seconds, done.stdout, stderr[-1] if stderr else ""
+
+
+def run_nextbest(folder: Path) -> tuple[Path, dict[str, float], dict[str, Any]]:
+    """Import, train and recommend-batch on the kept split in ``folder``; the
+    recommendations file, the seconds of each step and what the commands said."""
+    workspace, out = folder / "workspace", folder / "recommendations.csv"
+    columns = ("--customer", "--time", "--item", "--category", "--quantity", "--amount", "--order")
+    names = ("customer_id", "time", "item_id", "category", "quantity", "amount", "basket_id")
+    mapping = [
+        part
+        for flag, name in zip(columns, names, strict=True)
+        for part in (flag, CSV_COLUMNS[name])
+    ]
+    seconds = {}
+    seconds["import"], _, _ = _nextbest(
+        folder,
+        *("import", "transactions", str(folder / LINES_FILE), *mapping, "-w", str(workspace)),
+        log="import.log",
+    )
+    seconds["train"], trained, _ = _nextbest(
+        folder, "train", "--quiet", "-w", str(workspace), log="train.log"
+    )
+    (folder / LEDGER_FILE).unlink(missing_ok=True)  # no cap counted by an earlier run
+    seconds["recommend_batch"], _, said = _nextbest(
+        folder,
+        *("recommend-batch", "-w", str(workspace), "--alias", "challenger"),
+        *("--customers", str(folder / TEST_FILE), "--k", str(max(KS))),
+        *("--channel", "web", "--placement", "home", "--no-holdout", "--out", str(out)),
+        log="recommend_batch.log",
+    )
+    from features import Workspace
+
+    offers = Workspace(workspace).read("offers")["offer_id"].astype("str")
+    truth = _read_text(folder / TRUTH_FILE)["item_id"]
+    return (
+        out,
+        seconds,
+        {
+            "model_version": json.loads(trained).get("model_version"),
+            "recommend_batch_said": said,
+            "nextbest_offers": len(offers),
+            "test_target_items_with_an_offer": round(float(truth.isin(offers).mean()), 4),
+        },
+    )
+
+
+@contextlib.contextmanager
+def _folder() -> Iterator[Path]:
+    keep = os.environ.get(KEEP_ENV)
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        yield Path(keep).resolve()
+    else:
+        with tempfile.TemporaryDirectory(prefix="nextbasket-") as folder:
+            yield Path(folder)
+
+
+def run() -> dict[str, Any]:
+    skip = os.environ.get(SKIP_ENV, "").lower() in ("1", "true", "yes")
+    started = time.perf_counter()
+    split = make_split(demo_lines())
+    seconds: dict[str, float] = {"split": time.perf_counter() - started}
+    with _folder() as folder:
+        write_folder(split, folder)
+        lists, reference_s = references(split)
+        seconds |= {f"reference_{name}": s for name, s in reference_s.items()}
+        said: dict[str, Any] = {}
+        if not skip:
+            out, nextbest_s, said = run_nextbest(folder)
+            seconds |= nextbest_s
+            lists[NEXTBEST] = read_recommendations(out)
+        text, figures = report(split, lists)
+    print(text, flush=True)
+    return {
+        "protocol": "Li et al., A Next Basket Recommendation Reality Check (TOIS 2023)",
+        "data": split.sizes(),
+        "tifu_knn": TIFU,
+        "k": list(KS),
+        "nextbest_run": not skip,
+        **said,
+        **figures,
+        "seconds": {name: round(s, 2) for name, s in seconds.items()},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    commands = parser.add_subparsers(dest="command")
+    commands.add_parser("run", help="the whole benchmark (as `python -m bench next_basket`)")
+    scorer = commands.add_parser("score", help="score a recommendations file on a kept split")
+    scorer.add_argument("recs", type=Path, help="recommend-batch output (.csv)")
+    scorer.add_argument("folder", type=Path, help=f"a split kept with {KEEP_ENV}")
+    args = parser.parse_args()
+    if args.command == "score":
+        score(args.recs, args.folder)
+    else:
+        print(json.dumps(run(), indent=2))
+
+
+if __name__ == "__main__":
+    main()

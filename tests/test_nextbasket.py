@@ -1,0 +1,304 @@
+"""The next-basket benchmark's protocol, references and metrics, on toy data worked out by
+hand (never the demo)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bench import nextbasket as nb
+
+T0 = pd.Timestamp("2024-01-01")
+
+
+def _lines(spec: dict[str, list[tuple[int, list[str]]]]) -> pd.DataFrame:
+    """Order lines: per customer, (day, items) baskets; basket ids '<customer>-<day>'."""
+    rows = [
+        {
+            "basket_id": f"{customer}-{day:03d}",
+            "customer_id": customer,
+            "time": T0 + pd.Timedelta(days=day, minutes=line),
+            "item_id": item,
+            "category": "FOOD",
+            "quantity": 1,
+            "amount": 1.5,
+        }
+        for customer, baskets in spec.items()
+        for day, items in baskets
+        for line, item in enumerate(items)
+    ]
+    return pd.DataFrame(rows)
+
+
+def _split(
+    histories: dict[str, list[list[str]]], targets: dict[str, list[str]], test: list[str]
+) -> nb.Split:
+    """A split given directly: history baskets oldest first, then the target."""
+    rows = []
+    for customer, baskets in histories.items():
+        for position, items in enumerate([*baskets, targets[customer]]):
+            for item in items:
+                rows.append(
+                    {
+                        "customer_id": customer,
+                        "basket_id": f"{customer}-{position}",
+                        "time": T0 + pd.Timedelta(days=position),
+                        "item_id": item,
+                        "position": position,
+                        "target": position == len(baskets),
+                    }
+                )
+    pairs = pd.DataFrame(rows)
+    lines = pairs.assign(category="FOOD", quantity=1, amount=1.0)
+    return nb.Split(pairs=pairs, lines=lines, test=np.array(sorted(test), dtype=object))
+
+
+# -- the protocol ------------------------------------------------------------------------------
+PROTOCOL = {
+    # kept: the target loses r (never in a history); s is in 2 history baskets only
+    "a": [(1, ["m", "n", "s"]), (2, ["m", "s"]), (3, ["m", "r"])],
+    # 2 baskets: dropped before the counts, so its s does not count
+    "b": [(1, ["s"]), (2, ["m"])],
+    # baskets ordered by time, not by the order given; its target's s is never counted
+    "c": [(1, ["m", "n"]), (5, ["n"]), (3, ["m"]), (6, ["m", "n", "s"])],
+    # its first basket holds only u (1 history basket): it vanishes, 3 baskets remain
+    "d": [(1, ["u"]), (2, ["m"]), (3, ["n"]), (4, ["m"])],
+    # likewise, but then only 2 baskets remain: dropped
+    "e": [(1, ["v"]), (2, ["m"]), (3, ["n"])],
+    # its target holds only r2 (in no history): dropped
+    "f": [(1, ["m"]), (2, ["n"]), (3, ["r2"])],
+}
+# history baskets holding each item (a, c, d, e, f): m 7, n 5, s 2, u 1, v 1, r 0, r2 0
+
+
+def test_the_protocol_keeps_customers_baskets_and_items_as_documented() -> None:
+    split = nb.make_split(_lines(PROTOCOL))
+    assert split.customers.tolist() == ["a", "c", "d"]
+    assert sorted(split.pairs["item_id"].unique()) == ["m", "n"]
+    targets = split.pairs[split.pairs["target"]]
+    assert {c: set(g) for c, g in targets.groupby("customer_id")["item_id"]} == {
+        "a": {"m"},
+        "c": {"m", "n"},
+        "d": {"m"},
+    }
+    # targets are the last baskets by time; positions count the history, oldest first
+    assert dict(zip(targets["customer_id"], targets["basket_id"], strict=True)) == {
+        "a": "a-003",
+        "c": "c-006",
+        "d": "d-004",
+    }
+    history = split.history.drop_duplicates("basket_id").set_index("basket_id")["position"]
+    assert history.to_dict() == {
+        "a-001": 0,
+        "a-002": 1,
+        "c-001": 0,
+        "c-003": 1,
+        "c-005": 2,
+        "d-002": 0,
+        "d-003": 1,
+    }
+    assert set(targets.groupby("customer_id")["position"].first().items()) == {
+        ("a", 2),
+        ("c", 3),
+        ("d", 2),
+    }
+    assert split.baskets(["c"]) == {"c": [["m", "n"], ["m"], ["n"]]}
+    # the lines kept are those of the kept baskets and items only
+    assert sorted(split.lines["basket_id"] + ":" + split.lines["item_id"]) == sorted(
+        split.pairs["basket_id"] + ":" + split.pairs["item_id"]
+    )
+
+
+def test_a_long_history_keeps_its_last_50_baskets_before_the_counts() -> None:
+    # 53 baskets of m; 'old' in the first three (cut) and at day 10: 1 basket, dropped
+    spec = {"g": [(day, ["m", "old"] if day in (1, 2, 3, 10) else ["m"]) for day in range(1, 54)]}
+    split = nb.make_split(_lines(spec))
+    assert split.pairs["basket_id"].nunique() == 50
+    assert split.pairs["time"].min() == T0 + pd.Timedelta(days=4)
+    assert split.pairs.loc[split.pairs["target"], "basket_id"].tolist() == ["g-053"]
+    assert set(split.pairs["item_id"]) == {"m"}
+    assert split.history["position"].max() == 48
+
+
+def test_a_fifth_of_the_customers_are_the_test_customers_drawn_with_the_seed() -> None:
+    customers = [f"k{i}" for i in range(10)]
+    spec = {c: [(1, ["m"]), (2, ["m"]), (3, ["m"])] for c in customers}
+    split = nb.make_split(_lines(spec))
+    assert len(split.test) == 2 and set(split.test) <= set(customers)
+    drawn = np.random.default_rng(nb.SEED).choice(np.array(customers), size=2, replace=False)
+    assert split.test.tolist() == sorted(drawn)
+    assert nb.make_split(_lines(spec)).test.tolist() == split.test.tolist()
+    others = {tuple(nb.make_split(_lines(spec), seed=s).test) for s in range(1, 6)}
+    assert len(others) > 1  # the seed decides
+
+
+def test_the_kept_folder_hides_the_test_targets_and_reads_back_the_same_split(
+    tmp_path: Path,
+) -> None:
+    split = nb.make_split(_lines(PROTOCOL), test_share=0.34)  # one of the three customers
+    (customer,) = split.test
+    paths = nb.write_folder(split, tmp_path)
+    seen = pd.read_csv(paths[nb.LINES_FILE], dtype=str)
+    assert list(seen.columns) == ["receipt", "shopper", "when", "sku", "category", "units", "paid"]
+    hidden = split.pairs.loc[split.pairs["target"] & (split.pairs["customer_id"] == customer)]
+    assert not set(hidden["basket_id"]) & set(seen["receipt"])
+    others = split.pairs.loc[split.pairs["target"] & (split.pairs["customer_id"] != customer)]
+    assert set(others["basket_id"]) <= set(seen["receipt"])
+    test = pd.read_csv(paths[nb.TEST_FILE], dtype=str)
+    assert test.to_dict("records") == [
+        {"customer_id": customer, "as_of": hidden["time"].iloc[0].isoformat()}
+    ]
+    again = nb.read_folder(tmp_path)
+    assert again.test.tolist() == split.test.tolist()
+    assert again.targets() == split.targets()
+    assert again.baskets(split.customers) == split.baskets(split.customers)
+    assert nb.global_top(again) == nb.global_top(split)
+
+
+# -- the references -------------------------------------------------------------------------------
+# history baskets holding each item: y 5, w 2, x 2, v 1, z 1
+TOPFREQ = {
+    "t1": [["x", "y"], ["x"], ["z"]],
+    "n1": [["y"], ["y"], ["y", "w"]],
+    "n2": [["w"], ["v"], ["y"]],
+}
+
+
+def test_topfreq_references() -> None:
+    split = _split(TOPFREQ, {"t1": ["q"], "n1": ["y"], "n2": ["w"]}, ["t1"])
+    assert nb.global_top(split) == ["y", "w", "x", "v", "z"]  # ties by item id
+    lists = nb.topfreq_references(split, k=4)
+    assert lists["G-TopFreq"] == {"t1": ["y", "w", "x", "v"]}
+    # x in 2 baskets; z and y in 1 each, z the more recent
+    assert lists["P-TopFreq"] == {"t1": ["x", "z", "y"]}  # no padding
+    assert lists["GP-TopFreq"] == {"t1": ["x", "z", "y", "w"]}
+    assert lists["G-TopFreq-new"] == {"t1": ["w", "v"]}  # only two items are new to t1
+    assert nb.topfreq_references(split, k=2)["P-TopFreq"] == {"t1": ["x", "z"]}
+    assert nb.personal_top([["b", "a"], ["c"]]) == ["c", "a", "b"]
+
+
+def _vector(baskets: list[list[int]], n_items: int = 3) -> np.ndarray:
+    entries = [(position, item) for position, items in enumerate(baskets) for item in items]
+    position, item = np.array(entries).T
+    matrix = nb.tifu_vectors(
+        np.zeros(len(entries), dtype=int),
+        position,
+        item,
+        (1, n_items),
+        within_decay_rate=0.9,
+        group_decay_rate=0.6,
+        group_count=3,
+    )
+    return matrix.toarray()[0]
+
+
+def test_tifu_user_vectors_by_hand() -> None:
+    a, b, c = 0, 1, 2
+    # 4 baskets in 3 groups: [0], [1], [2, 3]; within decays .729 .81 .9 1; groups .36 .6 1
+    # a = (.729 × .36 + .81 × .6) / 3, b = (.81 × .6 + (.9 / 2) × 1) / 3, c = (1 / 2) / 3
+    assert _vector([[a], [a, b], [b], [c]]) == pytest.approx([0.24948, 0.312, 0.1666667])
+    # 5 baskets: [0], [1, 2], [3, 4] (the later groups the larger); decays .6561 .729 .81 .9 1
+    # a = (.6561 × .36 + .9 / 2) / 3, b = (.729 / 2 × .6 + 1 / 2) / 3, c = (.81 / 2 × .6) / 3
+    assert _vector([[a], [b], [c], [a], [b]]) == pytest.approx([0.228732, 0.2395667, 0.081])
+    # 3 baskets, one per group: a = .81 × .36 / 3, b = .9 × .6 / 3, c = 1 / 3
+    assert _vector([[a], [b], [c]]) == pytest.approx([0.0972, 0.18, 0.3333333])
+    # 6 baskets: [0, 1], [2, 3], [4, 5]; a = (.59049 + .6561) / 2 × .36 / 3, b = (.729 + .81)
+    # / 2 × .6 / 3, c = (.9 + 1) / 2 / 3
+    assert _vector([[a], [a], [b], [b], [c], [c]]) == pytest.approx([0.0747954, 0.1539, 0.3166667])
+    # fewer baskets than groups: each its own group, weighted .6^(3-1-g), over 2 groups
+    assert _vector([[a], [b]]) == pytest.approx([0.162, 0.3, 0.0])
+
+
+def test_tifu_knn_blends_the_own_vector_with_the_nearest_neighbours() -> None:
+    # vectors: t {a: .462}, n1 {a: .462, b: .3}, n2 {c: .462}; n1 is t's nearest
+    split = _split(
+        {"t": [["a"], ["a"]], "n1": [["a"], ["a", "b"]], "n2": [["c"], ["c"]]},
+        {"t": ["b"], "n1": ["a"], "n2": ["c"]},
+        ["t"],
+    )
+    # one neighbour: .2 × {a: .462} + .8 × {a: .462, b: .3} = {a: .462, b: .24}
+    assert nb.tifu_knn(split, num_nearest_neighbors=1) == {"t": ["a", "b"]}
+    # both: .2 × {a: .462} + .8 × {a: .231, b: .15, c: .231} = {a: .2772, c: .1848, b: .12}
+    assert nb.tifu_knn(split, num_nearest_neighbors=2) == {"t": ["a", "c", "b"]}
+    assert nb.tifu_knn(split, k=1, num_nearest_neighbors=2) == {"t": ["a"]}
+
+
+# -- the metrics ---------------------------------------------------------------------------------
+def test_metrics_by_hand_with_the_repeat_and_new_split() -> None:
+    got = nb.customer_metrics(["a", "b", "c", "d"], {"b", "d", "e"}, {"b", "x"}, ks=(2, 4))
+    one, two, four = 1.0, 1 / math.log2(3), 1 / math.log2(5)  # gains at ranks 1, 2 and 4
+    expected = {
+        # top 2 [a, b]: b hits at rank 2; the ideal over min(3, 2) = 2 items
+        "recall@2": 1 / 3,
+        "ndcg@2": 0.3868528,  # .6309 / (1 + .6309)
+        "phr@2": 1.0,
+        "recall_repeat@2": 1.0,  # repeat part {b}
+        "ndcg_repeat@2": 0.6309298,  # ideal over 1 item: 1
+        "phr_repeat@2": 1.0,
+        "recall_new@2": 0.0,  # new part {d, e}
+        "ndcg_new@2": 0.0,
+        "phr_new@2": 0.0,
+        # top 4: b (rank 2) and d (rank 4); ideal over 3 items
+        "recall@4": 2 / 3,
+        "ndcg@4": 0.4981893,  # (.6309 + .4307) / (1 + .6309 + .5)
+        "phr@4": 1.0,
+        "recall_repeat@4": 1.0,
+        "ndcg_repeat@4": 0.6309298,
+        "phr_repeat@4": 1.0,
+        "recall_new@4": 0.5,
+        "ndcg_new@4": 0.2640681,  # .4307 / (1 + .6309)
+        "phr_new@4": 1.0,
+    }
+    assert got == pytest.approx(expected, abs=1e-6)
+    assert got["ndcg@4"] == pytest.approx((two + four) / (one + two + 0.5))
+    # the Reality Check's own NDCG@2 would be .6309 / 2.1309 = .2961: its ideal is over 3
+    assert got["ndcg@2"] != pytest.approx(two / (one + two + 0.5))
+
+
+def test_a_part_the_target_lacks_is_nan_and_averaged_over_those_who_have_it() -> None:
+    got = nb.customer_metrics([], {"a"}, set(), ks=(10,))
+    assert got["recall@10"] == 0 and got["ndcg@10"] == 0 and got["phr@10"] == 0
+    assert math.isnan(got["recall_repeat@10"]) and math.isnan(got["phr_repeat@10"])
+    assert got["recall_new@10"] == 0
+    frame = nb.per_customer(
+        {"u": ["a", "b"], "v": ["c"]},  # w gets nothing: zero
+        {"u": {"a", "z"}, "v": {"c"}, "w": {"d"}},
+        {"u": {"a"}, "w": {"d"}},
+    )
+    summary = nb.summarise(frame)
+    assert summary["recall@10"] == pytest.approx((0.5 + 1 + 0) / 3, abs=1e-4)
+    assert summary["recall_repeat@10"] == pytest.approx((1 + 0) / 2)  # u and w have repeats
+    assert summary["recall_new@10"] == pytest.approx((0 + 1) / 2)  # u (z) and v (c)
+    assert summary["phr@10"] == pytest.approx(2 / 3, abs=1e-4)
+
+
+def test_bootstrap_interval_of_the_difference() -> None:
+    same = nb.bootstrap_difference(np.ones(5), np.zeros(5))
+    assert same == {"mean": 1.0, "low": 1.0, "high": 1.0, "customers": 5}
+    ours, theirs = np.array([1.0, 0.0, 1.0, 0.0]), np.zeros(4)
+    interval = nb.bootstrap_difference(ours, theirs, draws=200)
+    assert interval["mean"] == 0.5 and 0 <= interval["low"] < 0.5 < interval["high"] <= 1
+    assert nb.bootstrap_difference(ours, theirs, draws=200) == interval  # fixed seed
+    assert nb.bootstrap_difference(np.array([]), np.array([]))["mean"] is None
+
+
+def test_score_reads_recommendations_and_compares_with_the_references(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    split = nb.make_split(_lines(PROTOCOL), test_share=0.34)
+    (customer,) = split.test
+    nb.write_folder(split, tmp_path)
+    recs = tmp_path / "recs.csv"
+    pd.DataFrame({"customer_id": [customer] * 2, "rank": [2, 1], "offer_id": ["n", "m"]}).to_csv(
+        recs, index=False
+    )
+    figures = nb.score(recs, tmp_path)
+    assert figures["metrics"]["nextbest"]["recall@10"] == 1.0
+    assert figures["nextbest_customers_without_recommendations"] == 0
+    assert set(figures["metrics"]) == {*nb.REFERENCES, "nextbest"}
+    printed = capsys.readouterr().out
+    assert "TIFU-KNN" in printed and "repeat items" in printed and "Recall@10" in printed
