@@ -59,6 +59,30 @@ of nextbest − TIFU-KNN for Recall@10 and NDCG@10, and of nextbest − G-TopFre
 new-item Recall@10. The target: nextbest ≥ TIFU-KNN on Recall@10 and NDCG@10, and
 nextbest's new-item Recall@10 > G-TopFreq-new's.
 
+**Products only (the same item universe for every method)**, a second table on the same
+split after the standard one: nextbest makes no offer for lines that are not products
+(fuel, coupon and misc lines, bags, fees, deposits…), while the references above rank
+them. The universe (:func:`product_universe`) is the items ``nextbest import
+transactions`` makes an item offer for with its defaults (``--offer-level item``, no
+``--keep-non-products``), decided by the import's own code:
+:func:`features.importing.order_lines_to_tables` on the order lines nextbest imports
+(those written to ``order_lines.csv``, mapped as :func:`run_nextbest` maps them), each
+item's category resolved by the import's ``CATEGORY_POLICY``; an item is left out when
+its category is among ``features.catalog.non_product_categories(categories, items=True)``
+(a placeholder name such as ``NO COMMODITY DESCRIPTION`` leaves its items in; an item
+with no category stays in). Nothing is read from a nextbest workspace. In this table each
+test customer's target keeps its universe items only, and a customer left with none
+drops out (the table says how many remain); repeat/new is as before, against the
+customer's history. Every reference ranks universe items only: G-TopFreq and
+G-TopFreq-new over universe items, P-TopFreq and GP-TopFreq skip the other items (the
+counts and ties of the standard lists otherwise), and TIFU-KNN has the other items'
+columns zeroed in every user vector before the neighbour search (same hyper-parameters;
+a history basket that held only such items keeps its place in the decays and groups).
+nextbest's list is scored as it is; the items in it outside the universe are counted
+(there should be none). The same metrics, bootstrap intervals and target verdict follow.
+The figures are under ``products_only``, with the same structure as the standard ones
+plus ``universe`` and ``nextbest_items_outside_universe``.
+
 Environment: ``NEXTBEST_BENCH_NB_SKIP_NEXTBEST=1`` runs the references only;
 ``NEXTBEST_BENCH_NB_KEEP=FOLDER`` keeps the split (``order_lines.csv``,
 ``test_customers.csv``, ``truth.csv``: the test customers' target items), and with
@@ -75,7 +99,7 @@ re-run nextbest on the same split and score it::
     python -m bench.nextbasket score RECS.csv FOLDER
 
 ``score`` reads any file with ``customer_id``, ``rank`` and ``offer_id`` columns and
-prints the table beside the references, recomputed from the folder.
+prints both tables beside the references, recomputed from the folder.
 """
 
 from __future__ import annotations
@@ -274,9 +298,7 @@ def write_folder(split: Split, folder: Path) -> dict[str, Path]:
     basket, and the targets of the non-test customers), the test customers with their
     ``as_of``, and the test customers' target items (the truth)."""
     folder.mkdir(parents=True, exist_ok=True)
-    seen = split.lines[~split.lines["basket_id"].isin(split.hidden_baskets())]
-    times = split.pairs.groupby("basket_id")["time"].first()
-    seen = seen.assign(time=seen["basket_id"].map(times))  # one time per basket
+    seen = workspace_lines(split)
     paths = {name: folder / name for name in (LINES_FILE, TEST_FILE, TRUTH_FILE)}
     columns = [c for c in CSV_COLUMNS if c in seen.columns]
     seen[columns].rename(columns=CSV_COLUMNS).to_csv(paths[LINES_FILE], index=False)
@@ -287,6 +309,14 @@ def write_folder(split: Split, folder: Path) -> dict[str, Path]:
     truth = [(c, item) for c, items in sorted(split.targets().items()) for item in sorted(items)]
     pd.DataFrame(truth, columns=["customer_id", "item_id"]).to_csv(paths[TRUTH_FILE], index=False)
     return paths
+
+
+def workspace_lines(split: Split) -> pd.DataFrame:
+    """The order lines nextbest imports: every kept line but those of the test customers'
+    targets, each at its basket's time."""
+    seen = split.lines[~split.lines["basket_id"].isin(split.hidden_baskets())]
+    times = split.pairs.groupby("basket_id")["time"].first()
+    return seen.assign(time=seen["basket_id"].map(times))  # one time per basket
 
 
 def read_folder(folder: Path) -> Split:
@@ -326,6 +356,64 @@ def _iso(times: pd.Series) -> list[str]:
     return [pd.Timestamp(t).isoformat() for t in times]
 
 
+# -- the products-only universe ----------------------------------------------------------------
+@dataclass(frozen=True)
+class Universe:
+    """The items every method may rank in the products-only table.
+
+    * ``items``: the split's items the import makes an item offer for by default.
+    * ``left_out``: the categories whose items it makes no item offer for, with the reason
+      (:func:`features.catalog.non_product_categories` with ``items=True``).
+    * ``split_items``: how many items the split has in all.
+    """
+
+    items: frozenset[str]
+    left_out: dict[str, str]
+    split_items: int
+
+
+UNIVERSE_RULE = (
+    "the items 'nextbest import transactions' makes an item offer for by default "
+    "(features.importing.order_lines_to_tables, offer_level='item', keep_non_products=False, "
+    "on the order lines nextbest imports): every item but those whose category (by "
+    "CATEGORY_POLICY) is in features.catalog.non_product_categories(categories, items=True)"
+)
+
+
+def product_universe(split: Split) -> Universe:
+    """The universe of the products-only table, by the import's own code (see the module's
+    docstring): :func:`features.importing.order_lines_to_tables` with its defaults on
+    :func:`workspace_lines`, mapped as :func:`run_nextbest` maps the CSV."""
+    from features.catalog import non_product_categories
+    from features.importing import OrderLineMapping, order_lines_to_tables
+
+    lines = workspace_lines(split)
+    present = {name: name if name in lines.columns else None for name in CSV_COLUMNS}
+    mapping = OrderLineMapping(
+        customer="customer_id",
+        time="time",
+        item="item_id",
+        category=present["category"],
+        amount=present["amount"],
+        quantity=present["quantity"],
+        order="basket_id",
+    )
+    tables = order_lines_to_tables(lines, mapping)
+    offered = frozenset(tables["offers"]["offer_id"].astype("str"))
+    items = set(split.pairs["item_id"].astype("str"))
+    categories = tables["products"]["category"].dropna().unique()
+    return Universe(
+        items=frozenset(items & offered),
+        left_out=non_product_categories(categories, items=True),
+        split_items=len(items),
+    )
+
+
+def _only(items: list[str], universe: Collection[str] | None) -> list[str]:
+    """``items`` without those outside ``universe`` (all of them without a universe)."""
+    return items if universe is None else [item for item in items if item in universe]
+
+
 # -- references --------------------------------------------------------------------------------
 def global_top(split: Split) -> list[str]:
     """Every history item, by the number of history baskets holding it (ties: item id)."""
@@ -346,15 +434,18 @@ def personal_top(baskets: Sequence[Collection[str]]) -> list[str]:
     return sorted(count, key=lambda item: (-count[item], -last[item], item))
 
 
-def topfreq_references(split: Split, k: int = max(KS)) -> dict[str, dict[str, list[str]]]:
-    """G-, P-, GP-TopFreq and G-TopFreq-new for every test customer, top k."""
-    popular = global_top(split)
+def topfreq_references(
+    split: Split, k: int = max(KS), *, universe: Collection[str] | None = None
+) -> dict[str, dict[str, list[str]]]:
+    """G-, P-, GP-TopFreq and G-TopFreq-new for every test customer, top k; with a
+    ``universe``, the items outside it are skipped (the products-only table)."""
+    popular = _only(global_top(split), universe)
     baskets = split.baskets(split.test)
     out: dict[str, dict[str, list[str]]] = {
         name: {} for name in ("G-TopFreq", "P-TopFreq", "GP-TopFreq", "G-TopFreq-new")
     }
     for customer in split.test:
-        own = personal_top(baskets.get(customer, []))
+        own = _only(personal_top(baskets.get(customer, [])), universe)
         have = set(own)
         out["G-TopFreq"][customer] = popular[:k]
         out["P-TopFreq"][customer] = own[:k]
@@ -409,8 +500,12 @@ def tifu_vectors(
     return matrix
 
 
-def tifu_knn(split: Split, k: int = max(KS), **params: Any) -> dict[str, list[str]]:
-    """TIFU-KNN's top k for every test customer (neighbours: the non-test customers)."""
+def tifu_knn(
+    split: Split, k: int = max(KS), *, universe: Collection[str] | None = None, **params: Any
+) -> dict[str, list[str]]:
+    """TIFU-KNN's top k for every test customer (neighbours: the non-test customers); with
+    a ``universe``, the columns of the items outside it are zeroed in every user vector
+    before the neighbour search (the products-only table)."""
     from sklearn.neighbors import NearestNeighbors
 
     settings = TIFU | params
@@ -428,6 +523,10 @@ def tifu_knn(split: Split, k: int = max(KS), **params: Any) -> dict[str, list[st
         group_decay_rate=settings["group_decay_rate"],
         group_count=settings["group_count"],
     )
+    if universe is not None:
+        keep = pd.Index(items).isin(list(universe)).astype(float)
+        vectors = (vectors @ sparse.diags(keep)).tocsr()
+        vectors.eliminate_zeros()
     is_test = np.isin(customers, split.test)
     train, test = vectors[~is_test], vectors[is_test]
     neighbours = min(int(settings["num_nearest_neighbors"]), train.shape[0])
@@ -452,14 +551,17 @@ def tifu_knn(split: Split, k: int = max(KS), **params: Any) -> dict[str, list[st
     return out
 
 
-def references(split: Split) -> tuple[dict[str, dict[str, list[str]]], dict[str, float]]:
-    """Every reference's lists for the test customers, and the seconds each took."""
+def references(
+    split: Split, universe: Collection[str] | None = None
+) -> tuple[dict[str, dict[str, list[str]]], dict[str, float]]:
+    """Every reference's lists for the test customers (ranking only ``universe`` items
+    when given), and the seconds each took."""
     seconds = {}
     started = time.perf_counter()
-    lists = topfreq_references(split)
+    lists = topfreq_references(split, universe=universe)
     seconds["topfreq"] = time.perf_counter() - started
     started = time.perf_counter()
-    lists["TIFU-KNN"] = tifu_knn(split)
+    lists["TIFU-KNN"] = tifu_knn(split, universe=universe)
     seconds["tifu_knn"] = time.perf_counter() - started
     return lists, seconds
 
@@ -550,12 +652,25 @@ def table(summaries: Mapping[str, Mapping[str, float]], counts: Mapping[str, int
     return "\n".join(lines).rstrip()
 
 
+def universe_targets(
+    targets: Mapping[str, Collection[str]], universe: Collection[str]
+) -> dict[str, set[str]]:
+    """The targets' universe items; a customer left with none is left out."""
+    kept = {customer: {i for i in items if i in universe} for customer, items in targets.items()}
+    return {customer: items for customer, items in kept.items() if items}
+
+
 def evaluate(
-    split: Split, lists: Mapping[str, Mapping[str, Sequence[str]]]
+    split: Split,
+    lists: Mapping[str, Mapping[str, Sequence[str]]],
+    universe: Collection[str] | None = None,
 ) -> tuple[dict[str, pd.DataFrame], dict[str, int]]:
     """Per-customer metrics of every method, and how many test customers have any target
-    items at all, any repeat ones and any new ones."""
+    items at all, any repeat ones and any new ones; with a ``universe``, on the targets'
+    universe items only (:func:`universe_targets`)."""
     targets = split.targets()
+    if universe is not None:
+        targets = universe_targets(targets, universe)
     histories = {
         c: {i for b in baskets for i in b} for c, baskets in split.baskets(split.test).items()
     }
@@ -630,32 +745,116 @@ def read_recommendations(path: Path) -> dict[str, list[str]]:
     return {str(c): g.tolist() for c, g in rows.groupby("customer_id")["offer_id"]}
 
 
-def report(
-    split: Split, lists: Mapping[str, Mapping[str, Sequence[str]]]
+def _report_table(
+    split: Split,
+    lists: Mapping[str, Mapping[str, Sequence[str]]],
+    universe: Collection[str] | None = None,
 ) -> tuple[str, dict[str, Any]]:
-    """The printed table and the figures of every method (with the comparison when
-    nextbest is among them)."""
-    frames, counts = evaluate(split, lists)
+    """One table, its verdict and its figures (see :func:`report`)."""
+    frames, counts = evaluate(split, lists, universe)
     summaries = {name: summarise(frame) for name, frame in frames.items()}
     figures: dict[str, Any] = {"metrics": summaries, "customers_with": counts}
     text = table(summaries, counts)
     if NEXTBEST in lists:
-        empty = sum(1 for c in split.test if not lists[NEXTBEST].get(c))
+        customers = frames[NEXTBEST].index
+        empty = sum(1 for c in customers if not lists[NEXTBEST].get(c))
         figures["nextbest_customers_without_recommendations"] = empty
         figures |= compare(frames)
-        text += "\n\n" + _verdict(figures, len(split.test))
+        text += "\n\n" + _verdict(figures, len(customers))
     return text, figures
+
+
+PRODUCTS_ONLY = "products only (the same item universe for every method)"
+
+
+def report(
+    split: Split,
+    lists: Mapping[str, Mapping[str, Sequence[str]]],
+    products: tuple[Universe, Mapping[str, Mapping[str, Sequence[str]]]] | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """The printed tables and the figures of every method (with the comparison when
+    nextbest is among them): the standard table, then, given ``products`` (the universe
+    and every method's lists for it), the products-only one, its figures under
+    ``products_only``."""
+    text, figures = _report_table(split, lists)
+    if products is None:
+        return text, figures
+    universe, product_lists = products
+    targets = split.targets()
+    kept = universe_targets(targets, universe.items)
+    about: dict[str, Any] = {
+        "rule": UNIVERSE_RULE,
+        "items": len(universe.items),
+        "split_items": universe.split_items,
+        "categories_left_out": universe.left_out,
+        "test_customers": len(kept),
+        "test_customers_left_out": len(targets) - len(kept),
+        "test_target_items": sum(len(items) for items in kept.values()),
+        "test_target_items_left_out": sum(len(items) for items in targets.values())
+        - sum(len(items) for items in kept.values()),
+    }
+    product_text, product_figures = _report_table(split, product_lists, universe.items)
+    heading = (
+        f"{PRODUCTS_ONLY}: {about['items']:,} of {about['split_items']:,} items "
+        f"({len(universe.left_out)} categories left out), {about['test_customers']:,} of "
+        f"{len(targets):,} test customers ({about['test_customers_left_out']:,} with no "
+        f"product in the target), {about['test_target_items']:,} of "
+        f"{about['test_target_items'] + about['test_target_items_left_out']:,} target items"
+    )
+    if NEXTBEST in product_lists:
+        outside = {
+            customer: [item for item in ranked if item not in universe.items]
+            for customer, ranked in product_lists[NEXTBEST].items()
+            if customer in targets
+        }
+        product_figures["nextbest_items_outside_universe"] = {
+            "recommendations": sum(len(items) for items in outside.values()),
+            "customers": sum(1 for items in outside.values() if items),
+        }
+        product_text += (
+            "\nnextbest recommended "
+            f"{product_figures['nextbest_items_outside_universe']['recommendations']} items "
+            "outside the universe (scored as given)"
+        )
+    figures["products_only"] = {"universe": about, **product_figures}
+    return f"{text}\n\n{heading}\n\n{product_text}", figures
+
+
+def _without_metrics(figures: Mapping[str, Any]) -> dict[str, Any]:
+    """The figures to print under the tables: all but the tables' own metrics."""
+    return {
+        key: _without_metrics(value) if key == "products_only" else value
+        for key, value in figures.items()
+        if key != "metrics"
+    }
+
+
+Lists = dict[str, dict[str, list[str]]]
+"""Every method's ranked items per test customer."""
+
+
+def all_references(split: Split) -> tuple[Universe, Lists, Lists, dict[str, float]]:
+    """The universe, the references' lists for the standard and the products-only
+    tables, and the seconds each step took."""
+    started = time.perf_counter()
+    universe = product_universe(split)
+    seconds = {"universe": time.perf_counter() - started}
+    lists, standard_s = references(split)
+    product_lists, product_s = references(split, universe.items)
+    seconds |= {f"reference_{name}": s for name, s in standard_s.items()}
+    seconds |= {f"reference_products_only_{name}": s for name, s in product_s.items()}
+    return universe, lists, product_lists, seconds
 
 
 def score(recs_csv: Path | str, folder: Path | str) -> dict[str, Any]:
     """Score a recommendations file against a kept split (``NEXTBEST_BENCH_NB_KEEP``),
-    beside the references, and print the table."""
+    beside the references, and print both tables."""
     split = read_folder(Path(folder))
-    lists, _ = references(split)
-    lists[NEXTBEST] = read_recommendations(Path(recs_csv))
-    text, figures = report(split, lists)
+    universe, lists, product_lists, _ = all_references(split)
+    lists[NEXTBEST] = product_lists[NEXTBEST] = read_recommendations(Path(recs_csv))
+    text, figures = report(split, lists, (universe, product_lists))
     print(text)
-    print(json.dumps({k: v for k, v in figures.items() if k != "metrics"}, indent=2))
+    print(json.dumps(_without_metrics(figures), indent=2))
     return figures
 
 
@@ -758,14 +957,14 @@ def run() -> dict[str, Any]:
     seconds: dict[str, float] = {"split": time.perf_counter() - started}
     with _folder() as folder:
         write_folder(split, folder)
-        lists, reference_s = references(split)
-        seconds |= {f"reference_{name}": s for name, s in reference_s.items()}
+        universe, lists, product_lists, reference_s = all_references(split)
+        seconds |= reference_s
         said: dict[str, Any] = {}
         if not skip:
             out, nextbest_s, said = run_nextbest(folder)
             seconds |= nextbest_s
-            lists[NEXTBEST] = read_recommendations(out)
-        text, figures = report(split, lists)
+            lists[NEXTBEST] = product_lists[NEXTBEST] = read_recommendations(out)
+        text, figures = report(split, lists, (universe, product_lists))
     print(text, flush=True)
     return {
         "protocol": "Li et al., A Next Basket Recommendation Reality Check (TOIS 2023)",

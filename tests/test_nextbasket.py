@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from bench import nextbasket as nb
+from features import catalog as nb_catalog
 
 T0 = pd.Timestamp("2024-01-01")
 
@@ -35,9 +36,13 @@ def _lines(spec: dict[str, list[tuple[int, list[str]]]]) -> pd.DataFrame:
 
 
 def _split(
-    histories: dict[str, list[list[str]]], targets: dict[str, list[str]], test: list[str]
+    histories: dict[str, list[list[str]]],
+    targets: dict[str, list[str]],
+    test: list[str],
+    categories: dict[str, str] | None = None,
 ) -> nb.Split:
-    """A split given directly: history baskets oldest first, then the target."""
+    """A split given directly: history baskets oldest first, then the target; every item
+    in category FOOD but those given."""
     rows = []
     for customer, baskets in histories.items():
         for position, items in enumerate([*baskets, targets[customer]]):
@@ -53,7 +58,8 @@ def _split(
                     }
                 )
     pairs = pd.DataFrame(rows)
-    lines = pairs.assign(category="FOOD", quantity=1, amount=1.0)
+    category = [(categories or {}).get(item, "FOOD") for item in pairs["item_id"]]
+    lines = pairs.assign(category=category, quantity=1, amount=1.0)
     return nb.Split(pairs=pairs, lines=lines, test=np.array(sorted(test), dtype=object))
 
 
@@ -302,3 +308,121 @@ def test_score_reads_recommendations_and_compares_with_the_references(
     assert set(figures["metrics"]) == {*nb.REFERENCES, "nextbest"}
     printed = capsys.readouterr().out
     assert "TIFU-KNN" in printed and "repeat items" in printed and "Recall@10" in printed
+    # every item is a product here: the products-only table is the standard one again
+    products = figures["products_only"]
+    assert pd.DataFrame(products["metrics"]).equals(pd.DataFrame(figures["metrics"]))  # NaN too
+    assert products["universe"]["items"] == products["universe"]["split_items"] == 2
+    assert printed.index("all target items") < printed.index(nb.PRODUCTS_ONLY)
+
+
+# -- products only ---------------------------------------------------------------------------------
+COUPON = "COUPON/MISC ITEMS"
+
+
+def test_the_universe_is_the_items_the_import_makes_an_offer_for() -> None:
+    # the catalog's rule: coupon lines are not products; a placeholder category is not a
+    # real one, but its items are products (items=True)
+    assert nb_catalog.non_product_reason(COUPON, items=True) is not None
+    assert nb_catalog.non_product_reason("NO COMMODITY DESCRIPTION", items=True) is None
+    assert nb_catalog.non_product_reason("NO COMMODITY DESCRIPTION") is not None
+    split = _split(
+        {"t": [["a", "k"], ["p"]], "n": [["k"], ["a", "p"]]},
+        {"t": ["a", "k"], "n": ["p"]},
+        ["t"],
+        {"k": COUPON, "p": "NO COMMODITY DESCRIPTION"},
+    )
+    universe = nb.product_universe(split)
+    assert universe.items == {"a", "p"}
+    assert universe.left_out == {COUPON: "coupon lines; miscellaneous till lines (open-ring keys)"}
+    assert universe.split_items == 3
+    assert nb.universe_targets(split.targets(), universe.items) == {"t": {"a"}}
+
+
+# history baskets holding each item: k 4, a 3, c 2, b 1; k is a coupon line
+PRODUCTS = {
+    "t": [["a", "k"], ["k"]],
+    "t2": [["a"], ["c"]],
+    "n1": [["k"], ["k", "c"]],
+    "n2": [["a"], ["b"]],
+}
+
+
+def _products_split() -> nb.Split:
+    targets = {"t": ["b", "k"], "t2": ["k"], "n1": ["c"], "n2": ["a"]}
+    return _split(PRODUCTS, targets, ["t", "t2"], {"k": COUPON})
+
+
+def test_products_only_targets_and_topfreq_references_by_hand() -> None:
+    split = _products_split()
+    universe = nb.product_universe(split).items
+    assert universe == {"a", "b", "c"}
+    # t keeps b; t2's target was the coupon only: it drops out
+    assert nb.universe_targets(split.targets(), universe) == {"t": {"b"}}
+    standard = nb.topfreq_references(split, k=4)
+    products = nb.topfreq_references(split, k=4, universe=universe)
+    assert standard["G-TopFreq"] == {"t": ["k", "a", "c", "b"], "t2": ["k", "a", "c", "b"]}
+    assert products["G-TopFreq"] == {"t": ["a", "c", "b"], "t2": ["a", "c", "b"]}
+    assert standard["P-TopFreq"] == {"t": ["k", "a"], "t2": ["c", "a"]}
+    assert products["P-TopFreq"] == {"t": ["a"], "t2": ["c", "a"]}
+    assert standard["GP-TopFreq"] == {"t": ["k", "a", "c", "b"], "t2": ["c", "a", "k", "b"]}
+    assert products["GP-TopFreq"] == {"t": ["a", "c", "b"], "t2": ["c", "a", "b"]}
+    assert standard["G-TopFreq-new"] == {"t": ["c", "b"], "t2": ["k", "b"]}
+    assert products["G-TopFreq-new"] == {"t": ["c", "b"], "t2": ["b"]}
+
+
+def test_products_only_tifu_knn_zeroes_the_other_items_before_the_neighbour_search() -> None:
+    # two history baskets, each its own group: the first weighs .9 × .36 / 2 = .162, the
+    # last 1 × .6 / 2 = .3. Vectors: t {a: .162, k: .462}, n1 {k: .462, c: .3},
+    # n2 {a: .162, b: .3}
+    split = _products_split()
+    universe = nb.product_universe(split).items
+    # with k: n1 is t's nearest (.341 against .551); .2 t + .8 n1 = {k .462, c .24, a .032}
+    assert nb.tifu_knn(split, num_nearest_neighbors=1)["t"] == ["k", "c", "a"]
+    # k zeroed first: t {a: .162}; n2 is the nearest (.3 against .341), not n1 as above
+    # (ranking the standard list without k would give [c, a]): {b .24, a .162}
+    products = nb.tifu_knn(split, universe=universe, num_nearest_neighbors=1)
+    assert products["t"] == ["b", "a"]
+    # both neighbours: .2 t + .8 × {a .081, b .15, c .15} = {b .12, c .12, a .0972}; run
+    # on a history without the coupon-only basket, t would be {a: .36} and c .144 first
+    products = nb.tifu_knn(split, universe=universe, num_nearest_neighbors=2)
+    assert products == {"t": ["b", "c", "a"], "t2": products["t2"]}
+    assert not {item for ranked in products.values() for item in ranked} - universe
+
+
+def test_the_products_only_table_beside_the_standard_one() -> None:
+    split = _products_split()
+    universe = nb.product_universe(split)
+    lists, _ = nb.references(split)
+    product_lists, _ = nb.references(split, universe.items)
+    # t2's k is outside the universe: counted, scored as given
+    lists[nb.NEXTBEST] = product_lists[nb.NEXTBEST] = {"t": ["b", "a"], "t2": ["a", "k"]}
+    text, figures = nb.report(split, lists, (universe, product_lists))
+    assert figures["customers_with"] == {"all": 2, "repeat": 1, "new": 2}  # k new to t2
+    assert figures["metrics"]["nextbest"]["recall@10"] == pytest.approx((0.5 + 1) / 2)
+    products = figures["products_only"]
+    standard = set(figures) - {"products_only"}
+    assert set(products) == {*standard, "universe", "nextbest_items_outside_universe"}
+    assert products["customers_with"] == {"all": 1, "repeat": 0, "new": 1}
+    assert products["universe"] | {"rule": None} == {
+        "rule": None,
+        "items": 3,
+        "split_items": 4,
+        "categories_left_out": {COUPON: "coupon lines; miscellaneous till lines (open-ring keys)"},
+        "test_customers": 1,
+        "test_customers_left_out": 1,
+        "test_target_items": 1,
+        "test_target_items_left_out": 2,
+    }
+    assert products["nextbest_items_outside_universe"] == {"recommendations": 1, "customers": 1}
+    metrics = products["metrics"]
+    # t's target is {b}: nextbest and TIFU-KNN ([b, c, a]) rank it first, G-TopFreq third
+    assert metrics["nextbest"]["recall@10"] == metrics["TIFU-KNN"]["ndcg@10"] == 1.0
+    assert metrics["G-TopFreq"]["ndcg@10"] == pytest.approx(0.5)
+    assert metrics["P-TopFreq"]["recall@10"] == 0.0  # [a]
+    assert products["targets"] == {
+        "recall@10_ge_tifu_knn": True,
+        "ndcg@10_ge_tifu_knn": True,
+        "new_recall@10_gt_g_topfreq_new": False,  # G-TopFreq-new [c, b] finds b too
+    }
+    assert text.index("all target items (2 customers)") < text.index(nb.PRODUCTS_ONLY)
+    assert "all target items (1 customers)" in text.split(nb.PRODUCTS_ONLY)[1]
