@@ -46,6 +46,17 @@ happened before it). Offers are the import's item offers (``offer_id`` = item id
 of categories that are not products, such as fuel or coupons, get no offer there, while
 the references may rank them). A customer it returns nothing for scores 0.
 
+**nextbest (new to you)**: its top 10 is mostly items the customer bought before
+(replenishment), so its new-item recall is low by construction, while G-TopFreq-new ranks
+only items the customer has not bought. The like-for-like slate is a retailer's "new to
+you" campaign: after the standard ``recommend-batch``, a second one with the same
+arguments and ``NEXTBEST_RULES`` set to a rules file the benchmark writes
+(:func:`write_new_to_you_rules`, ``rules_new_to_you.yaml``): the packaged default rules
+with only the ``already_owns`` rule's ``consumable_repeat_rate`` set to null (nothing the
+customer bought comes back), on a ledger of its own. It is scored as the method
+``nextbest (new to you)`` in both tables, with the share of its top 10 the customer
+bought before (there should be none).
+
 **The metrics**, per test customer then averaged, at k = 10 and 20: Recall@k (hits in
 the top k / |target|), NDCG@k (binary gains; the ideal DCG is over min(|target|, k)
 items: the Reality Check's own code divides by the ideal DCG over all |target| items,
@@ -55,9 +66,11 @@ with any) and new items (the rest; over the customers with any): the full top-k 
 against that part of the target, the ideal over min(|part|, k). The Reality Check
 splits recall and PHR this way; NDCG is split here too. A customer-level bootstrap
 (resampled test customers, :data:`BOOTSTRAP` draws, fixed seed) gives the 95 % interval
-of nextbest − TIFU-KNN for Recall@10 and NDCG@10, and of nextbest − G-TopFreq-new for the
-new-item Recall@10. The target: nextbest ≥ TIFU-KNN on Recall@10 and NDCG@10, and
-nextbest's new-item Recall@10 > G-TopFreq-new's.
+of nextbest − TIFU-KNN for Recall@10 and NDCG@10 (the standard slate), and of
+nextbest (new to you) − G-TopFreq-new for the new-item Recall@10 (and, for information,
+of the standard slate − G-TopFreq-new). The target: the standard slate ≥ TIFU-KNN on
+Recall@10 and NDCG@10, and the new-to-you slate's new-item Recall@10 > G-TopFreq-new's
+(not judged without a new-to-you slate).
 
 **Products only (the same item universe for every method)**, a second table on the same
 split after the standard one: nextbest makes no offer for lines that are not products
@@ -78,28 +91,36 @@ G-TopFreq-new over universe items, P-TopFreq and GP-TopFreq skip the other items
 counts and ties of the standard lists otherwise), and TIFU-KNN has the other items'
 columns zeroed in every user vector before the neighbour search (same hyper-parameters;
 a history basket that held only such items keeps its place in the decays and groups).
-nextbest's list is scored as it is; the items in it outside the universe are counted
-(there should be none). The same metrics, bootstrap intervals and target verdict follow.
-The figures are under ``products_only``, with the same structure as the standard ones
-plus ``universe`` and ``nextbest_items_outside_universe``.
+nextbest's lists (both slates) are scored as they are; the items in them outside the
+universe are counted (there should be none). The same metrics, bootstrap intervals and
+target verdict follow. The figures are under ``products_only``, with the same structure
+as the standard ones plus ``universe`` and ``nextbest_items_outside_universe`` (per
+slate).
 
 Environment: ``NEXTBEST_BENCH_NB_SKIP_NEXTBEST=1`` runs the references only;
 ``NEXTBEST_BENCH_NB_KEEP=FOLDER`` keeps the split (``order_lines.csv``,
 ``test_customers.csv``, ``truth.csv``: the test customers' target items), and with
-nextbest its ``workspace``, MLflow ``home``, ``ledger.db``, the commands' logs and
-``recommendations.csv``, there. The nextbest commands run with none of the caller's
-``NEXTBEST_*`` variables (the product's defaults), in that home, on a fresh ledger. To
-re-run nextbest on the same split and score it::
+nextbest its ``workspace``, MLflow ``home``, ``ledger.db`` (``ledger-new-to-you.db`` for
+the second batch), the commands' logs, ``rules_new_to_you.yaml``,
+``recommendations.csv`` and ``recommendations_new_to_you.csv``, there. The nextbest
+commands run with none of the caller's ``NEXTBEST_*`` variables (the product's defaults;
+the second batch adds ``NEXTBEST_RULES``), in that home, on fresh ledgers. To re-run
+nextbest on the same split and score it::
 
     export NEXTBEST_HOME=FOLDER/home NEXTBEST_DB_URL=sqlite:///FOLDER/ledger-2.db
     nextbest train -w FOLDER/workspace
     nextbest recommend-batch -w FOLDER/workspace --alias challenger --no-holdout \\
         --customers FOLDER/test_customers.csv --k 20 --channel web --placement home \\
         --out RECS.csv
-    python -m bench.nextbasket score RECS.csv FOLDER
+    python -m bench.nextbasket rules RULES.yaml    # the new-to-you rules
+    NEXTBEST_RULES=RULES.yaml NEXTBEST_DB_URL=sqlite:///FOLDER/ledger-3.db \\
+        nextbest recommend-batch ... (the same arguments) --out NEW.csv
+    python -m bench.nextbasket score RECS.csv FOLDER NEW.csv
 
-``score`` reads any file with ``customer_id``, ``rank`` and ``offer_id`` columns and
-prints both tables beside the references, recomputed from the folder.
+``score`` reads any file with ``customer_id``, ``rank`` and ``offer_id`` columns (the
+third, the new-to-you slate, is optional: ``recommendations_new_to_you.csv`` in the
+folder when there is one) and prints both tables beside the references, recomputed from
+the folder.
 """
 
 from __future__ import annotations
@@ -138,6 +159,8 @@ TIFU: dict[str, Any] = {
 }
 REFERENCES = ("G-TopFreq", "P-TopFreq", "GP-TopFreq", "G-TopFreq-new", "TIFU-KNN")
 NEXTBEST = "nextbest"
+NEW_TO_YOU = "nextbest (new to you)"
+SLATES = (NEXTBEST, NEW_TO_YOU)
 PARTS = ("all", "repeat", "new")
 MEASURES = ("recall", "ndcg", "phr")
 # the retailer's own column names in the CSV nextbest imports
@@ -152,6 +175,8 @@ CSV_COLUMNS = {
 }
 LINES_FILE, TEST_FILE, TRUTH_FILE = "order_lines.csv", "test_customers.csv", "truth.csv"
 LEDGER_FILE = "ledger.db"
+RECS_FILE, NEW_TO_YOU_FILE = "recommendations.csv", "recommendations_new_to_you.csv"
+NEW_TO_YOU_RULES, NEW_TO_YOU_LEDGER = "rules_new_to_you.yaml", "ledger-new-to-you.db"
 SKIP_ENV, KEEP_ENV = "NEXTBEST_BENCH_NB_SKIP_NEXTBEST", "NEXTBEST_BENCH_NB_KEEP"
 
 
@@ -685,30 +710,43 @@ def evaluate(
 
 
 def compare(frames: Mapping[str, pd.DataFrame]) -> dict[str, Any]:
-    """nextbest against TIFU-KNN and G-TopFreq-new (bootstrap intervals of the
-    differences), and whether the target holds."""
-    ours = frames[NEXTBEST]
+    """nextbest against TIFU-KNN (the standard slate) and G-TopFreq-new (the new-to-you
+    slate when there is one; the standard slate for information): bootstrap intervals of
+    the differences, and whether each target holds (None: not judged)."""
 
-    def interval(reference: str, column: str) -> dict[str, float | None]:
-        theirs = frames[reference].loc[ours.index, column]
-        has = ours[column].notna().to_numpy()  # a repeat/new part: its customers only
-        return bootstrap_difference(ours[column].to_numpy()[has], theirs.to_numpy()[has])
+    def interval(ours: str, reference: str, column: str) -> dict[str, float | None]:
+        mine = frames[ours][column]
+        theirs = frames[reference].loc[mine.index, column]
+        has = mine.notna().to_numpy()  # a repeat/new part: its customers only
+        return bootstrap_difference(mine.to_numpy()[has], theirs.to_numpy()[has])
 
     means = {name: summarise(frame) for name, frame in frames.items()}
     mine, tifu, new = means[NEXTBEST], means["TIFU-KNN"], means["G-TopFreq-new"]
-    return {
+    figures: dict[str, Any] = {
         "nextbest_minus_tifu_knn_95ci": {
-            column: interval("TIFU-KNN", column) for column in ("recall@10", "ndcg@10")
+            column: interval(NEXTBEST, "TIFU-KNN", column) for column in ("recall@10", "ndcg@10")
         },
         "nextbest_minus_g_topfreq_new_95ci": {
-            "recall_new@10": interval("G-TopFreq-new", "recall_new@10")
-        },
-        "targets": {
-            "recall@10_ge_tifu_knn": mine["recall@10"] >= tifu["recall@10"],
-            "ndcg@10_ge_tifu_knn": mine["ndcg@10"] >= tifu["ndcg@10"],
-            "new_recall@10_gt_g_topfreq_new": mine["recall_new@10"] > new["recall_new@10"],
+            "recall_new@10": interval(NEXTBEST, "G-TopFreq-new", "recall_new@10")
         },
     }
+    new_item_target = None
+    if NEW_TO_YOU in frames:
+        figures["nextbest_new_to_you_minus_g_topfreq_new_95ci"] = {
+            "recall_new@10": interval(NEW_TO_YOU, "G-TopFreq-new", "recall_new@10")
+        }
+        new_item_target = means[NEW_TO_YOU]["recall_new@10"] > new["recall_new@10"]
+    figures["targets"] = {
+        "recall@10_ge_tifu_knn": mine["recall@10"] >= tifu["recall@10"],
+        "ndcg@10_ge_tifu_knn": mine["ndcg@10"] >= tifu["ndcg@10"],
+        "new_to_you_new_recall@10_gt_g_topfreq_new": new_item_target,
+    }
+    figures["target_slates"] = {
+        "recall@10_ge_tifu_knn": NEXTBEST,
+        "ndcg@10_ge_tifu_knn": NEXTBEST,
+        "new_to_you_new_recall@10_gt_g_topfreq_new": NEW_TO_YOU,
+    }
+    return figures
 
 
 def _verdict(figures: Mapping[str, Any], customers: int) -> str:
@@ -719,23 +757,41 @@ def _verdict(figures: Mapping[str, Any], customers: int) -> str:
             return "n/a (no customers)"
         return f"{values['mean']:+.4f} [{values['low']:+.4f}, {values['high']:+.4f}]"
 
+    def held(value: bool | None) -> str:
+        return "not judged" if value is None else "yes" if value else "no"
+
     tifu = figures["nextbest_minus_tifu_knn_95ci"]
     new = figures["nextbest_minus_g_topfreq_new_95ci"]["recall_new@10"]
+    new_to_you = figures.get("nextbest_new_to_you_minus_g_topfreq_new_95ci")
     targets = figures["targets"]
-    return "\n".join(
-        [
-            "nextbest − TIFU-KNN (95 % customer bootstrap): Recall@10 "
-            f"{ci(tifu['recall@10'])}, NDCG@10 {ci(tifu['ndcg@10'])}",
-            f"nextbest − G-TopFreq-new, new-item Recall@10: {ci(new)}",
-            f"nextbest returned nothing for {figures['nextbest_customers_without_recommendations']}"
-            f" of {customers} test customers (scored 0)",
-            "target (Recall@10 and NDCG@10 ≥ TIFU-KNN, new-item Recall@10 > G-TopFreq-new): "
-            + ("met" if all(targets.values()) else "not met")
-            + " ("
-            + ", ".join(f"{name} {'yes' if held else 'no'}" for name, held in targets.items())
-            + ")",
-        ]
-    )
+    empty = figures["customers_without_recommendations"]
+    bought = figures["top10_share_bought_before"]
+    lines = [
+        "nextbest (standard slate) − TIFU-KNN (95 % customer bootstrap): Recall@10 "
+        f"{ci(tifu['recall@10'])}, NDCG@10 {ci(tifu['ndcg@10'])}",
+        f"{NEW_TO_YOU} − G-TopFreq-new, new-item Recall@10: "
+        + (ci(new_to_you["recall_new@10"]) if new_to_you else "n/a (no new-to-you slate)"),
+        f"nextbest (standard slate) − G-TopFreq-new, new-item Recall@10: {ci(new)} "
+        "(for information: the standard slate is mostly replenishment)",
+        "returned nothing (scored 0) for "
+        + ", ".join(f"{name} {n} of {customers}" for name, n in empty.items())
+        + " test customers",
+        "share of the top 10 the customer bought before: "
+        + ", ".join(f"{name} {share:.1%}" for name, share in bought.items()),
+        "target: "
+        + (
+            "not met"
+            if False in targets.values()
+            else "not judged in full"
+            if None in targets.values()
+            else "met"
+        )
+        + f" (Recall@10 ≥ TIFU-KNN, standard slate: {held(targets['recall@10_ge_tifu_knn'])}; "
+        f"NDCG@10 ≥ TIFU-KNN, standard slate: {held(targets['ndcg@10_ge_tifu_knn'])}; "
+        "new-item Recall@10 > G-TopFreq-new, new-to-you slate: "
+        f"{held(targets['new_to_you_new_recall@10_gt_g_topfreq_new'])})",
+    ]
+    return "\n".join(lines)
 
 
 def read_recommendations(path: Path) -> dict[str, list[str]]:
@@ -757,11 +813,31 @@ def _report_table(
     text = table(summaries, counts)
     if NEXTBEST in lists:
         customers = frames[NEXTBEST].index
-        empty = sum(1 for c in customers if not lists[NEXTBEST].get(c))
-        figures["nextbest_customers_without_recommendations"] = empty
+        histories = {
+            c: {i for b in baskets for i in b} for c, baskets in split.baskets(customers).items()
+        }
+        slates = [name for name in SLATES if name in lists]
+        figures["customers_without_recommendations"] = {
+            name: sum(1 for c in customers if not lists[name].get(c)) for name in slates
+        }
+        figures["top10_share_bought_before"] = {
+            name: _share_bought_before(lists[name], customers, histories) for name in slates
+        }
         figures |= compare(frames)
         text += "\n\n" + _verdict(figures, len(customers))
     return text, figures
+
+
+def _share_bought_before(
+    ranked: Mapping[str, Sequence[str]],
+    customers: Collection[str],
+    histories: Mapping[str, Collection[str]],
+) -> float:
+    """The share of these customers' top-10 items that are in their own history."""
+    tops = [(c, list(dict.fromkeys(ranked.get(c, [])))[: KS[0]]) for c in customers]
+    total = sum(len(top) for _, top in tops)
+    bought = sum(1 for c, top in tops for item in top if item in histories.get(c, ()))
+    return round(bought / total, 4) if total else 0.0
 
 
 PRODUCTS_ONLY = "products only (the same item universe for every method)"
@@ -801,23 +877,34 @@ def report(
         f"product in the target), {about['test_target_items']:,} of "
         f"{about['test_target_items'] + about['test_target_items_left_out']:,} target items"
     )
-    if NEXTBEST in product_lists:
-        outside = {
-            customer: [item for item in ranked if item not in universe.items]
-            for customer, ranked in product_lists[NEXTBEST].items()
-            if customer in targets
-        }
+    slates = [name for name in SLATES if name in product_lists]
+    if slates:
         product_figures["nextbest_items_outside_universe"] = {
-            "recommendations": sum(len(items) for items in outside.values()),
-            "customers": sum(1 for items in outside.values() if items),
+            name: _outside(product_lists[name], universe.items, targets) for name in slates
         }
-        product_text += (
-            "\nnextbest recommended "
-            f"{product_figures['nextbest_items_outside_universe']['recommendations']} items "
-            "outside the universe (scored as given)"
+        product_text += "\nrecommended outside the universe (scored as given): " + ", ".join(
+            f"{name} {product_figures['nextbest_items_outside_universe'][name]['recommendations']}"
+            " items"
+            for name in slates
         )
     figures["products_only"] = {"universe": about, **product_figures}
     return f"{text}\n\n{heading}\n\n{product_text}", figures
+
+
+def _outside(
+    ranked: Mapping[str, Sequence[str]], universe: Collection[str], customers: Collection[str]
+) -> dict[str, int]:
+    """How many of these customers' recommendations are outside the universe, and for how
+    many customers."""
+    outside = {
+        customer: [item for item in items if item not in universe]
+        for customer, items in ranked.items()
+        if customer in customers
+    }
+    return {
+        "recommendations": sum(len(items) for items in outside.values()),
+        "customers": sum(1 for items in outside.values() if items),
+    }
 
 
 def _without_metrics(figures: Mapping[str, Any]) -> dict[str, Any]:
@@ -846,12 +933,19 @@ def all_references(split: Split) -> tuple[Universe, Lists, Lists, dict[str, floa
     return universe, lists, product_lists, seconds
 
 
-def score(recs_csv: Path | str, folder: Path | str) -> dict[str, Any]:
+def score(
+    recs_csv: Path | str, folder: Path | str, new_to_you_csv: Path | str | None = None
+) -> dict[str, Any]:
     """Score a recommendations file against a kept split (``NEXTBEST_BENCH_NB_KEEP``),
-    beside the references, and print both tables."""
+    with the new-to-you slate's (default: ``recommendations_new_to_you.csv`` in the
+    folder, when there is one), beside the references, and print both tables."""
     split = read_folder(Path(folder))
     universe, lists, product_lists, _ = all_references(split)
     lists[NEXTBEST] = product_lists[NEXTBEST] = read_recommendations(Path(recs_csv))
+    if new_to_you_csv is None and (Path(folder) / NEW_TO_YOU_FILE).exists():
+        new_to_you_csv = Path(folder) / NEW_TO_YOU_FILE
+    if new_to_you_csv is not None:
+        lists[NEW_TO_YOU] = product_lists[NEW_TO_YOU] = read_recommendations(Path(new_to_you_csv))
     text, figures = report(split, lists, (universe, product_lists))
     print(text)
     print(json.dumps(_without_metrics(figures), indent=2))
@@ -859,10 +953,12 @@ def score(recs_csv: Path | str, folder: Path | str) -> dict[str, Any]:
 
 
 # -- nextbest, as a user runs it -------------------------------------------------------------------
-def _nextbest(folder: Path, *args: str, log: str) -> tuple[float, str, str]:
+def _nextbest(
+    folder: Path, *args: str, log: str, ledger: str = LEDGER_FILE, rules: Path | None = None
+) -> tuple[float, str, str]:
     """`python -m nextbest.cli ARGS` with the product's defaults (no ``NEXTBEST_*``
-    variable of the caller) in its own home and ledger under ``folder``; seconds, stdout
-    and the last stderr line."""
+    variable of the caller; ``NEXTBEST_RULES`` given ``rules``) in its own home and
+    ``ledger`` under ``folder``; seconds, stdout and the last stderr line."""
     root = Path(__file__).resolve().parents[1]
     env = {
         k: v
@@ -871,11 +967,13 @@ def _nextbest(folder: Path, *args: str, log: str) -> tuple[float, str, str]:
     }
     env |= {
         "NEXTBEST_HOME": str(folder / "home"),
-        "NEXTBEST_DB_URL": f"sqlite:///{folder / LEDGER_FILE}",
+        "NEXTBEST_DB_URL": f"sqlite:///{folder / ledger}",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "BENTOML_DO_NOT_TRACK": "true",
     }
+    if rules is not None:
+        env["NEXTBEST_RULES"] = str(rules)
     (folder / "home").mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with (folder / log).open("w") as errors:
@@ -895,10 +993,30 @@ def _nextbest(folder: Path, *args: str, log: str) -> tuple[float, str, str]:
     return seconds, done.stdout, stderr[-1] if stderr else ""
 
 
-def run_nextbest(folder: Path) -> tuple[Path, dict[str, float], dict[str, Any]]:
-    """Import, train and recommend-batch on the kept split in ``folder``; the
-    recommendations file, the seconds of each step and what the commands said."""
-    workspace, out = folder / "workspace", folder / "recommendations.csv"
+def write_new_to_you_rules(path: Path) -> Path:
+    """The rules of the new-to-you slate at ``path``: the packaged default rules
+    (``policy/default_rules.yaml``) with only the ``already_owns`` rule's
+    ``consumable_repeat_rate`` set to null (nothing the customer bought comes back)."""
+    import yaml
+
+    from policy.rules import DEFAULT_RULES
+
+    data = yaml.safe_load(DEFAULT_RULES.read_text())
+    owns = [rule for rule in data["rules"] if rule.get("type") == "already_owns"]
+    if len(owns) != 1:
+        raise ValueError(f"{DEFAULT_RULES}: {len(owns)} already_owns rules, expected one")
+    owns[0]["consumable_repeat_rate"] = None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+    return path
+
+
+def run_nextbest(folder: Path) -> tuple[dict[str, Path], dict[str, float], dict[str, Any]]:
+    """Import, train and recommend-batch on the kept split in ``folder``, then
+    recommend-batch again with the new-to-you rules; the recommendations file of each
+    slate, the seconds of each step and what the commands said."""
+    workspace = folder / "workspace"
+    outs = {NEXTBEST: folder / RECS_FILE, NEW_TO_YOU: folder / NEW_TO_YOU_FILE}
     columns = ("--customer", "--time", "--item", "--category", "--quantity", "--amount", "--order")
     names = ("customer_id", "time", "item_id", "category", "quantity", "amount", "basket_id")
     mapping = [
@@ -915,24 +1033,37 @@ def run_nextbest(folder: Path) -> tuple[Path, dict[str, float], dict[str, Any]]:
     seconds["train"], trained, _ = _nextbest(
         folder, "train", "--quiet", "-w", str(workspace), log="train.log"
     )
-    (folder / LEDGER_FILE).unlink(missing_ok=True)  # no cap counted by an earlier run
-    seconds["recommend_batch"], _, said = _nextbest(
-        folder,
+    batch = (
         *("recommend-batch", "-w", str(workspace), "--alias", "challenger"),
         *("--customers", str(folder / TEST_FILE), "--k", str(max(KS))),
-        *("--channel", "web", "--placement", "home", "--no-holdout", "--out", str(out)),
-        log="recommend_batch.log",
+        *("--channel", "web", "--placement", "home", "--no-holdout"),
+    )
+    # fresh ledgers, one per slate: no cap counted by an earlier run or the other slate
+    (folder / LEDGER_FILE).unlink(missing_ok=True)
+    seconds["recommend_batch"], _, said = _nextbest(
+        folder, *batch, "--out", str(outs[NEXTBEST]), log="recommend_batch.log"
+    )
+    rules = write_new_to_you_rules(folder / NEW_TO_YOU_RULES)
+    (folder / NEW_TO_YOU_LEDGER).unlink(missing_ok=True)
+    seconds["recommend_batch_new_to_you"], _, said_new = _nextbest(
+        folder,
+        *batch,
+        *("--out", str(outs[NEW_TO_YOU])),
+        log="recommend_batch_new_to_you.log",
+        ledger=NEW_TO_YOU_LEDGER,
+        rules=rules,
     )
     from features import Workspace
 
     offers = Workspace(workspace).read("offers")["offer_id"].astype("str")
     truth = _read_text(folder / TRUTH_FILE)["item_id"]
     return (
-        out,
+        outs,
         seconds,
         {
             "model_version": json.loads(trained).get("model_version"),
             "recommend_batch_said": said,
+            "recommend_batch_new_to_you_said": said_new,
             "nextbest_offers": len(offers),
             "test_target_items_with_an_offer": round(float(truth.isin(offers).mean()), 4),
         },
@@ -961,9 +1092,10 @@ def run() -> dict[str, Any]:
         seconds |= reference_s
         said: dict[str, Any] = {}
         if not skip:
-            out, nextbest_s, said = run_nextbest(folder)
+            outs, nextbest_s, said = run_nextbest(folder)
             seconds |= nextbest_s
-            lists[NEXTBEST] = product_lists[NEXTBEST] = read_recommendations(out)
+            for name, out in outs.items():
+                lists[name] = product_lists[name] = read_recommendations(out)
         text, figures = report(split, lists, (universe, product_lists))
     print(text, flush=True)
     return {
@@ -985,9 +1117,19 @@ def main() -> None:
     scorer = commands.add_parser("score", help="score a recommendations file on a kept split")
     scorer.add_argument("recs", type=Path, help="recommend-batch output (.csv)")
     scorer.add_argument("folder", type=Path, help=f"a split kept with {KEEP_ENV}")
+    scorer.add_argument(
+        "new_to_you",
+        type=Path,
+        nargs="?",
+        help=f"the new-to-you slate's output (default: FOLDER/{NEW_TO_YOU_FILE} if it exists)",
+    )
+    rules = commands.add_parser("rules", help="write the new-to-you slate's rules file")
+    rules.add_argument("path", type=Path, help="the rules file to write (.yaml)")
     args = parser.parse_args()
     if args.command == "score":
-        score(args.recs, args.folder)
+        score(args.recs, args.folder, args.new_to_you)
+    elif args.command == "rules":
+        print(write_new_to_you_rules(args.path))
     else:
         print(json.dumps(run(), indent=2))
 

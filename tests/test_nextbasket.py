@@ -9,9 +9,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
+import features
 from bench import nextbasket as nb
 from features import catalog as nb_catalog
+from policy.rules import DEFAULT_RULES, load_rules
 
 T0 = pd.Timestamp("2024-01-01")
 
@@ -287,7 +290,9 @@ def test_bootstrap_interval_of_the_difference() -> None:
     assert same == {"mean": 1.0, "low": 1.0, "high": 1.0, "customers": 5}
     ours, theirs = np.array([1.0, 0.0, 1.0, 0.0]), np.zeros(4)
     interval = nb.bootstrap_difference(ours, theirs, draws=200)
-    assert interval["mean"] == 0.5 and 0 <= interval["low"] < 0.5 < interval["high"] <= 1
+    low, high = interval["low"], interval["high"]
+    assert low is not None and high is not None
+    assert interval["mean"] == 0.5 and 0 <= low < 0.5 < high <= 1
     assert nb.bootstrap_difference(ours, theirs, draws=200) == interval  # fixed seed
     assert nb.bootstrap_difference(np.array([]), np.array([]))["mean"] is None
 
@@ -304,8 +309,10 @@ def test_score_reads_recommendations_and_compares_with_the_references(
     )
     figures = nb.score(recs, tmp_path)
     assert figures["metrics"]["nextbest"]["recall@10"] == 1.0
-    assert figures["nextbest_customers_without_recommendations"] == 0
+    assert figures["customers_without_recommendations"] == {"nextbest": 0}
     assert set(figures["metrics"]) == {*nb.REFERENCES, "nextbest"}
+    # no new-to-you slate: the new-item target is not judged
+    assert figures["targets"]["new_to_you_new_recall@10_gt_g_topfreq_new"] is None
     printed = capsys.readouterr().out
     assert "TIFU-KNN" in printed and "repeat items" in printed and "Recall@10" in printed
     # every item is a product here: the products-only table is the standard one again
@@ -313,6 +320,16 @@ def test_score_reads_recommendations_and_compares_with_the_references(
     assert pd.DataFrame(products["metrics"]).equals(pd.DataFrame(figures["metrics"]))  # NaN too
     assert products["universe"]["items"] == products["universe"]["split_items"] == 2
     assert printed.index("all target items") < printed.index(nb.PRODUCTS_ONLY)
+    assert "new-to-you slate: not judged" in printed
+    # the new-to-you slate: the folder's file by default, or the one given
+    pd.DataFrame({"customer_id": [customer], "rank": [1], "offer_id": ["x"]}).to_csv(
+        tmp_path / nb.NEW_TO_YOU_FILE, index=False
+    )
+    figures = nb.score(recs, tmp_path)
+    assert figures["metrics"][nb.NEW_TO_YOU]["recall@10"] == 0.0
+    assert nb.NEW_TO_YOU in figures["products_only"]["metrics"]
+    assert nb.score(recs, tmp_path, recs)["metrics"][nb.NEW_TO_YOU]["recall@10"] == 1.0
+    assert nb.NEW_TO_YOU in capsys.readouterr().out
 
 
 # -- products only ---------------------------------------------------------------------------------
@@ -413,7 +430,9 @@ def test_the_products_only_table_beside_the_standard_one() -> None:
         "test_target_items": 1,
         "test_target_items_left_out": 2,
     }
-    assert products["nextbest_items_outside_universe"] == {"recommendations": 1, "customers": 1}
+    assert products["nextbest_items_outside_universe"] == {
+        "nextbest": {"recommendations": 1, "customers": 1}
+    }
     metrics = products["metrics"]
     # t's target is {b}: nextbest and TIFU-KNN ([b, c, a]) rank it first, G-TopFreq third
     assert metrics["nextbest"]["recall@10"] == metrics["TIFU-KNN"]["ndcg@10"] == 1.0
@@ -422,7 +441,149 @@ def test_the_products_only_table_beside_the_standard_one() -> None:
     assert products["targets"] == {
         "recall@10_ge_tifu_knn": True,
         "ndcg@10_ge_tifu_knn": True,
-        "new_recall@10_gt_g_topfreq_new": False,  # G-TopFreq-new [c, b] finds b too
+        "new_to_you_new_recall@10_gt_g_topfreq_new": None,  # no new-to-you slate
     }
     assert text.index("all target items (2 customers)") < text.index(nb.PRODUCTS_ONLY)
     assert "all target items (1 customers)" in text.split(nb.PRODUCTS_ONLY)[1]
+    assert "target: not judged in full" in text.split(nb.PRODUCTS_ONLY)[1]
+
+
+# -- nextbest (new to you) -------------------------------------------------------------------------
+def test_the_new_to_you_rules_are_the_default_ones_with_null_consumable_repeat_rate(
+    tmp_path: Path,
+) -> None:
+    path = nb.write_new_to_you_rules(tmp_path / "rules" / nb.NEW_TO_YOU_RULES)
+    written = yaml.safe_load(path.read_text())
+    expected = yaml.safe_load(DEFAULT_RULES.read_text())
+    (owns,) = [rule for rule in expected["rules"] if rule["type"] == "already_owns"]
+    assert owns["consumable_repeat_rate"] is not None
+    owns["consumable_repeat_rate"] = None
+    assert written == expected  # that one change, nothing else
+    loaded, default = load_rules(path).model_dump(), load_rules().model_dump()
+    changed = [
+        (before, after)
+        for before, after in zip(default["rules"], loaded["rules"], strict=True)
+        if before != after
+    ]
+    assert [(b["type"], a["type"]) for b, a in changed] == [("already_owns", "already_owns")]
+    ((before, after),) = changed
+    assert after["consumable_repeat_rate"] is None
+    assert {**before, "consumable_repeat_rate": None} == after
+    assert {k: v for k, v in loaded.items() if k != "rules"} == {
+        k: v for k, v in default.items() if k != "rules"
+    }
+
+
+def test_run_nextbest_repeats_the_batch_with_the_new_to_you_rules_on_its_own_ledger(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[tuple[str, ...], dict[str, object]]] = []
+
+    def fake(folder: Path, *args: str, **options: object) -> tuple[float, str, str]:
+        calls.append((args, options))
+        return 1.0, '{"model_version": "7"}', f"said {options['log']}"
+
+    class Offers:
+        def __init__(self, path: Path) -> None:
+            pass
+
+        def read(self, table: str) -> pd.DataFrame:
+            return pd.DataFrame({"offer_id": ["m"]})
+
+    monkeypatch.setattr(nb, "_nextbest", fake)
+    monkeypatch.setattr(features, "Workspace", Offers)
+    pd.DataFrame({"customer_id": ["a"], "item_id": ["m"]}).to_csv(
+        tmp_path / nb.TRUTH_FILE, index=False
+    )
+    outs, seconds, said = nb.run_nextbest(tmp_path)
+    assert outs == {
+        nb.NEXTBEST: tmp_path / nb.RECS_FILE,
+        nb.NEW_TO_YOU: tmp_path / nb.NEW_TO_YOU_FILE,
+    }
+    assert [args[0] for args, _ in calls] == [
+        "import",
+        "train",
+        "recommend-batch",
+        "recommend-batch",
+    ]
+    (standard, plain), (new, options) = calls[2:]
+    assert standard[-2:] == ("--out", str(outs[nb.NEXTBEST]))
+    assert new == (*standard[:-1], str(outs[nb.NEW_TO_YOU]))  # the same arguments
+    assert "--no-holdout" in new and "--alias" in new
+    assert "rules" not in plain and "ledger" not in plain
+    assert options["rules"] == tmp_path / nb.NEW_TO_YOU_RULES
+    assert options["ledger"] == nb.NEW_TO_YOU_LEDGER != nb.LEDGER_FILE
+    rules = load_rules(tmp_path / nb.NEW_TO_YOU_RULES)
+    assert (
+        rules.rules[[r.type for r in rules.rules].index("already_owns")].model_dump()[
+            "consumable_repeat_rate"
+        ]
+        is None
+    )
+    assert set(seconds) == {"import", "train", "recommend_batch", "recommend_batch_new_to_you"}
+    assert said["recommend_batch_new_to_you_said"] == "said recommend_batch_new_to_you.log"
+
+
+# t's target: a (bought before) and z (new); G-TopFreq-new ranks the eleven p items (3
+# history baskets each) before z (1): its top 10 misses z. t2's target is a repeat only.
+POPULAR = [f"p{i:02d}" for i in range(11)]
+NEW_TO_YOU = {
+    "t": [["a"], ["a"]],
+    "t2": [["a"], ["p00"]],
+    "n1": [POPULAR, POPULAR, POPULAR],
+    "n2": [["z"], ["a"]],
+}
+
+
+def test_the_new_to_you_slate_is_scored_in_both_tables_and_judges_the_new_item_target() -> None:
+    targets = {"t": ["a", "z"], "t2": ["a"], "n1": ["p00"], "n2": ["a"]}
+    split = _split(NEW_TO_YOU, targets, ["t", "t2"])
+    universe = nb.product_universe(split)
+    lists, _ = nb.references(split)
+    product_lists, _ = nb.references(split, universe.items)
+    assert lists["G-TopFreq-new"]["t"] == [*POPULAR, "z"]  # z 12th
+    # vectors: p .6105 in n1 (three groups), a .462 in t; TIFU-KNN's top 10 for t is the
+    # p items (.8 × .6105 / 2 = .2442 against a's .2 × .462 + .8 × .3 / 2 = .2124)
+    assert lists["TIFU-KNN"]["t"][:10] == POPULAR[:10]
+    slates = {nb.NEXTBEST: {"t": ["a", "p00"], "t2": ["a"]}, nb.NEW_TO_YOU: {"t": ["z", "p00"]}}
+    lists |= slates
+    product_lists |= slates
+    text, figures = nb.report(split, lists, (universe, product_lists))
+    assert figures["customers_with"] == {"all": 2, "repeat": 2, "new": 1}
+    metrics = figures["metrics"]
+    assert list(metrics) == [*nb.REFERENCES, nb.NEXTBEST, nb.NEW_TO_YOU]
+    assert metrics[nb.NEXTBEST]["recall@10"] == 0.75  # (1/2 + 1) / 2
+    assert metrics[nb.NEW_TO_YOU]["recall@10"] == 0.25  # t2 got nothing: 0
+    assert metrics[nb.NEW_TO_YOU]["recall_new@10"] == 1.0
+    assert metrics[nb.NEW_TO_YOU]["ndcg_new@10"] == 1.0
+    assert metrics[nb.NEW_TO_YOU]["recall_repeat@10"] == 0.0
+    assert metrics["G-TopFreq-new"]["recall_new@10"] == 0.0
+    assert metrics[nb.NEXTBEST]["recall_new@10"] == 0.0
+    assert figures["customers_without_recommendations"] == {nb.NEXTBEST: 0, nb.NEW_TO_YOU: 1}
+    assert figures["top10_share_bought_before"] == {nb.NEXTBEST: 0.6667, nb.NEW_TO_YOU: 0.0}
+    # the new-item target on the new-to-you slate, the others on the standard one
+    assert figures["nextbest_new_to_you_minus_g_topfreq_new_95ci"] == {
+        "recall_new@10": {"mean": 1.0, "low": 1.0, "high": 1.0, "customers": 1}
+    }
+    assert figures["nextbest_minus_g_topfreq_new_95ci"]["recall_new@10"]["mean"] == 0.0
+    assert figures["nextbest_minus_tifu_knn_95ci"]["recall@10"]["mean"] == 0.75
+    assert figures["targets"] == {
+        "recall@10_ge_tifu_knn": True,
+        "ndcg@10_ge_tifu_knn": True,
+        "new_to_you_new_recall@10_gt_g_topfreq_new": True,
+    }
+    assert figures["target_slates"]["new_to_you_new_recall@10_gt_g_topfreq_new"] == nb.NEW_TO_YOU
+    standard_text, product_text = text.split(nb.PRODUCTS_ONLY)
+    for part in (standard_text, product_text):
+        assert f"\n{nb.NEW_TO_YOU}  " in part
+        assert "target: met" in part
+        assert "new-item Recall@10 > G-TopFreq-new, new-to-you slate: yes" in part
+        assert "Recall@10 ≥ TIFU-KNN, standard slate: yes" in part
+    # every item is a product: the products-only table scores the same
+    products = figures["products_only"]
+    assert pd.DataFrame(products["metrics"]).equals(pd.DataFrame(metrics))
+    assert products["targets"] == figures["targets"]
+    assert products["nextbest_items_outside_universe"] == {
+        nb.NEXTBEST: {"recommendations": 0, "customers": 0},
+        nb.NEW_TO_YOU: {"recommendations": 0, "customers": 0},
+    }
