@@ -57,6 +57,18 @@ customer bought comes back), on a ledger of its own. It is scored as the method
 ``nextbest (new to you)`` in both tables, with the share of its top 10 the customer
 bought before (there should be none).
 
+**nextbest (--keep-non-products)**: the standard slate's commands with the import's
+documented ``--keep-non-products`` flag (offers for the non-product categories too, which
+the references rank), in a sub-folder ``keep_non_products`` of its own (its
+``workspace``, MLflow ``home``, ``ledger.db`` and logs); the standard slate only (no
+new-to-you batch), its recommendations ``recommendations_keep_non_products.csv`` beside
+the others. It is scored as the method ``nextbest (--keep-non-products)`` in both
+tables, and judged in the standard table only (where its item universe is the
+references'): the bootstrap interval of it − TIFU-KNN for Recall@10 and NDCG@10, and its
+own target, Recall@10 and NDCG@10 ≥ TIFU-KNN (``keep_non_products_targets``; the
+targets above stay on the default import's slates). Its step timings are
+``keep_non_products_import``, ``_train`` and ``_recommend_batch``.
+
 **The metrics**, per test customer then averaged, at k = 10 and 20: Recall@k (hits in
 the top k / |target|), NDCG@k (binary gains; the ideal DCG is over min(|target|, k)
 items: the Reality Check's own code divides by the ideal DCG over all |target| items,
@@ -91,18 +103,22 @@ G-TopFreq-new over universe items, P-TopFreq and GP-TopFreq skip the other items
 counts and ties of the standard lists otherwise), and TIFU-KNN has the other items'
 columns zeroed in every user vector before the neighbour search (same hyper-parameters;
 a history basket that held only such items keeps its place in the decays and groups).
-nextbest's lists (both slates) are scored as they are; the items in them outside the
-universe are counted (there should be none). The same metrics, bootstrap intervals and
+nextbest's lists (every slate) are scored as they are; the items in them outside the
+universe are counted (there should be none but for the --keep-non-products slate, which
+is not judged there). The same metrics, bootstrap intervals and
 target verdict follow. The figures are under ``products_only``, with the same structure
 as the standard ones plus ``universe`` and ``nextbest_items_outside_universe`` (per
 slate).
 
 Environment: ``NEXTBEST_BENCH_NB_SKIP_NEXTBEST=1`` runs the references only;
+``NEXTBEST_BENCH_NB_VARIANTS=0`` skips the --keep-non-products slate (default: run it);
 ``NEXTBEST_BENCH_NB_KEEP=FOLDER`` keeps the split (``order_lines.csv``,
 ``test_customers.csv``, ``truth.csv``: the test customers' target items), and with
 nextbest its ``workspace``, MLflow ``home``, ``ledger.db`` (``ledger-new-to-you.db`` for
 the second batch), the commands' logs, ``rules_new_to_you.yaml``,
-``recommendations.csv`` and ``recommendations_new_to_you.csv``, there. The nextbest
+``recommendations.csv``, ``recommendations_new_to_you.csv``,
+``recommendations_keep_non_products.csv`` and the ``keep_non_products`` sub-folder,
+there. The nextbest
 commands run with none of the caller's ``NEXTBEST_*`` variables (the product's defaults;
 the second batch adds ``NEXTBEST_RULES``), in that home, on fresh ledgers. To re-run
 nextbest on the same split and score it::
@@ -115,11 +131,14 @@ nextbest on the same split and score it::
     python -m bench.nextbasket rules RULES.yaml    # the new-to-you rules
     NEXTBEST_RULES=RULES.yaml NEXTBEST_DB_URL=sqlite:///FOLDER/ledger-3.db \\
         nextbest recommend-batch ... (the same arguments) --out NEW.csv
-    python -m bench.nextbasket score RECS.csv FOLDER NEW.csv
+    nextbest import transactions ... --keep-non-products -w KEEP/workspace  # own home,
+    nextbest train -w KEEP/workspace ...; nextbest recommend-batch ... --out KEEP.csv  # ledger
+    python -m bench.nextbasket score RECS.csv FOLDER NEW.csv --keep-non-products KEEP.csv
 
 ``score`` reads any file with ``customer_id``, ``rank`` and ``offer_id`` columns (the
-third, the new-to-you slate, is optional: ``recommendations_new_to_you.csv`` in the
-folder when there is one) and prints both tables beside the references, recomputed from
+third, the new-to-you slate, and ``--keep-non-products`` are optional:
+``recommendations_new_to_you.csv`` and ``recommendations_keep_non_products.csv`` in the
+folder when there are) and prints both tables beside the references, recomputed from
 the folder.
 """
 
@@ -160,7 +179,8 @@ TIFU: dict[str, Any] = {
 REFERENCES = ("G-TopFreq", "P-TopFreq", "GP-TopFreq", "G-TopFreq-new", "TIFU-KNN")
 NEXTBEST = "nextbest"
 NEW_TO_YOU = "nextbest (new to you)"
-SLATES = (NEXTBEST, NEW_TO_YOU)
+KEEP_NON_PRODUCTS = "nextbest (--keep-non-products)"
+SLATES = (NEXTBEST, NEW_TO_YOU, KEEP_NON_PRODUCTS)
 PARTS = ("all", "repeat", "new")
 MEASURES = ("recall", "ndcg", "phr")
 # the retailer's own column names in the CSV nextbest imports
@@ -177,7 +197,10 @@ LINES_FILE, TEST_FILE, TRUTH_FILE = "order_lines.csv", "test_customers.csv", "tr
 LEDGER_FILE = "ledger.db"
 RECS_FILE, NEW_TO_YOU_FILE = "recommendations.csv", "recommendations_new_to_you.csv"
 NEW_TO_YOU_RULES, NEW_TO_YOU_LEDGER = "rules_new_to_you.yaml", "ledger-new-to-you.db"
+KEEP_NON_PRODUCTS_FILE = "recommendations_keep_non_products.csv"
+KEEP_NON_PRODUCTS_FOLDER = "keep_non_products"
 SKIP_ENV, KEEP_ENV = "NEXTBEST_BENCH_NB_SKIP_NEXTBEST", "NEXTBEST_BENCH_NB_KEEP"
+VARIANTS_ENV = "NEXTBEST_BENCH_NB_VARIANTS"
 
 
 # -- the split ------------------------------------------------------------------------------
@@ -709,10 +732,12 @@ def evaluate(
     return frames, counts
 
 
-def compare(frames: Mapping[str, pd.DataFrame]) -> dict[str, Any]:
+def compare(frames: Mapping[str, pd.DataFrame], *, standard: bool = True) -> dict[str, Any]:
     """nextbest against TIFU-KNN (the standard slate) and G-TopFreq-new (the new-to-you
     slate when there is one; the standard slate for information): bootstrap intervals of
-    the differences, and whether each target holds (None: not judged)."""
+    the differences, and whether each target holds (None: not judged). In the ``standard``
+    table (where its item universe is the references'), the --keep-non-products slate
+    against TIFU-KNN too, its own targets under ``keep_non_products_targets``."""
 
     def interval(ours: str, reference: str, column: str) -> dict[str, float | None]:
         mine = frames[ours][column]
@@ -746,6 +771,16 @@ def compare(frames: Mapping[str, pd.DataFrame]) -> dict[str, Any]:
         "ndcg@10_ge_tifu_knn": NEXTBEST,
         "new_to_you_new_recall@10_gt_g_topfreq_new": NEW_TO_YOU,
     }
+    if KEEP_NON_PRODUCTS in frames and standard:
+        keep = means[KEEP_NON_PRODUCTS]
+        figures["nextbest_keep_non_products_minus_tifu_knn_95ci"] = {
+            column: interval(KEEP_NON_PRODUCTS, "TIFU-KNN", column)
+            for column in ("recall@10", "ndcg@10")
+        }
+        figures["keep_non_products_targets"] = {
+            f"{column}_ge_tifu_knn": keep[column] >= tifu[column]
+            for column in ("recall@10", "ndcg@10")
+        }
     return figures
 
 
@@ -791,6 +826,22 @@ def _verdict(figures: Mapping[str, Any], customers: int) -> str:
         "new-item Recall@10 > G-TopFreq-new, new-to-you slate: "
         f"{held(targets['new_to_you_new_recall@10_gt_g_topfreq_new'])})",
     ]
+    keep = figures.get("nextbest_keep_non_products_minus_tifu_knn_95ci")
+    if keep is not None:
+        own = figures["keep_non_products_targets"]
+        lines += [
+            f"{KEEP_NON_PRODUCTS} − TIFU-KNN (95 % customer bootstrap): Recall@10 "
+            f"{ci(keep['recall@10'])}, NDCG@10 {ci(keep['ndcg@10'])}",
+            f"{KEEP_NON_PRODUCTS} target (standard table): "
+            + ("met" if all(own.values()) else "not met")
+            + f" (Recall@10 ≥ TIFU-KNN: {held(own['recall@10_ge_tifu_knn'])}; "
+            f"NDCG@10 ≥ TIFU-KNN: {held(own['ndcg@10_ge_tifu_knn'])})",
+        ]
+    elif KEEP_NON_PRODUCTS in empty:
+        lines.append(
+            f"{KEEP_NON_PRODUCTS}: scored as given, judged in the standard table only "
+            "(it recommends items outside this universe)"
+        )
     return "\n".join(lines)
 
 
@@ -823,7 +874,7 @@ def _report_table(
         figures["top10_share_bought_before"] = {
             name: _share_bought_before(lists[name], customers, histories) for name in slates
         }
-        figures |= compare(frames)
+        figures |= compare(frames, standard=universe is None)
         text += "\n\n" + _verdict(figures, len(customers))
     return text, figures
 
@@ -934,18 +985,26 @@ def all_references(split: Split) -> tuple[Universe, Lists, Lists, dict[str, floa
 
 
 def score(
-    recs_csv: Path | str, folder: Path | str, new_to_you_csv: Path | str | None = None
+    recs_csv: Path | str,
+    folder: Path | str,
+    new_to_you_csv: Path | str | None = None,
+    keep_non_products_csv: Path | str | None = None,
 ) -> dict[str, Any]:
     """Score a recommendations file against a kept split (``NEXTBEST_BENCH_NB_KEEP``),
-    with the new-to-you slate's (default: ``recommendations_new_to_you.csv`` in the
-    folder, when there is one), beside the references, and print both tables."""
+    with the new-to-you slate's and the --keep-non-products one's (default:
+    ``recommendations_new_to_you.csv`` and ``recommendations_keep_non_products.csv`` in
+    the folder, when there are), beside the references, and print both tables."""
     split = read_folder(Path(folder))
     universe, lists, product_lists, _ = all_references(split)
     lists[NEXTBEST] = product_lists[NEXTBEST] = read_recommendations(Path(recs_csv))
-    if new_to_you_csv is None and (Path(folder) / NEW_TO_YOU_FILE).exists():
-        new_to_you_csv = Path(folder) / NEW_TO_YOU_FILE
-    if new_to_you_csv is not None:
-        lists[NEW_TO_YOU] = product_lists[NEW_TO_YOU] = read_recommendations(Path(new_to_you_csv))
+    for name, csv, default in (
+        (NEW_TO_YOU, new_to_you_csv, NEW_TO_YOU_FILE),
+        (KEEP_NON_PRODUCTS, keep_non_products_csv, KEEP_NON_PRODUCTS_FILE),
+    ):
+        if csv is None and (Path(folder) / default).exists():
+            csv = Path(folder) / default
+        if csv is not None:
+            lists[name] = product_lists[name] = read_recommendations(Path(csv))
     text, figures = report(split, lists, (universe, product_lists))
     print(text)
     print(json.dumps(_without_metrics(figures), indent=2))
@@ -1011,12 +1070,13 @@ def write_new_to_you_rules(path: Path) -> Path:
     return path
 
 
-def run_nextbest(folder: Path) -> tuple[dict[str, Path], dict[str, float], dict[str, Any]]:
-    """Import, train and recommend-batch on the kept split in ``folder``, then
-    recommend-batch again with the new-to-you rules; the recommendations file of each
-    slate, the seconds of each step and what the commands said."""
+def _standard_slate(
+    folder: Path, split_folder: Path, out: Path, *import_flags: str
+) -> tuple[dict[str, float], dict[str, Any], tuple[str, ...]]:
+    """Import (with ``import_flags``), train and recommend-batch in ``folder`` (its own
+    workspace, home and ledger) on the kept split in ``split_folder``, to ``out``; the
+    seconds of each step, what the commands said and the batch's arguments."""
     workspace = folder / "workspace"
-    outs = {NEXTBEST: folder / RECS_FILE, NEW_TO_YOU: folder / NEW_TO_YOU_FILE}
     columns = ("--customer", "--time", "--item", "--category", "--quantity", "--amount", "--order")
     names = ("customer_id", "time", "item_id", "category", "quantity", "amount", "basket_id")
     mapping = [
@@ -1027,7 +1087,8 @@ def run_nextbest(folder: Path) -> tuple[dict[str, Path], dict[str, float], dict[
     seconds = {}
     seconds["import"], _, _ = _nextbest(
         folder,
-        *("import", "transactions", str(folder / LINES_FILE), *mapping, "-w", str(workspace)),
+        *("import", "transactions", str(split_folder / LINES_FILE), *mapping, *import_flags),
+        *("-w", str(workspace)),
         log="import.log",
     )
     seconds["train"], trained, _ = _nextbest(
@@ -1035,17 +1096,44 @@ def run_nextbest(folder: Path) -> tuple[dict[str, Path], dict[str, float], dict[
     )
     batch = (
         *("recommend-batch", "-w", str(workspace), "--alias", "challenger"),
-        *("--customers", str(folder / TEST_FILE), "--k", str(max(KS))),
+        *("--customers", str(split_folder / TEST_FILE), "--k", str(max(KS))),
         *("--channel", "web", "--placement", "home", "--no-holdout"),
     )
-    # fresh ledgers, one per slate: no cap counted by an earlier run or the other slate
+    # a fresh ledger per slate: no cap counted by an earlier run or another slate
     (folder / LEDGER_FILE).unlink(missing_ok=True)
     seconds["recommend_batch"], _, said = _nextbest(
-        folder, *batch, "--out", str(outs[NEXTBEST]), log="recommend_batch.log"
+        folder, *batch, "--out", str(out), log="recommend_batch.log"
     )
+    from features import Workspace
+
+    offers = Workspace(workspace).read("offers")["offer_id"].astype("str")
+    truth = _read_text(split_folder / TRUTH_FILE)["item_id"]
+    return (
+        seconds,
+        {
+            "model_version": json.loads(trained).get("model_version"),
+            "recommend_batch_said": said,
+            "nextbest_offers": len(offers),
+            "test_target_items_with_an_offer": round(float(truth.isin(offers).mean()), 4),
+        },
+        batch,
+    )
+
+
+def run_nextbest(
+    folder: Path, *, variants: bool = True
+) -> tuple[dict[str, Path], dict[str, float], dict[str, Any]]:
+    """Import, train and recommend-batch on the kept split in ``folder``, then
+    recommend-batch again with the new-to-you rules; with ``variants``, the
+    --keep-non-products slate too (import with ``--keep-non-products``, train and
+    recommend-batch in ``folder/keep_non_products``, its own workspace, home and ledger;
+    its recommendations in ``folder``); the recommendations file of each slate, the
+    seconds of each step and what the commands said."""
+    outs = {NEXTBEST: folder / RECS_FILE, NEW_TO_YOU: folder / NEW_TO_YOU_FILE}
+    seconds, said, batch = _standard_slate(folder, folder, outs[NEXTBEST])
     rules = write_new_to_you_rules(folder / NEW_TO_YOU_RULES)
     (folder / NEW_TO_YOU_LEDGER).unlink(missing_ok=True)
-    seconds["recommend_batch_new_to_you"], _, said_new = _nextbest(
+    seconds["recommend_batch_new_to_you"], _, said["recommend_batch_new_to_you_said"] = _nextbest(
         folder,
         *batch,
         *("--out", str(outs[NEW_TO_YOU])),
@@ -1053,21 +1141,15 @@ def run_nextbest(folder: Path) -> tuple[dict[str, Path], dict[str, float], dict[
         ledger=NEW_TO_YOU_LEDGER,
         rules=rules,
     )
-    from features import Workspace
-
-    offers = Workspace(workspace).read("offers")["offer_id"].astype("str")
-    truth = _read_text(folder / TRUTH_FILE)["item_id"]
-    return (
-        outs,
-        seconds,
-        {
-            "model_version": json.loads(trained).get("model_version"),
-            "recommend_batch_said": said,
-            "recommend_batch_new_to_you_said": said_new,
-            "nextbest_offers": len(offers),
-            "test_target_items_with_an_offer": round(float(truth.isin(offers).mean()), 4),
-        },
-    )
+    if variants:
+        outs[KEEP_NON_PRODUCTS] = folder / KEEP_NON_PRODUCTS_FILE
+        own = folder / KEEP_NON_PRODUCTS_FOLDER
+        own.mkdir(parents=True, exist_ok=True)
+        keep_s, said["keep_non_products"], _ = _standard_slate(
+            own, folder, outs[KEEP_NON_PRODUCTS], "--keep-non-products"
+        )
+        seconds |= {f"keep_non_products_{step}": s for step, s in keep_s.items()}
+    return outs, seconds, said
 
 
 @contextlib.contextmanager
@@ -1083,6 +1165,7 @@ def _folder() -> Iterator[Path]:
 
 def run() -> dict[str, Any]:
     skip = os.environ.get(SKIP_ENV, "").lower() in ("1", "true", "yes")
+    variants = os.environ.get(VARIANTS_ENV, "1").lower() not in ("0", "false", "no")
     started = time.perf_counter()
     split = make_split(demo_lines())
     seconds: dict[str, float] = {"split": time.perf_counter() - started}
@@ -1092,7 +1175,7 @@ def run() -> dict[str, Any]:
         seconds |= reference_s
         said: dict[str, Any] = {}
         if not skip:
-            outs, nextbest_s, said = run_nextbest(folder)
+            outs, nextbest_s, said = run_nextbest(folder, variants=variants)
             seconds |= nextbest_s
             for name, out in outs.items():
                 lists[name] = product_lists[name] = read_recommendations(out)
@@ -1104,6 +1187,7 @@ def run() -> dict[str, Any]:
         "tifu_knn": TIFU,
         "k": list(KS),
         "nextbest_run": not skip,
+        "nextbest_variants_run": not skip and variants,
         **said,
         **figures,
         "seconds": {name: round(s, 2) for name, s in seconds.items()},
@@ -1123,11 +1207,17 @@ def main() -> None:
         nargs="?",
         help=f"the new-to-you slate's output (default: FOLDER/{NEW_TO_YOU_FILE} if it exists)",
     )
+    scorer.add_argument(
+        "--keep-non-products",
+        type=Path,
+        help="the --keep-non-products slate's output "
+        f"(default: FOLDER/{KEEP_NON_PRODUCTS_FILE} if it exists)",
+    )
     rules = commands.add_parser("rules", help="write the new-to-you slate's rules file")
     rules.add_argument("path", type=Path, help="the rules file to write (.yaml)")
     args = parser.parse_args()
     if args.command == "score":
-        score(args.recs, args.folder, args.new_to_you)
+        score(args.recs, args.folder, args.new_to_you, args.keep_non_products)
     elif args.command == "rules":
         print(write_new_to_you_rules(args.path))
     else:

@@ -330,6 +330,24 @@ def test_score_reads_recommendations_and_compares_with_the_references(
     assert nb.NEW_TO_YOU in figures["products_only"]["metrics"]
     assert nb.score(recs, tmp_path, recs)["metrics"][nb.NEW_TO_YOU]["recall@10"] == 1.0
     assert nb.NEW_TO_YOU in capsys.readouterr().out
+    # the --keep-non-products slate likewise, judged against TIFU-KNN on its own
+    assert nb.KEEP_NON_PRODUCTS not in figures["metrics"]
+    pd.DataFrame({"customer_id": [customer], "rank": [1], "offer_id": ["x"]}).to_csv(
+        tmp_path / nb.KEEP_NON_PRODUCTS_FILE, index=False
+    )
+    figures = nb.score(recs, tmp_path)
+    assert figures["metrics"][nb.KEEP_NON_PRODUCTS]["recall@10"] == 0.0
+    assert figures["keep_non_products_targets"] == {
+        "recall@10_ge_tifu_knn": False,
+        "ndcg@10_ge_tifu_knn": False,
+    }
+    figures = nb.score(recs, tmp_path, keep_non_products_csv=recs)
+    assert figures["metrics"][nb.KEEP_NON_PRODUCTS]["recall@10"] == 1.0
+    assert figures["keep_non_products_targets"] == {
+        "recall@10_ge_tifu_knn": True,
+        "ndcg@10_ge_tifu_knn": True,
+    }
+    assert f"{nb.KEEP_NON_PRODUCTS} target (standard table): met" in capsys.readouterr().out
 
 
 # -- products only ---------------------------------------------------------------------------------
@@ -495,7 +513,7 @@ def test_run_nextbest_repeats_the_batch_with_the_new_to_you_rules_on_its_own_led
     pd.DataFrame({"customer_id": ["a"], "item_id": ["m"]}).to_csv(
         tmp_path / nb.TRUTH_FILE, index=False
     )
-    outs, seconds, said = nb.run_nextbest(tmp_path)
+    outs, seconds, said = nb.run_nextbest(tmp_path, variants=False)
     assert outs == {
         nb.NEXTBEST: tmp_path / nb.RECS_FILE,
         nb.NEW_TO_YOU: tmp_path / nb.NEW_TO_YOU_FILE,
@@ -522,6 +540,107 @@ def test_run_nextbest_repeats_the_batch_with_the_new_to_you_rules_on_its_own_led
     )
     assert set(seconds) == {"import", "train", "recommend_batch", "recommend_batch_new_to_you"}
     assert said["recommend_batch_new_to_you_said"] == "said recommend_batch_new_to_you.log"
+
+
+def test_the_keep_non_products_variant_repeats_the_standard_commands_in_its_own_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[Path, tuple[str, ...], dict[str, object]]] = []
+
+    def fake(folder: Path, *args: str, **options: object) -> tuple[float, str, str]:
+        calls.append((folder, args, options))
+        return 1.0, '{"model_version": "7"}', f"said {options['log']}"
+
+    class Offers:
+        def __init__(self, path: Path) -> None:
+            self.path = path
+
+        def read(self, table: str) -> pd.DataFrame:
+            return pd.DataFrame(
+                {
+                    "offer_id": ["m", "fuel"]
+                    if nb.KEEP_NON_PRODUCTS_FOLDER in self.path.parts
+                    else ["m"]
+                }
+            )
+
+    monkeypatch.setattr(nb, "_nextbest", fake)
+    monkeypatch.setattr(features, "Workspace", Offers)
+    pd.DataFrame({"customer_id": ["a", "a"], "item_id": ["m", "fuel"]}).to_csv(
+        tmp_path / nb.TRUTH_FILE, index=False
+    )
+    outs, seconds, said = nb.run_nextbest(tmp_path)
+    own = tmp_path / nb.KEEP_NON_PRODUCTS_FOLDER
+    assert outs[nb.KEEP_NON_PRODUCTS] == tmp_path / nb.KEEP_NON_PRODUCTS_FILE
+    assert len(outs) == 3 and own.is_dir()
+    # the standard slate, the new-to-you batch, then the variant's import, train and batch
+    assert [(folder, args[0]) for folder, args, _ in calls] == [
+        (tmp_path, "import"),
+        (tmp_path, "train"),
+        (tmp_path, "recommend-batch"),
+        (tmp_path, "recommend-batch"),
+        (own, "import"),
+        (own, "train"),
+        (own, "recommend-batch"),
+    ]
+    (_, imported, _), (_, trained, _), (_, batch, _) = calls[:3]
+    (_, keep_import, _), (_, keep_train, keep_options), (_, keep_batch, batch_options) = calls[4:]
+    # the same commands: the import adds --keep-non-products, all in the variant's folder
+    # on the same split (lines and test customers from the top folder)
+    assert "--keep-non-products" not in imported
+    assert [a for a in keep_import if a != "--keep-non-products"] == [
+        str(own / "workspace") if a == str(tmp_path / "workspace") else a for a in imported
+    ]
+    assert keep_import.count("--keep-non-products") == 1
+    assert str(tmp_path / nb.LINES_FILE) in keep_import
+    assert keep_train == ("train", "--quiet", "-w", str(own / "workspace"))
+    assert trained == ("train", "--quiet", "-w", str(tmp_path / "workspace"))
+    assert keep_batch == (
+        *[str(own / "workspace") if a == str(tmp_path / "workspace") else a for a in batch[:-1]],
+        str(outs[nb.KEEP_NON_PRODUCTS]),
+    )
+    assert str(tmp_path / nb.TEST_FILE) in keep_batch and "--no-holdout" in keep_batch
+    # its own home and ledger (the folder given), the product's rules
+    assert "rules" not in batch_options and "ledger" not in batch_options
+    assert keep_options == {"log": "train.log"}
+    assert set(seconds) == {
+        "import",
+        "train",
+        "recommend_batch",
+        "recommend_batch_new_to_you",
+        "keep_non_products_import",
+        "keep_non_products_train",
+        "keep_non_products_recommend_batch",
+    }
+    assert said["keep_non_products"] == {
+        "model_version": "7",
+        "recommend_batch_said": "said recommend_batch.log",
+        "nextbest_offers": 2,
+        "test_target_items_with_an_offer": 1.0,
+    }
+    assert said["nextbest_offers"] == 1 and said["test_target_items_with_an_offer"] == 0.5
+
+
+def test_the_variants_env_skips_the_keep_non_products_slate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[bool] = []
+
+    def fake_run(folder: Path, *, variants: bool = True) -> tuple[dict, dict, dict]:
+        seen.append(variants)
+        return {}, {}, {}
+
+    split = nb.make_split(_lines(PROTOCOL), test_share=0.34)
+    monkeypatch.setattr(nb, "demo_lines", lambda: _lines(PROTOCOL))
+    monkeypatch.setattr(nb, "make_split", lambda lines: split)
+    monkeypatch.setattr(nb, "run_nextbest", fake_run)
+    monkeypatch.setattr(nb, "report", lambda *args: ("", {}))
+    monkeypatch.setenv(nb.KEEP_ENV, str(tmp_path))
+    monkeypatch.setenv(nb.VARIANTS_ENV, "0")
+    assert nb.run()["nextbest_variants_run"] is False
+    monkeypatch.delenv(nb.VARIANTS_ENV)
+    assert nb.run()["nextbest_variants_run"] is True
+    assert seen == [False, True]
 
 
 # t's target: a (bought before) and z (new); G-TopFreq-new ranks the eleven p items (3
@@ -587,3 +706,56 @@ def test_the_new_to_you_slate_is_scored_in_both_tables_and_judges_the_new_item_t
         nb.NEXTBEST: {"recommendations": 0, "customers": 0},
         nb.NEW_TO_YOU: {"recommendations": 0, "customers": 0},
     }
+
+
+def test_the_keep_non_products_slate_is_judged_against_tifu_knn_in_the_standard_table() -> None:
+    split = _products_split()
+    universe = nb.product_universe(split)
+    lists, _ = nb.references(split)
+    product_lists, _ = nb.references(split, universe.items)
+    # the variant ranks t2's coupon item k (outside the universe) first
+    slates = {
+        nb.NEXTBEST: {"t": ["b", "a"], "t2": ["a"]},
+        nb.KEEP_NON_PRODUCTS: {"t": ["b", "a"], "t2": ["k", "a"]},
+    }
+    lists |= slates
+    product_lists |= slates
+    text, figures = nb.report(split, lists, (universe, product_lists))
+    metrics = figures["metrics"]
+    assert list(metrics) == [*nb.REFERENCES, nb.NEXTBEST, nb.KEEP_NON_PRODUCTS]
+    assert metrics[nb.KEEP_NON_PRODUCTS]["recall@10"] >= metrics[nb.NEXTBEST]["recall@10"]
+    keep = figures["nextbest_keep_non_products_minus_tifu_knn_95ci"]
+    tifu = figures["nextbest_minus_tifu_knn_95ci"]
+    for column in ("recall@10", "ndcg@10"):
+        difference = metrics[nb.KEEP_NON_PRODUCTS][column] - metrics["TIFU-KNN"][column]
+        assert keep[column]["mean"] == pytest.approx(difference, abs=1e-4)
+        assert keep[column]["customers"] == tifu[column]["customers"] == 2
+    assert figures["keep_non_products_targets"] == {
+        f"{column}_ge_tifu_knn": metrics[nb.KEEP_NON_PRODUCTS][column]
+        >= metrics["TIFU-KNN"][column]
+        for column in ("recall@10", "ndcg@10")
+    }
+    # the existing targets stay on the default import's slates
+    assert set(figures["targets"]) == {
+        "recall@10_ge_tifu_knn",
+        "ndcg@10_ge_tifu_knn",
+        "new_to_you_new_recall@10_gt_g_topfreq_new",
+    }
+    assert figures["customers_without_recommendations"] == {
+        nb.NEXTBEST: 0,
+        nb.KEEP_NON_PRODUCTS: 0,
+    }
+    standard_text, product_text = text.split(nb.PRODUCTS_ONLY)
+    assert f"{nb.KEEP_NON_PRODUCTS} − TIFU-KNN (95 % customer bootstrap)" in standard_text
+    assert f"{nb.KEEP_NON_PRODUCTS} target (standard table): " in standard_text
+    # products only: scored as given, its outside items counted, not judged
+    products = figures["products_only"]
+    assert nb.KEEP_NON_PRODUCTS in products["metrics"]
+    assert "nextbest_keep_non_products_minus_tifu_knn_95ci" not in products
+    assert "keep_non_products_targets" not in products
+    assert products["nextbest_items_outside_universe"][nb.KEEP_NON_PRODUCTS] == {
+        "recommendations": 1,
+        "customers": 1,
+    }
+    assert f"{nb.KEEP_NON_PRODUCTS} − TIFU-KNN" not in product_text
+    assert "judged in the standard table only" in product_text
