@@ -677,7 +677,8 @@ def evaluate_command(
         parse_rules(yaml.safe_load(bundle.rules_yaml)),
         bundle.booster,
         calibrators,
-        TrainConfig.model_validate(bundle.meta["config"]),
+        # a version trained before value_cap existed was evaluated (and serves) unbounded
+        TrainConfig.model_validate({"value_cap": None} | bundle.meta["config"]),
         default_values=bundle.meta["default_values"],
     )
     payload = {

@@ -20,6 +20,7 @@ __all__ = [
     "TASK_OF_KIND",
     "Calibrator",
     "arbitrate",
+    "bounded_value",
     "offer_tasks",
     "rank_scores",
     "row_tasks",
@@ -96,10 +97,16 @@ def rank_scores(
     calibrators: Mapping[str, Calibrator],
     default_values: Mapping[str, float],
     lever_cap: float,
+    value_cap: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(score, P(accept)) for ranked rows, as serving orders them: calibrated probability
     per task × value (the task's default where unknown) × clipped lever; ties in the
-    product (isotonic steps) fall back to the raw score."""
+    product (isotonic steps) fall back to the raw score.
+
+    With ``value_cap`` a row's value counts within ``[1/cap, cap]`` × its task's typical
+    value (the training median): tasks keep their worth against each other, and inside a
+    task the price reorders the probabilities only so far (a version trained before the
+    cap existed ranks by the raw value, as it was evaluated)."""
     raw = np.asarray(raw, dtype=np.float64)
     probability = np.zeros(len(raw))
     default = np.ones(len(raw))
@@ -108,5 +115,18 @@ def rank_scores(
         if mine.any() and task in calibrators:
             probability[mine] = calibrators[task](raw[mine])
             default[mine] = default_values.get(task, 1.0)
-    worth = np.where(np.isnan(value), default, value)
+    worth = bounded_value(value, default, value_cap)
     return arbitrate(probability, worth, lever, lever_cap, 1.0) + 1e-9 * raw, probability
+
+
+def bounded_value(
+    value: np.ndarray, typical: np.ndarray | float, value_cap: float | None
+) -> np.ndarray:
+    """The value arbitration multiplies by: the typical value where unknown, and within
+    ``[1/value_cap, value_cap]`` × the typical value when a cap is set."""
+    typical = np.broadcast_to(np.asarray(typical, dtype=np.float64), np.shape(value))
+    value = np.asarray(value, dtype=np.float64)
+    worth = np.where(np.isnan(value), typical, value)
+    if value_cap is None:
+        return worth
+    return np.clip(worth, typical / value_cap, typical * value_cap)

@@ -437,17 +437,19 @@ def _already_owns(
         return
     days_since = (t - occasions.seconds_at(last)) / DAY
     # consumable or durable: the data's repeat rate, then the rules' own word per category
-    if rule.consumable_repeat_rate is None:
+    first = occasions.first_of_group(pair, t)
+    n_before = np.where(last >= 0, last - first + 1, 0)
+    if rule.consumable_repeat_rate is None:  # nothing comes back (a "new to you" slate)
         consumable = np.zeros(len(o), dtype=bool)
     else:
         rate = s.repeat_rate(o, t, rule.min_buyers)
         consumable = np.nan_to_num(rate, nan=0.0) >= rule.consumable_repeat_rate
+        # a customer who bought it on two orders or more consumes it, whatever others do
+        consumable |= n_before >= 2
     category = s.offer_category[o]
     for name, kind in rule.categories.items():
         consumable[category == s.categories.encode([name], missing=-2)[0]] = kind == "consumable"
     # due: the customer's own cycle (mean days between their orders of it)
-    first = occasions.first_of_group(pair, t)
-    n_before = np.where(last >= 0, last - first + 1, 0)
     with np.errstate(divide="ignore", invalid="ignore"):
         cycle = (occasions.seconds_at(last) - occasions.seconds_at(first)) / DAY / (n_before - 1)
     due = (n_before < 2) | (days_since >= rule.due_share * np.maximum(cycle, 1.0))

@@ -75,18 +75,20 @@ class AlreadyOwns(_Rule):
 
     The data decides which is which: an item is a consumable when at least
     ``consumable_repeat_rate`` of its buyers bought it again on a later order (its
-    category's share when it has fewer than ``min_buyers`` buyers; ``null`` treats
-    everything as durable). ``categories`` overrides the data per category. A consumable
-    is due once the days since its last purchase reach ``due_share`` × the customer's own
-    mean days between purchases of it; bought once so far, it is due (the ranker judges).
+    category's share when it has fewer than ``min_buyers`` buyers), or when this customer
+    bought it on two orders or more; ``null`` treats everything as durable (nothing a
+    customer bought comes back: a "new to you" slate).
+    ``categories`` overrides both per category. A consumable is due once the days since
+    its last purchase reach ``due_share`` × the customer's own mean days between
+    purchases of it; bought once so far, it is due (the ranker judges the timing).
     ``category_days`` re-offers a category's items a fixed number of days after a purchase,
     whatever the data says."""
 
     type: Literal["already_owns"]
     kinds: list[Literal["item", "category", "coupon", "bundle"]] = ["item", "bundle"]
-    consumable_repeat_rate: float | None = Field(0.2, ge=0, le=1)
+    consumable_repeat_rate: float | None = Field(0.1, ge=0, le=1)
     min_buyers: int = Field(20, ge=1)
-    due_share: float = Field(0.5, ge=0)
+    due_share: float = Field(0.1, ge=0)
     categories: dict[str, Literal["consumable", "durable"]] = {}
     category_days: dict[str, float] = {}
 

@@ -43,7 +43,8 @@ __all__ = ["Recommender", "in_holdout"]
 
 log = logging.getLogger("nextbest.serving")
 
-_BUILDER_CACHE = 8
+_BUILDER_CACHE = 16
+DAY = 86_400
 
 
 def in_holdout(key: str, salt: str, share: float) -> bool:
@@ -73,6 +74,8 @@ class _Model:
     calibrators: dict[str, Calibrator] = field(default_factory=dict)
     default_values: dict[str, float] = field(default_factory=dict)
     lever_cap: float = 2.0
+    value_cap: float | None = None
+    refit_days: int = 28
     builders: OrderedDict[int, FeatureBuilder] = field(default_factory=OrderedDict)
 
 
@@ -145,7 +148,7 @@ class Recommender:
         settings = self.settings
         if bundle is None:
             rules = load_rules(settings.rules_path)
-            min_pair, max_candidates = 20, settings.max_candidates
+            min_pair, max_candidates, refit = 20, settings.max_candidates, 28
         else:
             self.check(bundle)
             rules = (
@@ -156,11 +159,12 @@ class Recommender:
             config = bundle.meta["config"]
             min_pair = int(config.get("min_pair_orders", 20))
             max_candidates = int(config.get("max_candidates", settings.max_candidates))
+            refit = int(config.get("refit_features_every_days", 28))
         generator = CandidateGenerator(max_candidates=max_candidates, min_pair_orders=min_pair).fit(
             self.snapshot, self.reference
         )
         if bundle is None:
-            return _Model(None, rules, generator, min_pair)
+            return _Model(None, rules, generator, min_pair, refit_days=refit)
         return _Model(
             bundle=bundle,
             rules=rules,
@@ -169,6 +173,8 @@ class Recommender:
             calibrators={t: Calibrator.from_dict(c) for t, c in bundle.meta["calibrators"].items()},
             default_values=dict(bundle.meta.get("default_values", {})),
             lever_cap=float(bundle.meta.get("lever_cap", 2.0)),
+            value_cap=bundle.meta.get("value_cap"),
+            refit_days=refit,
         )
 
     def swap_model(self, bundle: ModelBundle | None) -> None:
@@ -192,10 +198,14 @@ class Recommender:
         }
 
     def builder_for(self, as_of_s: int, model: _Model | None = None) -> FeatureBuilder:
-        """The model's feature builder fitted at the data's end, or at an earlier moment
-        asked for (back-tests), never later than the moment itself."""
+        """The model's feature builder fitted at the data's end, or for an earlier moment
+        (back-tests) at the latest step of ``refit_features_every_days`` back from the end
+        that is not after it: never later than the moment, and as stale as training's
+        builders at most, so that a batch with a moment per customer fits a few."""
         model = model or self.model
-        reference_s = min(as_of_s, self.data_end_s)
+        step = model.refit_days * DAY
+        behind = max(self.data_end_s - as_of_s, 0)
+        reference_s = self.data_end_s - step * -(-behind // step)
         with self._lock:
             if reference_s in model.builders:
                 model.builders.move_to_end(reference_s)
@@ -643,6 +653,7 @@ class Recommender:
             model.calibrators,
             model.default_values,
             model.lever_cap,
+            model.value_cap,
         )
 
     def known_customers(self) -> set[str]:

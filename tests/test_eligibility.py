@@ -188,6 +188,40 @@ def test_already_owns_and_replenishment(base: dict[str, pd.DataFrame], start: pd
     assert later["item:F1-C1"] == []
 
 
+def _repeat_rate(base: dict[str, pd.DataFrame], product: str, when: pd.Timestamp) -> float:
+    """Plain pandas: the share of the product's buyers before ``when`` with 2+ orders of it."""
+    orders = base["orders"]
+    mine = orders[(orders["product_id"] == product) & (orders["ordered_at"] < when)]
+    per_buyer = mine.groupby("customer_id")["order_id"].nunique()
+    return float((per_buyer >= 2).mean())
+
+
+def test_replenishment_consumables_come_back_when_due_durables_never(
+    base: dict[str, pd.DataFrame], start: pd.Timestamp
+) -> None:
+    when = start + 60 * DAY
+    # the world's own data: Coffee Refills F1-C1 is bought again by most of its buyers,
+    # the machine F1-D1 by almost none (the default threshold is 0.1)
+    assert _repeat_rate(base, "F1-C1", when) > 0.5 and _repeat_rate(base, "F1-D1", when) < 0.05
+    rule = only({"type": "already_owns", "due_share": 0.5})
+    once = with_customer(base, orders=[("F1-C1", start + 50 * DAY), ("F1-D1", start + 50 * DAY)])
+    got = reasons(once, rule, when)
+    assert got["item:F1-C1"] == []  # a consumable bought once: due (the ranker judges)
+    assert got["item:F1-D1"] == ["already_owns"]  # a durable: never again
+    # a customer who bought the machine's item twice consumes it: their cycle is 30 days
+    twice = with_customer(base, orders=[("F1-D1", start + 10 * DAY), ("F1-D1", start + 40 * DAY)])
+    assert reasons(twice, rule, start + 45 * DAY)["item:F1-D1"] == ["not_due"]  # 5 < 15 days
+    assert reasons(twice, rule, start + 55 * DAY)["item:F1-D1"] == []  # 15 days: due
+    # the rules' own word beats the data's
+    durable = only(
+        {"type": "already_owns", "due_share": 0.5, "categories": {"Coffee Refills": "durable"}}
+    )
+    assert reasons(once, durable, when)["item:F1-C1"] == ["already_owns"]
+    never = only({"type": "already_owns", "consumable_repeat_rate": None})
+    assert reasons(once, never, when)["item:F1-C1"] == ["already_owns"]
+    assert reasons(twice, never, start + 55 * DAY)["item:F1-D1"] == ["already_owns"]
+
+
 def test_compatibility_required(base: dict[str, pd.DataFrame], start: pd.Timestamp) -> None:
     stranger = with_customer(base, orders=[("G-BAK1", start + 5 * DAY)])
     owner = with_customer(base, orders=[("F1-D1", start + 5 * DAY)])

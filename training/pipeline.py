@@ -22,7 +22,14 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from features import FeatureBuilder, Snapshot
 from features.candidates import CandidateGenerator
 from policy import RuleSet
-from policy.arbitration import REPEAT_FEATURE, Calibrator, arbitrate, rank_scores, row_tasks
+from policy.arbitration import (
+    REPEAT_FEATURE,
+    Calibrator,
+    arbitrate,
+    bounded_value,
+    rank_scores,
+    row_tasks,
+)
 from training.baselines import BASELINES
 from training.config import TrainConfig
 from training.dataset import TASKS, RowSet, Splits, build_rows, cut_points
@@ -374,7 +381,13 @@ def evaluate_rows(
             ndcg_at_k(
                 part.group,
                 part.label,
-                arbitrate(probability[mine], part.value, part.lever, config.lever_cap, 1.0),
+                arbitrate(
+                    probability[mine],
+                    bounded_value(part.value, default_values.get(task, 1.0), config.value_cap),
+                    part.lever,
+                    config.lever_cap,
+                    1.0,
+                ),
                 10,
             ).mean()
         )
@@ -475,6 +488,7 @@ def served_slate_metrics(
         calibrators,
         default_values,
         config.lever_cap,
+        config.value_cap,
     )
     val_opportunity = opportunities_of(validation)
     if len(validation) and validation.label.any():
@@ -564,6 +578,7 @@ def model_scorer(
             calibrators,
             default_values,
             config.lever_cap,
+            config.value_cap,
         )
         return score
 

@@ -146,13 +146,13 @@ def model_card(
         "## Data",
         f"- workspace: {workspace.get('dataset') or workspace.get('name')} "
         f"(fingerprint `{fingerprint}`)",
-        f"- cut points: train {splits['train'][0]} → {splits['train'][-1]} "
+        f"- buckets: train {splits['train'][0]} → {splits['train'][-1]} "
         f"({len(splits['train'])}), validation {len(splits['validation'])}, "
         f"test {splits['test'][0]} → {splits['test'][-1]} ({len(splits['test'])})",
         f"- rows: {rows}",
         f"- rules: `{rules_hash}`; run `{run_id}`; {trees} trees",
         "",
-        "## Results on the test cut points (NDCG@10)",
+        "## Results on the test buckets, per task (NDCG@10; baselines chosen on validation)",
         "",
         "| task | model | best baseline | margin [95 % CI] | recall@10 | Brier |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -168,6 +168,25 @@ def model_card(
             f"[{margin['ci95_low']:+.4f}, {margin['ci95_high']:+.4f}] | "
             f"{report['model']['recall_at_10']:.4f} | {report['model']['brier']:.5f} |"
         )
+    served = metrics.get("served")
+    if served:
+        best = served["best_baseline"]
+        margin = served["ndcg_at_10_margin"]
+        verdict = "beats" if served["beats_best_baseline"] else "does NOT beat"
+        lines += [
+            "",
+            "## The served slate (every task together, ranked as serving ranks)",
+            "",
+            f"- {served['opportunities']:,} test opportunities of {served['customers']:,} "
+            "customers; a hit is any offer taken",
+            f"- NDCG@10 {served['model']['ndcg_at_10']:.4f}, recall@10 "
+            f"{served['model']['recall_at_10']:.4f}, hit rate@3 "
+            f"{served['model']['hit_rate_at_3']:.4f}",
+            f"- best baseline (chosen on validation): {best} NDCG@10 "
+            f"{served['baselines'][best]['ndcg_at_10']:.4f}; margin {margin['mean']:+.4f} "
+            f"[{margin['ci95_low']:+.4f}, {margin['ci95_high']:+.4f}] (customers resampled)",
+            f"- this version {verdict} its best baseline",
+        ]
     off_policy = metrics.get("off_policy", {})
     if off_policy.get("available"):
         lines += ["", "## Off-policy value (accepted offers per request, test period)", ""]

@@ -46,13 +46,14 @@ def bundle_meta(result: TrainResult, workspace: Workspace, rules: RuleSet) -> di
         "calibrators": {task: c.to_dict() for task, c in result.calibrators.items()},
         "default_values": result.default_values,
         "lever_cap": result.config.lever_cap,
+        "value_cap": result.config.value_cap,
         "config": result.config.model_dump(),
         "rules_hash": rules.content_hash,
         "fingerprint": workspace.fingerprint,
         "workspace_id": workspace.workspace_id,
         "catalogue": result.catalogue,
         "splits": result.splits.as_dict(),
-        "trained_until": result.splits.test[-1].isoformat(),
+        "trained_until": result.splits.ends["test"].isoformat(),
     }
 
 
@@ -78,6 +79,7 @@ def log_run(
                 "engine": engine,
                 "train.first_cut": result.splits.train[0].isoformat(),
                 "test.last_cut": result.splits.test[-1].isoformat(),
+                "test.end": result.splits.ends["test"].isoformat(),
             }
         )
         mlflow.set_tags(
@@ -86,7 +88,7 @@ def log_run(
                 "dataset.source": json.dumps(manifest["source"], default=str)[:5000],
                 "dataset.synthetic": str(manifest["synthetic"]),
                 "dataset.as_of_range": f"{result.splits.train[0].date()}.."
-                f"{result.splits.test[-1].date()}",
+                f"{result.splits.ends['test'].date()}",
             }
         )
         flat: dict[str, float] = {}
