@@ -20,11 +20,12 @@ from features import (
     make_world,
     write_world,
 )
+from features.history import second_ceil
 from nextbest.cli import app
 from policy import load_rules
 from training.config import ConfigError, load_config
-from training.dataset import cut_points
-from training.pipeline import train
+from training.dataset import _opportunities, cut_points
+from training.pipeline import bucket_rows_options, train
 
 CONFIG = {
     "min_pair_orders": 3,
@@ -72,6 +73,39 @@ def test_splits_are_in_time_order_and_cover_the_history(world_path: Path) -> Non
     assert all(
         b - a == pd.Timedelta(days=7) for a, b in zip(splits.train, splits.train[1:], strict=False)
     )
+
+
+def test_a_twelve_week_history_trains_on_thousands_of_opportunities(tmp_path: Path) -> None:
+    """Weekly cut points after an 8-week warm-up and a 14-day embargo gave a 12-week
+    history 2 cut points, and training refused it. Basket buckets after a quarter-length
+    warm-up give it 7 training buckets, each taking more customers to reach the minimum."""
+    world = make_world(ScenarioConfig(n_customers=150, n_days=84, seed=5))
+    snapshot = load_snapshot(write_world(world, tmp_path / "ws"))
+    config = load_config(None, **CONFIG, min_train_opportunities=2_100)
+    splits = cut_points(snapshot, config)
+    assert (len(splits.train), len(splits.validation), len(splits.test)) == (7, 2, 2)
+    assert bucket_rows_options(config, splits, "train", 0)["customers_per_cut"] == 300
+    # 300 a bucket is more than the world's 150 customers: every customer who ordered in a
+    # bucket and had ordered before is an opportunity, once (plain pandas on the raw orders)
+    orders = world.tables["orders"]
+    orders = orders[(orders["quantity"] > 0) & (orders["customer_id"] != "UNKNOWN")]
+    first = orders.groupby("customer_id")["ordered_at"].min()
+    expected = 0
+    for start, end in zip(splits.train, [*splits.train[1:], splits.ends["train"]], strict=True):
+        inside = orders[(orders["ordered_at"] >= start) & (orders["ordered_at"] < end)]
+        ordered = inside.groupby("customer_id")["ordered_at"].max()
+        expected += int((first.reindex(ordered.index) < ordered).sum())
+    sampled = 0
+    for index, (start, end) in enumerate(
+        zip(splits.train, [*splits.train[1:], splits.ends["train"]], strict=True)
+    ):
+        rng = np.random.default_rng(index)
+        sampled += len(_opportunities(snapshot, second_ceil(start), second_ceil(end), 300, rng)[0])
+    assert sampled == expected and expected > 300
+    result = train(snapshot, load_rules(), config)
+    # rows exist for the opportunities with at least one eligible candidate
+    assert 300 < result.rows["train_opportunities"] <= expected
+    assert result.metrics["served"]["opportunities"] > 100
 
 
 @pytest.mark.parametrize("name", ["train", "validation", "test"])

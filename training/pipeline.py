@@ -307,6 +307,7 @@ def finish(
             "validation": len(validation),
             "test": len(test),
             "train_positives": int(train_rows.label.sum()),
+            "train_opportunities": int(opportunities_of(train_rows).max(initial=-1)) + 1,
             "test_groups": len(np.unique(test.group)),
         },
         default_values=default_values,
