@@ -453,7 +453,7 @@ def _already_owns(
     with np.errstate(divide="ignore", invalid="ignore"):
         cycle = (occasions.seconds_at(last) - occasions.seconds_at(first)) / DAY / (n_before - 1)
     due = (n_before < 2) | (days_since >= rule.due_share * np.maximum(cycle, 1.0))
-    fixed = np.full(len(o), np.nan)
+    fixed = np.full(len(o), np.nan if rule.default_days is None else rule.default_days)
     for name, days in rule.category_days.items():
         fixed[category == s.categories.encode([name], missing=-2)[0]] = days
     has_fixed = ~np.isnan(fixed)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = [
     "DEFAULT_RULES",
@@ -82,7 +82,9 @@ class AlreadyOwns(_Rule):
     its last purchase reach ``due_share`` × the customer's own mean days between
     purchases of it; bought once so far, it is due (the ranker judges the timing).
     ``category_days`` re-offers a category's items a fixed number of days after a purchase,
-    whatever the data says."""
+    and ``default_days`` every item, whatever the data says. A rules file written before
+    replenishment (``default_days: null`` and no ``consumable_repeat_rate``) keeps its
+    meaning: nothing the customer bought comes back."""
 
     type: Literal["already_owns"]
     kinds: list[Literal["item", "category", "coupon", "bundle"]] = ["item", "bundle"]
@@ -91,6 +93,19 @@ class AlreadyOwns(_Rule):
     due_share: float = Field(0.1, ge=0)
     categories: dict[str, Literal["consumable", "durable"]] = {}
     category_days: dict[str, float] = {}
+    default_days: float | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _before_replenishment(cls, data: Any) -> Any:
+        if (
+            isinstance(data, dict)
+            and "default_days" in data
+            and data["default_days"] is None
+            and "consumable_repeat_rate" not in data
+        ):
+            return {**data, "consumable_repeat_rate": None}
+        return data
 
 
 class CompatibilityRequired(_Rule):

@@ -220,6 +220,14 @@ def test_replenishment_consumables_come_back_when_due_durables_never(
     never = only({"type": "already_owns", "consumable_repeat_rate": None})
     assert reasons(once, never, when)["item:F1-C1"] == ["already_owns"]
     assert reasons(twice, never, start + 55 * DAY)["item:F1-D1"] == ["already_owns"]
+    # a version trained before replenishment carries rules that said so with
+    # default_days: null, and serving it keeps that meaning
+    before = only({"type": "already_owns", "default_days": None, "category_days": {}})
+    assert parse_rules(before).rules[0].consumable_repeat_rate is None  # type: ignore[union-attr]
+    assert reasons(twice, before, start + 55 * DAY)["item:F1-D1"] == ["already_owns"]
+    every = only({"type": "already_owns", "default_days": 10})
+    assert reasons(twice, every, start + 45 * DAY)["item:F1-D1"] == ["bought_recently"]
+    assert reasons(twice, every, start + 55 * DAY)["item:F1-D1"] == []
 
 
 def test_compatibility_required(base: dict[str, pd.DataFrame], start: pd.Timestamp) -> None:
