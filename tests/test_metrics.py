@@ -80,3 +80,64 @@ def test_brier_coverage_and_bootstrap() -> None:
         np.r_[np.ones(50), np.zeros(50)], np.full(100, 0.5), 500, 0
     )
     assert mean == 0 and low < 0 < high
+
+
+def test_the_customer_bootstrap_resamples_whole_customers() -> None:
+    from training.metrics import bootstrap_difference
+
+    # customer A's three groups gain 1.0 each, customer B's one group gains nothing
+    a = np.array([1.0, 1.0, 1.0, 0.0])
+    b = np.zeros(4)
+    mean, low, high = bootstrap_difference(a, b, 400, 0, clusters=np.array(["A", "A", "A", "B"]))
+    assert mean == 0.75
+    # a draw of two customers is AA (1.0), AB (0.75) or BB (0.0): nothing in between
+    assert low in (0.0, 0.75) and high == 1.0
+    one = bootstrap_difference(a, b, 400, 0, clusters=np.array(["A"] * 4))
+    assert one == (0.75, 0.75, 0.75)  # one customer: every draw is the same
+
+
+def test_the_served_slate_ranks_every_task_together_as_serving_does() -> None:
+    from features.registry import feature_names
+    from policy.arbitration import Calibrator
+    from training.config import TrainConfig, load_config
+    from training.dataset import RowSet
+    from training.pipeline import served_slate_metrics
+
+    # one opportunity, three rows: a replenishment row (raw 2, P 0.6, value 1), an item
+    # row (P 0.3, value 4) and a coupon (P 0.1, value 20); the customer took the item.
+    # Serving ranks by P × value bounded to [2/3, 1.5] × the task median 2: item
+    # 0.3 × 3 = 0.9, replenishment 0.6 × 4/3 = 0.8, coupon 0.1 × 3 = 0.3.
+    identity = Calibrator(np.array([0.0, 10.0]), np.array([0.0, 1.0]))
+    names = feature_names()  # the baselines read them: all 0 here, so they tie
+    rows = RowSet(
+        values=np.zeros((3, len(names)), dtype=np.float32),
+        names=names,
+        label=np.array([0, 1, 0]),
+        group=np.array([3, 2, 0]),
+        task=np.array([3, 2, 0]),  # replenishment, item, coupon
+        offer=np.array([0, 1, 2]),
+        customer=np.array([7, 7, 7]),
+        as_of_s=np.array([100, 100, 100]),
+        value=np.array([1.0, 4.0, 20.0]),
+        lever=np.ones(3),
+    )
+    raw = np.array([6.0, 3.0, 1.0])  # P = raw / 10: 0.6, 0.3, 0.1
+    config = load_config(None, bootstrap_samples=10)
+    medians = {"coupon": 2.0, "item": 2.0, "replenishment": 2.0}
+    served = served_slate_metrics(
+        rows, raw, dict.fromkeys(medians, identity), medians, config, validation=rows
+    )
+    # the item is first: NDCG@3 = 1 and hit rate@3 = 1
+    assert served["model"]["ndcg_at_3"] == 1.0 and served["model"]["hit_rate_at_3"] == 1.0
+    assert served["opportunities"] == 1 and served["customers"] == 1
+    # unbounded, the coupon's price leads (0.1 × 20 = 2 > 0.3 × 4 = 1.2 > 0.6 × 1): the
+    # item is second, NDCG@3 = 1 / log2(3)
+    unbounded = served_slate_metrics(
+        rows,
+        raw,
+        dict.fromkeys(medians, identity),
+        medians,
+        TrainConfig.model_validate({"bootstrap_samples": 10, "value_cap": None}),
+        validation=rows,
+    )
+    assert unbounded["model"]["ndcg_at_3"] == pytest.approx(1 / np.log2(3))

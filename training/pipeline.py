@@ -435,12 +435,14 @@ def _margin(
     return {"mean": mean, "ci95_low": low, "ci95_high": high}
 
 
-def _best_on_validation(rows: RowSet) -> str:
-    """The baseline with the best NDCG@10 on validation rows (the first, without any)."""
+def _best_on_validation(rows: RowSet, groups: np.ndarray | None = None) -> str:
+    """The baseline with the best NDCG@10 on validation rows, ranked within ``groups``
+    (default: the rows' own task groups); the first baseline when there is no positive."""
     if not len(rows) or not rows.label.any():
         return next(iter(BASELINES))
+    group = rows.group if groups is None else groups
     ndcg = {
-        name: float(ndcg_at_k(rows.group, rows.label, baseline(rows), 10).mean())
+        name: float(ndcg_at_k(group, rows.label, baseline(rows), 10).mean())
         for name, baseline in BASELINES.items()
     }
     return max(ndcg, key=lambda name: ndcg[name])
@@ -491,17 +493,7 @@ def served_slate_metrics(
         config.lever_cap,
         config.value_cap,
     )
-    val_opportunity = opportunities_of(validation)
-    if len(validation) and validation.label.any():
-        on_validation = {
-            name: float(
-                ndcg_at_k(val_opportunity, validation.label, baseline(validation), 10).mean()
-            )
-            for name, baseline in BASELINES.items()
-        }
-        best = max(on_validation, key=lambda name: on_validation[name])
-    else:
-        best = next(iter(BASELINES))
+    best = _best_on_validation(validation, opportunities_of(validation))
     margin = _margin(opportunity, rows.label, score, BASELINES[best](rows), rows.customer, config)
     return {
         "opportunities": int(opportunity.max()) + 1 if len(opportunity) else 0,
