@@ -144,6 +144,7 @@ class OrderLineMapping:
     quantity: str | None = None
     order: str | None = None
     time_format: str | None = None
+    title: str | None = None
 
     def columns(self) -> dict[str, str]:
         """Contract column → source column, for the columns that are mapped."""
@@ -209,13 +210,17 @@ def order_lines_to_tables(
     the source column, row and value of the first problem.
     """
     columns = mapping.columns()
-    missing = [source for source in columns.values() if source not in lines.columns]
+    needed = [*columns.values(), *([mapping.title] if mapping.title else [])]
+    missing = [source for source in needed if source not in lines.columns]
     if missing:
         contract = {source: name for name, source in columns.items()}
         raise ContractError(
             "transactions",
             "is missing column "
-            + ", ".join(f"'{m}' (given with {_OPTION_FOR[contract[m]]})" for m in missing),
+            + ", ".join(
+                f"'{m}' (given with {_OPTION_FOR[contract[m]] if m in contract else '--title'})"
+                for m in missing
+            ),
             hint=f"Found columns: {', '.join(map(str, lines.columns))}",
         )
     if offer_level == "category" and mapping.category is None:
@@ -254,6 +259,8 @@ def order_lines_to_tables(
     products, resolution = _products_from_lines(
         orders, raw.get("category"), columns, strict_categories=strict_categories
     )
+    if mapping.title:
+        products["title"] = _titles(orders, lines[mapping.title].reset_index(drop=True), products)
     if quality is not None:
         quality["items_in_several_categories"] = resolution
     customers = pd.DataFrame({"customer_id": orders["customer_id"].drop_duplicates().sort_values()})
@@ -392,6 +399,18 @@ def _products_from_lines(
     products["title"] = products["product_id"]
     products["price"] = products["product_id"].map(unit_price).round(2)
     return products, quality
+
+
+def _titles(orders: pd.DataFrame, titles: pd.Series, products: pd.DataFrame) -> pd.Series:
+    """Each item's name: the one on its latest line that has one (a retailer renames items
+    as it reclassifies them), else its id."""
+    named = pd.DataFrame(
+        {"product_id": orders["product_id"], "at": orders["ordered_at"], "title": titles}
+    )
+    named["title"] = named["title"].astype("string").str.strip()
+    named = named[named["title"].notna() & (named["title"] != "")]
+    latest = named.sort_values(["product_id", "at"], kind="stable").groupby("product_id").last()
+    return products["product_id"].map(latest["title"]).fillna(products["product_id"])
 
 
 def _resolve_categories(lines: pd.DataFrame) -> tuple[pd.Series, dict[str, Any]]:

@@ -254,6 +254,10 @@ def import_transactions_command(
     item: Annotated[str, typer.Option(help="Column with the item (product) id.")],
     workspace: Annotated[Path, typer.Option("--workspace", "-w", help="Folder to create.")],
     category: Annotated[str | None, typer.Option(help="Column with the item's category.")] = None,
+    title: Annotated[
+        str | None,
+        typer.Option(help="Column with the item's name, as the because says it (default: its id)."),
+    ] = None,
     amount: Annotated[str | None, typer.Option(help="Column with the line amount paid.")] = None,
     quantity: Annotated[str | None, typer.Option(help="Column with units (default 1).")] = None,
     order: Annotated[
@@ -299,6 +303,7 @@ def import_transactions_command(
         quantity=quantity,
         order=order,
         time_format=time_format,
+        title=title,
     )
     import_transactions(
         file,

@@ -467,3 +467,32 @@ def test_cli_import_prints_and_records_items_in_several_categories(tmp_path: Pat
     assert Workspace(target).manifest["data_quality"]["items_in_several_categories"]["items"] == 3
     summary = CliRunner().invoke(app, ["data", "summary", "-w", str(target)])
     assert summary.exit_code == 0 and line in summary.stdout
+
+
+def test_item_names_come_from_their_latest_line_and_reach_the_offers(tmp_path: Path) -> None:
+    lines = _lines().assign(
+        # A-1 was renamed on its later line; C-3 has no name and keeps its id
+        name=["Bread", "Milk 1L", "Sourdough Bread", "", "Milk 1L"],
+    )
+    source = _write(lines, tmp_path / "lines.csv")
+    mapping = OrderLineMapping(**{**MAPPING.__dict__, "title": "name"})
+    workspace = import_transactions(source, mapping, tmp_path / "ws")
+    products = workspace.read("products").set_index("product_id")["title"]
+    assert products.to_dict() == {"A-1": "Sourdough Bread", "B-2": "Milk 1L", "C-3": "C-3"}
+    offers = workspace.read("offers").set_index("offer_id")["title"]
+    assert offers["A-1"] == "Sourdough Bread"
+    result = CliRunner().invoke(
+        app,
+        [
+            "import",
+            "transactions",
+            str(source),
+            *CLI_MAPPING,
+            "--title",
+            "label",
+            "-w",
+            str(tmp_path / "ws2"),
+        ],
+    )
+    assert result.exit_code != 0 and "'label' (given with --title)" in result.output
+    assert not (tmp_path / "ws2").exists()
