@@ -668,30 +668,21 @@ class FeatureBuilder:
         order), their share of the customer's orders, the customer's own cycle, how due
         it is, a recency-weighted count, and the repeat rate of everyone who bought it."""
         occasions = s.occasions_by_cust_offer
-        last = occasions.last_before(pair, t)
-        first = occasions.first_of_group(pair, t)
-        n_before = np.where(last >= 0, last - first + 1, 0)
+        cycles = s.purchase_cycles(pair, t)
         orders_365d = s.orders_by_customer.total("orders", c, t - 365 * DAY, t)
         in_year = occasions.count(pair, t - 365 * DAY, t)
         out["offer_product_order_share"] = _ratio(in_year.astype(np.float64), orders_365d)
-        last_s, first_s = occasions.seconds_at(last), occasions.seconds_at(first)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            cycle = np.where(
-                n_before >= 2, (last_s - first_s) / np.maximum(n_before - 1, 1) / DAY, np.nan
-            )
-            out["offer_product_cycle_days"] = cycle
-            # a cycle under a day (two orders an hour apart) counts as a day
-            due = (t - last_s) / DAY / np.maximum(cycle, 1.0)
-            out["offer_product_due"] = np.where(cycle > 0, due, np.nan)
+        out["offer_product_cycle_days"] = cycles.cycle_days
+        out["offer_product_due"] = np.where(cycles.cycle_days > 0, cycles.due, np.nan)
         # Σ decay^(orders since): each occasion weighs by how many of the customer's
         # orders came after it (0 for one in their last order), as TIFU-KNN weighs baskets
         decayed = np.zeros(len(o))
-        owned = np.flatnonzero(last >= 0)
+        owned = np.flatnonzero(cycles.occasions > 0)
         if len(owned):
-            counts = n_before[owned]
+            counts = cycles.occasions[owned]
             row = np.repeat(owned, counts)
             offsets = np.arange(len(row)) - np.repeat(np.cumsum(counts) - counts, counts)
-            event = first[row] + offsets
+            event = cycles.first[row] + offsets
             since = s.orders_by_customer.count(c[row], occasions.seconds[event], t[row]) - 1
             np.add.at(decayed, row, self.repeat_decay ** np.maximum(since, 0))
         out["offer_product_decayed"] = decayed

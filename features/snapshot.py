@@ -30,12 +30,14 @@ __all__ = [
     "PLACEMENTS",
     "UNKNOWN",
     "Codes",
+    "Cycles",
     "PairCodes",
     "Snapshot",
     "load_snapshot",
 ]
 
 UNKNOWN = "UNKNOWN"
+DAY = 86_400
 PLACEMENTS = ("home", "pdp", "cart", "checkout", "post_purchase", "search", "inbox", "mailer")
 _PAGES = ("home", "pdp", "cart", "checkout", "post_purchase", "search")
 CHANNEL_PLACEMENTS: dict[str, tuple[str, ...]] = {
@@ -138,6 +140,20 @@ class PairCodes:
             else (np.zeros(len(combined), dtype=bool))
         )
         return np.where(found, position, -1).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class Cycles:
+    """How customers repeat offers, per (customer, offer) row before its moment: the index
+    of the first purchase occasion (one per order; -1 for none), how many occasions, days
+    since the last (NaN for none), the mean days between them and the days since the last
+    over that cycle, a cycle under a day counting as one (both NaN below two occasions)."""
+
+    first: np.ndarray
+    occasions: np.ndarray
+    days_since: np.ndarray
+    cycle_days: np.ndarray
+    due: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -658,6 +674,24 @@ class Snapshot:
             customer=("customer", "first"), start=("s", "min"), end=("s", "max")
         )
         return spans.sort_values(["start", "customer"], kind="stable").reset_index(drop=True)
+
+    def purchase_cycles(self, pair: np.ndarray, seconds: np.ndarray) -> Cycles:
+        """The customers' own cycles for (customer, offer) pair codes
+        (``cust_offer_bought``) strictly before ``seconds``: what replenishment's features
+        and the ``already_owns`` rule both read."""
+        index = self.occasions_by_cust_offer
+        t = np.asarray(seconds)
+        last = index.last_before(pair, t)
+        first = index.first_of_group(pair, t)
+        n = np.where(last >= 0, last - first + 1, 0)
+        last_s = index.seconds_at(last)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cycle = np.where(
+                n >= 2, (last_s - index.seconds_at(first)) / np.maximum(n - 1, 1) / DAY, np.nan
+            )
+            days_since = (t - last_s) / DAY
+            due = days_since / np.maximum(cycle, 1.0)
+        return Cycles(first=first, occasions=n, days_since=days_since, cycle_days=cycle, due=due)
 
     def repeat_rate(
         self, offers: np.ndarray, seconds: np.ndarray, min_buyers: int = 20

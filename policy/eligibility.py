@@ -429,16 +429,12 @@ def _already_owns(
 ) -> None:
     applies = np.isin(s.offer_kind[o], [OFFER_KINDS.index(k) for k in rule.kinds])
     applies &= s.offer_kind[o] != OFFER_KINDS.index("bundle")  # bundles: the bundles rule
-    occasions = s.occasions_by_cust_offer
-    pair = s.cust_offer_bought.encode(c, o)
-    last = occasions.last_before(pair, t)
-    owned = applies & (last >= 0)
+    cycles = s.purchase_cycles(s.cust_offer_bought.encode(c, o), t)
+    n_before, days_since = cycles.occasions, cycles.days_since
+    owned = applies & (n_before > 0)
     if not owned.any():
         return
-    days_since = (t - occasions.seconds_at(last)) / DAY
     # consumable or durable: the data's repeat rate, then the rules' own word per category
-    first = occasions.first_of_group(pair, t)
-    n_before = np.where(last >= 0, last - first + 1, 0)
     if rule.consumable_repeat_rate is None:  # nothing comes back (a "new to you" slate)
         consumable = np.zeros(len(o), dtype=bool)
     else:
@@ -450,9 +446,7 @@ def _already_owns(
     for name, kind in rule.categories.items():
         consumable[category == s.categories.encode([name], missing=-2)[0]] = kind == "consumable"
     # due: the customer's own cycle (mean days between their orders of it)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        cycle = (occasions.seconds_at(last) - occasions.seconds_at(first)) / DAY / (n_before - 1)
-    due = (n_before < 2) | (days_since >= rule.due_share * np.maximum(cycle, 1.0))
+    due = (n_before < 2) | (cycles.due >= rule.due_share)
     fixed = np.full(len(o), np.nan if rule.default_days is None else rule.default_days)
     for name, days in rule.category_days.items():
         fixed[category == s.categories.encode([name], missing=-2)[0]] = days
