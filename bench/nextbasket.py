@@ -162,6 +162,8 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from training.metrics import bootstrap_difference as paired_bootstrap
+
 KS = (10, 20)
 MIN_BASKETS = 3
 MAX_BASKETS = 50
@@ -666,18 +668,15 @@ def bootstrap_difference(
     ours: np.ndarray, theirs: np.ndarray, *, draws: int = BOOTSTRAP, seed: int = SEED
 ) -> dict[str, float | None]:
     """Mean of ours − theirs over customers, with a 95 % percentile interval from
-    resampling the customers (None for no customers)."""
-    difference = np.asarray(ours, dtype=float) - np.asarray(theirs, dtype=float)
-    if not len(difference):
+    resampling the customers (training's own bootstrap; None for no customers)."""
+    if not len(ours):
         return {"mean": None, "low": None, "high": None, "customers": 0}
-    rng = np.random.default_rng(seed)
-    means = difference[rng.integers(0, len(difference), (draws, len(difference)))].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
+    mean, low, high = paired_bootstrap(ours, theirs, draws, seed)
     return {
-        "mean": round(float(difference.mean()), 4),
-        "low": round(float(low), 4),
-        "high": round(float(high), 4),
-        "customers": len(difference),
+        "mean": round(mean, 4),
+        "low": round(low, 4),
+        "high": round(high, 4),
+        "customers": len(ours),
     }
 
 
