@@ -112,6 +112,8 @@ slate).
 
 Environment: ``NEXTBEST_BENCH_NB_SKIP_NEXTBEST=1`` runs the references only;
 ``NEXTBEST_BENCH_NB_VARIANTS=0`` skips the --keep-non-products slate (default: run it);
+``NEXTBEST_BENCH_NB_WEEKS=N`` runs the whole protocol on the demo's last N weeks of order
+lines only (:func:`last_weeks`; a retailer with a short history; default: the whole year);
 ``NEXTBEST_BENCH_NB_KEEP=FOLDER`` keeps the split (``order_lines.csv``,
 ``test_customers.csv``, ``truth.csv``: the test customers' target items), and with
 nextbest its ``workspace``, MLflow ``home``, ``ledger.db`` (``ledger-new-to-you.db`` for
@@ -203,6 +205,7 @@ KEEP_NON_PRODUCTS_FILE = "recommendations_keep_non_products.csv"
 KEEP_NON_PRODUCTS_FOLDER = "keep_non_products"
 SKIP_ENV, KEEP_ENV = "NEXTBEST_BENCH_NB_SKIP_NEXTBEST", "NEXTBEST_BENCH_NB_KEEP"
 VARIANTS_ENV = "NEXTBEST_BENCH_NB_VARIANTS"
+WEEKS_ENV = "NEXTBEST_BENCH_NB_WEEKS"
 
 
 # -- the split ------------------------------------------------------------------------------
@@ -319,6 +322,15 @@ def make_split(lines: pd.DataFrame, *, seed: int = SEED, test_share: float = TES
         lines["basket_id"].isin(pairs["basket_id"].unique()) & lines["item_id"].isin(kept_items)
     ].reset_index(drop=True)
     return Split(pairs=pairs, lines=kept_lines, test=test)
+
+
+def last_weeks(lines: pd.DataFrame, weeks: float | None) -> pd.DataFrame:
+    """The lines of the last ``weeks`` weeks (None: all): those at or after the last
+    line's time minus ``weeks`` weeks, as a retailer with a short history has them."""
+    if weeks is None:
+        return lines
+    start = lines["time"].max() - pd.Timedelta(weeks=weeks)
+    return lines[lines["time"] >= start].reset_index(drop=True)
 
 
 def demo_lines() -> pd.DataFrame:
@@ -1165,8 +1177,9 @@ def _folder() -> Iterator[Path]:
 def run() -> dict[str, Any]:
     skip = os.environ.get(SKIP_ENV, "").lower() in ("1", "true", "yes")
     variants = os.environ.get(VARIANTS_ENV, "1").lower() not in ("0", "false", "no")
+    weeks = float(os.environ[WEEKS_ENV]) if os.environ.get(WEEKS_ENV) else None
     started = time.perf_counter()
-    split = make_split(demo_lines())
+    split = make_split(last_weeks(demo_lines(), weeks))
     seconds: dict[str, float] = {"split": time.perf_counter() - started}
     with _folder() as folder:
         write_folder(split, folder)
@@ -1183,6 +1196,7 @@ def run() -> dict[str, Any]:
     return {
         "protocol": "Li et al., A Next Basket Recommendation Reality Check (TOIS 2023)",
         "data": split.sizes(),
+        "history_weeks": weeks,
         "tifu_knn": TIFU,
         "k": list(KS),
         "nextbest_run": not skip,

@@ -643,6 +643,43 @@ def test_the_variants_env_skips_the_keep_non_products_slate(
     assert seen == [False, True]
 
 
+def test_the_weeks_env_keeps_the_last_weeks_of_lines_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a basket's lines are at its day, minute 0, 1, ...
+    lines = _lines(PROTOCOL)
+    last = lines["time"].max()  # c's day 6, minute 2
+    assert last == T0 + pd.Timedelta(days=6, minutes=2)
+    kept = nb.last_weeks(lines, 3 / 7)  # 3 days: from day 3, minute 2 on
+    assert kept["time"].min() >= T0 + pd.Timedelta(days=3, minutes=2)
+    assert sorted(set(kept["basket_id"])) == ["c-005", "c-006", "d-004"]
+    assert len(kept) == 1 + 3 + 1  # c-005 n; c-006 m n s; d-004 m (c-003 is day 3 minute 0)
+    assert nb.last_weeks(lines, None) is lines
+
+    given: list[int] = []
+    monkeypatch.setattr(nb, "demo_lines", lambda: lines)
+    monkeypatch.setattr(
+        nb,
+        "make_split",
+        lambda kept: (
+            given.append(len(kept))
+            or nb.Split(pairs=kept, lines=kept, test=np.array([], dtype=object))
+        ),
+    )
+    monkeypatch.setattr(nb, "write_folder", lambda split, folder: {})
+    monkeypatch.setattr(nb, "all_references", lambda split: ({}, {}, {}, {}))
+    monkeypatch.setattr(nb, "report", lambda *args: ("", {}))
+    monkeypatch.setattr(nb.Split, "sizes", lambda self: {})
+    monkeypatch.setenv(nb.SKIP_ENV, "1")
+    monkeypatch.setenv(nb.KEEP_ENV, str(tmp_path))
+    monkeypatch.setenv(nb.WEEKS_ENV, "0.5")  # 3.5 days: from day 2, 12:02 on
+    assert nb.run()["history_weeks"] == 0.5
+    monkeypatch.delenv(nb.WEEKS_ENV)
+    assert nb.run()["history_weeks"] is None
+    # day 3 on (a-003 m r, c-003 m, d-003 n, e-003 n, f-003 r2, c-005, c-006, d-004)
+    assert given == [2 + 1 + 1 + 1 + 1 + 1 + 3 + 1, len(lines)]
+
+
 # t's target: a (bought before) and z (new); G-TopFreq-new ranks the eleven p items (3
 # history baskets each) before z (1): its top 10 misses z. t2's target is a repeat only.
 POPULAR = [f"p{i:02d}" for i in range(11)]
