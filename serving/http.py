@@ -197,14 +197,10 @@ def _headers(scope: Scope) -> dict[str, str]:
 
 
 def _log_refusal(scope: Scope, refused: _Refused) -> None:
-    """One line: what was refused and why (never the body, never a header)."""
-    log.warning(
-        "%s %s refused with %d: %s",
-        scope["method"],
-        scope["path"],
-        refused.status,
-        refused.message[:300],
-    )
+    """One line: what was refused and why (never the body, never a header; a newline or
+    any other control character in the message is escaped, so no line can be forged)."""
+    said = refused.message[:300].encode("unicode_escape").decode("ascii")
+    log.warning("%s %s refused with %d: %s", scope["method"], scope["path"], refused.status, said)
 
 
 async def _answer(send: Send, status: int, body: bytes) -> None:
