@@ -135,7 +135,10 @@ def schemathesis(server: Server, *options: str, max_examples: int = 40) -> str:
         "--no-color",
         *options,
     ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=240)
+    # in the server's folder: schemathesis keeps a cache where it runs
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=240, cwd=server.log.parent
+    )
     report = done.stdout + done.stderr
     assert done.returncode == 0 and "No issues found" in report, report
     return report
