@@ -249,7 +249,9 @@ def openapi(
         }
         body = operation["requestBody"]
         body["required"] = True
-        _nullable(body["content"]["application/json"]["schema"], inputs[path])
+        schema = body["content"]["application/json"]["schema"]
+        schema["additionalProperties"] = False  # a misspelt field is a 400 (serving.http)
+        _nullable(schema, inputs[path])
     as_of = paths["/recommend"]["post"]["requestBody"]["content"]["application/json"]
     as_of = as_of["schema"]["properties"]["as_of"]
     first, last = as_of_range

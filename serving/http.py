@@ -175,17 +175,25 @@ class ApiGuard:
     @staticmethod
     def _validate(model: type[BaseModel], body: bytes) -> None:
         try:
-            json.loads(body or b"{}", parse_constant=_no_constant)
+            parsed = json.loads(body or b"{}", parse_constant=_no_constant)
         except (ValueError, RecursionError) as error:
             raise _Refused(400, f"the body is not JSON: {error}") from None
+        # a misspelt field is an error, not a default silently taken
+        unknown = sorted(set(parsed) - set(model.model_fields)) if isinstance(parsed, dict) else []
         try:
             model.model_validate_json(body or b"{}")
+            detail = []
         except ValidationError as error:
             detail = validation_detail(error)
+        detail += [
+            {"type": "extra_forbidden", "loc": [name], "msg": "Extra inputs are not permitted"}
+            for name in unknown
+        ]
+        if detail:
             said = "; ".join(
                 f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in detail
             )
-            raise _Refused(400, f"{len(detail)} invalid field(s): {said}", detail) from None
+            raise _Refused(400, f"{len(detail)} invalid field(s): {said}", detail)
 
 
 def _no_constant(name: str) -> Any:

@@ -156,6 +156,16 @@ def test_types_are_strict(server: Server, body: dict, needle: str) -> None:
     refused(call(server, "POST", "/recommend", request), 400, needle)
 
 
+def test_a_misspelt_field_is_a_400_not_a_default(server: Server) -> None:
+    body = {"customer_id": "S00001", "channel": "web", "kk": 5}
+    said = refused(call(server, "POST", "/recommend", body), 400, "kk: Extra inputs")
+    assert said["detail"] == [
+        {"type": "extra_forbidden", "loc": ["kk"], "msg": "Extra inputs are not permitted"}
+    ]
+    feedback = {"request_id": "r", "offer_id": "o", "outcome": "viewed", "valeu": 3}
+    refused(call(server, "POST", "/feedback", feedback), 400, "valeu: Extra inputs")
+
+
 @pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e999"])
 def test_feedback_values_must_be_finite_and_nothing_is_stored(
     server: Server, customer: str, ledger_url: str, number: str
