@@ -43,7 +43,9 @@ __all__ = ["Recommender", "in_holdout"]
 
 log = logging.getLogger("nextbest.serving")
 
-_BUILDER_CACHE = 16
+# builders fitted for past moments (as_of, back-tests): a few, kept apart from the present's
+# builder, which no replay can push out
+_PAST_BUILDERS = 4
 DAY = 86_400
 
 
@@ -76,7 +78,8 @@ class _Model:
     lever_cap: float = 2.0
     value_cap: float | None = None
     refit_days: int = 28
-    builders: OrderedDict[int, FeatureBuilder] = field(default_factory=OrderedDict)
+    present: FeatureBuilder | None = None  # fitted at the data's end: serves every "now"
+    builders: OrderedDict[int, FeatureBuilder] = field(default_factory=OrderedDict)  # the past
 
 
 class Recommender:
@@ -110,6 +113,12 @@ class Recommender:
                 )
             )
             + 1
+        )
+        self.data_start_s = int(
+            min(
+                snapshot.line_seconds.min(initial=self.data_end_s),
+                snapshot.events_by_customer_type.seconds.min(initial=self.data_end_s),
+            )
         )
         self.reference = pd.Timestamp(self.data_end_s, unit="s")
         self.history = SnapshotLedger(snapshot)
@@ -201,27 +210,50 @@ class Recommender:
         """The model's feature builder fitted at the data's end, or for an earlier moment
         (back-tests) at the latest step of ``refit_features_every_days`` back from the end
         that is not after it: never later than the moment, and as stale as training's
-        builders at most, so that a batch with a moment per customer fits a few."""
+        builders at most, so that a batch with a moment per customer fits a few.
+
+        The present's builder is kept apart; past moments share a small cache of their
+        own (``_PAST_BUILDERS``), so replaying the past never evicts what serves now."""
         model = model or self.model
         step = model.refit_days * DAY
         behind = max(self.data_end_s - as_of_s, 0)
         reference_s = self.data_end_s - step * -(-behind // step)
+        present = reference_s == self.data_end_s
         with self._lock:
+            if present and model.present is not None:
+                return model.present
             if reference_s in model.builders:
                 model.builders.move_to_end(reference_s)
                 return model.builders[reference_s]
         with self._fitting:  # one fit at a time: concurrent requests wait for it, not redo it
             with self._lock:
+                if present and model.present is not None:
+                    return model.present
                 if reference_s in model.builders:
                     return model.builders[reference_s]
             builder = FeatureBuilder(min_pair_orders=model.min_pair_orders).fit(
                 self.snapshot, pd.Timestamp(reference_s, unit="s")
             )
             with self._lock:
-                model.builders[reference_s] = builder
-                while len(model.builders) > _BUILDER_CACHE:
-                    model.builders.popitem(last=False)
+                if present:
+                    model.present = builder
+                else:
+                    model.builders[reference_s] = builder
+                    while len(model.builders) > _PAST_BUILDERS:
+                        model.builders.popitem(last=False)
         return builder
+
+    def is_present(self, as_of_s: int) -> bool:
+        """Whether a moment is served by the present's builder (no fit to wait for)."""
+        return as_of_s >= self.data_end_s
+
+    def as_of_bounds(self) -> tuple[int, int]:
+        """The moments a request's ``as_of`` may name, in seconds, whole days: from the
+        data's first day to the end of the day ``as_of_margin_days`` after its end (or
+        after the clock's now, if later)."""
+        first_day = self.data_start_s - self.data_start_s % DAY
+        latest = max(self.data_end_s, self.now_s()) + self.settings.as_of_margin_days * DAY
+        return first_day, latest - latest % DAY + DAY - 1
 
     def reads(self) -> CombinedLedger:
         """What eligibility reads for one call: the workspace's history and the live

@@ -16,14 +16,33 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from datetime import datetime
+from functools import cache
 from typing import Annotated, Any, Literal
 
 import bentoml
 from fastapi import FastAPI
-from pydantic import BaseModel, Field
+from fastapi.responses import RedirectResponse, Response
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StringConstraints,
+)
 
 from features.contract import CHANNELS, OUTCOMES
 from features.snapshot import MOMENTS, PLACEMENTS
+from serving.contract import (
+    ISO_MOMENT,
+    MAX_CART_ITEMS,
+    FeedbackAnswer,
+    Id,
+    Metadata,
+    RecommendAnswer,
+)
 from serving.review.web import site as review_site
 
 __all__ = ["NextBest"]
@@ -36,15 +55,36 @@ Moment = Literal[MOMENTS]  # type: ignore[valid-type]
 Outcome = Literal[OUTCOMES]  # type: ignore[valid-type]
 
 
+def _iso_moment(value: str) -> str:
+    """ISO 8601 on the data's clock (the pattern ``ISO_MOMENT``), and a real day: anything
+    pandas would guess at ("5 March" is year 1, "NaT" no time at all) is refused."""
+    try:
+        return datetime.fromisoformat(value).isoformat()
+    except ValueError:
+        raise ValueError(f"as_of {value!r} is not a day of the calendar") from None
+
+
+AsOf = Annotated[
+    str,
+    StringConstraints(pattern=ISO_MOMENT),
+    Field(examples=["2017-06-01T10:00:00"]),
+    AfterValidator(_iso_moment),
+]
+
+
 class Context(BaseModel):
     """Where the customer is: the product on the page, the cart, the declared moment."""
 
-    product_id: str | None = Field(None, examples=["1082185"])
-    cart: list[str] = Field(default_factory=list, examples=[["981760"]])
+    model_config = ConfigDict(extra="forbid")
+
+    product_id: Id | None = Field(None, examples=["1082185"])
+    cart: list[Id] = Field(default_factory=list, max_length=MAX_CART_ITEMS, examples=[["981760"]])
     moment: Moment | None = Field(None, examples=["browsing"])
 
 
-ops = FastAPI(title="nextbest operations")
+# BentoML's own root page loads Google Tag Manager, and FastAPI's /docs a CDN's swagger-ui:
+# neither is served; /docs is swagger-ui from BentoML's own package, and / sends there
+ops = FastAPI(title="nextbest operations", docs_url=None, redoc_url=None, openapi_url=None)
 
 
 @bentoml.asgi_app(review_site, path="/review")
@@ -88,6 +128,12 @@ class NextBest:
         self._refused_fingerprint: str | None = None
         if self.recommender.model.bundle is None:
             self._refuse_alias_version()
+        import anyio
+
+        # one thread serves the present; a replay of the past (as_of) has its own, so a
+        # builder it fits never holds up the present's requests
+        self._present = anyio.CapacityLimiter(1)
+        self._past = anyio.CapacityLimiter(1)
         self._stop = threading.Event()
         self._watcher = threading.Thread(
             target=self._watch_alias, daemon=True, name="nextbest-alias-watcher"
@@ -226,27 +272,32 @@ class NextBest:
         return self.ledger.ping()
 
     @bentoml.api(route="/recommend")
-    def recommend(
+    async def recommend(
         self,
-        customer_id: Annotated[str, Field(min_length=1, max_length=128, examples=["1029"])],
+        customer_id: Annotated[Id, Field(examples=["1029"])],
         channel: Annotated[Channel, Field(examples=["web"])],
         placement: Annotated[Placement, Field(examples=["home"])] = "home",
         context: Context | None = None,
-        k: Annotated[int, Field(ge=1, le=25)] = 3,
-        debug: bool = False,
-        as_of: Annotated[str | None, Field(examples=["2017-06-01T10:00:00"])] = None,
-        *,
-        ctx: bentoml.Context,
-    ) -> dict[str, Any]:
-        """Ranked, explained offers for one customer, here and now (logged to the ledger)."""
-        if as_of is not None and not _is_time(as_of):
-            return _error(
-                ctx,
-                400,
-                f"as_of {as_of!r} is not a date/time; use ISO 8601, e.g. 2017-06-01T10:00:00",
-            )
-        return _answer(
-            self.recommender.recommend(
+        k: Annotated[StrictInt, Field(ge=1, le=25)] = 3,
+        debug: StrictBool = False,
+        as_of: AsOf | None = None,
+    ) -> RecommendAnswer:
+        """Ranked, explained offers for one customer, here and now (logged to the ledger).
+        ``as_of`` replays a past moment (ISO 8601, within the data's range)."""
+        import anyio.to_thread
+
+        recommender = self.recommender
+        moment_s = None
+        if as_of is not None:
+            moment_s, refused = _within(recommender, as_of)
+            if refused:
+                log.warning("POST /recommend refused with 400: %s", refused)
+                return _error(400, refused)
+        # a replay of the past may have a builder to fit (a second or so): it runs on a
+        # thread of its own, and the present's requests never queue behind it
+        present = moment_s is None or recommender.is_present(moment_s)
+        answer = await anyio.to_thread.run_sync(
+            lambda: recommender.recommend(
                 customer_id,
                 channel=channel,
                 placement=placement,
@@ -254,24 +305,19 @@ class NextBest:
                 k=k,
                 debug=debug,
                 as_of=as_of,
-            )
+            ),
+            limiter=self._present if present else self._past,
         )
-
-    @bentoml.api(route="/constant")
-    def constant(self) -> dict[str, bool]:
-        """Returns at once: the floor that benchmarks compare /recommend with."""
-        return {"ok": True}
+        return _answer(answer)
 
     @bentoml.api(route="/feedback")
     def feedback(
         self,
-        request_id: Annotated[str, Field(min_length=1, max_length=64)],
-        offer_id: Annotated[str, Field(min_length=1, max_length=128)],
+        request_id: Annotated[Id, Field(max_length=64)],
+        offer_id: Id,
         outcome: Outcome,
-        value: float | None = None,
-        *,
-        ctx: bentoml.Context,
-    ) -> dict[str, Any]:
+        value: Annotated[float | None, Field(allow_inf_nan=False)] = None,
+    ) -> FeedbackAnswer:
         """Record what happened to a served offer. Idempotent on (request, offer, outcome).
         An offer the request did not serve is a 404 ``{"error": ...}``."""
         try:
@@ -283,35 +329,113 @@ class NextBest:
                 at_s=self.recommender.now_s(),
             )
         except LookupError as error:
-            return _error(ctx, 404, str(error))
-        return {
-            "request_id": request_id,
-            "offer_id": offer_id,
-            "outcome": outcome,
-            "recorded": recorded,
-            "duplicate": not recorded,
-        }
-
-    @ops.get("/metadata")
-    def metadata(self) -> dict[str, Any]:
-        """Model version, feature list, rules version and holdout settings."""
-        return self.recommender.metadata()
+            return _error(404, str(error))
+        return _answer(
+            {
+                "request_id": request_id,
+                "offer_id": offer_id,
+                "outcome": outcome,
+                "recorded": recorded,
+                "duplicate": not recorded,
+            }
+        )
 
 
-def _is_time(value: str) -> bool:
+@ops.get("/metadata", response_model=Metadata)
+def metadata() -> dict[str, Any]:
+    """Model version, feature list, rules version and holdout settings (never a secret:
+    only the fields of ``Metadata`` are published)."""
+    service: NextBest = bentoml.get_current_service()
+    return service.recommender.metadata()
+
+
+@ops.get("/", include_in_schema=False)
+def root() -> Response:
+    return RedirectResponse("/docs", status_code=307)
+
+
+@ops.get("/docs", include_in_schema=False)
+def docs() -> Response:
+    from serving.http import DOCS_PAGE, DOCS_POLICY
+
+    return Response(
+        DOCS_PAGE, media_type="text/html", headers={"Content-Security-Policy": DOCS_POLICY}
+    )
+
+
+@ops.get("/docs/init.js", include_in_schema=False)
+def docs_script() -> Response:
+    from serving.http import DOCS_SCRIPT
+
+    return Response(DOCS_SCRIPT, media_type="text/javascript")
+
+
+@ops.get("/docs.json", include_in_schema=False)
+def openapi_document() -> Response:
     import pandas as pd
 
-    try:
-        return not pd.isna(pd.Timestamp(value))
-    except (ValueError, TypeError):
-        return False
+    service: NextBest = bentoml.get_current_service()
+    first, last = (
+        pd.Timestamp(s, unit="s").isoformat() for s in service.recommender.as_of_bounds()
+    )
+    return Response(_openapi(first, last), media_type="application/json")
+
+
+@cache
+def _openapi(first: str, last: str) -> str:
+    """The contract as served (``serving.contract.openapi``), made once per as_of range."""
+    from serving.contract import openapi
+    from serving.settings import ServingSettings
+
+    settings = ServingSettings.from_env()
+    service: Any = NextBest  # the bentoml.Service the decorator made of the class
+    spec = openapi(
+        service.openapi_spec.asdict(),
+        inputs=_inputs(),
+        keys_required=bool(settings.api_keys),
+        max_body_bytes=settings.max_body_bytes,
+        as_of_range=(first, last),
+    )
+    return json.dumps(spec)
+
+
+def _inputs() -> dict[str, Any]:
+    """Each POST route and the model of its body."""
+    service: Any = NextBest
+    return {f"/{name}": api.input_spec for name, api in service.apis.items()}
+
+
+def _guard() -> None:
+    """The front door (``serving.http.ApiGuard``): keys, JSON only, bounded bodies, one
+    validation with one log line, one error shape."""
+    from serving.http import ApiGuard
+
+    service: Any = NextBest  # the bentoml.Service the decorator made of the class
+    service.add_asgi_middleware(ApiGuard, inputs=_inputs())
+
+
+def _within(recommender: Any, as_of: str) -> tuple[int, str | None]:
+    """The moment in seconds, and why it is refused (None: it is not)."""
+    import pandas as pd
+
+    from features.history import second_ceil
+
+    moment_s = second_ceil(as_of)
+    first, last = recommender.as_of_bounds()
+    if first <= moment_s <= last:
+        return moment_s, None
+    day = lambda s: pd.Timestamp(s, unit="s").isoformat()  # noqa: E731
+    return moment_s, (
+        f"as_of {as_of} is outside the data's range: from {day(first)} (its first day) to "
+        f"{day(last)} ({recommender.settings.as_of_margin_days} days after its end)"
+    )
 
 
 def _answer(payload: dict[str, Any]) -> Any:
     """The answer serialised once, as it is. Returned as a response, it skips BentoML's
-    validation of a free-form dict and its JSON-schema lookup on every call (a third of a
-    /recommend's time on the service's own loop); the OpenAPI still shows the method's
-    declared type."""
+    validation of the declared model and its JSON-schema lookup on every call (a third
+    of a /recommend's time on the service's own loop); the OpenAPI shows the declared
+    model (``serving.contract``), which the contract test checks every answer against."""
     from starlette.responses import Response
 
     return Response(
@@ -328,7 +452,13 @@ def _plain(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def _error(ctx: bentoml.Context, status: int, message: str) -> dict[str, Any]:
-    """An error answered as one JSON object (BentoML's own 4xx bodies are lists)."""
-    ctx.response.status_code = status
-    return {"error": message}
+def _error(status: int, message: str) -> Any:
+    """An error answered as one JSON object, ``{"error": message}``."""
+    from starlette.responses import Response
+
+    from serving.http import error_body
+
+    return Response(error_body(message), status_code=status, media_type="application/json")
+
+
+_guard()

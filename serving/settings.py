@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -31,13 +31,20 @@ class ServingSettings:
       gets ``holdout_control``; ``offer_holdout_share`` holds out (customer, offer) pairs.
     * ``alias``: the registered model alias to serve; ``rules_path`` overrides the
       version's own rules file.
+    * the storefront API: ``api_keys`` (none: the API is open; else every data endpoint
+      needs one of them), ``max_body_bytes`` (a larger body is a 413, refused before it is
+      read whole) and ``as_of_margin_days`` (how far past the data's end, or the clock's
+      now, an ``as_of`` may go).
+
+    The salt and the keys are secrets: they are left out of the settings' ``repr``, so a
+    logged settings object never shows them.
     """
 
     workspace: Path | None = None
     db_url: str | None = None
     clock: str = "data"
     holdout_share: float = 0.05
-    holdout_salt: str = "nextbest-holdout-1"
+    holdout_salt: str = field(default="nextbest-holdout-1", repr=False)
     holdout_control: HoldoutControl = "nothing"
     offer_holdout_share: float = 0.0
     alias: str = CHAMPION
@@ -46,6 +53,9 @@ class ServingSettings:
     reload_seconds: float = 5.0
     review_threshold: float = 0.2
     secure_cookies: bool = False
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    max_body_bytes: int = 64 * 1024
+    as_of_margin_days: int = 30
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServingSettings:
@@ -53,7 +63,9 @@ class ServingSettings:
         ``NEXTBEST_HOLDOUT_SHARE``, ``NEXTBEST_HOLDOUT_SALT``, ``NEXTBEST_HOLDOUT_CONTROL``,
         ``NEXTBEST_OFFER_HOLDOUT_SHARE``, ``NEXTBEST_MODEL_ALIAS``, ``NEXTBEST_RULES``,
         ``NEXTBEST_RELOAD_SECONDS``, ``NEXTBEST_REVIEW_THRESHOLD``,
-        ``NEXTBEST_SECURE_COOKIES``; unset means the default."""
+        ``NEXTBEST_SECURE_COOKIES``, ``NEXTBEST_API_KEYS`` (comma-separated),
+        ``NEXTBEST_MAX_BODY_BYTES``, ``NEXTBEST_AS_OF_MARGIN_DAYS``; unset means the
+        default."""
         env = os.environ if environ is None else environ
         default = cls()
         return cls(
@@ -71,6 +83,13 @@ class ServingSettings:
             reload_seconds=float(env.get("NEXTBEST_RELOAD_SECONDS", default.reload_seconds)),
             review_threshold=_threshold(env.get("NEXTBEST_REVIEW_THRESHOLD", "0.2")),
             secure_cookies=env.get("NEXTBEST_SECURE_COOKIES", "").lower() in ("1", "true", "yes"),
+            api_keys=tuple(
+                k.strip() for k in env.get("NEXTBEST_API_KEYS", "").split(",") if k.strip()
+            ),
+            max_body_bytes=_positive(env, "NEXTBEST_MAX_BODY_BYTES", default.max_body_bytes),
+            as_of_margin_days=_positive(
+                env, "NEXTBEST_AS_OF_MARGIN_DAYS", default.as_of_margin_days
+            ),
         )
 
     def ledger_url(self, data_dir: Path) -> str:
@@ -86,6 +105,15 @@ def _share(env: Mapping[str, str], name: str, default: float) -> float:
     if not 0 <= share <= 1:
         raise ValueError(f"{name} must be in [0, 1], not {raw!r}")
     return share
+
+
+def _positive(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{name} must be a whole number of at least 1, not {raw!r}")
+    return int(raw)
 
 
 def _threshold(value: str) -> float:

@@ -105,7 +105,11 @@ def test_recommend_and_feedback(client) -> None:  # type: ignore[no-untyped-def]
         ({"customer_id": "", "channel": "web"}, "at least 1 character"),
         ({"customer_id": "x" * 129, "channel": "web"}, "at most 128 characters"),
         ({"channel": "web"}, "Field required"),
-        ({"customer_id": "S1", "channel": "web", "as_of": "someday"}, "not a date/time"),
+        ({"customer_id": "S1", "channel": "web", "as_of": "someday"}, "should match pattern"),
+        (
+            {"customer_id": "S1", "channel": "web", "as_of": "2017-02-30"},
+            "not a day of the calendar",
+        ),
         (
             {"customer_id": "S1", "channel": "web", "context": {"moment": "birthday"}},
             "'post_purchase'",

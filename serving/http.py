@@ -1,0 +1,344 @@
+"""The storefront API's front door: one ASGI middleware in front of every route.
+
+In this order, before any handler runs:
+
+* **API keys** (``NEXTBEST_API_KEYS``): every path but the probes (``/healthz``, ``/livez``,
+  ``/readyz``), the API's documentation (``/``, ``/docs``, ``/docs.json`` and its static
+  files: the contract is no secret) and the review page (its own sign-in) needs
+  ``Authorization: Bearer KEY`` or ``X-API-Key: KEY``; else a 401. Keys are compared in
+  constant time against every key, and never logged.
+* **JSON only**: a POST to the API whose ``Content-Type`` is not ``application/json`` is a
+  415, so a cross-site ``text/plain`` form post never reaches a handler.
+* **Bounded body**: a declared ``Content-Length`` over ``max_body_bytes`` is a 413 before a
+  byte is read; a streamed body is counted as it arrives and refused as soon as it passes
+  the limit, so the worker never holds more than the limit.
+* **Validation**: the body is checked against the endpoint's own input model (the one
+  BentoML validates with, so the two never disagree); a 400 states what is wrong and
+  logs one line, not a traceback.
+
+And after: every error the API answers (a 4xx or 5xx outside ``/review``) has one shape,
+``{"error": str, "detail": [...]?}``, whoever wrote it (BentoML's own bodies are
+sometimes a list, Starlette's are plain text or ``{"detail": ...}``).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from http import HTTPStatus
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from serving.settings import ServingSettings
+
+__all__ = [
+    "DOCS_PAGE",
+    "OPEN_PATHS",
+    "ApiGuard",
+    "error_body",
+    "key_matches",
+    "validation_detail",
+]
+
+log = logging.getLogger("nextbest.serving.http")
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+App = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+PROBES = frozenset({"/healthz", "/livez", "/readyz"})
+DOCS = frozenset({"/", "/docs", "/docs.json", "/favicon.ico"})
+OPEN_PATHS = PROBES | DOCS
+OPEN_PREFIXES = ("/static_content/", "/review")  # swagger-ui's files; the review page
+
+
+def error_body(message: str, detail: list[Any] | None = None) -> bytes:
+    """The one error shape, serialised."""
+    body: dict[str, Any] = {"error": message}
+    if detail is not None:
+        body["detail"] = detail
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def validation_detail(error: ValidationError) -> list[dict[str, Any]]:
+    """pydantic's errors, without the input (which may be huge, or a secret) or URLs."""
+    return [
+        {"type": e["type"], "loc": list(e["loc"]), "msg": e["msg"]}
+        for e in error.errors(include_url=False, include_context=False, include_input=False)
+    ]
+
+
+def key_matches(given: str, keys: Iterable[str]) -> bool:
+    """Constant time over every key: no early exit that tells which key came close."""
+    supplied = given.encode()
+    found = False
+    for key in keys:
+        found |= hmac.compare_digest(supplied, key.encode())
+    return found
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, message: str, detail: list[Any] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.detail = status, message, detail
+
+
+class ApiGuard:
+    """The middleware; ``inputs`` maps each POST route to the model of its JSON body, and
+    ``settings`` gives the keys and the body limit."""
+
+    def __init__(
+        self,
+        app: App,
+        *,
+        inputs: Mapping[str, type[BaseModel]],
+        settings: Callable[[], ServingSettings] = ServingSettings.from_env,
+    ) -> None:
+        self.app = app
+        self.inputs = dict(inputs)
+        configured = settings()  # when the worker builds its app, not at import
+        self.api_keys = configured.api_keys
+        self.max_body_bytes = configured.max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        if path.startswith("/review"):  # its own sign-in, its own HTML error pages
+            await self.app(scope, receive, send)
+            return
+        send = _one_error_shape(send)
+        try:
+            self._authorise(scope, path)
+            model = self.inputs.get(path) if scope["method"] == "POST" else None
+            if model is not None:
+                body = await self._body(scope, receive)
+                self._validate(model, body)
+                receive = _replay(body, receive)
+        except _Refused as refused:
+            _log_refusal(scope, refused)
+            await _answer(send, refused.status, error_body(refused.message, refused.detail))
+            return
+        await self.app(scope, receive, send)
+
+    def _authorise(self, scope: Scope, path: str) -> None:
+        if not self.api_keys or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
+            return
+        headers = _headers(scope)
+        given = headers.get("x-api-key")
+        scheme, _, credentials = headers.get("authorization", "").partition(" ")
+        if given is None and scheme.lower() == "bearer":
+            given = credentials.strip()
+        if given is None:
+            raise _Refused(
+                401, "an API key is required: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'"
+            )
+        if not key_matches(given, self.api_keys):
+            raise _Refused(401, "the API key is not valid")
+
+    async def _body(self, scope: Scope, receive: Receive) -> bytes:
+        headers = _headers(scope)
+        media_type = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if media_type != "application/json":
+            raise _Refused(
+                415,
+                f"Content-Type must be application/json, not {media_type or 'none'!r}",
+            )
+        limit = self.max_body_bytes
+        declared = headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise _Refused(400, f"Content-Length {declared!r} is not a number of bytes")
+            if int(declared) > limit:
+                raise _Refused(
+                    413, f"the body is {int(declared)} bytes; the limit is {limit} bytes"
+                )
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _Refused(400, "the client went away before the body was sent")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:  # counted as it streams: never more than the limit is kept
+                raise _Refused(413, f"the body is over the limit of {limit} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    @staticmethod
+    def _validate(model: type[BaseModel], body: bytes) -> None:
+        try:
+            parsed = json.loads(body or b"{}", parse_constant=_no_constant)
+        except (ValueError, RecursionError) as error:
+            raise _Refused(400, f"the body is not JSON: {error}") from None
+        # a misspelt field is an error, not a default silently taken
+        unknown = sorted(set(parsed) - set(model.model_fields)) if isinstance(parsed, dict) else []
+        try:
+            model.model_validate_json(body or b"{}")
+            detail = []
+        except ValidationError as error:
+            detail = validation_detail(error)
+        detail += [
+            {"type": "extra_forbidden", "loc": [name], "msg": "Extra inputs are not permitted"}
+            for name in unknown
+        ]
+        if detail:
+            said = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in detail
+            )
+            raise _Refused(400, f"{len(detail)} invalid field(s): {said}", detail)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+
+
+def _log_refusal(scope: Scope, refused: _Refused) -> None:
+    """One line: what was refused and why (never the body, never a header; a newline or
+    any other control character in the message is escaped, so no line can be forged)."""
+    said = refused.message[:300].encode("unicode_escape").decode("ascii")
+    log.warning("%s %s refused with %d: %s", scope["method"], scope["path"], refused.status, said)
+
+
+async def _answer(send: Send, status: int, body: bytes) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """The body, read once here, handed on as if it had not been read."""
+    sent = False
+
+    async def again() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return again
+
+
+def _one_error_shape(send: Send) -> Send:
+    """Rewrite an error response whose body is not ``{"error": str, ...}`` into that shape;
+    successful responses pass untouched."""
+    start: Message | None = None
+    chunks: list[bytes] = []
+
+    async def shaped(message: Message) -> None:
+        nonlocal start
+        if message["type"] == "http.response.start":
+            if message["status"] < 400:
+                start = None
+                await send(message)
+                return
+            start = message
+            return
+        if start is None or message["type"] != "http.response.body":
+            await send(message)
+            return
+        chunks.append(message.get("body", b""))
+        if message.get("more_body", False):
+            return
+        status = start["status"]
+        body = _reshaped(status, b"".join(chunks))
+        headers = [
+            (k, v)
+            for k, v in start["headers"]
+            if k.lower() not in (b"content-length", b"content-type")
+        ]
+        headers += [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        await send(start | {"headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return shaped
+
+
+def _reshaped(status: int, raw: bytes) -> bytes:
+    try:
+        body = json.loads(raw) if raw else None
+    except ValueError:
+        body = None
+        text = raw.decode("utf-8", "replace").strip()
+    else:
+        text = ""
+    if isinstance(body, dict) and isinstance(body.get("error"), str):
+        detail = body.get("detail")
+        return error_body(body["error"], detail if isinstance(detail, list) else None)
+    if isinstance(body, list) and body and isinstance(body[0], dict) and "error" in body[0]:
+        return error_body(str(body[0]["error"]))  # BentoML's 4xx: a one-element list
+    if isinstance(body, dict) and "detail" in body:  # Starlette's and FastAPI's
+        detail = body["detail"]
+        if isinstance(detail, list):
+            return error_body(HTTPStatus(status).phrase, detail)
+        return error_body(str(detail))
+    return error_body(text or _phrase(status))
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return f"HTTP {status}"
+
+
+DOCS_PAGE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>nextbest API</title>
+<link rel="stylesheet" href="/static_content/swagger-ui.css">
+<link rel="icon" type="image/png" href="/static_content/favicon-light-32x32.png">
+</head>
+<body>
+<div id="swagger-ui"></div>
+<script src="/static_content/swagger-ui-bundle.js" charset="utf-8"></script>
+<script src="/static_content/swagger-ui-standalone-preset.js" charset="utf-8"></script>
+<script src="/docs/init.js" charset="utf-8"></script>
+</body>
+</html>
+"""
+
+# swagger-ui's own settings, from the service (no inline script: the page's policy allows
+# scripts from the service only); no validator badge (it would call validator.swagger.io)
+DOCS_SCRIPT = """window.onload = function () {
+  window.ui = SwaggerUIBundle({
+    url: "/docs.json",
+    dom_id: "#swagger-ui",
+    deepLinking: true,
+    validatorUrl: null,
+    presets: [SwaggerUIBundle.presets.apis, SwaggerUIStandalonePreset],
+    layout: "StandaloneLayout",
+  });
+};
+"""
+
+# what the docs page may load: the service's own files, nothing from elsewhere
+DOCS_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; connect-src 'self'; font-src 'self'; base-uri 'none'; "
+    "frame-ancestors 'none'"
+)
