@@ -44,10 +44,12 @@ class Deadlines:
         self._thread: threading.Thread | None = None
 
     @contextmanager
-    def call(self) -> Iterator[None]:
-        """Bound what runs inside: its connections are cut at the deadline."""
-        if getattr(self._local, "call", None) is not None:  # nested: the outer bound holds
-            yield
+    def call(self) -> Iterator[_Call]:
+        """Bound what runs inside: its connections are cut at the deadline (``overrun``
+        says whether they were)."""
+        outer = getattr(self._local, "call", None)
+        if outer is not None:  # nested: the outer bound holds
+            yield outer
             return
         record = _Call(time.monotonic() + self.seconds)
         with self._changed:
@@ -60,7 +62,7 @@ class Deadlines:
                 self._thread.start()
             self._changed.notify()
         try:
-            yield
+            yield record
         finally:
             with self._changed:
                 self._by_id.pop(id(record), None)
@@ -96,10 +98,11 @@ class Deadlines:
                         record.overrun = True
                         for fd in record.sockets:
                             _shut(fd)
-                        log.warning(
-                            "a ledger call ran past its %.1f s deadline: connection cut",
-                            self.seconds,
-                        )
+                        if record.sockets:
+                            log.warning(
+                                "a ledger call ran past its %.1f s deadline: connection cut",
+                                self.seconds,
+                            )
                 waiting = [r.deadline for r in pending if r.deadline > now]
                 self._changed.wait(timeout=(min(waiting) - now) if waiting else 5.0)
 

@@ -170,6 +170,10 @@ class LedgerUnavailable(RuntimeError):
     """The ledger's database cannot be used now (down, too slow, or its file gone)."""
 
 
+class _Stale(Exception):
+    """A pooled connection turned out dead (the database restarted since it was pooled)."""
+
+
 class Logged(dict[str, list[str]]):
     """request id → the offers logged; ``buffered`` if they went to the local buffer."""
 
@@ -306,24 +310,32 @@ class SqlLedger:
         self._recover()
 
     @contextmanager
-    def _guard(self, what: str) -> Iterator[None]:
+    def _guard(self, what: str, *, stale: bool = False) -> Iterator[None]:
         """Refuse at once while the ledger is down; otherwise run bounded, and mark the
-        ledger down if the database fails to answer."""
+        ledger down if the database fails to answer (``stale``: a pooled connection found
+        dead raises :class:`_Stale` instead, for the caller to try a fresh one)."""
         if self.down is not None:
             raise LedgerUnavailable(self.down)
         vanished = self._vanished()
         if vanished is not None:
             self._mark_down(vanished)
             raise LedgerUnavailable(vanished)
+        cut = False
         try:
             if self._deadlines is None:
                 yield
             else:
-                with self._deadlines.call():
-                    yield
+                with self._deadlines.call() as call:
+                    try:
+                        yield
+                    finally:
+                        cut = call.overrun
         except sa.exc.SQLAlchemyError as error:
             if not _is_outage(error):
                 raise
+            dead = isinstance(error, sa.exc.DBAPIError) and error.connection_invalidated
+            if stale and dead and not cut:  # found dead, not cut for silence: try a fresh one
+                raise _Stale() from error
             cause = getattr(error, "orig", None) or error
             reason = f"{what}: {type(cause).__name__}: {str(error).splitlines()[0]}"
             self._mark_down(reason)
@@ -333,16 +345,10 @@ class SqlLedger:
         """A read, bounded; tried once more on a connection that turned out stale (the
         database restarted since it was pooled)."""
         try:
-            with self._guard(what), self.engine.connect() as connection:
+            with self._guard(what, stale=True), self.engine.connect() as connection:
                 return read(connection)
-        except LedgerUnavailable as error:
-            cause = error.__cause__
-            if not (isinstance(cause, sa.exc.DBAPIError) and cause.connection_invalidated):
-                raise
-            with self._state:
-                if self.down != str(error):
-                    raise
-                self.down = None  # one retry on a fresh connection decides
+        except _Stale:
+            pass
         with self._guard(what), self.engine.connect() as connection:
             return read(connection)
 

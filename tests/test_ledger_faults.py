@@ -123,7 +123,11 @@ class SilentProxy:
             self._held.append(client)
             if self.silent.is_set():
                 continue  # accepted, and never a byte back
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:  # the server behind is stopped: refused, as it would be
+                client.close()
+                continue
             self._held.append(upstream)
             for source, sink in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
