@@ -241,7 +241,10 @@ def openapi(
     schemas.update(top["$defs"])
     paths = spec["paths"]
     paths.pop("/constant", None)
-    storefront = {"/recommend": ("RecommendAnswer", ()), "/feedback": ("FeedbackAnswer", (404,))}
+    storefront = {
+        "/recommend": ("RecommendAnswer", ()),
+        "/feedback": ("FeedbackAnswer", (404, 503)),
+    }
     for path, (answer, extra) in storefront.items():
         operation = paths[path]["post"]
         operation["responses"] = {"200": _ok(answer)} | {

@@ -321,7 +321,8 @@ class Recommender:
         rules = model.rules.with_blocks(self.blocks) if self.blocks else model.rules
         # features of every candidate only if a rule reads them; else of the eligible ones
         full = builder.build(s, requests, rows, offers) if rules.needs_features else None
-        eligibility = self._eligible(rules, requests, rows, offers, full)
+        reads = self.reads()
+        eligibility = self._eligible(rules, requests, rows, offers, full, reads)
         eligible = eligibility.eligible.copy()
         if self.settings.offer_holdout_share > 0:
             eligible &= ~self._offer_holdout(customer_ids, rows, offers)
@@ -356,12 +357,17 @@ class Recommender:
             (ranked_offers, score, probability, explanations, builder, matrix),
             (rows, offers, eligibility, eligible) if debug else None,
         )
+        degraded = reads.degraded  # the live ledger unread: caps on the history alone
         if log_exposure:
             limits = self._limits(rules, requests, plan, logs)
+            # the database down: buffered, and a slate under a hard cap fails closed (empty)
             admitted = self.ledger.log_slates(logs, limits)
+            degraded = degraded or getattr(admitted, "buffered", False)
             for response, logged in zip(responses, logs, strict=True):
                 if logged["request_id"] in limits:
                     _keep(response, admitted[logged["request_id"]])
+        for response in responses:
+            response["degraded"] = degraded
         return responses
 
     def _limits(
@@ -407,6 +413,7 @@ class Recommender:
         rows: np.ndarray,
         offers: np.ndarray,
         matrix: FeatureMatrix | None,
+        reads: CombinedLedger,
     ) -> Eligibility:
         features = None if matrix is None else matrix.columns()
         return evaluate(
@@ -415,7 +422,7 @@ class Recommender:
             requests,
             rows,
             offers,
-            ledger=self.reads(),
+            ledger=reads,
             features=features,
         )
 

@@ -14,13 +14,31 @@ Times are integer seconds on the service's clock (the moment each request was se
 What the live ledger holds has already happened, so its reads include the current second
 (a fixed clock serves many requests in the same second); the workspace's history stays
 strictly before the moment.
+
+Degrade, never fail. Every database call is bounded (:data:`CONNECT_TIMEOUT_S`,
+:data:`STATEMENT_TIMEOUT_MS`, :data:`CALL_DEADLINE_S`, :data:`POOL_TIMEOUT_S`,
+:data:`SQLITE_BUSY_TIMEOUT_MS`). The first call that fails (or a SQLite file that was
+deleted or replaced under the service) marks the ledger down: from then on no call
+touches the database (each raises :class:`LedgerUnavailable` at once), a background
+thread probes it every :data:`RETRY_AFTER_S`, and slates and feedback go to a local,
+durable, bounded buffer (:class:`serving.buffer.LedgerBuffer`) that the same thread
+writes to the database, oldest first and exactly once, when it is back. Readers
+(:class:`CombinedLedger`) fall back to the workspace's history and say so
+(``degraded``); a slate under a hard cap that cannot be admitted atomically is logged
+empty: it fails closed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import sqlalchemy as sa
@@ -32,8 +50,37 @@ from features.contract import CHANNELS, OUTCOMES
 from features.snapshot import ACCEPTED_OUTCOMES
 from policy import SnapshotLedger
 from policy.eligibility import Limit, Unit
+from serving.buffer import MAX_ROWS, BufferFull, LedgerBuffer
+from serving.deadline import Deadlines
 
-__all__ = ["CombinedLedger", "ServedOffer", "SqlLedger"]
+__all__ = [
+    "BufferFull",
+    "CombinedLedger",
+    "FeedbackReceipt",
+    "LedgerUnavailable",
+    "Logged",
+    "ServedOffer",
+    "SqlLedger",
+]
+
+log = logging.getLogger("nextbest.serving")
+_T = TypeVar("_T")
+
+# The bounds on one database call. The storefront gives a page a few hundred ms; only the
+# call that finds the database gone pays one of these, every later one is refused at once.
+CONNECT_TIMEOUT_S = 2
+"""PostgreSQL connect timeout (libpq's minimum: it reads 1 as 2)."""
+STATEMENT_TIMEOUT_MS = 500
+"""PostgreSQL ``statement_timeout`` (and ``lock_timeout``): the server cancels a slow call."""
+CALL_DEADLINE_S = 1.0
+"""Client-side bound on a PostgreSQL call in flight (:mod:`serving.deadline`), for a
+server that stopped answering and so never cancels anything itself."""
+POOL_TIMEOUT_S = 1.0
+"""Waiting for a free pooled connection (SQLAlchemy's default is 30 s)."""
+SQLITE_BUSY_TIMEOUT_MS = 1000
+"""Waiting for another SQLite writer's lock."""
+RETRY_AFTER_S = 1.0
+"""Once down, the database is left alone this long between probes (a circuit breaker)."""
 
 _metadata = sa.MetaData()
 slates = sa.Table(
@@ -103,7 +150,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
     cursor.close()
 
 
@@ -119,28 +166,282 @@ def _widen_mode(engine: sa.Engine) -> None:
             connection.execute(sa.text("ALTER TABLE slates ALTER COLUMN mode TYPE VARCHAR(32)"))
 
 
-class SqlLedger:
-    """The ledger tables in any SQLAlchemy database."""
+class LedgerUnavailable(RuntimeError):
+    """The ledger's database cannot be used now (down, too slow, or its file gone)."""
 
-    def __init__(self, url: str) -> None:
+
+class _Stale(Exception):
+    """A pooled connection turned out dead (the database restarted since it was pooled)."""
+
+
+class Logged(dict[str, list[str]]):
+    """request id → the offers logged; ``buffered`` if they went to the local buffer."""
+
+    buffered: bool = False
+
+
+@dataclass(frozen=True)
+class FeedbackReceipt:
+    """``recorded``: new (False: this outcome was already recorded or buffered);
+    ``buffered``: held locally until the database is back."""
+
+    recorded: bool
+    buffered: bool = False
+
+
+def _is_outage(error: sa.exc.SQLAlchemyError) -> bool:
+    """A database that cannot be reached or answered in time, as opposed to a statement
+    the database refused (bad data must not mark the ledger down for everyone)."""
+    if isinstance(error, sa.exc.DBAPIError) and error.connection_invalidated:
+        return True
+    return isinstance(error, sa.exc.OperationalError | sa.exc.InterfaceError | sa.exc.TimeoutError)
+
+
+def _file_identity(path: Path | None) -> tuple[int, int] | None:
+    if path is None:
+        return None
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino)
+
+
+class SqlLedger:
+    """The ledger tables in any SQLAlchemy database, bounded and buffered (see the
+    module's docstring). ``buffer_path`` defaults to ``<ledger file>.buffer`` beside a
+    SQLite ledger, else ``$NEXTBEST_HOME/ledger-buffer-<hash of the url>.db``."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        buffer_path: Path | None = None,
+        buffer_max_rows: int = MAX_ROWS,
+        retry_after_s: float = RETRY_AFTER_S,
+    ) -> None:
         self.url = url
-        self.engine = sa.create_engine(url, future=True, pool_pre_ping=True)
+        self.retry_after_s = retry_after_s
+        options: dict[str, Any] = {"future": True, "pool_timeout": POOL_TIMEOUT_S}
+        self._deadlines: Deadlines | None = None
+        if sa.make_url(url).get_backend_name() == "postgresql":
+            timeout = f"-c statement_timeout={STATEMENT_TIMEOUT_MS}"
+            options["connect_args"] = {
+                "connect_timeout": CONNECT_TIMEOUT_S,
+                "options": f"{timeout} -c lock_timeout={STATEMENT_TIMEOUT_MS}",
+            }
+            # no pre-ping: it runs before a call's deadline can watch the connection; a
+            # stale connection fails its read, which is tried once more (see _read)
+            self._deadlines = Deadlines(CALL_DEADLINE_S)
+        else:
+            options["pool_pre_ping"] = True
+        self.engine = sa.create_engine(url, **options)
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
+        if self._deadlines is not None:
+            deadlines = self._deadlines
+            event.listen(self.engine, "checkout", lambda c, *_: deadlines.attach(c))
+            for name in ("checkin", "invalidate", "close"):
+                event.listen(self.engine, name, lambda c, *_: deadlines.detach(c))
         _metadata.create_all(self.engine)
         _widen_mode(self.engine)
+        self.file = self._sqlite_file()
+        self._identity = _file_identity(self.file)
+        self.buffer = LedgerBuffer(
+            buffer_path or self._default_buffer_path(), max_rows=buffer_max_rows
+        )
+        self.down: str | None = None  # why the database is not used now, if it is not
+        self._state = threading.Lock()
+        self._flushing = threading.Lock()
+        self._stop = threading.Event()
+        self._recovery: threading.Thread | None = None
+        if len(self.buffer):  # left by an earlier process: write it now the database is here
+            log.warning(
+                "ledger buffer %s holds %d rows: flushing", self.buffer.path, len(self.buffer)
+            )
+            self._recover()
+
+    def _sqlite_file(self) -> Path | None:
+        database = self.engine.url.database
+        if self.engine.dialect.name != "sqlite" or not database or database == ":memory:":
+            return None
+        if database.startswith("file:"):
+            return None
+        return Path(database).resolve()
+
+    def _default_buffer_path(self) -> Path:
+        if self.file is not None:
+            return self.file.with_name(self.file.name + ".buffer")
+        from runtime.settings import Settings
+
+        safe = self.engine.url.render_as_string(hide_password=True)
+        digest = hashlib.sha256(safe.encode()).hexdigest()[:12]
+        return Settings.load().home / f"ledger-buffer-{digest}.db"
 
     @property
     def backend(self) -> str:
         return str(self.engine.dialect.name)
 
-    def ping(self) -> bool:
+    # -- the guard around every call --------------------------------------------------------
+    def _vanished(self) -> str | None:
+        """Why the SQLite file open at the start is not the one at its path any more."""
+        if self.file is None or self._identity is None:
+            return None
+        now = _file_identity(self.file)
+        if now == self._identity:
+            return None
+        what = "deleted" if now is None else "replaced by another file"
+        return (
+            f"the ledger file {self.file} was {what} while the service ran; nothing is "
+            "written there (restore it, or restart the service to open what is there now)"
+        )
+
+    def _mark_down(self, reason: str) -> None:
+        with self._state:
+            if self.down is not None:
+                return
+            self.down = reason
+        log.error(
+            "ledger unavailable (%s): serving degraded, slates and feedback buffered in %s; "
+            "/readyz says not ready until it is back",
+            reason,
+            self.buffer.path,
+        )
+        self._recover()
+
+    @contextmanager
+    def _guard(self, what: str, *, stale: bool = False) -> Iterator[None]:
+        """Refuse at once while the ledger is down; otherwise run bounded, and mark the
+        ledger down if the database fails to answer (``stale``: a pooled connection found
+        dead raises :class:`_Stale` instead, for the caller to try a fresh one)."""
+        if self.down is not None:
+            raise LedgerUnavailable(self.down)
+        vanished = self._vanished()
+        if vanished is not None:
+            self._mark_down(vanished)
+            raise LedgerUnavailable(vanished)
+        cut = False
         try:
-            with self.engine.connect() as connection:
-                connection.execute(sa.text("SELECT 1"))
+            if self._deadlines is None:
+                yield
+            else:
+                with self._deadlines.call() as call:
+                    try:
+                        yield
+                    finally:
+                        cut = call.overrun
+        except sa.exc.SQLAlchemyError as error:
+            if not _is_outage(error):
+                raise
+            dead = isinstance(error, sa.exc.DBAPIError) and error.connection_invalidated
+            if stale and dead and not cut:  # found dead, not cut for silence: try a fresh one
+                raise _Stale() from error
+            cause = getattr(error, "orig", None) or error
+            reason = f"{what}: {type(cause).__name__}: {str(error).splitlines()[0]}"
+            self._mark_down(reason)
+            raise LedgerUnavailable(reason) from error
+
+    def _read(self, what: str, read: Callable[[sa.Connection], _T]) -> _T:
+        """A read, bounded; tried once more on a connection that turned out stale (the
+        database restarted since it was pooled)."""
+        try:
+            with self._guard(what, stale=True), self.engine.connect() as connection:
+                return read(connection)
+        except _Stale:
+            pass
+        with self._guard(what), self.engine.connect() as connection:
+            return read(connection)
+
+    # -- recovery: probe, then flush the buffer ------------------------------------------------
+    def _recover(self) -> None:
+        with self._state:
+            if self._recovery is not None and self._recovery.is_alive():
+                return
+            self._recovery = threading.Thread(
+                target=self._recovering, daemon=True, name="nextbest-ledger-recovery"
+            )
+            self._recovery.start()
+
+    def _recovering(self) -> None:
+        while True:
+            if self.down is not None and self._probe():
+                with self._state:
+                    reason, self.down = self.down, None
+                log.warning(
+                    "ledger back (was: %s): flushing %d buffered rows", reason, len(self.buffer)
+                )
+            if self.down is None:
+                self.flush()
+            with self._state:
+                if self.down is None and not len(self.buffer):
+                    self._recovery = None
+                    return
+            if self._stop.wait(self.retry_after_s):
+                return
+
+    def _probe(self) -> bool:
+        """Whether the database answers, bounded, on the file the ledger opened."""
+        if self._vanished() is not None:
+            return False
+        try:
+            bound = self._deadlines.call() if self._deadlines else nullcontext()
+            with bound, self.engine.connect() as connection:
+                connection.execute(sa.select(slates.c.request_id).limit(1))
             return True
         except sa.exc.SQLAlchemyError:
             return False
+
+    def flush(self, batch: int = 500) -> int:
+        """Write the buffer to the database, oldest first; stop at the first failure (the
+        rest waits for the next try). Returns the rows taken out of the buffer."""
+        done = 0
+        with self._flushing:
+            while rows := self.buffer.oldest(batch):
+                for seq, kind, body in rows:
+                    try:
+                        with self._guard("flush"):
+                            outcome = self._write_buffered(kind, body)
+                    except LedgerUnavailable:
+                        return done
+                    self.buffer.remove(seq, outcome)
+                    done += 1
+        if done:
+            log.warning("ledger buffer flushed: %d rows (%s)", done, self.buffer.counters())
+        return done
+
+    def _write_buffered(self, kind: str, body: dict[str, Any]) -> str:
+        """One buffered row into the database; the counter that says what became of it."""
+        if kind == "slate":
+            slate = body | {"offers": [ServedOffer(**o) for o in body["offers"]]}
+            try:
+                self._log_slates([slate], {})
+            except IntegrityError:  # written before (a crash between write and removal)
+                return "flushed_already_there"
+            return "flushed_slates"
+        try:
+            recorded = self._record_feedback(**body)
+        except LookupError as error:
+            log.warning("buffered feedback refused at flush: %s", error)
+            return "rejected_feedback"
+        return "flushed_feedback" if recorded else "flushed_already_there"
+
+    def ping(self) -> bool:
+        """Whether the ledger's database is in use: False at once while it is down (or its
+        file was deleted or replaced), else a bounded round trip."""
+        try:
+            self._read("ping", lambda connection: connection.execute(sa.text("SELECT 1")))
+            return True
+        except LedgerUnavailable:
+            return False
+
+    def status(self) -> dict[str, Any]:
+        """Down or not (and why), and the buffer: rows held, and its counters."""
+        return {
+            "down": self.down,
+            "buffered": len(self.buffer),
+            "buffer": str(self.buffer.path),
+            **self.buffer.counters(),
+        }
 
     def log_slate(
         self,
@@ -175,7 +476,7 @@ class SqlLedger:
         self,
         slates_to_log: Sequence[dict[str, Any]],
         limits: Mapping[str, Sequence[Limit]] | None = None,
-    ) -> dict[str, list[str]]:
+    ) -> Logged:
         """Log many slates in one transaction (keyword arguments of :meth:`log_slate`);
         return, per request, the offers actually logged.
 
@@ -184,10 +485,37 @@ class SqlLedger:
         taken out before the transaction commits. Each capped customer is locked first
         (an advisory lock on PostgreSQL; SQLite runs one writer at a time), so two
         requests at once cannot both pass a cap only one may pass.
+
+        With the database down, the slates go to the buffer (``buffered``), and a slate
+        under a hard cap, which cannot be admitted, is logged empty (it fails closed).
         """
         if not slates_to_log:
-            return {}
+            return Logged()
         limits = limits or {}
+        try:
+            with self._guard("log slates"):
+                return Logged(self._log_slates(slates_to_log, limits))
+        except LedgerUnavailable:
+            return self._buffer_slates(slates_to_log, limits)
+
+    def _buffer_slates(
+        self, slates_to_log: Sequence[dict[str, Any]], limits: Mapping[str, Sequence[Limit]]
+    ) -> Logged:
+        logged = Logged()
+        logged.buffered = True
+        for slate in slates_to_log:
+            request = str(slate["request_id"])
+            offers = [] if limits.get(request) else list(slate["offers"])
+            logged[request] = [o.offer_id for o in offers]
+            try:
+                self.buffer.add_slate(slate | {"offers": [asdict(o) for o in offers]})
+            except BufferFull as error:
+                log.error("slate %s served but not logged: %s", request, error)
+        return logged
+
+    def _log_slates(
+        self, slates_to_log: Sequence[dict[str, Any]], limits: Mapping[str, Sequence[Limit]]
+    ) -> dict[str, list[str]]:
         with self.engine.begin() as connection:
             if limits and self.engine.dialect.name == "postgresql":
                 capped = sorted(
@@ -286,8 +614,48 @@ class SqlLedger:
 
         Raises LookupError if the request did not serve that offer.
         """
+        return self.post_feedback(
+            request_id=request_id, offer_id=offer_id, outcome=outcome, value=value, at_s=at_s
+        ).recorded
+
+    def post_feedback(
+        self, *, request_id: str, offer_id: str, outcome: str, value: float | None, at_s: int
+    ) -> FeedbackReceipt:
+        """:meth:`record_feedback`, or, with the database down, into the buffer.
+
+        Whether the request served the offer is checked against the database, else
+        against the buffered slates: a buffered slate without the offer is a LookupError,
+        and feedback for a request that neither holds (it may be in the database) is
+        buffered and checked when it is flushed (refused then, and counted as
+        ``rejected_feedback``). Raises BufferFull if it cannot be held either.
+        """
         if outcome not in OUTCOMES:
             raise ValueError(f"unknown outcome {outcome!r}; use one of {', '.join(OUTCOMES)}")
+        body: dict[str, Any] = {
+            "request_id": request_id,
+            "offer_id": offer_id,
+            "outcome": outcome,
+            "value": value,
+            "at_s": at_s,
+        }
+        try:
+            with self._guard("record feedback"):
+                return FeedbackReceipt(self._record_feedback(**body))
+        except LookupError:
+            buffered = self.buffer.slate(request_id)  # served while the database was down
+            if buffered is None or offer_id not in {o["offer_id"] for o in buffered["offers"]}:
+                raise
+        except LedgerUnavailable:
+            buffered = self.buffer.slate(request_id)
+            if buffered is not None and offer_id not in {o["offer_id"] for o in buffered["offers"]}:
+                raise LookupError(
+                    f"request {request_id!r} did not serve offer {offer_id!r}"
+                ) from None
+        return FeedbackReceipt(self.buffer.add_feedback(body), buffered=True)
+
+    def _record_feedback(
+        self, *, request_id: str, offer_id: str, outcome: str, value: float | None, at_s: int
+    ) -> bool:
         with self.engine.begin() as connection:
             row = connection.execute(
                 sa.select(slates.c.customer_id)
@@ -318,8 +686,9 @@ class SqlLedger:
     ) -> dict[str, int]:
         """customer → sends, offers served or 'viewed' outcomes in [start, end] on
         ``channels`` (ghost and empty slates never count)."""
-        with self.engine.connect() as connection:
-            return self._count(connection, unit, customers, start_s, end_s, channels)
+        return self._read(
+            "counts", lambda c: self._count(c, unit, customers, start_s, end_s, channels)
+        )
 
     @staticmethod
     def _count(
@@ -364,8 +733,9 @@ class SqlLedger:
         self, unit: str, customers: Sequence[str], start_s: int, end_s: int
     ) -> dict[tuple[str, str], int]:
         """(customer, offer) → times served (or viewed) in [start, end]."""
-        with self.engine.connect() as connection:
-            return self._offer_counts(connection, unit, customers, start_s, end_s)
+        return self._read(
+            "offer counts", lambda c: self._offer_counts(c, unit, customers, start_s, end_s)
+        )
 
     @staticmethod
     def _offer_counts(
@@ -414,11 +784,14 @@ class SqlLedger:
     ) -> dict[tuple[str, str, str], int]:
         """(customer, offer, outcome) → last time, for every outcome: one read that a call's
         cooldown, redemption and sequencing checks share."""
-        with self.engine.connect() as connection:
-            rows = connection.execute(
-                _LAST_BY_KIND, {"customers": list(customers), "before": before_s}
-            )
-            return {(str(c), str(o), str(k)): int(at) for c, o, k, at in rows}
+        parameters = {"customers": list(customers), "before": before_s}
+        return self._read(
+            "last outcomes",
+            lambda c: {
+                (str(who), str(o), str(k)): int(at)
+                for who, o, k, at in c.execute(_LAST_BY_KIND, parameters)
+            },
+        )
 
     def shown_offers(self, customers: Sequence[str], before_s: int) -> set[tuple[str, str]]:
         """(customer, offer) pairs the customers were shown up to ``before_s``."""
@@ -432,52 +805,72 @@ class SqlLedger:
             )
             .distinct()
         )
-        with self.engine.connect() as connection:
-            return {(str(c), str(o)) for c, o in connection.execute(query)}
+        return self._read(
+            "shown offers", lambda c: {(str(who), str(o)) for who, o in c.execute(query)}
+        )
 
     def slate(self, request_id: str) -> dict[str, Any] | None:
-        with self.engine.connect() as connection:
-            head = (
-                connection.execute(slates.select().where(slates.c.request_id == request_id))
-                .mappings()
-                .first()
+        return self._read("slate", lambda connection: self._slate(connection, request_id))
+
+    @staticmethod
+    def _slate(connection: sa.Connection, request_id: str) -> dict[str, Any] | None:
+        head = (
+            connection.execute(slates.select().where(slates.c.request_id == request_id))
+            .mappings()
+            .first()
+        )
+        if head is None:
+            return None
+        offers = (
+            connection.execute(
+                slate_offers.select()
+                .where(slate_offers.c.request_id == request_id)
+                .order_by(slate_offers.c.rank)
             )
-            if head is None:
-                return None
-            offers = (
-                connection.execute(
-                    slate_offers.select()
-                    .where(slate_offers.c.request_id == request_id)
-                    .order_by(slate_offers.c.rank)
-                )
-                .mappings()
-                .all()
-            )
-            outcomes = (
-                connection.execute(feedback.select().where(feedback.c.request_id == request_id))
-                .mappings()
-                .all()
-            )
+            .mappings()
+            .all()
+        )
+        outcomes = (
+            connection.execute(feedback.select().where(feedback.c.request_id == request_id))
+            .mappings()
+            .all()
+        )
         return dict(head) | {
             "offers": [dict(o) for o in offers],
             "feedback": [dict(f) for f in outcomes],
         }
 
     def dispose(self) -> None:
+        self._stop.set()
         self.engine.dispose()
+        self.buffer.close()
 
 
 class CombinedLedger:
     """The workspace's recorded history plus the live SQL ledger, behind the eligibility
     engine's :class:`policy.Ledger` interface. History is read by snapshot code, the live
     ledger by each customer's own id (so a customer the snapshot does not know is still
-    capped as themself). Make one per call: it keeps what it read for that moment."""
+    capped as themself). Make one per call: it keeps what it read for that moment.
+
+    With the live ledger unavailable, it reads the history alone and says so
+    (``degraded``): live counts are taken as none, and no live outcome is known."""
 
     def __init__(self, snapshot: Snapshot, sql: SqlLedger) -> None:
         self.snapshot = snapshot
         self.history = SnapshotLedger(snapshot)
         self.sql = sql
+        self.degraded = False
         self._outcomes: dict[tuple[tuple[str, ...], int], dict[tuple[str, str, str], int]] = {}
+
+    def _live(self, nothing: _T, read: Callable[..., _T], *args: Any) -> _T:
+        """``read(*args)`` from the live ledger, or ``nothing`` once it is unavailable."""
+        if self.degraded:
+            return nothing
+        try:
+            return read(*args)
+        except LedgerUnavailable:
+            self.degraded = True
+            return nothing
 
     def _last_outcomes(
         self, ids: Sequence[str], outcomes: Sequence[str], before: int
@@ -486,7 +879,7 @@ class CombinedLedger:
         # and sequencing (an instance serves one call, so nothing here goes stale)
         key = (tuple(ids), before)
         if key not in self._outcomes:
-            self._outcomes[key] = self.sql.last_outcomes_by_kind(ids, before)
+            self._outcomes[key] = self._live({}, self.sql.last_outcomes_by_kind, ids, before)
         return _latest(self._outcomes[key], outcomes)
 
     def counts(
@@ -501,7 +894,9 @@ class CombinedLedger:
         out = self.history.counts(unit, customers, ids, start_s, end_s, channels).copy()
         names = [CHANNELS[code] for code in channels]
         for rows, start, end in _windows(start_s, end_s):
-            live = self.sql.counts(unit, list(dict.fromkeys(ids[rows])), start, end, names)
+            who = list(dict.fromkeys(ids[rows]))
+            none: dict[str, int] = {}
+            live = self._live(none, self.sql.counts, unit, who, start, end, names)
             out[rows] += np.array([live.get(str(i), 0) for i in ids[rows]], dtype=np.int64)
         return out
 
@@ -516,7 +911,9 @@ class CombinedLedger:
     ) -> np.ndarray:
         out = self.history.offer_counts(unit, customers, ids, offers, start_s, end_s).copy()
         for rows, start, end in _windows(start_s, end_s):
-            live = self.sql.offer_counts(unit, list(dict.fromkeys(ids[rows])), start, end)
+            who = list(dict.fromkeys(ids[rows]))
+            nothing: dict[tuple[str, str], int] = {}
+            live = self._live(nothing, self.sql.offer_counts, unit, who, start, end)
             if live:
                 offer_ids = self.snapshot.offers.decode(offers[rows])
                 out[rows] += np.array(
@@ -560,7 +957,7 @@ class CombinedLedger:
             if event == "accepted":
                 pairs = set(self._last_outcomes(who, list(ACCEPTED_OUTCOMES), before))
             else:
-                pairs = self.sql.shown_offers(who, before)
+                pairs = self._live(set(), self.sql.shown_offers, who, before)
             if pairs:
                 offer_ids = self.snapshot.offers.decode(offers[rows])
                 had[rows] |= [

@@ -269,6 +269,9 @@ class NextBest:
             self.fingerprint = fingerprint
 
     def __is_ready__(self) -> bool:
+        """Ready while the ledger's database is in use: not while it is down, slow, or its
+        SQLite file was deleted or replaced (answered at once then: the ledger is not
+        probed here, its own recovery thread does that)."""
         return self.ledger.ping()
 
     @bentoml.api(route="/recommend")
@@ -319,9 +322,13 @@ class NextBest:
         value: Annotated[float | None, Field(allow_inf_nan=False)] = None,
     ) -> FeedbackAnswer:
         """Record what happened to a served offer. Idempotent on (request, offer, outcome).
-        An offer the request did not serve is a 404 ``{"error": ...}``."""
+        An offer the request did not serve is a 404 ``{"error": ...}``. With the ledger's
+        database down, the outcome is held in the local buffer (``"buffered": true``) and
+        written when it is back; a 503 only if the buffer is full."""
+        from serving.ledger import BufferFull
+
         try:
-            recorded = self.ledger.record_feedback(
+            receipt = self.ledger.post_feedback(
                 request_id=request_id,
                 offer_id=offer_id,
                 outcome=outcome,
@@ -330,13 +337,17 @@ class NextBest:
             )
         except LookupError as error:
             return _error(404, str(error))
+        except BufferFull as error:
+            log.error("feedback refused: the ledger is down and %s", error)
+            return _error(503, "the ledger is unavailable and its buffer is full; retry")
         return _answer(
             {
                 "request_id": request_id,
                 "offer_id": offer_id,
                 "outcome": outcome,
-                "recorded": recorded,
-                "duplicate": not recorded,
+                "recorded": receipt.recorded,
+                "duplicate": not receipt.recorded,
+                "buffered": receipt.buffered,
             }
         )
 

