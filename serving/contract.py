@@ -187,6 +187,7 @@ _ERRORS = {
     404: "The request did not serve that offer",
     413: "The body is over the limit the message states",
     415: "The body is not application/json",
+    503: "The ledger is down and its local buffer is full: retry later",
     500: "An unexpected failure (the server log has it)",
     504: "Not answered within the service's timeout",
 }

@@ -64,7 +64,15 @@ def test_recommend_and_feedback(client) -> None:  # type: ignore[no-untyped-def]
     )
     assert response.status_code == 200, response.text
     body = response.json()
-    assert set(body) == {"request_id", "customer_id", "as_of", "model", "holdout", "offers", "degraded"}
+    assert set(body) == {
+        "request_id",
+        "customer_id",
+        "as_of",
+        "model",
+        "holdout",
+        "offers",
+        "degraded",
+    }
     assert len(body["offers"]) == 2
     offer = body["offers"][0]
     assert {
