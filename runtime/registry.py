@@ -102,6 +102,7 @@ BOUNDED_HTTP = {
 _NOT_FOUND = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"}
 
 log = logging.getLogger("nextbest.registry")
+_embedded_uri: str | None = None  # the embedded store this process last pointed MLflow at
 
 
 class UnknownVersion(LookupError):
@@ -145,12 +146,15 @@ def configure_tracking(settings: Settings | None = None, *, serving: bool = Fals
     if serving:
         for key, value in BOUNDED_HTTP.items():
             os.environ.setdefault(key, value)
+    global _embedded_uri
     settings = settings or Settings.load()
     uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri == _embedded_uri:  # MLflow sets the variable itself, for child processes
+        uri = None
     artifacts = None
     if not uri:
         models = settings.require_models_dir()
-        uri = f"sqlite:///{models / 'mlflow.db'}"
+        uri = _embedded_uri = f"sqlite:///{models / 'mlflow.db'}"
         artifacts = (models / "artifacts").as_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
