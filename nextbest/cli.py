@@ -951,8 +951,9 @@ def serve_command(
         failure.unlink(missing_ok=True)
 
 
-class _Stopped(Exception):
-    """SIGTERM reached ``nextbest serve``."""
+class _Stopped(BaseException):
+    """SIGTERM reached ``nextbest serve``. Not an Exception, so that no ``except
+    Exception`` on the way (start-up checks, the review hint) can swallow it."""
 
 
 def _check_servable(workspace: Path, alias: str) -> None:
