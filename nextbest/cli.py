@@ -898,7 +898,9 @@ def serve_command(
 
     signal.signal(signal.SIGTERM, stop)
     process: subprocess.Popen[bytes] | None = None
-    failure = Path(tempfile.mkstemp(prefix="nextbest-serve-", suffix=".failure")[1])
+    handle, name = tempfile.mkstemp(prefix="nextbest-serve-", suffix=".failure")
+    os.close(handle)
+    failure = Path(name)
     try:
         env = dict(os.environ)
         env.update(

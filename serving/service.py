@@ -95,6 +95,7 @@ class NextBest:
         self.review_threshold = settings.review_threshold
         self.secure_cookies = settings.secure_cookies
         self._sync_lock = threading.Lock()
+        self._registry_down = False
         # what was refused is not tried again until it changes (no reload loop)
         self._refused_version: str | None = None
         self._refused_fingerprint: str | None = None
@@ -134,8 +135,13 @@ class NextBest:
             except LookupError:
                 return
             except Exception as error:  # the registry briefly unreachable must not kill serving
-                log.warning("could not resolve alias %s: %s", alias, error)
+                if not self._registry_down:  # said once per outage, not every few seconds
+                    log.warning("could not resolve alias %s: %s", alias, error)
+                self._registry_down = True
                 return
+            if self._registry_down:
+                log.info("the model registry answers again (alias %s: version %s)", alias, version)
+                self._registry_down = False
             if version in (self._current_version(), self._refused_version):
                 return
             try:

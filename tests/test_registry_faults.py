@@ -30,13 +30,15 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Served:
     return train_and_register(tmp_path_factory.mktemp("trained") / "home")
 
 
-def use_home(monkeypatch: pytest.MonkeyPatch, home: Path) -> None:
+def use_home(monkeypatch: pytest.MonkeyPatch, home: Path, models: Path | None = None) -> None:
     from runtime.registry import configure_tracking
 
     monkeypatch.setenv("NEXTBEST_HOME", str(home))
     for name in ("MLFLOW_TRACKING_URI", "NEXTBEST_MODELS_DIR", "NEXTBEST_DATA_DIR"):
         monkeypatch.delenv(name, raising=False)
-    configure_tracking(serving=True)
+    if models is not None:
+        monkeypatch.setenv("NEXTBEST_MODELS_DIR", str(models))
+    configure_tracking()
 
 
 def copy_home(trained: Served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
@@ -65,11 +67,7 @@ def test_a_moved_store_serves_its_own_files(
     moved = trained.home / "models-moved"
     os.rename(trained.home / "models", moved)  # nothing is left where the database points
     try:
-        use_home(monkeypatch, trained.home)
-        monkeypatch.setenv("NEXTBEST_MODELS_DIR", str(moved))
-        from runtime.registry import configure_tracking
-
-        configure_tracking(serving=True)
+        use_home(monkeypatch, trained.home, models=moved)
         bundle = load_bundle(trained.model_name, alias="champion")
         (file,) = (moved / "artifacts" / "models").glob("*/artifacts/model.lgb")
         assert bundle.version == trained.version

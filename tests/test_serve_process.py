@@ -157,15 +157,29 @@ def test_an_unreachable_registry_serves_the_last_known_good_version(
     assert "serving the last known good version 1" in text  # the worker's own log line
 
 
-def one_line_refusal(process: subprocess.Popen[bytes], log: Path) -> str:
-    """The process ends by itself, non-zero, with one error line and no traceback."""
-    code = process.wait(timeout=120)
+def one_line_refusal(process: subprocess.Popen[bytes], log: Path, code: int = 2) -> str:
+    """The process ends by itself, non-zero, with one error line (and, refused before
+    BentoML starts, no traceback)."""
+    assert process.wait(timeout=120) == code, log.read_text()[-3000:]
     text = log.read_text()
-    assert code == 2, text[-3000:]
-    assert "Traceback" not in text
+    if code == 2:
+        assert "Traceback" not in text
     errors = [line for line in text.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, text[-3000:]
     return errors[0]
+
+
+def test_a_worker_that_cannot_start_is_one_line_and_nothing_is_left(
+    trained: Served, home: Path, tmp_path: Path
+) -> None:
+    """The model is fine, but the worker's settings are not: BentoML would restart the
+    worker forever; `nextbest serve` stops it all and says why."""
+    log = tmp_path / "serve.log"
+    with serve(home, trained, log, NEXTBEST_HOLDOUT_SHARE="7") as process:
+        line = one_line_refusal(process, log, code=1)
+    assert line == (
+        "error: the service cannot start: NEXTBEST_HOLDOUT_SHARE must be in [0, 1], not '7'"
+    )
 
 
 def test_no_registry_and_no_cache_refuses_in_one_line(
