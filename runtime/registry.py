@@ -91,12 +91,13 @@ LAST_KNOWN_GOOD = "last-known-good"
 """The serving cache's folder, inside the models folder."""
 
 # A serving process must not wait MLflow's four minutes of retries for an unreachable
-# tracking server: two quick retries, then the last known good version.
+# tracking server: one retry, 5 s per attempt for one that never answers (about 11 s at
+# most per call), then the last known good version.
 BOUNDED_HTTP = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
 }
 # what the registry answers for a name, version or alias it does not have (not an outage)
 _NOT_FOUND = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"}
