@@ -19,7 +19,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from features.contract import CHANNELS
-from runtime.settings import Settings, resolve_workspace
+from runtime.settings import START_FAILURE, Settings, resolve_workspace
 
 app = typer.Typer(
     name="nextbest",
@@ -70,7 +70,12 @@ def _user_errors(function: F) -> F:
     """Turn errors in the user's input into one clear line and exit code 2."""
     from features import ContractError, WorkspaceError
     from policy import RulesError
-    from runtime.registry import ModelMismatchError, UnknownVersion
+    from runtime.registry import (
+        ModelArtifactError,
+        ModelMismatchError,
+        RegistryUnavailable,
+        UnknownVersion,
+    )
 
     @wraps(function)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -81,6 +86,8 @@ def _user_errors(function: F) -> F:
             WorkspaceError,
             RulesError,
             ModelMismatchError,
+            ModelArtifactError,
+            RegistryUnavailable,
             UnknownVersion,
         ) as error:
             typer.echo(f"error: {error}", err=True)
@@ -875,64 +882,149 @@ def serve_command(
     ] = None,
     example: Annotated[bool, typer.Option(help="Print an example request once ready.")] = True,
 ) -> None:
-    """Serve the storefront API (and the review page) with BentoML on HOST:PORT."""
+    """Serve the storefront API (and the review page) with BentoML on HOST:PORT.
+
+    Before BentoML starts, the model to serve is resolved and verified (or, with the
+    registry unreachable, the last known good version is taken from the local cache);
+    when there is none to serve, it says why in one line and exits 2. SIGTERM stops it at
+    any stage, and BentoML (its whole process group) never outlives it."""
     import os
     import signal
     import subprocess
+    import tempfile
+
+    def stop(signum: int, _: Any) -> None:
+        raise _Stopped(signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    process: subprocess.Popen[bytes] | None = None
+    handle, name = tempfile.mkstemp(prefix="nextbest-serve-", suffix=".failure")
+    os.close(handle)
+    failure = Path(name)
+    try:
+        env = dict(os.environ)
+        env.update(
+            {
+                "NEXTBEST_CLOCK": clock,
+                "NEXTBEST_MODEL_ALIAS": alias,
+                "BENTOML_DO_NOT_TRACK": "true",
+                "MLFLOW_DISABLE_TELEMETRY": "true",
+                "NEXTBEST_HOME": str(Settings.load().home),
+                START_FAILURE: str(failure),
+            }
+        )
+        if workspace is not None:
+            env["NEXTBEST_WORKSPACE"] = str(workspace.resolve())
+        target = resolve_workspace(workspace)  # the demo is built once, before the workers
+        if db_url:
+            env["NEXTBEST_DB_URL"] = db_url
+        if rules is not None:
+            env["NEXTBEST_RULES"] = str(rules.resolve())
+        _check_servable(target, alias)
+        bentoml = Path(sys.executable).with_name("bentoml")
+        process = subprocess.Popen(
+            [
+                str(bentoml),
+                "serve",
+                "serving.service:NextBest",
+                "--host",
+                host,
+                "--port",
+                str(port),
+            ],
+            env=env,
+            start_new_session=True,  # its own process group, so that all of it stops with us
+        )
+        base = f"http://{host}:{port}"
+        _wait_ready(process, base, failure)
+        if example:
+            _print_example(base)
+        _print_review_help(base, db_url)
+        code = process.wait()
+        if code != 0:
+            typer.echo(f"error: BentoML stopped with exit code {code}", err=True)
+            raise typer.Exit(code=1)
+    except (_Stopped, KeyboardInterrupt):
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut this
+        if process is not None:
+            _stop_group(process)
+        failure.unlink(missing_ok=True)
+
+
+class _Stopped(BaseException):
+    """SIGTERM reached ``nextbest serve``. Not an Exception, so that no ``except
+    Exception`` on the way (start-up checks, the review hint) can swallow it."""
+
+
+def _check_servable(workspace: Path, alias: str) -> None:
+    """What the service will serve, checked before BentoML starts: the alias's version
+    (verified), else its last known good copy (said so), else the rules alone; with
+    neither the registry nor a cached copy, or a corrupt version and no copy, this raises
+    (one line, exit 2)."""
+    from features import Workspace
+    from serving.assembly import load_model
+
+    bundle = load_model(Workspace(workspace), alias=alias, last_known_good=True)
+    if bundle is not None and bundle.source != "registry":
+        typer.echo(
+            f"Serving version {bundle.version} of {bundle.name}@{alias} from the "
+            f"{bundle.source} (sha256 {bundle.sha256}): the registry cannot give it now.",
+            err=True,
+        )
+
+
+def _wait_ready(process: Any, base: str, failure: Path, timeout: float = 300) -> None:
+    """Until ``/readyz`` answers 200; exit 1 with one line if BentoML dies, a worker
+    reports it cannot start, or ``timeout`` passes (the caller then stops BentoML)."""
     import time
     import urllib.request
 
-    env = dict(os.environ)
-    env.update(
-        {
-            "NEXTBEST_CLOCK": clock,
-            "NEXTBEST_MODEL_ALIAS": alias,
-            "BENTOML_DO_NOT_TRACK": "true",
-            "MLFLOW_DISABLE_TELEMETRY": "true",
-            "NEXTBEST_HOME": str(Settings.load().home),
-        }
-    )
-    if workspace is not None:
-        env["NEXTBEST_WORKSPACE"] = str(workspace.resolve())
-    else:
-        resolve_workspace(None)  # build the demo once, before the workers start
-    if db_url:
-        env["NEXTBEST_DB_URL"] = db_url
-    if rules is not None:
-        env["NEXTBEST_RULES"] = str(rules.resolve())
-    bentoml = Path(sys.executable).with_name("bentoml")
-    process = subprocess.Popen(
-        [str(bentoml), "serve", "serving.service:NextBest", "--host", host, "--port", str(port)],
-        env=env,
-    )
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{base}/readyz", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        reason = failure.read_text().strip() if failure.exists() else ""
+        if reason:
+            typer.echo(f"error: the service cannot start: {reason.splitlines()[-1]}", err=True)
+            raise typer.Exit(code=1)
+        if process.poll() is not None:
+            typer.echo(
+                f"error: BentoML exited with code {process.returncode} before it was ready",
+                err=True,
+            )
+            raise typer.Exit(code=1)
+        if time.monotonic() > deadline:
+            typer.echo(f"error: the service was not ready after {timeout:g} s", err=True)
+            raise typer.Exit(code=1)
+        time.sleep(0.5)
 
-    def stop(signum: int, _: Any) -> None:
-        # The server goes down with us, never orphaned: ask for BentoML's clean shutdown
-        # (as Ctrl+C); the wait below returns when it is done.
-        process.send_signal(signal.SIGINT)
 
-    signal.signal(signal.SIGTERM, stop)
-    base = f"http://{host}:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while process.poll() is None:
-            try:
-                with urllib.request.urlopen(f"{base}/readyz", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise typer.Exit(code=1)
-            time.sleep(0.5)
-        if process.poll() is None and example:
-            _print_example(base)
-        if process.poll() is None:
-            _print_review_help(base, db_url)
-        process.wait()
-    except KeyboardInterrupt:
-        process.send_signal(signal.SIGINT)
-        process.wait(timeout=30)
+def _stop_group(process: Any, grace: float = 20) -> None:
+    """Stop BentoML and every process it started (its process group): BentoML's clean
+    shutdown first (SIGINT, as Ctrl+C), SIGKILL after ``grace`` seconds."""
+    import os
+    import signal
+    import subprocess
+
+    for signum, wait in ((signal.SIGINT, grace), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(process.pid, signum)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+        try:  # the leader is gone; a worker left in its group gets the same signal
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            break
 
 
 def _print_example(base: str) -> None:

@@ -18,11 +18,16 @@ from typing import Any, Literal
 from features import Snapshot, Workspace, load_snapshot
 from policy.rules import SegmentBlock
 from runtime.registry import (
+    CHAMPION,
+    ModelArtifactError,
     ModelBundle,
     ModelMismatchError,
+    RegistryUnavailable,
     configure_tracking,
     load_bundle,
+    load_last_known_good,
     model_name,
+    remember_last_known_good,
 )
 from runtime.settings import Settings, resolve_workspace
 from serving.engine import Recommender
@@ -47,20 +52,53 @@ UNSET: Any = _Unset()
 
 
 def load_model(
-    workspace: Workspace, *, alias: str | None = None, version: str | None = None
+    workspace: Workspace,
+    *,
+    alias: str | None = None,
+    version: str | None = None,
+    last_known_good: bool = False,
 ) -> ModelBundle | None:
     """The workspace's registered version by number, else by alias; None if the alias
     points nowhere yet (serving then ranks by the rules alone). An unknown version is an
-    error (LookupError)."""
-    configure_tracking()
+    error (LookupError); so is a version whose files fail their checks
+    (ModelArtifactError), and an unreachable registry (RegistryUnavailable).
+
+    ``last_known_good`` (the service): when the registry is unreachable, or the alias's
+    version fails its checks, the version in the local cache serves instead (verified by
+    checksum, and logged as such); :func:`build_recommender` keeps what it serves there."""
+    configure_tracking(serving=True)
     name = model_name(workspace.workspace_id)
     if version is not None:
         return load_bundle(name, version=version)
+    used = alias or CHAMPION
     try:
-        return load_bundle(name, alias=alias)
+        bundle = load_bundle(name, alias=used)
     except LookupError:
-        log.warning("no '%s' version of %s yet: serving the rules-only ranking", alias, name)
+        log.warning("no '%s' version of %s yet: serving the rules-only ranking", used, name)
         return None
+    except (RegistryUnavailable, ModelArtifactError) as error:
+        if not last_known_good:
+            raise
+        return _last_known_good(name, used, error)
+    return bundle
+
+
+def _last_known_good(name: str, alias: str, error: Exception) -> ModelBundle:
+    """The cached version, when the registry's cannot be had; else ``error`` again, with
+    the reason it could not be replaced."""
+    cached = load_last_known_good(name, alias)
+    if cached is None:
+        raise type(error)(f"{error}; and no last known good version is cached") from error
+    log.warning(
+        "%s; serving the last known good version %s of %s@%s from the local cache "
+        "(sha256 %s, verified)",
+        error,
+        cached.version,
+        name,
+        alias,
+        cached.sha256,
+    )
+    return cached
 
 
 def build_recommender(
@@ -75,6 +113,7 @@ def build_recommender(
     snapshot: Snapshot | None = None,
     ledger: SqlLedger | None = None,
     if_mismatch: Literal["raise", "rules_only"] = "raise",
+    last_known_good: bool = False,
 ) -> Recommender:
     """A :class:`Recommender` from explicit inputs; anything not given comes from
     ``settings``.
@@ -89,6 +128,9 @@ def build_recommender(
     * ``if_mismatch``: a version that does not fit the workspace (``ModelMismatchError``)
       is an error, or (the service at start) is refused and logged while the rules-only
       ranking serves.
+    * ``last_known_good``: keep the version loaded by alias in the local cache, and serve
+      the cached one when the registry is unreachable or its version fails its checks (see
+      :func:`load_model`).
     """
     settings = replace(
         settings,
@@ -100,19 +142,26 @@ def build_recommender(
         url = settings.db_url or settings.ledger_url(Settings.load().require_data_dir())
         ledger = SqlLedger(url)
     if bundle is UNSET:
-        bundle = load_model(target, alias=settings.alias, version=version)
+        bundle = load_model(
+            target, alias=settings.alias, version=version, last_known_good=last_known_good
+        )
     if blocks is None:
         from serving.review import ReviewStore, segment_blocks
 
         blocks = segment_blocks(ReviewStore(ledger.engine))
     snapshot = snapshot if snapshot is not None else load_snapshot(target)
     try:
-        return Recommender(snapshot, bundle, ledger, settings, workspace=target, blocks=blocks)
+        recommender = Recommender(
+            snapshot, bundle, ledger, settings, workspace=target, blocks=blocks
+        )
     except ModelMismatchError as error:
         if if_mismatch == "raise" or bundle is None:
             raise
         log.error("refused %s: %s; serving the rules-only ranking", settings.alias, error)
         return Recommender(snapshot, None, ledger, settings, workspace=target, blocks=blocks)
+    if last_known_good and bundle is not None and bundle.source == "registry":
+        remember_last_known_good(bundle)
+    return recommender
 
 
 def _path(workspace: Workspace | Path | None, settings: ServingSettings) -> Path | None:

@@ -94,6 +94,16 @@ class NextBest:
     """The storefront's one brain: ranked, explained, guarded, logged offers."""
 
     def __init__(self) -> None:
+        """Load everything, or (under ``nextbest serve``) report in one line why not."""
+        from runtime.settings import report_start_failure
+
+        try:
+            self._start()
+        except Exception as error:
+            report_start_failure(error)
+            raise
+
+    def _start(self) -> None:
         from features import Workspace
         from runtime.registry import model_name
         from runtime.settings import resolve_workspace
@@ -107,13 +117,15 @@ class NextBest:
         self.model_name = model_name(self.workspace.workspace_id)
         self.fingerprint = self.workspace.fingerprint
         self.recommender = build_recommender(
-            settings, workspace=self.workspace, if_mismatch="rules_only"
+            settings, workspace=self.workspace, if_mismatch="rules_only", last_known_good=True
         )
         self.recommender.builder_for(self.recommender.now_s())  # fitted before the first request
         self.ledger = self.recommender.ledger
+        bundle = self.recommender.model.bundle
         log.info(
-            "serving %s on workspace %s (%s); clock %s",
+            "serving %s from the %s on workspace %s (%s); clock %s",
             self.recommender.model_info(),
+            "rules alone" if bundle is None else bundle.source,
             self.workspace.path,
             self.fingerprint,
             settings.clock,
@@ -123,6 +135,7 @@ class NextBest:
         self.review_threshold = settings.review_threshold
         self.secure_cookies = settings.secure_cookies
         self._sync_lock = threading.Lock()
+        self._registry_down = False
         # what was refused is not tried again until it changes (no reload loop)
         self._refused_version: str | None = None
         self._refused_fingerprint: str | None = None
@@ -152,7 +165,13 @@ class NextBest:
     def sync(self) -> None:
         """Apply the reviewers' blocks and follow the alias now (the watcher does it every
         few seconds; the review page calls it right after a block or a release)."""
-        from runtime.registry import load_bundle, resolve_version
+        from runtime.registry import (
+            ModelArtifactError,
+            ModelMismatchError,
+            load_bundle,
+            remember_last_known_good,
+            resolve_version,
+        )
 
         with self._sync_lock:
             self._apply_blocks()
@@ -161,9 +180,14 @@ class NextBest:
                 version, _ = resolve_version(self.model_name, alias=alias)
             except LookupError:
                 return
-            except Exception:  # the registry being briefly unreachable must not kill serving
-                log.exception("could not resolve alias %s", alias)
+            except Exception as error:  # the registry briefly unreachable must not kill serving
+                if not self._registry_down:  # said once per outage, not every few seconds
+                    log.warning("could not resolve alias %s: %s", alias, error)
+                self._registry_down = True
                 return
+            if self._registry_down:
+                log.info("the model registry answers again (alias %s: version %s)", alias, version)
+                self._registry_down = False
             if version in (self._current_version(), self._refused_version):
                 return
             try:
@@ -172,14 +196,21 @@ class NextBest:
                 previous = self._current_version()
                 self.recommender.swap_model(bundle)
                 log.info("alias %s moved: version %s → %s", alias, previous, version)
-            except Exception:  # a version that cannot load, or does not fit, is refused
+            except Exception as error:  # a version that cannot load, or does not fit: refused
                 self._refused_version = version
-                log.exception(
-                    "refused version %s (not tried again until %s moves); still serving %s",
+                log.error(
+                    "refused version %s: %s (not tried again until %s moves); still serving %s",
                     version,
+                    error,
                     alias,
                     self._current_version(),
+                    exc_info=not isinstance(error, (ModelArtifactError, ModelMismatchError)),
                 )
+                return
+            try:
+                remember_last_known_good(bundle)
+            except OSError as error:  # serving goes on; only the fallback copy is stale
+                log.warning("could not cache version %s as last known good: %s", version, error)
 
     def _refuse_alias_version(self) -> None:
         """At start without a model: the alias's version, if any, was refused (it does not

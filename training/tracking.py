@@ -6,7 +6,11 @@ This is the I/O shell around ``training.pipeline.train``.
 from __future__ import annotations
 
 import json
+import os
+import socket
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +21,10 @@ from policy import RuleSet
 from runtime.registry import (
     BEATS_BASELINE_TAG,
     CHALLENGER,
+    CHECKSUM_TAG,
+    EXPERIMENT,
     QUALITY_SUMMARY_TAG,
+    check_logged_model,
     model_name,
     register_version,
 )
@@ -25,9 +32,58 @@ from training.dataset import TASKS
 from training.pipeline import TrainResult, probabilities
 from training.report import model_card, write_plots
 
-__all__ = ["bundle_meta", "log_run"]
+__all__ = ["bundle_meta", "close_abandoned_runs", "log_run"]
 
 PIP_REQUIREMENTS = ["lightgbm==4.7.0", "numpy==2.4.6", "pandas==3.1.1", "scikit-learn==1.9.1"]
+
+
+PID_TAG = "nextbest.pid"
+HOST_TAG = "nextbest.host"
+PAUSE_HOOK = "NEXTBEST_TEST_PAUSE_BEFORE_REGISTERING"
+"""Test hook: seconds to sleep once everything is logged, just before the version is
+registered (after saying so on stderr), so that a test can kill training at that point."""
+
+
+def _pause_before_registering() -> None:
+    seconds = float(os.environ.get(PAUSE_HOOK) or 0)
+    if seconds > 0:
+        print(f"{PAUSE_HOOK}: pausing {seconds:g} s before registering", file=sys.stderr)
+        sys.stderr.flush()
+        time.sleep(seconds)
+
+
+def close_abandoned_runs() -> list[str]:
+    """Mark KILLED the runs of this experiment left RUNNING by a training process on this
+    machine that no longer exists (killed midway: they never registered a version).
+    Returns their ids."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    experiment = mlflow.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        return []
+    client = MlflowClient()
+    closed = []
+    host = socket.gethostname()
+    for run in client.search_runs(
+        [experiment.experiment_id], "attributes.status = 'RUNNING'", max_results=1000
+    ):
+        pid = run.data.tags.get(PID_TAG)
+        if run.data.tags.get(HOST_TAG) != host or pid is None or _alive(int(pid)):
+            continue
+        client.set_terminated(run.info.run_id, status="KILLED")
+        closed.append(run.info.run_id)
+    return closed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, float]) -> None:
@@ -70,7 +126,9 @@ def log_run(
     manifest = workspace.manifest
     name = model_name(workspace.workspace_id)
     config = result.config.model_dump()
+    close_abandoned_runs()
     with mlflow.start_run(run_name=f"train-{manifest['fingerprint']}") as run:
+        mlflow.set_tags({PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()})
         mlflow.log_params(
             {
                 **{f"config.{k}": v for k, v in config.items()},
@@ -97,11 +155,24 @@ def log_run(
         _flatten("seconds", result.timings, flat)
         mlflow.log_metrics({key.replace("@", "_at_"): value for key, value in flat.items()})
         probability = probabilities(result.test_scores, result.test, result.calibrators)
+        # Everything is logged (the model first, for its checksum) before the version is
+        # registered, with its tags, in one registry call: a run killed midway leaves a
+        # run, never a half-registered version.
+        example = result.test.values[:5]
+        signature = infer_signature(example, result.booster.predict(example))
+        info = mlflow.lightgbm.log_model(
+            result.booster,
+            name="model",
+            signature=signature,
+            input_example=example,
+            pip_requirements=PIP_REQUIREMENTS,
+        )
+        checksum = check_logged_model(info.model_uri, len(result.test.names))
         with tempfile.TemporaryDirectory() as folder:
             root = Path(folder)
             bundle = root / "bundle"
             bundle.mkdir()
-            meta = bundle_meta(result, workspace, rules)
+            meta = bundle_meta(result, workspace, rules) | {"model_sha256": checksum}
             (bundle / "bundle.json").write_text(json.dumps(meta, indent=2))
             (bundle / "rules.yaml").write_text(rules.to_yaml())
             (bundle / "metrics.json").write_text(json.dumps(result.metrics, indent=2))
@@ -129,40 +200,33 @@ def log_run(
             )
             for plot in plots:
                 mlflow.log_artifact(str(plot), artifact_path="plots")
-            example = result.test.values[:5]
-            signature = infer_signature(example, result.booster.predict(example))
-            info = mlflow.lightgbm.log_model(
-                result.booster,
-                name="model",
-                signature=signature,
-                input_example=example,
-                pip_requirements=PIP_REQUIREMENTS,
-            )
-            version = register_version(
-                info.model_uri,
-                name,
-                {
-                    "dataset.fingerprint": manifest["fingerprint"],
-                    "rules.hash": rules.content_hash,
-                    "workspace.id": workspace.workspace_id,
-                    **quality_tags(result.metrics),
-                },
-            )
-            card = model_card(
-                name=name,
-                version=version,
-                run_id=run.info.run_id,
-                fingerprint=manifest["fingerprint"],
-                workspace=manifest["source"],
-                config=config,
-                metrics=result.metrics,
-                splits=result.splits.as_dict(),
-                rules_hash=rules.content_hash,
-                rows=result.rows,
-                trees=result.booster.num_trees(),
-                timings=result.timings,
-            )
-            mlflow.log_text(card, "model_card.md")
+        card = model_card(
+            name=name,
+            version=None,  # not known before registering, which comes last
+            run_id=run.info.run_id,
+            fingerprint=manifest["fingerprint"],
+            workspace=manifest["source"],
+            config=config,
+            metrics=result.metrics,
+            splits=result.splits.as_dict(),
+            rules_hash=rules.content_hash,
+            rows=result.rows,
+            trees=result.booster.num_trees(),
+            timings=result.timings,
+        )
+        mlflow.log_text(card, "model_card.md")
+        _pause_before_registering()
+        version = register_version(
+            info.model_uri,
+            name,
+            {
+                "dataset.fingerprint": manifest["fingerprint"],
+                "rules.hash": rules.content_hash,
+                "workspace.id": workspace.workspace_id,
+                CHECKSUM_TAG: checksum,
+                **quality_tags(result.metrics),
+            },
+        )
     return {
         "run_id": run.info.run_id,
         "model_name": name,
