@@ -10,7 +10,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export BENTOML_DO_NOT_TRACK := true
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: help install browser run test lint format bench lock clean
+.PHONY: help install browser run test lint format bench load audit lock clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -54,6 +54,12 @@ format: install ## Apply ruff's fixes and formatting
 
 bench: install ## Benchmarks, as ratios to references taken in the same run (bench/results.json)
 	$(BIN)/python -m bench
+
+# the demo's model as `make run` trains it, served with a fresh ledger; exit 1 if a target fails
+load: install ## Load test on loopback: 60 s at 80 % of the measured maximum, p50/p99 per 10 s window
+	$(BIN)/nextbest data load-demo
+	$(BIN)/nextbest train --if-missing --quiet
+	$(BIN)/python -m bench.load
 
 lock: ## Re-resolve constraints.txt from requirements/pins.txt and pyproject.toml
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
