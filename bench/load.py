@@ -370,14 +370,110 @@ def print_report(report: LoadReport) -> None:
         print(f"{'PASS' if passed else 'FAIL'}  {name}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=LoadPlan.seconds)
-    parser.add_argument("--window", type=float, default=LoadPlan.window)
-    parser.add_argument("--share", type=float, default=LoadPlan.share)
-    args = parser.parse_args()
-    plan = LoadPlan(seconds=args.seconds, window=args.window, share=args.share)
+ISOLATION_SECONDS = 15.0
+HEAVY_CART = 10_000
+AS_OF_VALUES = 50
 
+
+async def _isolation(
+    base: str, customers: Sequence[str], cart: Sequence[str], data_end: str
+) -> dict[str, Any]:
+    """A second client's latency alone, beside a first client sending 10,000-item carts,
+    and beside one walking through 50 distinct ``as_of`` values, in one run."""
+    import aiohttp
+    import pandas as pd
+
+    rng = random.Random(1)
+
+    async def post(session: Any, body: dict[str, Any]) -> tuple[float, str]:
+        started = time.perf_counter()
+        try:
+            async with session.post(f"{base}{RECOMMEND}", json=body) as response:
+                await response.read()
+                status = str(response.status)
+        except Exception as error:  # timeouts and dropped connections are counted
+            status = type(error).__name__
+        return time.perf_counter() - started, status
+
+    def normal() -> dict[str, Any]:
+        return {"customer_id": rng.choice(customers), "channel": "web", "k": 3}
+
+    async def second_client(session: Any, beside: asyncio.Task[Any] | None) -> dict[str, Any]:
+        """Back-to-back normal requests for ISOLATION_SECONDS, and for as long as the
+        first client (``beside``) still works."""
+        latencies, statuses = [], Counter[str]()
+        started = time.perf_counter()
+        while (beside is not None and not beside.done()) or (
+            time.perf_counter() - started < ISOLATION_SECONDS
+        ):
+            latency, status = await post(session, normal())
+            latencies.append(latency * 1e3)
+            statuses[status] += 1
+            if time.perf_counter() - started > 4 * ISOLATION_SECONDS:
+                break
+        return _percentiles(latencies) | {"statuses": dict(statuses)}
+
+    async def first_client(session: Any, bodies: Iterator[dict[str, Any]]) -> dict[str, Any]:
+        latencies, statuses = [], Counter[str]()
+        for body in bodies:
+            latency, status = await post(session, body)
+            latencies.append(latency * 1e3)
+            statuses[status] += 1
+        return _percentiles(latencies) | {"statuses": dict(statuses)}
+
+    def carts() -> Iterator[dict[str, Any]]:
+        started = time.perf_counter()
+        while time.perf_counter() - started < ISOLATION_SECONDS:
+            yield normal() | {"context": {"cart": list(cart)}}
+
+    def moments() -> Iterator[dict[str, Any]]:
+        end = pd.Timestamp(data_end)
+        for days in range(1, AS_OF_VALUES + 1):
+            yield normal() | {"as_of": (end - pd.Timedelta(days=days)).isoformat()}
+
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S * 2)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        for _ in range(30):  # warm up
+            await post(session, normal())
+        alone = await second_client(session, None)
+        results: dict[str, Any] = {"second_client_alone": alone}
+        for name, bodies in (("carts_10000_items", carts()), ("as_of_50_values", moments())):
+            first = asyncio.create_task(first_client(session, bodies))
+            second = await second_client(session, first)
+            results[name] = {"first_client": await first, "second_client": second}
+    for name in ("carts_10000_items", "as_of_50_values"):
+        p99 = results[name]["second_client"]["p99_ms"]
+        results[name]["second_client_p99_vs_alone"] = round(p99 / alone["p99_ms"], 2)
+        results[name]["second_client_p99_under_50ms"] = p99 < 50
+    return results
+
+
+def run_isolation() -> dict[str, Any]:
+    """`make bench`'s isolation case on the demo (its served model, as `make load`)."""
+    import urllib.request
+
+    from features import Workspace
+
+    with tempfile.TemporaryDirectory(prefix="nextbest-isolation-") as folder:
+        env, customers, _, version = _demo(Path(folder))
+        products = Workspace(Path(env["NEXTBEST_WORKSPACE"])).read("products", ["product_id"])
+        cart = products["product_id"].astype(str).head(HEAVY_CART).tolist()
+        with serve(env, Path(folder) / "serve.log") as base:
+            request = urllib.request.Request(
+                f"{base}{RECOMMEND}",
+                data=json.dumps({"customer_id": customers[0], "channel": "web"}).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(request, timeout=30) as response:
+                data_end = json.loads(response.read())["as_of"]
+            results = asyncio.run(_isolation(base, customers, cart, data_end))
+    return {"model_version": version, "seconds_per_phase": ISOLATION_SECONDS} | results
+
+
+def _demo(folder: Path) -> tuple[dict[str, str], list[str], str, str]:
+    """How to serve the demo workspace's champion (else challenger), as `make run` trains
+    it, with a fresh ledger in ``folder``: (the service's environment, the known
+    customers, the ledger's URL, the version)."""
     from features import Workspace
     from runtime.registry import (
         CHALLENGER,
@@ -396,19 +492,31 @@ def main() -> None:
     except LookupError:
         alias, (version, _) = CHALLENGER, resolve_version(name, alias=CHALLENGER)
     customers = workspace.read("customers", ["customer_id"])["customer_id"].astype(str)
+    db_url = f"sqlite:///{folder / 'ledger.db'}"
+    env = {
+        "NEXTBEST_HOME": str(Settings.load().home),
+        "NEXTBEST_WORKSPACE": str(workspace.path),
+        "NEXTBEST_DB_URL": db_url,
+        "NEXTBEST_MODEL_ALIAS": alias,
+        "NEXTBEST_HOLDOUT_SHARE": "0",
+        "BENTOML_HOME": str(folder / "bentoml"),
+    }
+    print(f"serving {name} version {version} ({alias}) on {workspace.path}", flush=True)
+    return env, customers.tolist(), db_url, version
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=LoadPlan.seconds)
+    parser.add_argument("--window", type=float, default=LoadPlan.window)
+    parser.add_argument("--share", type=float, default=LoadPlan.share)
+    args = parser.parse_args()
+    plan = LoadPlan(seconds=args.seconds, window=args.window, share=args.share)
+
     with tempfile.TemporaryDirectory(prefix="nextbest-load-") as folder:
-        db_url = f"sqlite:///{Path(folder) / 'ledger.db'}"
-        env = {
-            "NEXTBEST_HOME": str(Settings.load().home),
-            "NEXTBEST_WORKSPACE": str(workspace.path),
-            "NEXTBEST_DB_URL": db_url,
-            "NEXTBEST_MODEL_ALIAS": alias,
-            "NEXTBEST_HOLDOUT_SHARE": "0",
-            "BENTOML_HOME": str(Path(folder) / "bentoml"),
-        }
-        print(f"serving {name} version {version} ({alias}) on {workspace.path}", flush=True)
+        env, customers, db_url, version = _demo(Path(folder))
         with serve(env, Path(folder) / "serve.log") as base:
-            report = measure(base, customers.tolist(), plan)
+            report = measure(base, customers, plan)
         report.lost = lost_feedback(db_url, report.posted, report.served)
     print_report(report)
     results = Path(__file__).with_name("results.json")
