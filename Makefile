@@ -43,10 +43,15 @@ run: install ## The main job: load the demo data, train, register, serve on 127.
 test: install browser lint ## The whole suite (lint, then pytest on 2 workers)
 	NEXTBEST_CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest -n 2 --dist loadfile
 
-lint: install ## ruff (lint and format check) and mypy
+lint: install ## ruff (lint and format check), mypy and bandit (skips documented in pyproject)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/bandit -q -c pyproject.toml -r nextbest runtime features policy training serving
+
+# pip-audit asks PyPI's JSON API about every pinned package (it needs the network)
+audit: install ## pip-audit over constraints.txt (known vulnerabilities in the locked set)
+	$(BIN)/pip-audit --strict --disable-pip --no-deps -r constraints.txt
 
 format: install ## Apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix .

@@ -286,7 +286,8 @@ def login(
     request: Request,
     review_host: Host,
     username: Annotated[str, Form(max_length=64)] = "",
-    password: Annotated[str, Form(max_length=1024)] = "",
+    # an empty default (not a password): a form without the field is a failed sign-in
+    password: Annotated[str, Form(max_length=1024)] = "",  # nosec B107
     next: Annotated[str, Form()] = "",
     csrf: Annotated[str, Form()] = "",
 ) -> Response:
