@@ -80,6 +80,7 @@ class LoadReport:
     served: set[str] = field(default_factory=set)  # request ids answered 200
     lost: dict[str, int] = field(default_factory=dict)
     ramp_samples: list[Sample] = field(default_factory=list)
+    load_average: tuple[float, float] = (0.0, 0.0)  # the machine's, at the start and end
 
     def errors(self) -> dict[str, int]:
         """Non-200 answers, in the ramp or the steady run, by endpoint and status (a 404
@@ -134,6 +135,10 @@ class LoadReport:
             "slates_served": len(self.served),
             "lost": self.lost,
             "targets": self.targets(),
+            "machine_load_average_1min": {
+                "start": self.load_average[0],
+                "end": self.load_average[1],
+            },
         }
 
 
@@ -231,6 +236,7 @@ async def _open_loop(visitor: _Visitor, rate: float, seconds: float) -> None:
 async def _measure(base: str, customers: Sequence[str], plan: LoadPlan) -> LoadReport:
     import aiohttp
 
+    load_at_start = os.getloadavg()[0]
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
     connector = aiohttp.TCPConnector(limit=MAX_IN_FLIGHT)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
@@ -258,6 +264,7 @@ async def _measure(base: str, customers: Sequence[str], plan: LoadPlan) -> LoadR
         posted=steady.posted | warm.posted,
         served=steady.served | warm.served,
         ramp_samples=warm.samples,
+        load_average=(round(load_at_start, 2), round(os.getloadavg()[0], 2)),
     )
 
 
@@ -347,7 +354,9 @@ def print_report(report: LoadReport) -> None:
         f"maximum: {report.max_visits_per_s:.1f} visits/s (ramp: "
         + ", ".join(f"{r['clients']:g} clients {r['visits_per_s']:g}/s" for r in report.ramp)
         + f"); steady run at {report.rate:.1f} visits/s "
-        f"(a visit: /recommend, then /feedback for an offer it served)"
+        f"(a visit: /recommend, then /feedback for an offer it served); the machine's "
+        f"1-minute load average {report.load_average[0]:g} at the start, "
+        f"{report.load_average[1]:g} at the end ({os.cpu_count()} cores)"
     )
     print(
         f"{'window':>9}  {'recommend p50':>13} {'p99':>7} {'n':>5}  {'feedback p50':>12} "
@@ -466,8 +475,13 @@ def run_isolation() -> dict[str, Any]:
             )
             with urllib.request.urlopen(request, timeout=30) as response:
                 data_end = json.loads(response.read())["as_of"]
+            load_at_start = os.getloadavg()[0]
             results = asyncio.run(_isolation(base, customers, cart, data_end))
-    return {"model_version": version, "seconds_per_phase": ISOLATION_SECONDS} | results
+    return {
+        "model_version": version,
+        "seconds_per_phase": ISOLATION_SECONDS,
+        "machine_load_average_1min": {"start": load_at_start, "end": os.getloadavg()[0]},
+    } | results
 
 
 def _demo(folder: Path) -> tuple[dict[str, str], list[str], str, str]:
