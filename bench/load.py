@@ -475,12 +475,12 @@ def run_isolation() -> dict[str, Any]:
             )
             with urllib.request.urlopen(request, timeout=30) as response:
                 data_end = json.loads(response.read())["as_of"]
-            load_at_start = os.getloadavg()[0]
+            load_at_start = round(os.getloadavg()[0], 2)
             results = asyncio.run(_isolation(base, customers, cart, data_end))
     return {
         "model_version": version,
         "seconds_per_phase": ISOLATION_SECONDS,
-        "machine_load_average_1min": {"start": load_at_start, "end": os.getloadavg()[0]},
+        "machine_load_average_1min": {"start": load_at_start, "end": round(os.getloadavg()[0], 2)},
     } | results
 
 
