@@ -10,7 +10,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export BENTOML_DO_NOT_TRACK := true
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: help install browser run test lint format bench lock clean
+.PHONY: help install browser run test lint format bench load audit lock clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -43,10 +43,15 @@ run: install ## The main job: load the demo data, train, register, serve on 127.
 test: install browser lint ## The whole suite (lint, then pytest on 2 workers)
 	NEXTBEST_CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest -n 2 --dist loadfile
 
-lint: install ## ruff (lint and format check) and mypy
+lint: install ## ruff (lint and format check), mypy and bandit (skips documented in pyproject)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/bandit -q -c pyproject.toml -r nextbest runtime features policy training serving
+
+# pip-audit asks PyPI's JSON API about every pinned package (it needs the network)
+audit: install ## pip-audit over constraints.txt (known vulnerabilities in the locked set)
+	$(BIN)/pip-audit --strict --disable-pip --no-deps -r constraints.txt
 
 format: install ## Apply ruff's fixes and formatting
 	$(BIN)/ruff check --fix .
@@ -54,6 +59,12 @@ format: install ## Apply ruff's fixes and formatting
 
 bench: install ## Benchmarks, as ratios to references taken in the same run (bench/results.json)
 	$(BIN)/python -m bench
+
+# the demo's model as `make run` trains it, served with a fresh ledger; exit 1 if a target fails
+load: install ## Load test on loopback: 60 s at 80 % of the measured maximum, p50/p99 per 10 s window
+	$(BIN)/nextbest data load-demo
+	$(BIN)/nextbest train --if-missing --quiet
+	$(BIN)/python -m bench.load
 
 lock: ## Re-resolve constraints.txt from requirements/pins.txt and pyproject.toml
 	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv

@@ -8,12 +8,13 @@ import platform
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import features, import_transactions, nextbasket, serving
+from bench import features, import_transactions, load, nextbasket, serving
 
 BENCHMARKS = {
     "import_transactions": import_transactions.run,
     "features": features.run,
     "serving": serving.run,
+    "isolation": load.run_isolation,
     "next_basket": nextbasket.run,
 }
 RESULTS = Path(__file__).with_name("results.json")

@@ -158,9 +158,21 @@ class NextBest:
         return None if bundle is None else bundle.version
 
     def _watch_alias(self) -> None:
+        """Every few seconds: follow the workspace and the alias. What is served (the
+        snapshot, its indexes, the model) is frozen out of the garbage collector's reach
+        first, and again after each switch: a full collection that walked it held every
+        request for 0.3-0.5 s (p99 swung from 30 to 350 ms between 10-second windows under a
+        steady load), and those objects live as long as they are served."""
+        _freeze_heap()
+        frozen = (self.recommender, self._current_version())
         while not self._stop.wait(self.settings.reload_seconds):
             self._refresh_snapshot()
             self.sync()
+            # a switch made here or by the review page (its own sync()) since the last freeze
+            serving = (self.recommender, self._current_version())
+            if serving != frozen:
+                _freeze_heap(release=True)
+                frozen = serving
 
     def sync(self) -> None:
         """Apply the reviewers' blocks and follow the alias now (the watcher does it every
@@ -381,6 +393,19 @@ class NextBest:
                 "buffered": receipt.buffered,
             }
         )
+
+
+def _freeze_heap(*, release: bool = False) -> None:
+    """Move every live object to the collector's permanent generation, after a full
+    collection. ``release``: first unfreeze what an earlier call froze, so that the
+    cycles of a recommender or model no longer served are collected (one full pause, on
+    a switch, instead of one every few seconds)."""
+    import gc
+
+    if release:
+        gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 @ops.get("/metadata", response_model=Metadata)

@@ -10,6 +10,7 @@ champion serves the same customer.
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -24,6 +25,8 @@ from serving.engine import Recommender
 from serving.review.store import REJECT_REASONS, ReviewStore, _metadata
 
 __all__ = ["ReleaseError", "Reviews"]
+
+log = logging.getLogger("nextbest.review")
 
 TENURE_BANDS = ((90, "under 90 days"), (365, "90 days to a year"), (10**9, "over a year"))
 REVIEW_CHANNELS = ("web", "app", "email")
@@ -641,7 +644,12 @@ class Reviews:
                     head.model_name, head.version, [k for k in tags if k.startswith("review.")]
                 )
         except Exception:  # best effort: the audit entry below says what happened
-            pass
+            log.warning(
+                "could not remove the review tags of %s version %s",
+                head.model_name,
+                head.version,
+                exc_info=True,
+            )
         self._reopen(head, actor, "interrupted" if error is None else str(error))
         return False
 
@@ -670,11 +678,16 @@ def _add_model_name(engine: sa.Engine) -> None:
     if "model_name" in columns:
         return
     try:
+        # DDL takes no bound parameters: the default is rendered by the dialect's own
+        # literal quoting, never pasted into the statement
+        default = sa.literal(LEGACY_MODEL_NAME).compile(
+            dialect=engine.dialect, compile_kwargs={"literal_binds": True}
+        )
         with engine.begin() as connection:
             connection.execute(
                 sa.text(
                     "ALTER TABLE reviews ADD COLUMN model_name VARCHAR(128) NOT NULL "
-                    f"DEFAULT '{LEGACY_MODEL_NAME}'"
+                    f"DEFAULT {default}"
                 )
             )
     except sa.exc.DBAPIError:  # another process added it at the same moment

@@ -16,11 +16,13 @@ import functools
 import hashlib
 import hmac
 import json
+import math
 import os
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
@@ -31,6 +33,7 @@ __all__ = [
     "AccessError",
     "ReviewStore",
     "Session",
+    "Throttled",
     "csv_safe",
     "hash_password",
     "segment_blocks",
@@ -80,6 +83,15 @@ failures = sa.Table(
     sa.Column("failures", sa.Integer, nullable=False),
     sa.Column("window_start", sa.DateTime, nullable=False),
 )
+addresses = sa.Table(
+    "review_sign_in_addresses",
+    _metadata,
+    # sign-in attempts per client address in the current window (the per-address limit)
+    sa.Column("address", sa.String(64), primary_key=True),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("window_start", sa.DateTime, nullable=False),
+    sa.Column("refusal_audited", sa.Boolean, nullable=False),
+)
 blocks = sa.Table(
     "review_blocks",
     _metadata,
@@ -94,7 +106,20 @@ blocks = sa.Table(
 SESSION_HOURS = 8
 LOCKOUT_FAILURES = 5
 LOCKOUT_MINUTES = 15
+T = TypeVar("T")
+ADDRESS_ATTEMPTS = 20
+ADDRESS_WINDOW_SECONDS = 60
 AUDIT_COLUMNS = ("entry", "at", "actor", "action", "target", "before", "after")
+
+
+class Throttled(PermissionError):
+    """Too many sign-in attempts from one client address: try again in ``retry_after`` s."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(
+            f"too many sign-in attempts from this address: try again in {retry_after} s"
+        )
+        self.retry_after = retry_after
 
 
 class AccessError(PermissionError):
@@ -295,37 +320,79 @@ class ReviewStore:
 
     def _count_attempt(self, username: str) -> bool:
         """Count a sign-in attempt; False when the user is locked out (not counted)."""
-        now = _now()
         key = failures.c.username == username
+
+        def count(connection: sa.Connection, row: Any) -> bool:
+            if row.failures >= LOCKOUT_FAILURES:
+                return False
+            connection.execute(failures.update().where(key).values(failures=row.failures + 1))
+            return True
+
+        first = {"username": username, "failures": 1, "window_start": _now()}
+        window = timedelta(minutes=LOCKOUT_MINUTES)
+        return self._in_window(failures, key, first, window, count, fresh=True)
+
+    def admit_address(self, address: str) -> None:
+        """Count one sign-in attempt from a client address, before anything else is
+        checked. Past ADDRESS_ATTEMPTS in ADDRESS_WINDOW_SECONDS raises :class:`Throttled`
+        with the seconds until the window ends; the first refusal of a window is audited,
+        the others are not (a flood writes one row, not one per attempt). A refused
+        attempt never reaches the password or the user's lockout counter, so one address
+        cannot lock a reviewer out faster than the limit lets it guess."""
+        now, address = _now(), address[:64]
+        window = timedelta(seconds=ADDRESS_WINDOW_SECONDS)
+        key = addresses.c.address == address
+
+        def count(connection: sa.Connection, row: Any) -> int | None:
+            if row.attempts < ADDRESS_ATTEMPTS:
+                connection.execute(addresses.update().where(key).values(attempts=row.attempts + 1))
+                return None
+            if not row.refusal_audited:
+                connection.execute(addresses.update().where(key).values(refusal_audited=True))
+                self._audit(connection, "-", "sign_in_throttled", f"address {address}")
+            return max(1, math.ceil((row.window_start + window - now).total_seconds()))
+
+        first = {"address": address, "attempts": 1, "window_start": now, "refusal_audited": False}
+        retry_after = self._in_window(addresses, key, first, window, count, fresh=None)
+        if retry_after is not None:
+            raise Throttled(retry_after)
+
+    def _in_window(
+        self,
+        table: sa.Table,
+        key: Any,
+        first: dict[str, Any],
+        window: timedelta,
+        count: Callable[[sa.Connection, Any], T],
+        *,
+        fresh: T,
+    ) -> T:
+        """One attempt on a per-window counter row, in one transaction: the window's first
+        attempt (no row, or its window over) writes ``first`` and gives ``fresh``; else
+        ``count`` decides on the row, locked, so concurrent attempts cannot pass a limit
+        together. Rows of ended windows are deleted on the way."""
+        now = first["window_start"]
         for _ in range(2):  # a concurrent first attempt may insert the row before us
             try:
                 with self.engine.begin() as connection:
                     # the no-op update takes the row (PostgreSQL) or write (SQLite) lock
                     touched = connection.execute(
-                        failures.update().where(key).values(failures=failures.c.failures)
+                        table.update().where(key).values(window_start=table.c.window_start)
                     ).rowcount
                     if not touched:
                         connection.execute(
-                            failures.insert().values(
-                                username=username, failures=1, window_start=now
-                            )
+                            table.delete().where(table.c.window_start < now - window)
                         )
-                        return True
-                    row = connection.execute(failures.select().where(key)).one()
-                    if row.window_start < now - timedelta(minutes=LOCKOUT_MINUTES):
-                        connection.execute(
-                            failures.update().where(key).values(failures=1, window_start=now)
-                        )
-                        return True
-                    if row.failures >= LOCKOUT_FAILURES:
-                        return False
-                    connection.execute(
-                        failures.update().where(key).values(failures=row.failures + 1)
-                    )
-                    return True
+                        connection.execute(table.insert().values(**first))
+                        return fresh
+                    row = connection.execute(table.select().where(key)).one()
+                    if row.window_start <= now - window:
+                        connection.execute(table.update().where(key).values(**first))
+                        return fresh
+                    return count(connection, row)
             except IntegrityError:
                 continue
-        return True
+        return fresh
 
     def unlock(self, username: str, *, actor: str = "cli") -> None:
         """End a user's lockout now (audited)."""

@@ -7,7 +7,9 @@ block an offer for a segment, and an approver makes the release decision.
 
 Access: a session is a random token in an HttpOnly, SameSite=Lax cookie (the database
 keeps only its hash, and the user's role is read anew on every request); every form
-carries the session's CSRF token, and the sign-in form a double-submit token. Nothing
+carries the session's CSRF token, and the sign-in form a double-submit token. Sign-in is
+limited per user (a lockout after repeated failures) and per client address (a 429 with
+Retry-After past ``ADDRESS_ATTEMPTS`` a minute, audited once per window). Nothing
 but the stylesheet and the sign-in page answers without a session. Every action lands in
 the store's append-only audit log, which the page shows and exports as CSV.
 
@@ -35,7 +37,7 @@ from fastapi.templating import Jinja2Templates
 
 from features import FEATURES
 from serving.review.reviews import ReleaseError, Reviews
-from serving.review.store import REJECT_REASONS, AccessError, ReviewStore, Session
+from serving.review.store import REJECT_REASONS, AccessError, ReviewStore, Session, Throttled
 
 __all__ = ["COOKIE", "ReviewHost", "site"]
 
@@ -284,10 +286,18 @@ def login(
     request: Request,
     review_host: Host,
     username: Annotated[str, Form(max_length=64)] = "",
-    password: Annotated[str, Form(max_length=1024)] = "",
+    # an empty default (not a password): a form without the field is a failed sign-in
+    password: Annotated[str, Form(max_length=1024)] = "",  # nosec B107
     next: Annotated[str, Form()] = "",
     csrf: Annotated[str, Form()] = "",
 ) -> Response:
+    try:  # counted first: every attempt, whatever its form, user or password
+        review_host.review.admit_address(request.client.host if request.client else "-")
+    except Throttled as error:
+        message = str(error)
+        page = _login_form(request, review_host, next, message[:1].upper() + message[1:] + ".", 429)
+        page.headers["Retry-After"] = str(error.retry_after)
+        return page
     expected = request.cookies.get(LOGIN_COOKIE, "")
     if not expected or not _same(csrf, expected):
         return _login_form(request, review_host, next, "The sign-in form expired: try again.", 403)

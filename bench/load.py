@@ -1,0 +1,544 @@
+"""`make load`: a bounded load test of a real served instance, on loopback.
+
+1. **The ramp** measures the maximum throughput: closed loops of 1, 2, 4, … clients, each
+   for a few seconds, until a doubling no longer raises the rate by 5 %. A unit of work is
+   a *visit*: POST /recommend for a random known customer, then POST /feedback for one
+   offer that slate actually served (when it served one), as a storefront does.
+2. **The steady run** sends visits open-loop at 80 % of that maximum, evenly spaced, for
+   60 s (a visit's latency counts from when it was due, so a stalled server is not hidden
+   by a client that waited for it).
+3. **The report**: p50 and p99 of each endpoint per 10-second window, errors by status,
+   and every feedback the service accepted found again in the ledger database (read after
+   the run, with plain SQL). The targets: zero errors, zero lost feedback, and each
+   endpoint's p99 in every window within 1.5x of its median window. PASS/FAIL per target;
+   the exit status is 1 if any fails.
+
+The short version (the same code, 10 s of 2-second windows) runs in the suite
+(tests/test_load.py), asserting errors and lost feedback only, never latency.
+
+Usage: ``python -m bench.load [--seconds 60] [--window 10] [--share 0.8]`` serves the
+workspace's champion (else challenger) from ``NEXTBEST_HOME`` with a fresh ledger.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["LoadPlan", "LoadReport", "lost_feedback", "measure", "serve"]
+
+RECOMMEND = "/recommend"
+FEEDBACK = "/feedback"
+REQUEST_TIMEOUT_S = 30.0
+MAX_IN_FLIGHT = 256  # an open loop's bound: visits beyond it are counted as errors, not queued
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """How long and how hard. ``levels`` are the ramp's client counts."""
+
+    seconds: float = 60.0
+    window: float = 10.0
+    share: float = 0.8
+    ramp_seconds: float = 4.0
+    levels: tuple[int, ...] = (1, 2, 4, 8, 16)
+    k: int = 3
+    seed: int = 0
+
+
+@dataclass
+class Sample:
+    endpoint: str
+    due: float  # seconds since the run's start
+    latency_s: float
+    status: str  # the HTTP status, or the exception's name
+
+
+@dataclass
+class LoadReport:
+    max_visits_per_s: float
+    ramp: list[dict[str, float]]
+    rate: float
+    samples: list[Sample]
+    window: float
+    posted: set[tuple[str, str, str]] = field(default_factory=set)
+    served: set[str] = field(default_factory=set)  # request ids answered 200
+    lost: dict[str, int] = field(default_factory=dict)
+    ramp_samples: list[Sample] = field(default_factory=list)
+    load_average: tuple[float, float] = (0.0, 0.0)  # the machine's, at the start and end
+
+    def errors(self) -> dict[str, int]:
+        """Non-200 answers, in the ramp or the steady run, by endpoint and status (a 404
+        feedback is an error too)."""
+        counts = Counter(
+            f"{s.endpoint} {s.status}"
+            for s in self.samples + self.ramp_samples
+            if s.status != "200"
+        )
+        return dict(sorted(counts.items()))
+
+    def windows(self) -> list[dict[str, Any]]:
+        """p50 and p99 (ms) of each endpoint per window of the steady run (by when a visit
+        was due; a feedback sent after the last window's end counts in the last)."""
+        dues = [s.due for s in self.samples if s.endpoint == RECOMMEND]
+        if not dues:
+            return []
+        count = max(1, int(np.ceil(max(dues) / self.window + 1e-9)))
+        latencies: dict[tuple[int, str], list[float]] = {}
+        for sample in self.samples:
+            index = min(int(sample.due // self.window), count - 1)
+            latencies.setdefault((index, sample.endpoint), []).append(sample.latency_s * 1e3)
+        return [
+            {"window_s": f"{index * self.window:g}-{(index + 1) * self.window:g}"}
+            | {e: _percentiles(latencies.get((index, e), [])) for e in (RECOMMEND, FEEDBACK)}
+            for index in range(count)
+        ]
+
+    def targets(self) -> dict[str, bool]:
+        windows = self.windows()
+        targets = {
+            "zero_errors": not self.errors(),
+            "zero_lost_feedback": sum(self.lost.values()) == 0,
+        }
+        for endpoint in (RECOMMEND, FEEDBACK):
+            p99 = [w[endpoint]["p99_ms"] for w in windows if w[endpoint]["requests"]]
+            median = float(np.median(p99)) if p99 else 0.0
+            targets[f"{endpoint[1:]}_p99_within_1.5x_of_median_window"] = (
+                bool(p99) and max(p99) <= 1.5 * median
+            )
+        return targets
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "max_visits_per_s": round(self.max_visits_per_s, 1),
+            "ramp": self.ramp,
+            "steady_visits_per_s": round(self.rate, 1),
+            "requests": dict(Counter(s.endpoint for s in self.samples)),
+            "windows": self.windows(),
+            "errors": self.errors(),
+            "feedback_posted": len(self.posted),
+            "slates_served": len(self.served),
+            "lost": self.lost,
+            "targets": self.targets(),
+            "machine_load_average_1min": {
+                "start": self.load_average[0],
+                "end": self.load_average[1],
+            },
+        }
+
+
+def _percentiles(values: Sequence[float]) -> dict[str, float]:
+    if not values:
+        return {"requests": 0, "p50_ms": 0.0, "p99_ms": 0.0}
+    array = np.asarray(values)
+    return {
+        "requests": len(values),
+        "p50_ms": round(float(np.percentile(array, 50)), 1),
+        "p99_ms": round(float(np.percentile(array, 99)), 1),
+    }
+
+
+class _Visitor:
+    """One storefront visit at a time: a slate, then feedback for one offer it served."""
+
+    def __init__(self, session: Any, base: str, customers: Sequence[str], plan: LoadPlan):
+        self.session = session
+        self.base = base
+        self.customers = list(customers)
+        self.plan = plan
+        self.random = random.Random(plan.seed)
+        self.samples: list[Sample] = []
+        self.posted: set[tuple[str, str, str]] = set()
+        self.served: set[str] = set()
+
+    async def _post(self, endpoint: str, body: dict[str, Any]) -> tuple[str, Any]:
+        try:
+            async with self.session.post(self.base + endpoint, json=body) as response:
+                payload = await response.json(content_type=None)
+                return str(response.status), payload
+        except Exception as error:  # a timeout or a dropped connection is an error to count
+            return type(error).__name__, None
+
+    async def visit(self, due: float, clock_zero: float) -> None:
+        """A visit due at ``due`` seconds after ``clock_zero`` (its latency counts from
+        then); the slate's offer gets feedback right after."""
+        body = {
+            "customer_id": self.random.choice(self.customers),
+            "channel": self.random.choice(("web", "app")),
+            "placement": "home",
+            "k": self.plan.k,
+        }
+        status, payload = await self._post(RECOMMEND, body)
+        sent = time.perf_counter()
+        self.samples.append(Sample(RECOMMEND, due, sent - clock_zero - due, status))
+        if status != "200" or not payload["offers"]:
+            return
+        self.served.add(payload["request_id"])
+        offer = self.random.choice(payload["offers"])["offer_id"]
+        outcome = self.random.choice(("viewed", "accepted"))
+        feedback = {"request_id": payload["request_id"], "offer_id": offer, "outcome": outcome}
+        if outcome == "accepted":
+            feedback["value"] = round(self.random.uniform(1, 50), 2)
+        status, answer = await self._post(FEEDBACK, feedback)
+        self.samples.append(Sample(FEEDBACK, sent - clock_zero, time.perf_counter() - sent, status))
+        if status == "200" and answer.get("recorded"):
+            self.posted.add((payload["request_id"], offer, outcome))
+
+
+async def _closed_loop(visitor: _Visitor, clients: int, seconds: float) -> float:
+    """Visits per second that ``clients`` back-to-back loops sustain for ``seconds``."""
+    started = time.perf_counter()
+    done = 0
+
+    async def loop() -> None:
+        nonlocal done
+        while time.perf_counter() - started < seconds:
+            await visitor.visit(time.perf_counter() - started, started)
+            done += 1
+
+    await asyncio.gather(*(loop() for _ in range(clients)))
+    return done / (time.perf_counter() - started)
+
+
+async def _open_loop(visitor: _Visitor, rate: float, seconds: float) -> None:
+    """Visits due evenly at ``rate`` per second for ``seconds``, whatever the server does;
+    beyond MAX_IN_FLIGHT a due visit is counted as an error rather than queued."""
+    clock_zero = time.perf_counter()
+    tasks: set[asyncio.Task[None]] = set()
+    for index in range(int(rate * seconds)):
+        due = index / rate
+        await asyncio.sleep(max(0.0, clock_zero + due - time.perf_counter()))
+        if len(tasks) >= MAX_IN_FLIGHT:
+            visitor.samples.append(Sample(RECOMMEND, due, 0.0, "client_in_flight_cap"))
+            continue
+        task = asyncio.create_task(visitor.visit(due, clock_zero))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    if tasks:
+        await asyncio.gather(*tasks)
+
+
+async def _measure(base: str, customers: Sequence[str], plan: LoadPlan) -> LoadReport:
+    import aiohttp
+
+    load_at_start = os.getloadavg()[0]
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
+    connector = aiohttp.TCPConnector(limit=MAX_IN_FLIGHT)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        warm = _Visitor(session, base, customers, plan)
+        await _closed_loop(warm, 1, min(2.0, plan.ramp_seconds))
+        ramp: list[dict[str, float]] = []
+        best = 0.0
+        for clients in plan.levels:
+            rate = await _closed_loop(warm, clients, plan.ramp_seconds)
+            ramp.append({"clients": clients, "visits_per_s": round(rate, 1)})
+            grew = rate > best * 1.05
+            best = max(best, rate)
+            if not grew:
+                break
+        steady = _Visitor(session, base, customers, plan)
+        rate = plan.share * best
+        await _open_loop(steady, rate, plan.seconds)
+    # the ramp's answers count too: everything the service accepted must be in the ledger
+    return LoadReport(
+        best,
+        ramp,
+        rate,
+        steady.samples,
+        plan.window,
+        posted=steady.posted | warm.posted,
+        served=steady.served | warm.served,
+        ramp_samples=warm.samples,
+        load_average=(round(load_at_start, 2), round(os.getloadavg()[0], 2)),
+    )
+
+
+def measure(base: str, customers: Sequence[str], plan: LoadPlan | None = None) -> LoadReport:
+    """Ramp, then the steady run, against the service at ``base``. The ledger is not read
+    here: call :func:`lost_feedback` with the service's database once it has written."""
+    return asyncio.run(_measure(base.rstrip("/"), customers, plan or LoadPlan()))
+
+
+def lost_feedback(
+    db_url: str, posted: set[tuple[str, str, str]], served: set[str]
+) -> dict[str, int]:
+    """What the service answered but the ledger lacks: feedback rows (request, offer,
+    outcome) and slates (request ids), each read back with plain SQL."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.connect() as connection:
+            rows = {
+                tuple(row)
+                for row in connection.execute(
+                    sa.text("SELECT request_id, offer_id, outcome FROM feedback")
+                )
+            }
+            slates = {
+                row[0] for row in connection.execute(sa.text("SELECT request_id FROM slates"))
+            }
+    finally:
+        engine.dispose()
+    return {"feedback": len(posted - rows), "slates": len(served - slates)}
+
+
+@contextmanager
+def serve(env: dict[str, str], log: Path, timeout: float = 180) -> Iterator[str]:
+    """``bentoml serve`` of the service (as ``nextbest serve`` starts it) on a free
+    loopback port, with ``env`` over this process's environment; yields its base URL once
+    /readyz answers, and stops it with SIGINT (BentoML's clean shutdown) at the end."""
+    import signal
+
+    from bench.serving import _free_port
+
+    port = _free_port()
+    full = os.environ | {"BENTOML_DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    command = [
+        str(Path(sys.executable).with_name("bentoml")),
+        "serve",
+        "serving.service:NextBest",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    with log.open("w") as sink:
+        process = subprocess.Popen(command, env=full | env, stdout=sink, stderr=sink)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        _ready(base, process, log, timeout)
+        yield base
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _ready(base: str, process: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{base}/readyz", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the service did not start:\n{log.read_text()[-4000:]}")
+        time.sleep(0.5)
+
+
+def print_report(report: LoadReport) -> None:
+    print(
+        f"maximum: {report.max_visits_per_s:.1f} visits/s (ramp: "
+        + ", ".join(f"{r['clients']:g} clients {r['visits_per_s']:g}/s" for r in report.ramp)
+        + f"); steady run at {report.rate:.1f} visits/s "
+        f"(a visit: /recommend, then /feedback for an offer it served); the machine's "
+        f"1-minute load average {report.load_average[0]:g} at the start, "
+        f"{report.load_average[1]:g} at the end ({os.cpu_count()} cores)"
+    )
+    print(
+        f"{'window':>9}  {'recommend p50':>13} {'p99':>7} {'n':>5}  {'feedback p50':>12} "
+        f"{'p99':>7} {'n':>5}"
+    )
+    for row in report.windows():
+        rec, fb = row[RECOMMEND], row[FEEDBACK]
+        print(
+            f"{row['window_s']:>9}  {rec['p50_ms']:>10.1f} ms {rec['p99_ms']:>7.1f} "
+            f"{rec['requests']:>5}  {fb['p50_ms']:>9.1f} ms {fb['p99_ms']:>7.1f} "
+            f"{fb['requests']:>5}"
+        )
+    print(f"errors by status: {report.errors() or 'none'}")
+    print(
+        f"feedback accepted: {len(report.posted)}, missing from the ledger: "
+        f"{report.lost.get('feedback')}; slates served: {len(report.served)}, missing: "
+        f"{report.lost.get('slates')}"
+    )
+    for name, passed in report.targets().items():
+        print(f"{'PASS' if passed else 'FAIL'}  {name}")
+
+
+ISOLATION_SECONDS = 15.0
+HEAVY_CART = 10_000
+AS_OF_VALUES = 50
+
+
+async def _isolation(
+    base: str, customers: Sequence[str], cart: Sequence[str], data_end: str
+) -> dict[str, Any]:
+    """A second client's latency alone, beside a first client sending 10,000-item carts,
+    and beside one walking through 50 distinct ``as_of`` values, in one run."""
+    import aiohttp
+    import pandas as pd
+
+    rng = random.Random(1)
+
+    async def post(session: Any, body: dict[str, Any]) -> tuple[float, str]:
+        started = time.perf_counter()
+        try:
+            async with session.post(f"{base}{RECOMMEND}", json=body) as response:
+                await response.read()
+                status = str(response.status)
+        except Exception as error:  # timeouts and dropped connections are counted
+            status = type(error).__name__
+        return time.perf_counter() - started, status
+
+    def normal() -> dict[str, Any]:
+        return {"customer_id": rng.choice(customers), "channel": "web", "k": 3}
+
+    async def second_client(session: Any, beside: asyncio.Task[Any] | None) -> dict[str, Any]:
+        """Back-to-back normal requests for ISOLATION_SECONDS, and for as long as the
+        first client (``beside``) still works."""
+        latencies, statuses = [], Counter[str]()
+        started = time.perf_counter()
+        while (beside is not None and not beside.done()) or (
+            time.perf_counter() - started < ISOLATION_SECONDS
+        ):
+            latency, status = await post(session, normal())
+            latencies.append(latency * 1e3)
+            statuses[status] += 1
+            if time.perf_counter() - started > 4 * ISOLATION_SECONDS:
+                break
+        return _percentiles(latencies) | {"statuses": dict(statuses)}
+
+    async def first_client(session: Any, bodies: Iterator[dict[str, Any]]) -> dict[str, Any]:
+        latencies, statuses = [], Counter[str]()
+        for body in bodies:
+            latency, status = await post(session, body)
+            latencies.append(latency * 1e3)
+            statuses[status] += 1
+        return _percentiles(latencies) | {"statuses": dict(statuses)}
+
+    def carts() -> Iterator[dict[str, Any]]:
+        started = time.perf_counter()
+        while time.perf_counter() - started < ISOLATION_SECONDS:
+            yield normal() | {"context": {"cart": list(cart)}}
+
+    def moments() -> Iterator[dict[str, Any]]:
+        end = pd.Timestamp(data_end)
+        for days in range(1, AS_OF_VALUES + 1):
+            yield normal() | {"as_of": (end - pd.Timedelta(days=days)).isoformat()}
+
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S * 2)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        for _ in range(30):  # warm up
+            await post(session, normal())
+        alone = await second_client(session, None)
+        results: dict[str, Any] = {"second_client_alone": alone}
+        for name, bodies in (("carts_10000_items", carts()), ("as_of_50_values", moments())):
+            first = asyncio.create_task(first_client(session, bodies))
+            second = await second_client(session, first)
+            results[name] = {"first_client": await first, "second_client": second}
+    for name in ("carts_10000_items", "as_of_50_values"):
+        p99 = results[name]["second_client"]["p99_ms"]
+        results[name]["second_client_p99_vs_alone"] = round(p99 / alone["p99_ms"], 2)
+        results[name]["second_client_p99_under_50ms"] = p99 < 50
+    return results
+
+
+def run_isolation() -> dict[str, Any]:
+    """`make bench`'s isolation case on the demo (its served model, as `make load`)."""
+    import urllib.request
+
+    from features import Workspace
+
+    with tempfile.TemporaryDirectory(prefix="nextbest-isolation-") as folder:
+        env, customers, _, version = _demo(Path(folder))
+        products = Workspace(Path(env["NEXTBEST_WORKSPACE"])).read("products", ["product_id"])
+        cart = products["product_id"].astype(str).head(HEAVY_CART).tolist()
+        with serve(env, Path(folder) / "serve.log") as base:
+            request = urllib.request.Request(
+                f"{base}{RECOMMEND}",
+                data=json.dumps({"customer_id": customers[0], "channel": "web"}).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(request, timeout=30) as response:
+                data_end = json.loads(response.read())["as_of"]
+            load_at_start = round(os.getloadavg()[0], 2)
+            results = asyncio.run(_isolation(base, customers, cart, data_end))
+    return {
+        "model_version": version,
+        "seconds_per_phase": ISOLATION_SECONDS,
+        "machine_load_average_1min": {"start": load_at_start, "end": round(os.getloadavg()[0], 2)},
+    } | results
+
+
+def _demo(folder: Path) -> tuple[dict[str, str], list[str], str, str]:
+    """How to serve the demo workspace's champion (else challenger), as `make run` trains
+    it, with a fresh ledger in ``folder``: (the service's environment, the known
+    customers, the ledger's URL, the version)."""
+    from features import Workspace
+    from runtime.registry import (
+        CHALLENGER,
+        CHAMPION,
+        configure_tracking,
+        model_name,
+        resolve_version,
+    )
+    from runtime.settings import Settings, resolve_workspace
+
+    configure_tracking()
+    workspace = Workspace(resolve_workspace(None))
+    name = model_name(workspace.workspace_id)
+    try:
+        alias, (version, _) = CHAMPION, resolve_version(name, alias=CHAMPION)
+    except LookupError:
+        alias, (version, _) = CHALLENGER, resolve_version(name, alias=CHALLENGER)
+    customers = workspace.read("customers", ["customer_id"])["customer_id"].astype(str)
+    db_url = f"sqlite:///{folder / 'ledger.db'}"
+    env = {
+        "NEXTBEST_HOME": str(Settings.load().home),
+        "NEXTBEST_WORKSPACE": str(workspace.path),
+        "NEXTBEST_DB_URL": db_url,
+        "NEXTBEST_MODEL_ALIAS": alias,
+        "NEXTBEST_HOLDOUT_SHARE": "0",
+        "BENTOML_HOME": str(folder / "bentoml"),
+    }
+    print(f"serving {name} version {version} ({alias}) on {workspace.path}", flush=True)
+    return env, customers.tolist(), db_url, version
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=LoadPlan.seconds)
+    parser.add_argument("--window", type=float, default=LoadPlan.window)
+    parser.add_argument("--share", type=float, default=LoadPlan.share)
+    args = parser.parse_args()
+    plan = LoadPlan(seconds=args.seconds, window=args.window, share=args.share)
+
+    with tempfile.TemporaryDirectory(prefix="nextbest-load-") as folder:
+        env, customers, db_url, version = _demo(Path(folder))
+        with serve(env, Path(folder) / "serve.log") as base:
+            report = measure(base, customers, plan)
+        report.lost = lost_feedback(db_url, report.posted, report.served)
+    print_report(report)
+    results = Path(__file__).with_name("results.json")
+    stored = json.loads(results.read_text()) if results.is_file() else {}
+    stored["load"] = report.as_dict() | {"model_version": version, "plan": plan.__dict__}
+    results.write_text(json.dumps(stored, indent=2) + "\n")
+    sys.exit(0 if all(report.targets().values()) else 1)
+
+
+if __name__ == "__main__":
+    main()

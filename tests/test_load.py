@@ -1,0 +1,86 @@
+"""The short load test (`make load`'s code, 10 s of 2-second windows) against a real
+`bentoml serve`: no error and no lost feedback. Latency is `make load`'s, never asserted
+here."""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+from serving_helpers import train_and_register
+
+from bench.load import LoadPlan, lost_feedback, measure, serve
+
+pytestmark = pytest.mark.slow
+
+SHORT = LoadPlan(seconds=10, window=2, ramp_seconds=1.5, levels=(1, 2, 4))
+
+
+def test_ten_seconds_of_load_lose_nothing_and_fail_nothing(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    served = train_and_register(tmp_path_factory.mktemp("load"))
+    folder = tmp_path_factory.mktemp("load-serve")
+    db_url = f"sqlite:///{folder / 'ledger.db'}"
+    env = {
+        "NEXTBEST_HOME": str(served.home),
+        "NEXTBEST_WORKSPACE": str(served.workspace.path),
+        "NEXTBEST_DB_URL": db_url,
+        "NEXTBEST_HOLDOUT_SHARE": "0",
+        "BENTOML_HOME": str(folder / "bentoml"),
+    }
+    customers = served.workspace.read("customers", ["customer_id"])["customer_id"].tolist()
+    with serve(env, folder / "serve.log") as base:
+        report = measure(base, customers, SHORT)
+    assert report.errors() == {}, (folder / "serve.log").read_text()[-4000:]
+    # the steady run sent what it was planned to, in every window, and fed back what it got
+    windows = report.windows()
+    assert len(windows) == 5 and all(w["/recommend"]["requests"] > 0 for w in windows)
+    recommends = sum(s.endpoint == "/recommend" for s in report.samples)
+    assert recommends == int(report.rate * SHORT.seconds)
+    assert len(report.posted) >= recommends > 0
+    assert report.served >= {request for request, _, _ in report.posted}
+    assert lost_feedback(db_url, report.posted, report.served) == {"feedback": 0, "slates": 0}
+
+    # the ledger check itself can see a loss: one feedback row and one slate removed
+    request, offer, outcome = sorted(report.posted)[0]
+    engine = sa.create_engine(db_url)
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "DELETE FROM feedback WHERE request_id = :r AND offer_id = :o AND outcome = :c"
+            ),
+            {"r": request, "o": offer, "c": outcome},
+        )
+        slate = sorted(report.served - {request})[0]
+        connection.execute(sa.text("DELETE FROM feedback WHERE request_id = :r"), {"r": slate})
+        connection.execute(sa.text("DELETE FROM slate_offers WHERE request_id = :r"), {"r": slate})
+        connection.execute(sa.text("DELETE FROM slates WHERE request_id = :r"), {"r": slate})
+    engine.dispose()
+    lost = lost_feedback(db_url, report.posted, report.served)
+    assert lost["slates"] == 1 and lost["feedback"] == 1 + sum(
+        r == slate for r, _, _ in report.posted
+    )
+
+
+def test_the_report_counts_errors_and_judges_each_window() -> None:
+    """The targets, on samples written by hand: a 404 is an error, and one window's p99
+    above 1.5x the median window's fails the latency target."""
+    from bench.load import LoadReport, Sample
+
+    def report(last_ms: float) -> LoadReport:
+        samples = [
+            Sample("/recommend", due, latency_ms / 1e3, "200")
+            for window, latency_ms in enumerate((10, 11, 12, last_ms))
+            for due in (window * 10 + 1, window * 10 + 2)
+        ]
+        samples.append(Sample("/feedback", 5.0, 0.005, "404"))
+        return LoadReport(10.0, [], 8.0, samples, 10.0, lost={"feedback": 0, "slates": 0})
+
+    spiked = report(40)
+    assert spiked.errors() == {"/feedback 404": 1}
+    assert [w["/recommend"]["p99_ms"] for w in spiked.windows()] == [10.0, 11.0, 12.0, 40.0]
+    targets = spiked.targets()
+    assert targets["zero_errors"] is False and targets["zero_lost_feedback"] is True
+    # the median window's p99 is 11.5 ms: 40 ms is beyond 1.5x, 17 ms is within
+    assert targets["recommend_p99_within_1.5x_of_median_window"] is False
+    assert report(17).targets()["recommend_p99_within_1.5x_of_median_window"] is True
