@@ -744,6 +744,14 @@ def feature_names() -> list[str]:
     return [spec.name for spec in FEATURES]
 
 
+def features_hash() -> str:
+    """A short hash of the feature names in order: a version trained with other features
+    cannot be served by this code (``train --if-missing`` trains anew)."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(feature_names()).encode()).hexdigest()[:16]
+
+
 def claims_of(name: str) -> tuple[Claim, ...]:
     return _BY_NAME[name].claims
 

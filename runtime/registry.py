@@ -48,6 +48,7 @@ __all__ = [
     "CHAMPION",
     "CHECKSUM_TAG",
     "EXPERIMENT",
+    "FEATURES_TAG",
     "MODEL_PREFIX",
     "ModelArtifactError",
     "ModelBundle",
@@ -85,6 +86,8 @@ QUALITY_SUMMARY_TAG = "quality.served_margin"
 
 CHECKSUM_TAG = "model.sha256"
 """The sha256 of the version's LightGBM text model, recorded when it is registered."""
+FEATURES_TAG = "features.hash"
+"""``features.registry.features_hash()`` of the code that trained the version."""
 BOOSTER_FILE = "model.lgb"
 BOOSTER_CLASS = "lightgbm.basic.Booster"
 LAST_KNOWN_GOOD = "last-known-good"
@@ -597,8 +600,12 @@ def delete_version_tags(name: str, version: str, keys: Iterable[str]) -> None:
 
 
 def find_version(name: str, fingerprint: str, rules_hash: str) -> str | None:
-    """The newest registered version trained on this dataset with these rules, if any."""
+    """The newest registered version trained on this dataset with these rules and this
+    code's features (``features.registry.features_hash``), if any: a version made before
+    the features changed would be refused at load, so it is not "already trained"."""
     from mlflow.exceptions import MlflowException
+
+    from features.registry import features_hash
 
     try:
         versions = _client().search_model_versions(f"name = '{name}'")
@@ -609,6 +616,7 @@ def find_version(name: str, fingerprint: str, rules_hash: str) -> str | None:
         for v in versions
         if v.tags.get("dataset.fingerprint") == fingerprint
         and v.tags.get("rules.hash") == rules_hash
+        and v.tags.get(FEATURES_TAG) == features_hash()
     ]
     return str(max(matching)) if matching else None
 

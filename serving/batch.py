@@ -42,7 +42,10 @@ def recommend_batch(
         else pd.Series([None] * len(customers), index=customers.index, dtype="object")
     )
     rows = []
-    for moment, group in ids.groupby(moments.map(str), sort=False):
+    # moments in time order, so that the few past builders the recommender keeps are each
+    # fitted once (customers in random order would refit the same steps again and again)
+    groups = sorted(ids.groupby(moments.map(str), sort=False), key=lambda g: _moment_key(g[0]))
+    for moment, group in groups:
         as_of = None if moment == "None" else moment
         batch = group.tolist()
         for start in range(0, len(batch), chunk):
@@ -65,7 +68,29 @@ def recommend_batch(
                             "because": offer["because"],
                         }
                     )
-    return pd.DataFrame(rows, columns=COLUMNS)
+    return _in_order(pd.DataFrame(rows, columns=COLUMNS), ids.tolist())
+
+
+def _moment_key(moment: str) -> tuple[int, pd.Timestamp]:
+    """Past moments first, oldest first; no moment (now) last; an unreadable one where it
+    is (the recommender refuses it with its own message)."""
+    if moment == "None":
+        return (1, pd.Timestamp.max)
+    try:
+        return (0, pd.Timestamp(moment))
+    except (ValueError, TypeError):
+        return (0, pd.Timestamp.min)
+
+
+def _in_order(rows: pd.DataFrame, ids: list[str]) -> pd.DataFrame:
+    """Rows in the customers' order, each customer's by rank."""
+    order = {c: i for i, c in enumerate(ids)}
+    return rows.sort_values(
+        ["customer_id", "rank"],
+        key=lambda col: col.map(order) if col.name == "customer_id" else col,
+        kind="stable",
+        ignore_index=True,
+    )
 
 
 def without_rows(
@@ -161,10 +186,4 @@ def recommend_batch_dask(
         parts = client.gather(tasks)
     frames = [p for p in parts if len(p)]
     rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
-    order = {c: i for i, c in enumerate(ids)}
-    return rows.sort_values(
-        ["customer_id", "rank"],
-        key=lambda col: col.map(order) if col.name == "customer_id" else col,
-        kind="stable",
-        ignore_index=True,
-    )
+    return _in_order(rows, ids)

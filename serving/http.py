@@ -101,7 +101,13 @@ class ApiGuard:
     ) -> None:
         self.app = app
         self.inputs = dict(inputs)
-        configured = settings()  # when the worker builds its app, not at import
+        from runtime.settings import report_start_failure
+
+        try:
+            configured = settings()  # when the worker builds its app, not at import
+        except Exception as error:  # before the service's own start: said the same way
+            report_start_failure(error)
+            raise
         self.api_keys = configured.api_keys
         self.max_body_bytes = configured.max_body_bytes
 

@@ -224,12 +224,21 @@ class SqlLedger:
         self.retry_after_s = retry_after_s
         options: dict[str, Any] = {"future": True, "pool_timeout": POOL_TIMEOUT_S}
         self._deadlines: Deadlines | None = None
-        if sa.make_url(url).get_backend_name() == "postgresql":
-            timeout = f"-c statement_timeout={STATEMENT_TIMEOUT_MS}"
-            options["connect_args"] = {
-                "connect_timeout": CONNECT_TIMEOUT_S,
-                "options": f"{timeout} -c lock_timeout={STATEMENT_TIMEOUT_MS}",
-            }
+        parsed = sa.make_url(url)
+        if parsed.get_backend_name() == "postgresql":
+            # connect_args replace the URL's own parameters: the URL's `options` (a
+            # search_path, say) come after the timeouts (the last setting wins), and its
+            # connect_timeout stays
+            given = parsed.query.get("options", ())
+            given = (given,) if isinstance(given, str) else given
+            timeouts = (
+                f"-c statement_timeout={STATEMENT_TIMEOUT_MS} "
+                f"-c lock_timeout={STATEMENT_TIMEOUT_MS}"
+            )
+            connect: dict[str, Any] = {"options": " ".join((timeouts, *given))}
+            if "connect_timeout" not in parsed.query:
+                connect["connect_timeout"] = CONNECT_TIMEOUT_S
+            options["connect_args"] = connect
             # no pre-ping: it runs before a call's deadline can watch the connection; a
             # stale connection fails its read, which is tried once more (see _read)
             self._deadlines = Deadlines(CALL_DEADLINE_S)

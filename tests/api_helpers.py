@@ -51,6 +51,7 @@ def rules_only_workspace(folder: Path, *, seed: int = 11) -> Workspace:
 def serve(workspace: Workspace, home: Path, folder: Path, **env: str) -> Iterator[Server]:
     """`bentoml serve serving.service:NextBest` on a free port, ready when it answers."""
     port = free_port()
+    home.mkdir(parents=True, exist_ok=True)  # a home that does not exist is refused
     environment = (
         os.environ
         | {

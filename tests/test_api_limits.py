@@ -363,6 +363,7 @@ def test_replaying_the_past_never_evicts_the_present(
     from serving.engine import DAY
     from serving.settings import ServingSettings
 
+    (tmp_path / "home").mkdir()
     monkeypatch.setenv("NEXTBEST_HOME", str(tmp_path / "home"))
     workspace = write_world(
         make_world(ScenarioConfig(n_customers=30, n_days=480, seed=5)), tmp_path / "ws"

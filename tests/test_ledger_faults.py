@@ -324,6 +324,37 @@ def test_a_full_buffer_refuses_and_counts(
         ledger.dispose()
 
 
+def test_the_urls_own_options_and_connect_timeout_survive_the_timeouts(
+    database: str, tmp_path: Path
+) -> None:
+    """The ledger's connect_args replace the URL's parameters: a search_path given in the
+    URL was dropped, and the ledger's tables went to the public schema."""
+    admin = sa.create_engine(database, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.exec_driver_sql("CREATE SCHEMA shop")
+    admin.dispose()
+    url = f"{database}?options=-csearch_path%3Dshop&connect_timeout=7"
+    ledger = SqlLedger(url, buffer_path=tmp_path / "buffer.db")
+    try:
+        with ledger.engine.connect() as connection:
+            shown = {
+                name: connection.exec_driver_sql(f"SHOW {name}").scalar()
+                for name in ("search_path", "statement_timeout", "lock_timeout")
+            }
+            # the libpq parameters this connection was opened with
+            opened = connection.connection.dbapi_connection.info.get_parameters()  # type: ignore[union-attr]
+        assert shown == {
+            "search_path": "shop",
+            "statement_timeout": "500ms",
+            "lock_timeout": "500ms",
+        }
+        assert opened.get("connect_timeout") == "7"
+        tables = rows(database, "information_schema.tables", "table_name = 'slates'")
+        assert [t["table_schema"] for t in tables] == ["shop"]
+    finally:
+        ledger.dispose()
+
+
 # -- a database that accepts connections and never answers ---------------------------------
 def test_a_silent_database_is_refused_within_bounds_and_recovers(
     own_postgres: OwnPostgres, database: str, small_workspace: Workspace, tmp_path: Path

@@ -23,6 +23,7 @@ from features import (
 from features.history import second_ceil
 from nextbest.cli import app
 from policy import load_rules
+from runtime.registry import FEATURES_TAG, find_version
 from training.config import ConfigError, load_config
 from training.dataset import _opportunities, cut_points
 from training.pipeline import bucket_rows_options, train
@@ -192,6 +193,16 @@ def test_train_logs_everything_and_registers_a_challenger(world_path: Path, home
     assert (
         str(client.get_model_version_by_alias(summary["model_name"], "challenger").version) == "2"
     )
+    # a version trained with other features (older code) is not "already trained"
+    fingerprint, rules_hash = (
+        client.get_model_version(summary["model_name"], "2").tags[k]
+        for k in ("dataset.fingerprint", "rules.hash")
+    )
+    assert find_version(summary["model_name"], fingerprint, rules_hash) == "2"
+    client.set_model_version_tag(summary["model_name"], "2", FEATURES_TAG, "older-features")
+    assert find_version(summary["model_name"], fingerprint, rules_hash) == "1"
+    client.delete_model_version_tag(summary["model_name"], "1", FEATURES_TAG)  # before the tag
+    assert find_version(summary["model_name"], fingerprint, rules_hash) is None
 
     evaluated = runner.invoke(app, ["evaluate", "-w", str(world_path), "--version", "1", "--json"])
     assert evaluated.exit_code == 0, evaluated.output

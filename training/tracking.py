@@ -17,12 +17,14 @@ from typing import Any
 import numpy as np
 
 from features import FEATURES, Workspace
+from features.registry import features_hash
 from policy import RuleSet
 from runtime.registry import (
     BEATS_BASELINE_TAG,
     CHALLENGER,
     CHECKSUM_TAG,
     EXPERIMENT,
+    FEATURES_TAG,
     QUALITY_SUMMARY_TAG,
     check_logged_model,
     model_name,
@@ -222,6 +224,7 @@ def log_run(
             {
                 "dataset.fingerprint": manifest["fingerprint"],
                 "rules.hash": rules.content_hash,
+                FEATURES_TAG: features_hash(),
                 "workspace.id": workspace.workspace_id,
                 CHECKSUM_TAG: checksum,
                 **quality_tags(result.metrics),
