@@ -129,6 +129,11 @@ class RecommendAnswer(BaseModel):
     degraded: bool = Field(
         False, description="true when the ledger could not be reached: caps fail closed"
     )
+    budget_exceeded: bool = Field(
+        False,
+        description="true when the latency budget was used up before the explanation: the "
+        "ranked slate is served with short, true becauses (stated facts)",
+    )
     excluded: list[Excluded] = Field(default_factory=list, description="debug only")
     rotated: list[str] = Field(default_factory=list, description="debug only")
     candidates: int = Field(0, description="debug only")

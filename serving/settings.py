@@ -35,6 +35,11 @@ class ServingSettings:
       needs one of them), ``max_body_bytes`` (a larger body is a 413, refused before it is
       read whole) and ``as_of_margin_days`` (how far past the data's end, or the clock's
       now, an ``as_of`` may go).
+    * ``budget_ms``: the latency budget of one customer's slate, in milliseconds of the
+      recommender's own work (a call for n customers has n times it). When features,
+      eligibility and ranking have used it up, the ranked slate is served at once with a
+      short, true because (a stated fact, as the rules-only ranking says it) instead of
+      the SHAP explanation, and the answer says ``"budget_exceeded": true``.
 
     The salt and the keys are secrets: they are left out of the settings' ``repr``, so a
     logged settings object never shows them.
@@ -56,6 +61,7 @@ class ServingSettings:
     api_keys: tuple[str, ...] = field(default=(), repr=False)
     max_body_bytes: int = 64 * 1024
     as_of_margin_days: int = 30
+    budget_ms: float = 150.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServingSettings:
@@ -64,8 +70,8 @@ class ServingSettings:
         ``NEXTBEST_OFFER_HOLDOUT_SHARE``, ``NEXTBEST_MODEL_ALIAS``, ``NEXTBEST_RULES``,
         ``NEXTBEST_RELOAD_SECONDS``, ``NEXTBEST_REVIEW_THRESHOLD``,
         ``NEXTBEST_SECURE_COOKIES``, ``NEXTBEST_API_KEYS`` (comma-separated),
-        ``NEXTBEST_MAX_BODY_BYTES``, ``NEXTBEST_AS_OF_MARGIN_DAYS``; unset means the
-        default."""
+        ``NEXTBEST_MAX_BODY_BYTES``, ``NEXTBEST_AS_OF_MARGIN_DAYS``,
+        ``NEXTBEST_BUDGET_MS``; unset means the default."""
         env = os.environ if environ is None else environ
         default = cls()
         return cls(
@@ -90,6 +96,7 @@ class ServingSettings:
             as_of_margin_days=_positive(
                 env, "NEXTBEST_AS_OF_MARGIN_DAYS", default.as_of_margin_days
             ),
+            budget_ms=float(_positive(env, "NEXTBEST_BUDGET_MS", int(default.budget_ms))),
         )
 
     def ledger_url(self, data_dir: Path) -> str:

@@ -353,3 +353,23 @@ def test_registry_phrases_cover_the_because_features() -> None:
             # every claim is conditioned on the feature's own value, declared as data
             assert any(c.quantity == "value" for c in claim.when), spec.name
             assert spec.because is not None and claim.template in spec.because
+
+
+def test_a_used_up_budget_serves_the_ranked_slate_with_short_true_becauses(
+    served: Served, tmp_path: Path
+) -> None:
+    """The latency budget: past it, the same ranked slate comes at once with a stated fact
+    for its because (no SHAP), and the answer says so; within it, the SHAP because."""
+    within = recommender_for(served, tmp_path / "within.db")
+    used_up = recommender_for(served, tmp_path / "used_up.db", budget_ms=0.0)
+    for customer in _customers(within)[:4]:
+        full = within.recommend(customer, channel="web", placement="home", k=3)
+        short = used_up.recommend(customer, channel="web", placement="home", k=3)
+        assert full["budget_exceeded"] is False and short["budget_exceeded"] is True
+        assert [o["offer_id"] for o in short["offers"]] == [o["offer_id"] for o in full["offers"]]
+        assert [o["score"] for o in short["offers"]] == [o["score"] for o in full["offers"]]
+        for offer in short["offers"]:
+            assert offer["contributions"] == [] and "raw_score" not in offer
+            assert offer["because"].startswith("One of our current offers"), offer["because"]
+            assert all(r["role"] == "fact" and r["shap"] is None for r in offer["reasons"])
+        assert any(o["contributions"] for o in full["offers"])

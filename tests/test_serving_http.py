@@ -72,6 +72,7 @@ def test_recommend_and_feedback(client) -> None:  # type: ignore[no-untyped-def]
         "holdout",
         "offers",
         "degraded",
+        "budget_exceeded",
     }
     assert len(body["offers"]) == 2
     offer = body["offers"][0]
