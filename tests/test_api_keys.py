@@ -96,7 +96,9 @@ def test_either_key_either_header_is_served(server: Server) -> None:
         assert call(server, "GET", "/metrics", headers=headers).status == 200
 
 
-@pytest.mark.parametrize("path", ["/healthz", "/livez", "/readyz", "/docs", "/docs.json"])
+@pytest.mark.parametrize(
+    "path", ["/healthz", "/livez", "/readyz", "/docs", "/docs/init.js", "/docs.json"]
+)
 def test_the_probes_and_the_documentation_stay_open(server: Server, path: str) -> None:
     assert call(server, "GET", path).status == 200
 

@@ -383,3 +383,13 @@ def test_replaying_the_past_never_evicts_the_present(
     assert recommender.builder_for(recommender.data_end_s + DAY) is present
     assert len(recommender.model.builders) <= 4
     assert recommender.builder_for(moments[3]) is not present
+
+
+def test_the_review_page_bounds_its_bodies_too(server: Server) -> None:
+    """The review page went around the guard whole: a sign-in body of any size was read
+    into memory. A declared length over the limit is a 413; the page itself still works."""
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    big = call(server, "POST", "/review/login", raw=b"username=" + b"x" * LIMIT, headers=form)
+    assert big.status == 413, big.body[:300]
+    assert f"limit is {LIMIT} bytes" in big.json()["error"]
+    assert call(server, "GET", "/review/login").status == 200

@@ -112,3 +112,46 @@ def test_no_holdout_reaches_the_dask_workers_recommender(
         worker = plugin.recommender.settings
         assert (worker.holdout_share, worker.offer_holdout_share) == shares
         assert plugin.recommender.model.bundle.version == served.version
+
+
+def test_a_customer_listed_at_two_moments_keeps_two_whole_slates_in_the_inputs_order(
+    served: Served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Moments are scored in time order (each past builder fitted once), and the rows come
+    back in the input's order: a customer listed twice keeps two separate slates."""
+    from serving.assembly import build_recommender
+    from serving.batch import recommend_batch
+
+    monkeypatch.setenv("NEXTBEST_HOME", str(served.home))
+    recommender = build_recommender(
+        ServingSettings(holdout_share=0.0, db_url=f"sqlite:///{tmp_path / 'ledger.db'}"),
+        workspace=served.workspace,
+    )
+    end = pd.Timestamp(recommender.data_end_s, unit="s")
+    late, early = (end - pd.Timedelta(days=d) for d in (5, 60))
+    someone, other = sorted(recommender.known_customers())[:2]
+    customers = pd.DataFrame(
+        {  # the later moment first, then another customer, then the same one earlier
+            "customer_id": [someone, other, someone],
+            "as_of": [late.isoformat(), late.isoformat(), early.isoformat()],
+        }
+    )
+    rows = recommend_batch(recommender, customers, channel="web", placement="home", k=3)
+    # a block of ranks 1..n per input line, in the input's order
+    blocks: list[list[int]] = []
+    for rank in rows["rank"]:
+        if rank == 1:
+            blocks.append([])
+        blocks[-1].append(rank)
+    assert [b == list(range(1, len(b) + 1)) for b in blocks] == [True] * 3
+    sizes = [len(b) for b in blocks]
+    owners = rows["customer_id"].tolist()
+    assert owners == [someone] * sizes[0] + [other] * sizes[1] + [someone] * sizes[2]
+    # the earlier moment is scored first (time order): alone, on a fresh ledger, it gives
+    # the same slate as the third block
+    fresh = build_recommender(
+        ServingSettings(holdout_share=0.0, db_url=f"sqlite:///{tmp_path / 'fresh.db'}"),
+        workspace=served.workspace,
+    )
+    alone = recommend_batch(fresh, customers.iloc[[2]], channel="web", placement="home", k=3)
+    assert rows.iloc[sizes[0] + sizes[1] :]["offer_id"].tolist() == alone["offer_id"].tolist()

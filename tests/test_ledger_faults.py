@@ -20,6 +20,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -504,3 +505,24 @@ def test_the_service_answers_degraded_while_the_database_hangs_or_stops(
                 assert len(rows(database, "slates", f"request_id = '{request_id}'")) == 1
     finally:
         proxy.close()
+
+
+def test_a_row_the_database_refuses_is_dropped_and_counted_not_a_dead_flush(
+    tmp_path: Path,
+) -> None:
+    """A buffered row that cannot be written (here a slate whose offers lack their fields)
+    raised out of the flush: the recovery thread died and every later row stayed behind it."""
+    ledger = SqlLedger(f"sqlite:///{tmp_path / 'ledger.db'}", buffer_path=tmp_path / "buf.db")
+    try:
+        good = slate("good-1")
+        broken = slate("broken-1") | {"offers": [{"offer_id": "a"}]}  # no rank, no score
+        ledger.buffer.add_slate(broken)
+        ledger.buffer.add_slate(good | {"offers": [asdict(o) for o in good["offers"]]})
+        assert ledger.flush() == 2
+        assert len(ledger.buffer) == 0
+        counters = ledger.buffer.counters()
+        assert counters.get("rejected_slates") == 1 and counters.get("flushed_slates") == 1
+        kept = rows(f"sqlite:///{tmp_path / 'ledger.db'}", "slates")
+        assert [r["request_id"] for r in kept] == ["good-1"]
+    finally:
+        ledger.dispose()
