@@ -693,9 +693,12 @@ class SqlLedger:
         except LookupError:
             buffered = self.buffer.slate(request_id)  # served while the database was down
             if buffered is None:  # or flushed meanwhile: the database has it now, or never
-                with self._guard("record feedback"):
-                    return FeedbackReceipt(self._record_feedback(**body))
-            if offer_id not in {o["offer_id"] for o in buffered["offers"]}:
+                try:
+                    with self._guard("record feedback"):
+                        return FeedbackReceipt(self._record_feedback(**body))
+                except LedgerUnavailable:
+                    pass  # down again meanwhile: held in the buffer, checked at the flush
+            elif offer_id not in {o["offer_id"] for o in buffered["offers"]}:
                 raise
         except LedgerUnavailable:
             buffered = self.buffer.slate(request_id)

@@ -526,3 +526,39 @@ def test_a_row_the_database_refuses_is_dropped_and_counted_not_a_dead_flush(
         assert [r["request_id"] for r in kept] == ["good-1"]
     finally:
         ledger.dispose()
+
+
+def test_feedback_racing_the_flush_of_its_slate_is_recorded_not_a_404(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The database did not have the slate yet, then the flush moved it there and out of
+    the buffer: the feedback got a 404 (a storefront does not retry one) and was lost."""
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    ledger = SqlLedger(url, buffer_path=tmp_path / "buf.db")
+    try:
+        ledger.log_slates([slate("raced-1")])  # in the database; the buffer is empty
+        record = ledger._record_feedback
+        calls: list[str] = []
+
+        def first_misses(**body: Any) -> bool:  # the instant before the flush wrote it
+            calls.append(body["request_id"])
+            if len(calls) == 1:
+                raise LookupError("not there yet")
+            return record(**body)
+
+        monkeypatch.setattr(ledger, "_record_feedback", first_misses)
+        receipt = ledger.post_feedback(
+            request_id="raced-1", offer_id="a", outcome="accepted", value=None, at_s=2_000
+        )
+        assert receipt.recorded is True and receipt.buffered is False
+        assert calls == ["raced-1", "raced-1"]
+        assert [(r["request_id"], r["offer_id"]) for r in rows(url, "feedback")] == [
+            ("raced-1", "a")
+        ]
+        # an offer the slate never served is still a 404, after the second look
+        with pytest.raises(LookupError):
+            ledger.post_feedback(
+                request_id="raced-1", offer_id="zz", outcome="accepted", value=None, at_s=2_000
+            )
+    finally:
+        ledger.dispose()
