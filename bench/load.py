@@ -309,6 +309,7 @@ def serve(env: dict[str, str], log: Path, timeout: float = 180) -> Iterator[str]
     import signal
 
     from bench.serving import _free_port
+    from runtime.processes import stop, wait_ready
 
     port = _free_port()
     full = os.environ | {"BENTOML_DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true"}
@@ -325,31 +326,11 @@ def serve(env: dict[str, str], log: Path, timeout: float = 180) -> Iterator[str]
         process = subprocess.Popen(command, env=full | env, stdout=sink, stderr=sink)
     try:
         base = f"http://127.0.0.1:{port}"
-        _ready(base, process, log, timeout)
+        if wait_ready(f"{base}/readyz", process, timeout) is not None:
+            raise RuntimeError(f"the service did not start:\n{log.read_text()[-4000:]}")
         yield base
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def _ready(base: str, process: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(f"{base}/readyz", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the service did not start:\n{log.read_text()[-4000:]}")
-        time.sleep(0.5)
+        stop(process, signal.SIGINT)
 
 
 def print_report(report: LoadReport) -> None:

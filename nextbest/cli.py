@@ -978,31 +978,22 @@ def _check_servable(workspace: Path, alias: str) -> None:
 def _wait_ready(process: Any, base: str, failure: Path, timeout: float = 300) -> None:
     """Until ``/readyz`` answers 200; exit 1 with one line if BentoML dies, a worker
     reports it cannot start, or ``timeout`` passes (the caller then stops BentoML)."""
-    import time
-    import urllib.request
+    from runtime.processes import wait_ready
 
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(f"{base}/readyz", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
+    def reported() -> str:
         reason = failure.read_text().strip() if failure.exists() else ""
-        if reason:
-            typer.echo(f"error: the service cannot start: {reason.splitlines()[-1]}", err=True)
-            raise typer.Exit(code=1)
-        if process.poll() is not None:
-            typer.echo(
-                f"error: BentoML exited with code {process.returncode} before it was ready",
-                err=True,
-            )
-            raise typer.Exit(code=1)
-        if time.monotonic() > deadline:
-            typer.echo(f"error: the service was not ready after {timeout:g} s", err=True)
-            raise typer.Exit(code=1)
-        time.sleep(0.5)
+        return reason.splitlines()[-1] if reason else ""
+
+    why = wait_ready(f"{base}/readyz", process, timeout, failed=lambda: bool(reported()))
+    if why is None:
+        return
+    said = {
+        "failed": f"the service cannot start: {reported()}",
+        "exited": f"BentoML exited with code {process.returncode} before it was ready",
+        "late": f"the service was not ready after {timeout:g} s",
+    }
+    typer.echo(f"error: {said[why]}", err=True)
+    raise typer.Exit(code=1)
 
 
 def _stop_group(process: Any, grace: float = 20) -> None:

@@ -6,8 +6,6 @@ import os
 import signal
 import socket
 import subprocess
-import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -15,6 +13,7 @@ from pathlib import Path
 
 from features import ScenarioConfig, Workspace, load_snapshot, make_world, write_world
 from policy import load_rules
+from runtime.processes import stop, wait_ready
 from serving.engine import Recommender
 from training.config import load_config
 from training.pipeline import train
@@ -111,25 +110,11 @@ def running(
     with log.open("w") as sink:
         process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with urllib.request.urlopen(ready_url, timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"{command[0]} did not start:\n{log.read_text()}")
-            time.sleep(0.5)
+        if wait_ready(ready_url, process, timeout) is not None:
+            raise AssertionError(f"{command[0]} did not start:\n{log.read_text()}")
         yield process
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process, signal.SIGTERM)
 
 
 def nextbest_serve(workspace: Workspace, port: int, *options: str) -> list[str]:

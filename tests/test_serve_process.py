@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 from serving_helpers import Served, free_port, nextbest_serve, train_and_register
 
+from runtime.processes import stop
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,12 +84,7 @@ def serve(home: Path, served: Served, log: Path, **env: str) -> Iterator[subproc
         yield process
     finally:
         if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process, signal.SIGTERM)
         left = still_running(mark)
         for pid in left:
             os.kill(pid, signal.SIGKILL)
