@@ -106,6 +106,9 @@ class Recommender:
         self.model_name = model_name(self.workspace_id)
         self.catalogue = snapshot.catalogue_fingerprint()
         self.blocks: list[SegmentBlock] = list(blocks)
+        # why the reviewers' blocks are not known (unread at a start without the ledger's
+        # database): until they are, no offer is shown (a blocked one must never be)
+        self.blocks_unread: str | None = None
         self.data_end_s = (
             int(
                 max(
@@ -327,6 +330,8 @@ class Recommender:
         reads = self.reads()
         eligibility = self._eligible(rules, requests, rows, offers, full, reads)
         eligible = eligibility.eligible.copy()
+        if self.blocks_unread is not None:  # the blocks unknown: fails closed, like hard caps
+            eligible[:] = False
         if self.settings.offer_holdout_share > 0:
             eligible &= ~self._offer_holdout(customer_ids, rows, offers)
         keep = np.flatnonzero(eligible)
@@ -363,7 +368,8 @@ class Recommender:
             (ranked_offers, score, probability, explanations, builder, matrix),
             (rows, offers, eligibility, eligible) if debug else None,
         )
-        degraded = reads.degraded  # the live ledger unread: caps on the history alone
+        # the live ledger unread (caps on the history alone), or the blocks
+        degraded = reads.degraded or self.blocks_unread is not None
         if log_exposure:
             limits = self._limits(rules, requests, plan, logs)
             # the database down: buffered, and a slate under a hard cap fails closed (empty)

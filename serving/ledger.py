@@ -25,7 +25,9 @@ durable, bounded buffer (:class:`serving.buffer.LedgerBuffer`) that the same thr
 writes to the database, oldest first and exactly once, when it is back. Readers
 (:class:`CombinedLedger`) fall back to the workspace's history and say so
 (``degraded``); a slate under a hard cap that cannot be admitted atomically is logged
-empty: it fails closed.
+empty: it fails closed. A ledger made while its database is down starts down: what must
+exist before it is used (its tables, the review page's: :meth:`SqlLedger.when_ready`) is
+made by the same thread when the database answers, before the buffer is flushed.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -259,10 +261,8 @@ class SqlLedger:
             event.listen(self.engine, "checkout", lambda c, *_: deadlines.attach(c))
             for name in ("checkin", "invalidate", "close"):
                 event.listen(self.engine, name, lambda c, *_: deadlines.detach(c))
-        _metadata.create_all(self.engine)
-        _widen_mode(self.engine)
         self.file = self._sqlite_file()
-        self._identity = _file_identity(self.file)
+        self._identity: tuple[int, int] | None = None  # the file's, once the tables are made
         self.buffer = LedgerBuffer(
             buffer_path or self._default_buffer_path(), max_rows=buffer_max_rows
         )
@@ -271,11 +271,39 @@ class SqlLedger:
         self._flushing = threading.Lock()
         self._stop = threading.Event()
         self._recovery: threading.Thread | None = None
-        if len(self.buffer):  # left by an earlier process: write it now the database is here
+        # what the database needs before it is used (the tables: the ledger's, the review
+        # page's); with the database down at start, made when it is back, before the flush
+        self._unprepared: list[Callable[[sa.Engine], None]] = []
+        self.when_ready(self._create_tables)
+        if self.down is None and len(self.buffer):  # left by an earlier process
             log.warning(
                 "ledger buffer %s holds %d rows: flushing", self.buffer.path, len(self.buffer)
             )
             self._recover()
+
+    def _create_tables(self, engine: sa.Engine) -> None:
+        _metadata.create_all(engine)
+        _widen_mode(engine)
+        self._identity = _file_identity(self.file)  # the file the ledger writes, from now
+
+    def when_ready(self, prepare: Callable[[sa.Engine], None]) -> None:
+        """Run ``prepare(engine)`` (make tables, say) before the database is used: now if
+        it answers, else when it is back, before anything buffered is written. Until then
+        the ledger is down (every call refused at once; slates and feedback buffered)."""
+        with self._state:
+            self._unprepared.append(prepare)
+        if self.down is None:
+            with suppress(LedgerUnavailable):  # down now, and said so: the recovery prepares
+                self._prepare()
+
+    def _prepare(self) -> None:
+        """What :meth:`when_ready` holds, bounded; each step is taken out once it is done
+        (raises LedgerUnavailable, and marks the ledger down, if the database fails)."""
+        while self._unprepared:
+            with self._guard("prepare the ledger's tables", while_down=True):
+                self._unprepared[0](self.engine)
+            with self._state:
+                self._unprepared.pop(0)
 
     def _sqlite_file(self) -> Path | None:
         database = self.engine.url.database
@@ -326,11 +354,12 @@ class SqlLedger:
         self._recover()
 
     @contextmanager
-    def _guard(self, what: str, *, stale: bool = False) -> Iterator[None]:
-        """Refuse at once while the ledger is down; otherwise run bounded, and mark the
-        ledger down if the database fails to answer (``stale``: a pooled connection found
-        dead raises :class:`_Stale` instead, for the caller to try a fresh one)."""
-        if self.down is not None:
+    def _guard(self, what: str, *, stale: bool = False, while_down: bool = False) -> Iterator[None]:
+        """Refuse at once while the ledger is down (unless ``while_down``: the recovery's
+        own calls); otherwise run bounded, and mark the ledger down if the database fails
+        to answer (``stale``: a pooled connection found dead raises :class:`_Stale`
+        instead, for the caller to try a fresh one)."""
+        if self.down is not None and not while_down:
             raise LedgerUnavailable(self.down)
         vanished = self._vanished()
         if vanished is not None:
@@ -356,6 +385,13 @@ class SqlLedger:
             reason = f"{what}: {type(cause).__name__}: {str(error).splitlines()[0]}"
             self._mark_down(reason)
             raise LedgerUnavailable(reason) from error
+
+    def bounded(self, what: str) -> AbstractContextManager[None]:
+        """The guard of the ledger's own calls, for other SQL on its database (the review
+        page's): refused at once while the ledger is down or its SQLite file vanished (so
+        nothing recreates an empty file), cut at the call's deadline, and a database that
+        fails to answer marks the ledger down (:class:`LedgerUnavailable`)."""
+        return self._guard(what)
 
     def _read(self, what: str, read: Callable[[sa.Connection], _T]) -> _T:
         """A read, bounded; tried once more on a connection that turned out stale (the
@@ -419,15 +455,17 @@ class SqlLedger:
                 return
 
     def _probe(self) -> bool:
-        """Whether the database answers, bounded, on the file the ledger opened."""
+        """Whether the database answers, bounded, on the file the ledger opened; what
+        :meth:`when_ready` still holds (the tables, at a start without the database) is
+        made first."""
         if self._vanished() is not None:
             return False
         try:
-            bound = self._deadlines.call() if self._deadlines else nullcontext()
-            with bound, self.engine.connect() as connection:
+            self._prepare()
+            with self._guard("probe", while_down=True), self.engine.connect() as connection:
                 connection.execute(sa.select(slates.c.request_id).limit(1))
             return True
-        except sa.exc.SQLAlchemyError:
+        except (LedgerUnavailable, sa.exc.SQLAlchemyError):
             return False
 
     def flush(self, batch: int = 500) -> int:

@@ -116,8 +116,14 @@ class NextBest:
         self.workspace = Workspace(resolve_workspace(settings.workspace))
         self.model_name = model_name(self.workspace.workspace_id)
         self.fingerprint = self.workspace.fingerprint
+        # the reviewers' blocks are read below, through the ledger's guard: a start without
+        # the ledger's database serves, failing closed until they can be read
         self.recommender = build_recommender(
-            settings, workspace=self.workspace, if_mismatch="rules_only", last_known_good=True
+            settings,
+            workspace=self.workspace,
+            if_mismatch="rules_only",
+            last_known_good=True,
+            blocks=(),
         )
         self.recommender.builder_for(self.recommender.now_s())  # fitted before the first request
         self.ledger = self.recommender.ledger
@@ -130,8 +136,10 @@ class NextBest:
             self.fingerprint,
             settings.clock,
         )
-        self.review = ReviewStore(self.ledger.engine)
+        self.review = ReviewStore(self.ledger)
         self.reviews = Reviews(self.review)
+        self.recommender.blocks_unread = "not read yet"
+        self._apply_blocks()
         self.review_threshold = settings.review_threshold
         self.secure_cookies = settings.secure_cookies
         self._sync_lock = threading.Lock()
@@ -266,13 +274,34 @@ class NextBest:
         )
 
     def _apply_blocks(self) -> None:
-        """Reviewers' segment blocks take effect for serving (read from the database)."""
+        """Reviewers' segment blocks take effect for serving (read from the database).
+        Blocks never read (a start without the ledger's database) keep every slate empty
+        until they are: a blocked offer is never shown; blocks read once stay in force
+        while the database is away."""
+        from serving.ledger import LedgerUnavailable
         from serving.review import segment_blocks
 
+        recommender = self.recommender
         try:
-            self.recommender.blocks = segment_blocks(self.review)
+            blocks = segment_blocks(self.review)
+        except LedgerUnavailable as error:  # the ledger said so once; said here once too
+            if recommender.blocks_unread == "not read yet":
+                recommender.blocks_unread = f"the reviewers' blocks cannot be read ({error})"
+                log.error(
+                    "%s: no offer is shown until they can (every slate empty, degraded); "
+                    "read again every %g s",
+                    recommender.blocks_unread,
+                    self.settings.reload_seconds,
+                )
+            return
         except Exception:  # the database being briefly unreachable must not stop serving
             log.exception("could not read the review blocks")
+            return
+        recommender.blocks = blocks
+        if recommender.blocks_unread is not None:
+            if recommender.blocks_unread != "not read yet":
+                log.warning("the reviewers' blocks are read (%d): offers served again", len(blocks))
+            recommender.blocks_unread = None
 
     def _refresh_snapshot(self) -> None:
         """When the workspace changes, index it anew and switch to it; requests in flight
@@ -294,6 +323,7 @@ class NextBest:
                     blocks=current.blocks,
                     ledger=self.ledger,
                 )
+                fresh.blocks_unread = current.blocks_unread
                 fresh.builder_for(fresh.now_s())
             except Exception:  # a broken workspace, or one the version does not fit
                 self._refused_fingerprint = fingerprint
@@ -312,10 +342,21 @@ class NextBest:
             self.fingerprint = fingerprint
 
     def __is_ready__(self) -> bool:
-        """Ready while the ledger's database is in use: not while it is down, slow, or its
-        SQLite file was deleted or replaced (answered at once then: the ledger is not
-        probed here, its own recovery thread does that)."""
-        return self.ledger.ping()
+        """Ready while the ledger's database is in use and the reviewers' blocks are read:
+        not while it is down, slow, or its SQLite file was deleted or replaced (answered at
+        once then: the ledger is not probed here, its own recovery thread does that). Not
+        ready is a 503 that says why (the service still answers, degraded)."""
+        if self.ledger.ping() and self.recommender.blocks_unread is None:
+            return True
+        from starlette.exceptions import HTTPException
+
+        why = [f"the ledger is down: {self.ledger.down}"] if self.ledger.down else []
+        if self.recommender.blocks_unread is not None:
+            why.append(f"{self.recommender.blocks_unread}: no offer is shown")
+        raise HTTPException(
+            status_code=503,
+            detail="not ready, serving degraded: " + "; ".join(why or ["the ledger is down"]),
+        )
 
     @bentoml.api(route="/recommend")
     async def recommend(

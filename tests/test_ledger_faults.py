@@ -562,3 +562,134 @@ def test_feedback_racing_the_flush_of_its_slate_is_recorded_not_a_404(
             )
     finally:
         ledger.dispose()
+
+
+# -- a start while the database is down ----------------------------------------------------------
+def test_a_ledger_made_while_its_database_is_down_makes_its_tables_when_it_returns(
+    own_postgres: OwnPostgres, database: str, tmp_path: Path
+) -> None:
+    """Table creation needed the database: SqlLedger() raised OperationalError."""
+    own_postgres.stop()
+    ledger = bounded(
+        lambda: SqlLedger(database, buffer_path=tmp_path / "buffer.db", retry_after_s=0.2)
+    )
+    try:
+        assert ledger.down is not None and "OperationalError" in ledger.down
+        assert ledger.ping() is False
+        assert ledger.log_slates([slate("start-1")]).buffered
+        receipt = ledger.post_feedback(
+            request_id="start-1", offer_id="a", outcome="viewed", value=None, at_s=1_001
+        )
+        assert (receipt.recorded, receipt.buffered) == (True, True)
+        own_postgres.start()
+        wait_until(lambda: ledger.down is None and len(ledger.buffer) == 0)
+        assert [r["request_id"] for r in rows(database, "slates")] == ["start-1"]
+        assert sorted(r["offer_id"] for r in rows(database, "slate_offers")) == ["a", "b"]
+        assert [(r["request_id"], r["offer_id"]) for r in rows(database, "feedback")] == [
+            ("start-1", "a")
+        ]
+        assert ledger.ping() is True
+    finally:
+        with contextlib.suppress(Exception):  # already running
+            own_postgres.start()
+        ledger.dispose()
+
+
+@contextlib.contextmanager
+def _started_again(server: OwnPostgres) -> Iterator[None]:
+    """The server running at the end, whatever the test did to it."""
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):  # already running
+            server.start()
+
+
+def _segment_of(workspace: Workspace, customer: str) -> str:
+    from features import load_snapshot
+
+    s = load_snapshot(workspace)
+    return str(s.segments.values[s.customer_segment[s.customers.encode([customer])[0]]])
+
+
+@pytest.mark.slow
+def test_the_service_starts_while_the_database_is_down_and_catches_up_when_it_returns(
+    own_postgres: OwnPostgres, database: str, small_workspace: Workspace, tmp_path: Path
+) -> None:
+    """`nextbest serve` could not start with PostgreSQL stopped: the service's __init__
+    made the ledger's and the review page's tables and read the reviewers' blocks."""
+    from serving_helpers import forget_bentoml_metrics
+    from starlette.testclient import TestClient
+
+    from serving.review import ReviewStore
+
+    # before: a customer's web slate, one of its offers blocked for their segment, and a
+    # slate served earlier (in the database) that feedback will name during the outage
+    setup = SqlLedger(database, buffer_path=tmp_path / "setup-buffer.db")
+    recommender = rules_only(small_workspace, setup)
+    customer = next(
+        c
+        for c in sorted(recommender.known_customers())
+        if _segment_of(small_workspace, c) != "UNKNOWN"
+        and len(recommender.recommend(c, channel="web", k=3, log_exposure=False)["offers"]) > 1
+    )
+    earlier = recommender.recommend(customer, channel="web", k=3)
+    blocked = earlier["offers"][0]["offer_id"]
+    store = ReviewStore(setup.engine)
+    store.add_user("rita", "reviewer-pass", "reviewer")
+    store.block(blocked, _segment_of(small_workspace, customer), "test", actor="rita")
+    setup.dispose()
+
+    own_postgres.stop()
+    with pytest.MonkeyPatch.context() as patch, _started_again(own_postgres):
+        for name, value in {
+            "NEXTBEST_HOME": str(tmp_path),
+            "NEXTBEST_WORKSPACE": str(small_workspace.path),
+            "NEXTBEST_DB_URL": database,
+            "NEXTBEST_HOLDOUT_SHARE": "0",
+            "NEXTBEST_RELOAD_SECONDS": "0.2",
+            "BENTOML_HOME": str(tmp_path / "bentoml"),
+        }.items():
+            patch.setenv(name, value)
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        forget_bentoml_metrics()
+        from serving.service import NextBest
+
+        with TestClient(NextBest.to_asgi()) as client:
+            ask = {"customer_id": customer, "channel": "web", "k": 3}
+            answers = [bounded(lambda: client.post("/recommend", json=ask)) for _ in range(2)]
+            for answer in answers:
+                # up, degraded; the blocks unknown: no offer at all (a blocked one never)
+                assert answer.status_code == 200, answer.text
+                assert answer.json()["degraded"] is True and answer.json()["offers"] == []
+            email = client.post("/recommend", json=ask | {"channel": "email"})
+            assert email.status_code == 200 and email.json()["offers"] == []
+            readiness = bounded(lambda: client.get("/readyz"))
+            assert readiness.status_code == 503
+            said = readiness.json()["error"]
+            assert "ledger is down" in said and "blocks cannot be read" in said, said
+            feedback = client.post(
+                "/feedback",
+                json={
+                    "request_id": earlier["request_id"],
+                    "offer_id": blocked,
+                    "outcome": "accepted",
+                },
+            )
+            assert feedback.status_code == 200 and feedback.json()["buffered"] is True
+
+            own_postgres.start()
+            wait_until(lambda: client.get("/readyz").status_code == 200, 60)
+            after = client.post("/recommend", json=ask).json()
+            assert after["degraded"] is False and after["offers"]
+            assert blocked not in [o["offer_id"] for o in after["offers"]]  # the block holds
+            served = {a.json()["request_id"] for a in answers} | {email.json()["request_id"]}
+            for request_id in served:  # each outage slate written once, as the empty slate
+                assert len(rows(database, "slates", f"request_id = '{request_id}'")) == 1
+                assert rows(database, "slate_offers", f"request_id = '{request_id}'") == []
+            outcomes = rows(database, "feedback")
+            assert [(r["request_id"], r["offer_id"], r["outcome"]) for r in outcomes] == [
+                (earlier["request_id"], blocked, "accepted")
+            ]
+            tables = {t["table_name"] for t in rows(database, "information_schema.tables")}
+            assert {"slates", "feedback", "review_blocks", "reviews", "review_gate"} <= tables

@@ -106,45 +106,12 @@ class Reviews:
 
     def __init__(self, store: ReviewStore) -> None:
         self.store = store
-        _metadata.create_all(store.engine)
-        _add_model_name(store.engine)
-        self._ensure_gate()
-        self._backfill_items()
-
-    def _ensure_gate(self) -> None:
-        try:
-            with self.store.engine.begin() as connection:
-                if connection.execute(sa.select(review_gate.c.name)).first() is None:
-                    connection.execute(review_gate.insert().values(name="gate", touched_at=_now()))
-        except IntegrityError:  # another process made it at the same moment
-            pass
+        store.when_ready(_prepare)
 
     def _lock_gate(self, connection: sa.Connection) -> None:
         """Serialise openings and release claims (row lock on PostgreSQL, write lock on
         SQLite), for the rest of ``connection``'s transaction."""
         connection.execute(review_gate.update().values(touched_at=_now()))
-
-    def _backfill_items(self) -> None:
-        """Reviews opened before ``review_items`` existed get their items listed once."""
-        try:
-            with self.store.engine.begin() as connection:
-                listed = sa.select(review_items.c.review_id).distinct()
-                rows = connection.execute(
-                    sa.select(
-                        review_slates.c.review_id,
-                        review_slates.c.slate_no,
-                        review_slates.c.challenger,
-                    ).where(review_slates.c.review_id.not_in(listed))
-                ).all()
-                items = [
-                    {"review_id": r.review_id, "slate_no": r.slate_no, "offer_id": o["offer_id"]}
-                    for r in rows
-                    for o in json.loads(r.challenger)["offers"]
-                ]
-                if items:
-                    connection.execute(review_items.insert(), items)
-        except IntegrityError:  # another process backfilled them at the same moment
-            pass
 
     def open_review(
         self,
@@ -194,7 +161,7 @@ class Reviews:
                     "champion": None if current is None else json.dumps(current, default=str),
                 }
             )
-        with self.store.engine.begin() as connection:
+        with self.store.begin() as connection:
             self._lock_gate(connection)
             pending = connection.execute(
                 sa.select(reviews.c.review_id).where(
@@ -275,7 +242,7 @@ class Reviews:
         )
 
     def review(self, review_id: str) -> dict[str, Any]:
-        with self.store.engine.connect() as connection:
+        with self.store.connect() as connection:
             head = (
                 connection.execute(reviews.select().where(reviews.c.review_id == review_id))
                 .mappings()
@@ -319,7 +286,7 @@ class Reviews:
 
     def list_reviews(self) -> list[dict[str, Any]]:
         """Every review, newest first, with its counts (from two aggregates, not the slates)."""
-        with self.store.engine.connect() as connection:
+        with self.store.connect() as connection:
             rows = (
                 connection.execute(reviews.select().order_by(reviews.c.created_at.desc()))
                 .mappings()
@@ -383,7 +350,7 @@ class Reviews:
             "reason": reason if decision == "reject" else None,
             "comment": comment,
         }
-        with self.store.engine.begin() as connection:
+        with self.store.begin() as connection:
             slate = self._slate(connection, review_id, slate_no)
             if offer_id not in {o["offer_id"] for o in slate["offers"]}:
                 raise KeyError(f"slate {slate_no} of review {review_id} has no offer {offer_id!r}")
@@ -393,7 +360,7 @@ class Reviews:
         """Approve every offer of a slate not decided yet (one audit entry each); how many."""
         self.store.require(actor, "reviewer")
         record = {"decision": "approve", "reason": None, "comment": None}
-        with self.store.engine.begin() as connection:
+        with self.store.begin() as connection:
             slate = self._slate(connection, review_id, slate_no)
             rest = [o["offer_id"] for o in slate["offers"] if o["offer_id"] not in slate["decided"]]
             for offer_id in rest:
@@ -475,7 +442,7 @@ class Reviews:
         ``override_baseline``, which the audit log and the version's tags record."""
         self.store.require(actor, "approver")
         quality = _quality(self._model_of(review_id)) if approve else {}
-        with self.store.engine.begin() as connection:
+        with self.store.begin() as connection:
             self._lock_gate(connection)
             busy = connection.execute(
                 sa.select(reviews.c.review_id).where(
@@ -547,7 +514,7 @@ class Reviews:
         """Settle a review left ``releasing`` (the process died mid-release): approved if
         the registry shows its version as champion, open again otherwise."""
         self.store.require(actor, "approver")
-        with self.store.engine.connect() as connection:
+        with self.store.connect() as connection:
             head = connection.execute(
                 reviews.select().where(reviews.c.review_id == review_id)
             ).first()
@@ -556,7 +523,7 @@ class Reviews:
         if head.status != "releasing":
             return str(head.status)
         self._settle(head, approve=True, actor=actor, error=None)
-        with self.store.engine.connect() as connection:
+        with self.store.connect() as connection:
             return str(
                 connection.execute(
                     sa.select(reviews.c.status).where(reviews.c.review_id == review_id)
@@ -564,7 +531,7 @@ class Reviews:
             )
 
     def _model_of(self, review_id: str) -> tuple[str, str]:
-        with self.store.engine.connect() as connection:
+        with self.store.connect() as connection:
             head = connection.execute(
                 sa.select(reviews.c.model_name, reviews.c.version).where(
                     reviews.c.review_id == review_id
@@ -605,7 +572,7 @@ class Reviews:
         return status
 
     def _finish(self, head: Any, counts: dict[str, Any], *, status: str, actor: str) -> None:
-        with self.store.engine.begin() as connection:
+        with self.store.begin() as connection:
             connection.execute(
                 reviews.update().where(reviews.c.review_id == head.review_id).values(status=status)
             )
@@ -633,7 +600,7 @@ class Reviews:
         except Exception:  # the registry still unreachable: assume it did not happen
             happened = False
         if happened:
-            with self.store.engine.connect() as connection:
+            with self.store.connect() as connection:
                 counts = _count(connection, head.review_id)
             self._finish(head, counts, status="approved", actor=actor)
             return True
@@ -655,7 +622,7 @@ class Reviews:
 
     def _reopen(self, head: Any, actor: str, why: str) -> None:
         """A release that did not happen: the review is open again (audited)."""
-        with self.store.engine.begin() as connection:
+        with self.store.begin() as connection:
             connection.execute(
                 reviews.update()
                 .where((reviews.c.review_id == head.review_id) & (reviews.c.status == "releasing"))
@@ -669,6 +636,47 @@ class Reviews:
 LEGACY_MODEL_NAME = "nextbest-ranker"
 """The one registered model before each workspace had its own: reviews opened then
 reviewed its versions."""
+
+
+def _prepare(engine: sa.Engine) -> None:
+    """The review tables, brought up to date, and the gate's one row (on the raw engine:
+    run when the ledger's database first answers, before anything else uses it)."""
+    _metadata.create_all(engine)
+    _add_model_name(engine)
+    _ensure_gate(engine)
+    _backfill_items(engine)
+
+
+def _ensure_gate(engine: sa.Engine) -> None:
+    try:
+        with engine.begin() as connection:
+            if connection.execute(sa.select(review_gate.c.name)).first() is None:
+                connection.execute(review_gate.insert().values(name="gate", touched_at=_now()))
+    except IntegrityError:  # another process made it at the same moment
+        pass
+
+
+def _backfill_items(engine: sa.Engine) -> None:
+    """Reviews opened before ``review_items`` existed get their items listed once."""
+    try:
+        with engine.begin() as connection:
+            listed = sa.select(review_items.c.review_id).distinct()
+            rows = connection.execute(
+                sa.select(
+                    review_slates.c.review_id,
+                    review_slates.c.slate_no,
+                    review_slates.c.challenger,
+                ).where(review_slates.c.review_id.not_in(listed))
+            ).all()
+            items = [
+                {"review_id": r.review_id, "slate_no": r.slate_no, "offer_id": o["offer_id"]}
+                for r in rows
+                for o in json.loads(r.challenger)["offers"]
+            ]
+            if items:
+                connection.execute(review_items.insert(), items)
+    except IntegrityError:  # another process backfilled them at the same moment
+        pass
 
 
 def _add_model_name(engine: sa.Engine) -> None:

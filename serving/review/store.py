@@ -19,13 +19,16 @@ import json
 import math
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
+
+from serving.ledger import SqlLedger
 
 __all__ = [
     "REJECT_REASONS",
@@ -186,11 +189,42 @@ def _now() -> datetime:
 
 
 class ReviewStore:
-    """Users, blocks and the audit log, on a SQLAlchemy engine (the ledger's)."""
+    """Users, blocks and the audit log, in the ledger's database.
 
-    def __init__(self, engine: sa.Engine) -> None:
-        self.engine = engine
-        _metadata.create_all(engine)
+    Given the :class:`~serving.ledger.SqlLedger` (as the service does), every call runs
+    under the ledger's guard: refused at once while the ledger is down or its SQLite file
+    was deleted or replaced (nothing recreates an empty file), and cut at the ledger's
+    client-side deadline on a database that stopped answering; the tables are made when
+    the database answers (at once, or when it is back). Given a bare engine (the command
+    line), calls are unguarded and the tables are made now."""
+
+    def __init__(self, database: sa.Engine | SqlLedger) -> None:
+        self.ledger = database if isinstance(database, SqlLedger) else None
+        self.engine = database.engine if isinstance(database, SqlLedger) else database
+        self.when_ready(_metadata.create_all)
+
+    def when_ready(self, prepare: Callable[[sa.Engine], None]) -> None:
+        """``prepare(engine)`` before the tables are used: now, or (the ledger down) when
+        the database is back (:meth:`serving.ledger.SqlLedger.when_ready`)."""
+        if self.ledger is None:
+            prepare(self.engine)
+        else:
+            self.ledger.when_ready(prepare)
+
+    def _bounded(self) -> AbstractContextManager[None]:
+        return nullcontext() if self.ledger is None else self.ledger.bounded("review page")
+
+    @contextmanager
+    def begin(self) -> Iterator[sa.Connection]:
+        """A transaction on the ledger's database, under the ledger's guard."""
+        with self._bounded(), self.engine.begin() as connection:
+            yield connection
+
+    @contextmanager
+    def connect(self) -> Iterator[sa.Connection]:
+        """A connection to the ledger's database, under the ledger's guard."""
+        with self._bounded(), self.engine.connect() as connection:
+            yield connection
 
     # -- audit ---------------------------------------------------------------------------
     def _audit(
@@ -226,7 +260,7 @@ class ReviewStore:
         return buffer.getvalue()
 
     def audit_log(self) -> list[dict[str, Any]]:
-        with self.engine.connect() as connection:
+        with self.connect() as connection:
             rows = connection.execute(audit.select().order_by(audit.c.entry)).mappings().all()
         return [dict(row) for row in rows]
 
@@ -238,7 +272,7 @@ class ReviewStore:
             raise ValueError("a username has 1 to 64 characters")
         record = {"username": username, "role": role}
         try:
-            with self.engine.begin() as connection:
+            with self.begin() as connection:
                 connection.execute(
                     users.insert().values(
                         username=username,
@@ -253,7 +287,7 @@ class ReviewStore:
 
     def authenticate(self, username: str, password: str) -> str:
         """The user's role, or AccessError (the same message whatever was wrong)."""
-        with self.engine.connect() as connection:
+        with self.connect() as connection:
             row = connection.execute(users.select().where(users.c.username == username)).first()
         # an unknown user costs the same scrypt as a known one: timing tells nothing
         stored = _dummy_hash() if row is None else row.password_hash
@@ -262,13 +296,13 @@ class ReviewStore:
         return str(row.role)
 
     def usernames(self) -> list[str]:
-        with self.engine.connect() as connection:
+        with self.connect() as connection:
             return list(
                 connection.execute(sa.select(users.c.username).order_by("username")).scalars()
             )
 
     def role_of(self, username: str) -> str | None:
-        with self.engine.connect() as connection:
+        with self.connect() as connection:
             return connection.execute(
                 sa.select(users.c.role).where(users.c.username == username)
             ).scalar()
@@ -291,7 +325,7 @@ class ReviewStore:
         """
         username = username[:64]
         if not self._count_attempt(username):
-            with self.engine.begin() as connection:
+            with self.begin() as connection:
                 self._audit(connection, username or "-", "sign_in_locked", "review page")
             raise AccessError(
                 f"too many failed sign-ins for this user: try again in {LOCKOUT_MINUTES} minutes"
@@ -299,13 +333,13 @@ class ReviewStore:
         try:
             role = self.authenticate(username, password)
         except AccessError:
-            with self.engine.begin() as connection:
+            with self.begin() as connection:
                 self._audit(connection, username or "-", "sign_in_failed", "review page")
             raise
-        with self.engine.begin() as connection:
+        with self.begin() as connection:
             connection.execute(failures.delete().where(failures.c.username == username))
         token, csrf = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
-        with self.engine.begin() as connection:
+        with self.begin() as connection:
             connection.execute(sessions.delete().where(sessions.c.expires_at < _now()))
             connection.execute(
                 sessions.insert().values(
@@ -374,7 +408,7 @@ class ReviewStore:
         now = first["window_start"]
         for _ in range(2):  # a concurrent first attempt may insert the row before us
             try:
-                with self.engine.begin() as connection:
+                with self.begin() as connection:
                     # the no-op update takes the row (PostgreSQL) or write (SQLite) lock
                     touched = connection.execute(
                         table.update().where(key).values(window_start=table.c.window_start)
@@ -396,7 +430,7 @@ class ReviewStore:
 
     def unlock(self, username: str, *, actor: str = "cli") -> None:
         """End a user's lockout now (audited)."""
-        with self.engine.begin() as connection:
+        with self.begin() as connection:
             connection.execute(failures.delete().where(failures.c.username == username))
             self._audit(connection, actor, "unlock", username)
 
@@ -404,7 +438,7 @@ class ReviewStore:
         """The live session behind a cookie's token (the role as it is now), or None."""
         if not token:
             return None
-        with self.engine.connect() as connection:
+        with self.connect() as connection:
             row = connection.execute(
                 sa.select(sessions, users.c.role)
                 .join(users, users.c.username == sessions.c.username)
@@ -415,7 +449,7 @@ class ReviewStore:
         return Session(token=token, username=row.username, role=row.role, csrf=row.csrf)
 
     def sign_out(self, session: Session) -> None:
-        with self.engine.begin() as connection:
+        with self.begin() as connection:
             connection.execute(
                 sessions.delete().where(sessions.c.token_hash == _token_hash(session.token))
             )
@@ -423,7 +457,7 @@ class ReviewStore:
 
     def flash(self, session: Session, message: str) -> None:
         """A message for the session's next page (the page after a form's redirect)."""
-        with self.engine.begin() as connection:
+        with self.begin() as connection:
             connection.execute(
                 sessions.update()
                 .where(sessions.c.token_hash == _token_hash(session.token))
@@ -432,7 +466,7 @@ class ReviewStore:
 
     def pop_flash(self, session: Session) -> str | None:
         key = sessions.c.token_hash == _token_hash(session.token)
-        with self.engine.begin() as connection:
+        with self.begin() as connection:
             message = connection.execute(sa.select(sessions.c.flash).where(key)).scalar()
             if message is not None:
                 connection.execute(sessions.update().where(key).values(flash=None))
@@ -445,7 +479,7 @@ class ReviewStore:
         self.require(actor, "reviewer")
         record = {"offer_id": offer_id, "segment": segment, "reason": reason}
         try:
-            with self.engine.begin() as connection:
+            with self.begin() as connection:
                 existing = connection.execute(
                     blocks.select().where(
                         (blocks.c.offer_id == offer_id) & (blocks.c.segment == segment)
@@ -471,7 +505,7 @@ class ReviewStore:
         """Lift a block (the audit log keeps what it was)."""
         self.require(actor, "reviewer")
         key = (blocks.c.offer_id == offer_id) & (blocks.c.segment == segment)
-        with self.engine.begin() as connection:
+        with self.begin() as connection:
             existing = connection.execute(blocks.select().where(key)).mappings().first()
             if existing is None:
                 return
@@ -485,7 +519,7 @@ class ReviewStore:
             )
 
     def blocks(self) -> list[dict[str, Any]]:
-        with self.engine.connect() as connection:
+        with self.connect() as connection:
             rows = connection.execute(blocks.select().order_by(blocks.c.at)).mappings().all()
         return [dict(row) for row in rows]
 
