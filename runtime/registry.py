@@ -510,7 +510,9 @@ def remember_last_known_good(bundle: ModelBundle, settings: Settings | None = No
     """Keep a verified version as the last known good of its alias: its text model, bundle
     and rules, with their sha256, in ``models/last-known-good/<name>@<alias>/``. The files
     go into a folder of their own, and ``current.json`` (replaced atomically) names it, so
-    a crash midway leaves the previous copy whole. Returns the folder."""
+    a crash midway leaves the previous copy whole; every file and both folders are fsynced
+    before and after that switch, so a power loss leaves the old copy or the new one,
+    whole, never a manifest that names files still in the page cache. Returns the folder."""
     if bundle.model_text is None or bundle.alias is None:
         raise ValueError("only a version loaded (and verified) by its alias can be cached")
     folder = _cache_folder(bundle.name, bundle.alias, settings)
@@ -522,7 +524,8 @@ def remember_last_known_good(bundle: ModelBundle, settings: Settings | None = No
         "rules.yaml": bundle.rules_yaml,
     }
     for file, text in files.items():
-        (copy / file).write_text(text)
+        _write_durably(copy / file, text)
+    _sync_folder(copy)
     manifest = {
         "name": bundle.name,
         "version": bundle.version,
@@ -533,12 +536,31 @@ def remember_last_known_good(bundle: ModelBundle, settings: Settings | None = No
         "cached_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     staged = folder / "current.json.tmp"
-    staged.write_text(json.dumps(manifest, indent=2))
+    _write_durably(staged, json.dumps(manifest, indent=2))
+    _sync_folder(folder)  # the new copy's entry is on disk before the manifest names it
     os.replace(staged, folder / "current.json")
+    _sync_folder(folder)  # and the switch itself
     for other in folder.iterdir():
         if other.is_dir() and other != copy:
             shutil.rmtree(other, ignore_errors=True)
     return folder
+
+
+def _write_durably(path: Path, text: str) -> None:
+    """``text`` into ``path``, on disk (fsynced) when this returns."""
+    with path.open("w") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def _sync_folder(folder: Path) -> None:
+    """The folder's entries (files made, renamed or removed in it) on disk."""
+    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def load_last_known_good(

@@ -32,6 +32,7 @@ __all__ = [
     "FeedbackAnswer",
     "Id",
     "Metadata",
+    "ModelSource",
     "RecommendAnswer",
     "openapi",
 ]
@@ -170,11 +171,23 @@ class HoldoutInfo(BaseModel):
     offer_share: float
 
 
+class ModelSource(BaseModel):
+    """Where the served model was loaded from: an operator sees a degraded start here."""
+
+    source: Literal["registry", "last-known-good cache", "none"] = Field(
+        description="the model registry; the local last-known-good cache (the registry was "
+        "unreachable at start, or its version failed its checks); none: the rules alone"
+    )
+    version: str | None = Field(description="the version served (none: the rules alone)")
+    sha256: str | None = Field(description="the sha256 of its LightGBM text model, verified")
+
+
 class Metadata(BaseModel):
     """What ``/metadata`` publishes: only these fields, so no secret can slip in."""
 
     snapshot_customers: int
     model: ModelInfo
+    model_source: ModelSource
     features: list[str]
     rules: RulesInfo
     workspace: WorkspaceInfo

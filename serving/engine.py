@@ -725,6 +725,11 @@ class Recommender:
         return {
             "snapshot_customers": len(self.known_customers()),
             "model": self.model_info(model),
+            "model_source": {  # the registry, or the last-known-good cache (a degraded start)
+                "source": model.bundle.source if model.bundle else "none",
+                "version": model.bundle.version if model.bundle else None,
+                "sha256": model.bundle.sha256 if model.bundle else None,
+            },
             "features": list(model.bundle.feature_names) if model.bundle else [],
             "rules": {
                 "name": model.rules.name,

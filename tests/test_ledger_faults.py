@@ -693,3 +693,64 @@ def test_the_service_starts_while_the_database_is_down_and_catches_up_when_it_re
             ]
             tables = {t["table_name"] for t in rows(database, "information_schema.tables")}
             assert {"slates", "feedback", "review_blocks", "reviews", "review_gate"} <= tables
+
+
+# -- the review page's SQL, bounded by the ledger's guard -----------------------------------------
+def test_the_review_pages_sql_on_a_silent_database_is_refused_within_bounds(
+    own_postgres: OwnPostgres, database: str, tmp_path: Path
+) -> None:
+    """The review store ran on the bare engine: on a database that accepts connections and
+    never answers, reading the blocks (the alias watcher does it every few seconds) and
+    every page's session lookup waited for ever."""
+    from serving.review import Reviews, ReviewStore, segment_blocks
+
+    proxy = SilentProxy(int(sa.make_url(database).port or 0))
+    url = sa.make_url(database).set(port=proxy.port).render_as_string(hide_password=False)
+    ledger = SqlLedger(url, buffer_path=tmp_path / "buffer.db", retry_after_s=0.2)
+    try:
+        store = ReviewStore(ledger)
+        reviews = Reviews(store)
+        store.add_user("rita", "reviewer-pass", "reviewer")
+        assert store.block("o1", "s1", "test", actor="rita") is True
+        assert [b.offer for b in segment_blocks(store)] == ["o1"]  # pooled connections now
+        proxy.silent.set()
+        with pytest.raises(LedgerUnavailable, match="review page"):
+            bounded(lambda: segment_blocks(store))
+        assert ledger.down is not None  # and the ledger knows: its calls are refused at once
+        for call in (
+            lambda: store.session("a-token"),
+            lambda: store.block("o2", "s1", "test", actor="rita"),
+            reviews.list_reviews,
+        ):
+            with pytest.raises(LedgerUnavailable):
+                bounded(call)
+        proxy.silent.clear()
+        wait_until(lambda: ledger.down is None)
+        assert [b.offer for b in segment_blocks(store)] == ["o1"]  # o2 was never written
+    finally:
+        ledger.dispose()
+        proxy.close()
+
+
+# -- review-page writes on a vanished SQLite file ------------------------------------------------
+def test_a_review_write_on_a_deleted_sqlite_file_is_refused_not_a_new_empty_file(
+    tmp_path: Path,
+) -> None:
+    """A review-page write after the ledger file was deleted made a new, empty ledger.db
+    (the reviewer's block landed there, and every other table was gone)."""
+    from serving.review import ReviewStore
+
+    path = tmp_path / "ledger.db"
+    ledger = SqlLedger(f"sqlite:///{path}", buffer_path=tmp_path / "buffer.db")
+    try:
+        store = ReviewStore(ledger)
+        store.add_user("rita", "reviewer-pass", "reviewer")
+        path.unlink()
+        with pytest.raises(LedgerUnavailable, match=r"ledger file .* was deleted"):
+            store.block("o1", "s1", "test", actor="rita")
+        with pytest.raises(LedgerUnavailable, match="was deleted"):
+            store.add_user("alan", "approver-pass", "approver")
+        assert not path.exists()
+        assert ledger.ping() is False
+    finally:
+        ledger.dispose()

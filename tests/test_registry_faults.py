@@ -267,6 +267,17 @@ def test_an_unreachable_registry_serves_the_last_known_good_copy(
     assert bundle.booster.model_to_string() == served.model.bundle.booster.model_to_string()
     answer = fallback.recommend("S00003", channel="web", placement="home", k=3)
     assert answer["model"]["version"] == "1" and answer["model"]["mode"] == "model"
+    # /metadata (its answer goes out through the Metadata schema) says where it came from
+    from serving.contract import Metadata
+
+    published = {
+        name: Metadata.model_validate(r.metadata()).model_dump()["model_source"]
+        for name, r in (("registry", served), ("cache", fallback))
+    }
+    assert published == {
+        "registry": {"source": "registry", "version": "1", "sha256": registered},
+        "cache": {"source": "last-known-good cache", "version": "1", "sha256": registered},
+    }
 
 
 def test_no_registry_and_no_cache_is_one_clear_error(
@@ -388,3 +399,63 @@ def test_training_killed_before_registering_leaves_no_version_and_a_rerun_succee
     assert client.get_run(killed.info.run_id).info.status == "KILLED"
     bundle = load_bundle(name, alias="challenger")
     assert bundle.version == "1" and bundle.run_id != killed.info.run_id
+
+
+def test_the_last_known_good_copy_is_on_disk_before_and_after_the_switch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copy was written and switched in without an fsync: after a power loss the
+    manifest could name files that never reached the disk (then refused, not served)."""
+    from runtime.registry import ModelBundle, remember_last_known_good
+
+    (tmp_path / "models").mkdir()
+    monkeypatch.setenv("NEXTBEST_HOME", str(tmp_path))
+    monkeypatch.setenv("NEXTBEST_MODELS_DIR", str(tmp_path / "models"))
+    events: list[tuple[str, str]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def recorded_fsync(descriptor: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{descriptor}")))
+        fsync(descriptor)
+
+    def recorded_replace(source: str | Path, target: str | Path) -> None:
+        events.append(("replace", str(target)))
+        replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    monkeypatch.setattr(os, "replace", recorded_replace)
+    bundle = ModelBundle(
+        name="m",
+        version="3",
+        alias="champion",
+        run_id="r",
+        booster=None,
+        meta={"feature_names": []},
+        rules_yaml="name: rules\n",
+        model_text="tree\n",
+    )
+    folder = remember_last_known_good(bundle)
+    manifest = json.loads((folder / "current.json").read_text())
+    copy = folder / manifest["folder"]
+    switch = events.index(("replace", str(folder / "current.json")))
+    before = {path for kind, path in events[:switch] if kind == "fsync"}
+    after = {path for kind, path in events[switch + 1 :] if kind == "fsync"}
+    written = {str(copy / file) for file in ("model.lgb", "bundle.json", "rules.yaml")}
+    assert written | {str(copy), str(folder / "current.json.tmp"), str(folder)} <= before
+    assert str(folder) in after  # the rename itself is on disk
+
+
+def test_the_openapi_declares_where_the_model_came_from() -> None:
+    """/metadata's schema (the components serving.contract.openapi puts in /docs.json, and
+    schemathesis checks the answers against) names the model's source."""
+    from pydantic.json_schema import models_json_schema
+
+    from serving.contract import Metadata
+
+    _, top = models_json_schema([(Metadata, "serialization")], ref_template="#/$defs/{model}")
+    schemas = top["$defs"]
+    assert "model_source" in schemas["Metadata"]["required"]
+    assert schemas["Metadata"]["properties"]["model_source"] == {"$ref": "#/$defs/ModelSource"}
+    source = schemas["ModelSource"]["properties"]
+    assert source["source"]["enum"] == ["registry", "last-known-good cache", "none"]
+    assert {"version", "sha256"} <= set(schemas["ModelSource"]["required"])
