@@ -15,6 +15,12 @@ In this order, before any handler runs:
 * **Validation**: the body is checked against the endpoint's own input model (the one
   BentoML validates with, so the two never disagree); a 400 states what is wrong and
   logs one line, not a traceback.
+* **Refusals are throttled per client address** (``NEXTBEST_REFUSALS_PER_S``, 50): past
+  that rate (a bucket of one second's worth), each refusal (400, 401, 413, 415) is
+  answered after the wait its turn needs, at most a second, and is not logged one by one.
+  A refusal is cheap, but a client looping on them as fast as it can would still take the
+  worker's time from everyone else, and fill the log; slowed, it takes a bounded share.
+  Valid requests are never delayed, whoever sends them.
 
 And after: every error the API answers (a 4xx or 5xx outside ``/review``) has one shape,
 ``{"error": str, "detail": [...]?}``, whoever wrote it (BentoML's own bodies are
@@ -23,9 +29,11 @@ sometimes a list, Starlette's are plain text or ``{"detail": ...}``).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from http import HTTPStatus
 from typing import Any
@@ -38,6 +46,7 @@ __all__ = [
     "DOCS_PAGE",
     "OPEN_PATHS",
     "ApiGuard",
+    "RefusalThrottle",
     "error_body",
     "key_matches",
     "validation_detail",
@@ -110,6 +119,53 @@ class _Refused(Exception):
         self.status, self.message, self.detail = status, message, detail
 
 
+class RefusalThrottle:
+    """A token bucket of refusals per client address: ``rate`` a second, holding at most
+    one second's worth. :meth:`take` spends one and says how long to wait first (0 while
+    the bucket has tokens; at most ``max_wait_s``, so a client never waits unboundedly and
+    the debt stays bounded). ``rate`` 0 never waits."""
+
+    MAX_ADDRESSES = 4096  # past it, the buckets that are full again are forgotten
+
+    def __init__(
+        self, rate: float, *, max_wait_s: float = 1.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.rate = rate
+        self.max_wait_s = max_wait_s
+        self.clock = clock
+        self._buckets: dict[str, list[float]] = {}  # address → [tokens, when, unlogged]
+
+    def take(self, address: str) -> float:
+        if self.rate <= 0:
+            return 0.0
+        now = self.clock()
+        bucket = self._buckets.get(address)
+        if bucket is None:
+            if len(self._buckets) >= self.MAX_ADDRESSES:
+                self._forget_full(now)
+            bucket = self._buckets[address] = [self.rate, now, 0.0]
+        tokens = min(self.rate, bucket[0] + (now - bucket[1]) * self.rate) - 1
+        bucket[0] = max(tokens, -self.rate * self.max_wait_s)
+        bucket[1] = now
+        return min(self.max_wait_s, -tokens / self.rate) if tokens < 0 else 0.0
+
+    def unlogged(self, address: str, more: int = 0) -> int:
+        """Count ``more`` refusals left out of the log; with 0, take the count (reset)."""
+        bucket = self._buckets.get(address)
+        if bucket is None:
+            return 0
+        if more:
+            bucket[2] += more
+            return int(bucket[2])
+        count, bucket[2] = int(bucket[2]), 0.0
+        return count
+
+    def _forget_full(self, now: float) -> None:
+        for address, (tokens, when, unlogged) in list(self._buckets.items()):
+            if not unlogged and tokens + (now - when) * self.rate >= self.rate:
+                del self._buckets[address]
+
+
 class ApiGuard:
     """The middleware; ``inputs`` maps each POST route to the model of its JSON body, and
     ``settings`` gives the keys and the body limit."""
@@ -132,6 +188,8 @@ class ApiGuard:
             raise
         self.api_keys = configured.api_keys
         self.max_body_bytes = configured.max_body_bytes
+        self.throttle = RefusalThrottle(configured.refusals_per_s)
+        self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -144,8 +202,7 @@ class ApiGuard:
                 refused = _Refused(
                     413, f"the body is {declared} bytes; the limit is {self.max_body_bytes} bytes"
                 )
-                _log_refusal(scope, refused)
-                await _answer(send, refused.status, error_body(refused.message))
+                await self._refuse(scope, send, refused)
                 return
             await self.app(scope, _counted(receive, self.max_body_bytes), send)
             return
@@ -158,10 +215,27 @@ class ApiGuard:
                 self._validate(model, body)
                 receive = _replay(body, receive)
         except _Refused as refused:
-            _log_refusal(scope, refused)
-            await _answer(send, refused.status, error_body(refused.message, refused.detail))
+            await self._refuse(scope, send, refused)
             return
         await self.app(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, send: Send, refused: _Refused) -> None:
+        """Log the refusal and answer it; past the address's rate, after its wait, and
+        counted instead of logged (the next logged refusal says how many were not)."""
+        address = (scope.get("client") or ("unknown", 0))[0]
+        wait = self.throttle.take(address)
+        if wait > 0:
+            if self.throttle.unlogged(address, 1) == 1:
+                log.warning(
+                    "refusals from %s are over %d a second: answered after a wait, not logged "
+                    "one by one",
+                    address,
+                    self.throttle.rate,
+                )
+            await self.sleep(wait)
+        else:
+            _log_refusal(scope, refused, self.throttle.unlogged(address))
+        await _answer(send, refused.status, error_body(refused.message, refused.detail))
 
     def _authorise(self, scope: Scope, path: str) -> None:
         if not self.api_keys or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
@@ -242,11 +316,15 @@ def _headers(scope: Scope) -> dict[str, str]:
     return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
 
 
-def _log_refusal(scope: Scope, refused: _Refused) -> None:
+def _log_refusal(scope: Scope, refused: _Refused, unlogged: int = 0) -> None:
     """One line: what was refused and why (never the body, never a header; a newline or
-    any other control character in the message is escaped, so no line can be forged)."""
+    any other control character in the message is escaped, so no line can be forged), and
+    how many refusals before it were left out of the log (throttled)."""
     said = refused.message[:300].encode("unicode_escape").decode("ascii")
-    log.warning("%s %s refused with %d: %s", scope["method"], scope["path"], refused.status, said)
+    since = f" ({unlogged} throttled refusals before it were not logged)" if unlogged else ""
+    log.warning(
+        "%s %s refused with %d: %s%s", scope["method"], scope["path"], refused.status, said, since
+    )
 
 
 async def _answer(send: Send, status: int, body: bytes) -> None:

@@ -35,6 +35,12 @@ class ServingSettings:
       needs one of them), ``max_body_bytes`` (a larger body is a 413, refused before it is
       read whole) and ``as_of_margin_days`` (how far past the data's end, or the clock's
       now, an ``as_of`` may go).
+    * ``refusals_per_s``: how many requests a second one client address may have refused
+      (a 400, 401, 413 or 415) at once; beyond it (a bucket of one second's worth), each
+      refusal is answered after the wait its turn needs, at most a second, and not logged
+      one by one: a client looping on bad requests is slowed to this rate instead of
+      taking the worker from everyone else. 0 turns it off. Valid requests are never
+      delayed.
     * ``budget_ms``: the latency budget of one customer's slate, in milliseconds of the
       recommender's own work after its feature builder is ready (a call for n customers
       has n times it; checked once, before the explanation). When features,
@@ -63,6 +69,7 @@ class ServingSettings:
     max_body_bytes: int = 64 * 1024
     as_of_margin_days: int = 30
     budget_ms: float = 150.0
+    refusals_per_s: int = 50
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServingSettings:
@@ -72,7 +79,7 @@ class ServingSettings:
         ``NEXTBEST_RELOAD_SECONDS``, ``NEXTBEST_REVIEW_THRESHOLD``,
         ``NEXTBEST_SECURE_COOKIES``, ``NEXTBEST_API_KEYS`` (comma-separated),
         ``NEXTBEST_MAX_BODY_BYTES``, ``NEXTBEST_AS_OF_MARGIN_DAYS``,
-        ``NEXTBEST_BUDGET_MS``; unset means the default."""
+        ``NEXTBEST_BUDGET_MS``, ``NEXTBEST_REFUSALS_PER_S``; unset means the default."""
         env = os.environ if environ is None else environ
         default = cls()
         return cls(
@@ -93,11 +100,10 @@ class ServingSettings:
             api_keys=tuple(
                 k.strip() for k in env.get("NEXTBEST_API_KEYS", "").split(",") if k.strip()
             ),
-            max_body_bytes=_positive(env, "NEXTBEST_MAX_BODY_BYTES", default.max_body_bytes),
-            as_of_margin_days=_positive(
-                env, "NEXTBEST_AS_OF_MARGIN_DAYS", default.as_of_margin_days
-            ),
-            budget_ms=float(_positive(env, "NEXTBEST_BUDGET_MS", int(default.budget_ms))),
+            max_body_bytes=_whole(env, "NEXTBEST_MAX_BODY_BYTES", default.max_body_bytes),
+            as_of_margin_days=_whole(env, "NEXTBEST_AS_OF_MARGIN_DAYS", default.as_of_margin_days),
+            budget_ms=float(_whole(env, "NEXTBEST_BUDGET_MS", int(default.budget_ms))),
+            refusals_per_s=_whole(env, "NEXTBEST_REFUSALS_PER_S", default.refusals_per_s, least=0),
         )
 
     def ledger_url(self, data_dir: Path) -> str:
@@ -115,12 +121,12 @@ def _share(env: Mapping[str, str], name: str, default: float) -> float:
     return share
 
 
-def _positive(env: Mapping[str, str], name: str, default: int) -> int:
+def _whole(env: Mapping[str, str], name: str, default: int, least: int = 1) -> int:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
-    if not raw.isdigit() or int(raw) < 1:
-        raise ValueError(f"{name} must be a whole number of at least 1, not {raw!r}")
+    if not raw.isdigit() or int(raw) < least:
+        raise ValueError(f"{name} must be a whole number of at least {least}, not {raw!r}")
     return int(raw)
 
 
