@@ -976,15 +976,26 @@ def _check_servable(workspace: Path, alias: str) -> None:
 
 
 def _wait_ready(process: Any, base: str, failure: Path, timeout: float = 300) -> None:
-    """Until ``/readyz`` answers 200; exit 1 with one line if BentoML dies, a worker
-    reports it cannot start, or ``timeout`` passes (the caller then stops BentoML)."""
-    from runtime.processes import wait_ready
+    """Until ``/readyz`` answers 200, or says the service serves degraded (its ledger's
+    database down at start: said in one line, and serving); exit 1 with one line if
+    BentoML dies, a worker reports it cannot start, or ``timeout`` passes (the caller then
+    stops BentoML)."""
+    from runtime.processes import DEGRADED, wait_ready
 
     def reported() -> str:
         reason = failure.read_text().strip() if failure.exists() else ""
         return reason.splitlines()[-1] if reason else ""
 
-    why = wait_ready(f"{base}/readyz", process, timeout, failed=lambda: bool(reported()))
+    def degraded(reason: str) -> None:
+        why = reason.removeprefix(DEGRADED).lstrip(": ")
+        typer.echo(
+            f"warning: the service started degraded (/readyz answers 503 until it is not): {why}",
+            err=True,
+        )
+
+    why = wait_ready(
+        f"{base}/readyz", process, timeout, failed=lambda: bool(reported()), degraded=degraded
+    )
     if why is None:
         return
     said = {
@@ -1078,7 +1089,8 @@ def _print_review_help(base: str, db_url: str | None) -> None:
         users = _review_store(db_url).usernames()
     except Exception as error:  # the page still works; only this hint is lost
         users = []
-        typer.echo(f"(could not read the review users: {error})", err=True)
+        said = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        typer.echo(f"(could not read the review users: {said})", err=True)
     typer.echo(f"\nReview page: {base}/review/")
     if not users:
         typer.echo(

@@ -35,6 +35,7 @@ from pydantic import (
 
 from features.contract import CHANNELS, OUTCOMES
 from features.snapshot import MOMENTS, PLACEMENTS
+from runtime.processes import DEGRADED
 from serving.contract import (
     ISO_MOMENT,
     MAX_CART_ITEMS,
@@ -355,7 +356,7 @@ class NextBest:
             why.append(f"{self.recommender.blocks_unread}: no offer is shown")
         raise HTTPException(
             status_code=503,
-            detail="not ready, serving degraded: " + "; ".join(why or ["the ledger is down"]),
+            detail=f"{DEGRADED}: " + "; ".join(why or ["the ledger is down"]),
         )
 
     @bentoml.api(route="/recommend")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -336,3 +337,26 @@ def _customer_segments(site: Site) -> dict[str, str]:
     customers = pd.read_parquet(Path(site.served.workspace.path) / "customers.parquet")
     known = customers.dropna(subset=["segment"])
     return dict(zip(known["customer_id"].astype(str), known["segment"].astype(str), strict=True))
+
+
+def test_the_page_says_its_database_is_unavailable_instead_of_a_500(site: Site) -> None:
+    """The ledger's SQLite file moved away (as deleted): the review page answers a 503 page
+    that says so, and nothing is written into a new empty file; moved back, it works."""
+    client = site.client
+    _sign_in(client, "rita", "reviewer-pass")
+    ledger = site.served.workspace.path.parent / "ledger.db"  # the fixture's home
+    away = ledger.with_name("ledger.db.away")
+    ledger.rename(away)
+    try:
+        page = client.get("/review/")
+        assert page.status_code == 503, page.text[:500]
+        assert "The review database is unavailable" in page.text
+        assert "Traceback" not in page.text
+        assert not ledger.exists()
+    finally:
+        away.rename(ledger)
+    # restored: the ledger's recovery (a probe a second) finds the same file again
+    deadline = time.monotonic() + 20
+    while (status := client.get("/review/").status_code) != 200 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert status == 200

@@ -149,9 +149,43 @@ def test_an_unreachable_registry_serves_the_last_known_good_version(
         with urllib.request.urlopen(url, timeout=10) as response:
             metadata = json.loads(response.read())
         assert metadata["model"]["version"] == "1" and metadata["model"]["mode"] == "model"
+        assert metadata["model_source"]["source"] == "last-known-good cache"
+        assert metadata["model_source"]["version"] == "1"
     text = log.read_text()
     assert f"Serving version 1 of {trained.model_name}@champion from the last-known-good" in text
     assert "serving the last known good version 1" in text  # the worker's own log line
+
+
+def test_a_ledger_database_down_at_start_serves_degraded_and_says_so(
+    trained: Served, home: Path, tmp_path: Path
+) -> None:
+    """`nextbest serve` gave up after 300 s waiting for a /readyz that could not be ready:
+    now it starts, says in one line why it is degraded, and the service answers."""
+    log = tmp_path / "serve.log"
+    down = f"postgresql+psycopg://nextbest@127.0.0.1:{free_port()}/ledger"  # nobody listens
+    customer = str(trained.workspace.read("customers", ["customer_id"])["customer_id"].iloc[0])
+    with serve(home, trained, log, NEXTBEST_DB_URL=down) as process:
+        deadline = time.monotonic() + 150
+        while "warning: the service started degraded" not in log.read_text():
+            assert process.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        (line,) = [
+            line
+            for line in log.read_text().splitlines()
+            if line.startswith("warning: the service started degraded")
+        ]
+        assert "the ledger is down" in line and "blocks cannot be read" in line
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{process.port}/recommend",  # type: ignore[attr-defined]
+            data=json.dumps({"customer_id": customer, "channel": "web"}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            answer = json.loads(response.read())
+        # the reviewers' blocks unknown: nothing is shown rather than a blocked offer
+        assert answer["degraded"] is True and answer["offers"] == []
+        assert process.poll() is None
 
 
 def one_line_refusal(process: subprocess.Popen[bytes], log: Path, code: int = 2) -> str:

@@ -36,6 +36,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 from features import FEATURES
+from serving.ledger import LedgerUnavailable
 from serving.review.reviews import ReleaseError, Reviews
 from serving.review.store import REJECT_REASONS, AccessError, ReviewStore, Session, Throttled
 
@@ -187,6 +188,18 @@ def _refused(request: Request, error: Exception) -> Response:
         "error.html",
         {"title": titles.get(error.status, "Refused"), "message": error.message},
         error.status,
+    )
+
+
+@site.exception_handler(LedgerUnavailable)
+def _ledger_unavailable(request: Request, error: Exception) -> Response:
+    """The ledger's database is down, silent or its file gone: a page that says so, at
+    once (the ledger's own bounds), never a plain 500."""
+    return _page(
+        request,
+        "error.html",
+        {"title": "The review database is unavailable", "message": f"{error} Try again soon."},
+        503,
     )
 
 
