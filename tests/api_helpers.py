@@ -44,9 +44,11 @@ class Answer:
         return json.loads(self.body)
 
 
-def rules_only_workspace(folder: Path, *, seed: int = 11) -> Workspace:
-    """A small synthetic workspace and no registered model (the rules-only ranking): the
-    API's limits and keys do not need a trained version."""
+def small_api_workspace(folder: Path, *, seed: int = 11) -> Workspace:
+    """A small synthetic workspace (60 customers, 90 days). With no registered model it is
+    served by the rules-only ranking (the API's limits and keys need no trained version);
+    the contract's tests train a small model on it (fitting the default 150 x 150 world
+    took a quarter of that file's time)."""
     return write_world(make_world(ScenarioConfig(n_customers=60, n_days=90, seed=seed)), folder)
 
 

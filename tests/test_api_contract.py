@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import jsonschema
 import pytest
-from api_helpers import Server, schemathesis, serve
+from api_helpers import Server, schemathesis, serve, small_api_workspace
 from serving_helpers import train_and_register
 from test_review_browser import FLAGS as BROWSER_FLAGS
 
@@ -27,7 +27,13 @@ pytestmark = pytest.mark.slow
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A trained champion served, and a reviewer (rita) in its ledger."""
     folder = tmp_path_factory.mktemp("contract")
-    trained = train_and_register(folder / "home")
+    home = folder / "home"
+    # the contract needs a trained version (model-ranked offers with contributions), not
+    # a good one: a small world and a small model
+    workspace = small_api_workspace(home / "ws")
+    trained = train_and_register(
+        home, workspace_dir=workspace.path, n_estimators=20, bootstrap_samples=10
+    )
     _add_reviewer(f"sqlite:///{folder / 'ledger.db'}")
     with serve(trained.workspace, trained.home, folder) as running:
         yield running
