@@ -308,9 +308,11 @@ def _feedback_links(paths: dict[str, Any]) -> dict[str, Any]:
             "description": "What happened to the slate's first offer (any offer of `offers` "
             "is posted the same way, with its own `offer_id`); `outcome`, and `value` where "
             "there is one, are the storefront's. An empty slate has no offer to post on.",
+            # a literal body with runtime expressions embedded, in braces (OpenAPI 3.0.3,
+            # "Runtime Expressions"): each takes the type of the value it points at
             "requestBody": {
-                "request_id": "$response.body#/request_id",
-                "offer_id": "$response.body#/offers/0/offer_id",
+                "request_id": "{$response.body#/request_id}",
+                "offer_id": "{$response.body#/offers/0/offer_id}",
             },
         }
     }

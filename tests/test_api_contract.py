@@ -91,10 +91,10 @@ def test_schemathesis_with_every_check_finds_nothing(server: Server) -> None:
 
 
 def _pointer(document: Any, expression: str) -> Any:
-    """A link's ``$response.body#/a/0/b`` in ``document`` (RFC 6901, no escapes needed)."""
-    prefix = "$response.body#"
-    assert expression.startswith(prefix), expression
-    for token in expression.removeprefix(prefix).split("/")[1:]:
+    """A link's ``{$response.body#/a/0/b}`` in ``document`` (RFC 6901, no escapes needed)."""
+    prefix = "{$response.body#"
+    assert expression.startswith(prefix) and expression.endswith("}"), expression
+    for token in expression.removeprefix(prefix).removesuffix("}").split("/")[1:]:
         document = document[int(token)] if isinstance(document, list) else document[token]
     return document
 
