@@ -274,6 +274,7 @@ def openapi(
         schema = body["content"]["application/json"]["schema"]
         schema["additionalProperties"] = False  # a misspelt field is a 400 (serving.http)
         _nullable(schema, inputs[path])
+    paths["/recommend"]["post"]["responses"]["200"]["links"] = _feedback_links(paths)
     as_of = paths["/recommend"]["post"]["requestBody"]["content"]["application/json"]
     as_of = as_of["schema"]["properties"]["as_of"]
     first, last = as_of_range
@@ -306,6 +307,28 @@ def openapi(
                 operation["responses"] = _review_responses(path)
     _prune(spec)
     return spec
+
+
+def _feedback_links(paths: dict[str, Any]) -> dict[str, Any]:
+    """OpenAPI links from a served slate to ``POST /feedback``: the feedback a storefront
+    posts names the slate's ``request_id`` and one of its offers (an offer it did not serve
+    is a 404). Tools that follow links (swagger-ui shows them, schemathesis's stateful
+    phase posts them) then send feedback on slates really served."""
+    target = paths["/feedback"]["post"]["operationId"]
+    return {
+        "FeedbackOnTheFirstOffer": {
+            "operationId": target,
+            "description": "What happened to the slate's first offer (any offer of `offers` "
+            "is posted the same way, with its own `offer_id`); `outcome`, and `value` where "
+            "there is one, are the storefront's. An empty slate has no offer to post on.",
+            # a literal body with runtime expressions embedded, in braces (OpenAPI 3.0.3,
+            # "Runtime Expressions"): each takes the type of the value it points at
+            "requestBody": {
+                "request_id": "{$response.body#/request_id}",
+                "offer_id": "{$response.body#/offers/0/offer_id}",
+            },
+        }
+    }
 
 
 def moment_pattern(first: date, last: date) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 import sqlalchemy as sa
-from api_helpers import Answer, Server, call, rules_only_workspace, serve, wait_for_log
+from api_helpers import Answer, Server, call, serve, small_api_workspace, wait_for_log
 
 from features import ScenarioConfig, make_world, write_world
 
@@ -48,7 +48,7 @@ def ledger_url(postgres_url: str) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, ledger_url: str) -> Iterator[Server]:
     folder = tmp_path_factory.mktemp("limits")
-    workspace = rules_only_workspace(folder / "ws")
+    workspace = small_api_workspace(folder / "ws")
     with serve(workspace, folder / "home", folder, NEXTBEST_DB_URL=ledger_url) as running:
         yield running
 
