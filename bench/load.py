@@ -2,9 +2,10 @@
 
 1. **The ramp** measures the maximum throughput: after a warm-up as long as a level (one
    client), closed loops of 1, 2, 4, … clients, each for ``ramp_seconds`` (10), until a
-   doubling no longer raises the rate by 5 %. A unit of work is
-   a *visit*: POST /recommend for a random known customer, then POST /feedback for one
-   offer that slate actually served (when it served one), as a storefront does.
+   doubling no longer raises the rate by 5 %; the best level is then measured again, and
+   that second measure is the maximum (the best of noisy levels overstates it). A unit of
+   work is a *visit*: POST /recommend for a random known customer, then POST /feedback for
+   one offer that slate actually served (when it served one), as a storefront does.
 2. **The steady run** sends visits open-loop at 80 % of that maximum, evenly spaced, for
    60 s (a visit's latency counts from when it was due, so a stalled server is not hidden
    by a client that waited for it).
@@ -246,14 +247,20 @@ async def _measure(base: str, customers: Sequence[str], plan: LoadPlan) -> LoadR
         # maximum taken on an empty ledger put "80 %" above what the service then held)
         await _closed_loop(warm, 1, plan.ramp_seconds)
         ramp: list[dict[str, float]] = []
-        best = 0.0
+        best, best_clients = 0.0, plan.levels[0]
         for clients in plan.levels:
             rate = await _closed_loop(warm, clients, plan.ramp_seconds)
             ramp.append({"clients": clients, "visits_per_s": round(rate, 1)})
             grew = rate > best * 1.05
-            best = max(best, rate)
+            if rate > best:
+                best, best_clients = rate, clients
             if not grew:
                 break
+        # the best of noisy levels is biased up (the service's rate varies by about 10 %
+        # from one level to the next): the maximum is that level measured again, apart
+        # from the choice (80 % of a lucky level put the steady run at saturation)
+        best = await _closed_loop(warm, best_clients, plan.ramp_seconds)
+        ramp.append({"clients": best_clients, "visits_per_s": round(best, 1), "again": 1})
         steady = _Visitor(session, base, customers, plan)
         rate = plan.share * best
         await _open_loop(steady, rate, plan.seconds)
@@ -336,7 +343,10 @@ def serve(env: dict[str, str], log: Path, timeout: float = 180) -> Iterator[str]
 def print_report(report: LoadReport) -> None:
     print(
         f"maximum: {report.max_visits_per_s:.1f} visits/s (ramp: "
-        + ", ".join(f"{r['clients']:g} clients {r['visits_per_s']:g}/s" for r in report.ramp)
+        + ", ".join(
+            f"{'again ' if r.get('again') else ''}{r['clients']:g} clients {r['visits_per_s']:g}/s"
+            for r in report.ramp
+        )
         + f"); steady run at {report.rate:.1f} visits/s "
         f"(a visit: /recommend, then /feedback for an offer it served); the machine's "
         f"1-minute load average {report.load_average[0]:g} at the start, "

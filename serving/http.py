@@ -47,6 +47,7 @@ __all__ = [
     "OPEN_PATHS",
     "ApiGuard",
     "RefusalThrottle",
+    "cancel_bentoml_request_timers",
     "error_body",
     "key_matches",
     "validation_detail",
@@ -458,3 +459,51 @@ DOCS_POLICY = (
     "img-src 'self' data:; connect-src 'self'; font-src 'self'; base-uri 'none'; "
     "frame-ancestors 'none'"
 )
+
+
+def cancel_bentoml_request_timers() -> None:
+    """BentoML 1.4's ``TimeoutMiddleware`` (the traffic timeout, 30 s here) schedules a
+    timer per request and never cancels it: each answered request's timer, with its
+    future, its context and the request's tracing span, lives on for the whole timeout. At
+    80 requests a second that is 2,400 timers, some 50,000 objects that every full garbage
+    collection walks: a 40 ms pause that held every request in flight (a steady load's p99
+    doubled in the window it fell in). This makes the same middleware cancel its timer as
+    soon as the request is answered or fails; a request past the timeout is still a 504."""
+    from bentoml._internal.server.http import traffic
+
+    middleware = traffic.TimeoutMiddleware
+    if getattr(middleware, "_nextbest_cancels_timer", False):
+        return
+
+    async def call(self: Any, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
+        timer = loop.call_later(self.timeout, self._set_timer_out, waiter)
+
+        async def _send(message: Message) -> None:
+            if not waiter.done():
+                waiter.set_result(None)
+            await send(message)
+
+        task = asyncio.ensure_future(self.app(scope, receive, _send), loop=loop)
+        try:
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+        except TimeoutError:
+            if task.cancel():
+                timeout = traffic.JSONResponse(
+                    {"error": f"Not able to process the request in {self.timeout} seconds"},
+                    status_code=504,
+                )
+                await timeout(scope, receive, send)  # type: ignore[arg-type]
+        else:
+            await task
+
+    setattr(middleware, "_bentoml_call", middleware.__call__)  # noqa: B010 (kept: the tests' oracle)
+    setattr(middleware, "__call__", call)  # noqa: B010
+    setattr(middleware, "_nextbest_cancels_timer", True)  # noqa: B010

@@ -517,8 +517,9 @@ def _inputs() -> dict[str, Any]:
 def _guard() -> None:
     """The front door (``serving.http.ApiGuard``): keys, JSON only, bounded bodies, one
     validation with one log line, one error shape."""
-    from serving.http import ApiGuard
+    from serving.http import ApiGuard, cancel_bentoml_request_timers
 
+    cancel_bentoml_request_timers()
     service: Any = NextBest  # the bentoml.Service the decorator made of the class
     service.add_asgi_middleware(ApiGuard, inputs=_inputs())
 
