@@ -86,3 +86,25 @@ def test_bentomls_own_middleware_left_one_timer_per_request(timeout_middleware: 
 def test_a_request_past_the_timeout_is_still_a_504(timeout_middleware: Any) -> None:
     (messages,) = uvloop.run(_requests(timeout_middleware(_slow, timeout=0.05), 1))
     assert messages[0]["status"] == 504
+
+
+async def _fails(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    raise ValueError("the handler failed before it answered")
+
+
+def test_a_handler_that_fails_before_answering_is_said_at_once(timeout_middleware: Any) -> None:
+    """BentoML's own code (the oracle below) waited for the whole timeout, then returned
+    without an answer and without the error."""
+
+    async def run() -> None:
+        await asyncio.wait_for(_requests(timeout_middleware(_fails, timeout=30), 1), 5)
+
+    with pytest.raises(ValueError, match="failed before it answered"):
+        uvloop.run(run())
+
+
+def test_bentomls_own_middleware_dropped_the_error(timeout_middleware: Any) -> None:
+    class Unfixed(timeout_middleware):
+        __call__ = timeout_middleware._bentoml_call
+
+    assert uvloop.run(_requests(Unfixed(_fails, timeout=0.2), 1)) == [[]]
