@@ -35,6 +35,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
@@ -120,6 +121,13 @@ class _Refused(Exception):
         self.status, self.message, self.detail = status, message, detail
 
 
+@dataclass
+class _Bucket:
+    tokens: float
+    when: float
+    unlogged: int = 0  # refusals waited on and not logged since the last logged one
+
+
 class RefusalThrottle:
     """A token bucket of refusals per client address: ``rate`` a second, holding at most
     one second's worth. :meth:`take` spends one and says how long to wait first (0 while
@@ -134,7 +142,7 @@ class RefusalThrottle:
         self.rate = rate
         self.max_wait_s = max_wait_s
         self.clock = clock
-        self._buckets: dict[str, list[float]] = {}  # address → [tokens, when, unlogged]
+        self._buckets: dict[str, _Bucket] = {}
 
     def take(self, address: str) -> float:
         if self.rate <= 0:
@@ -144,26 +152,31 @@ class RefusalThrottle:
         if bucket is None:
             if len(self._buckets) >= self.MAX_ADDRESSES:
                 self._forget_full(now)
-            bucket = self._buckets[address] = [self.rate, now, 0.0]
-        tokens = min(self.rate, bucket[0] + (now - bucket[1]) * self.rate) - 1
-        bucket[0] = max(tokens, -self.rate * self.max_wait_s)
-        bucket[1] = now
+            bucket = self._buckets[address] = _Bucket(self.rate, now)
+        tokens = self._refilled(bucket, now) - 1
+        bucket.tokens, bucket.when = max(tokens, -self.rate * self.max_wait_s), now
         return min(self.max_wait_s, -tokens / self.rate) if tokens < 0 else 0.0
 
-    def unlogged(self, address: str, more: int = 0) -> int:
-        """Count ``more`` refusals left out of the log; with 0, take the count (reset)."""
+    def not_logged(self, address: str) -> int:
+        """One more refusal from ``address`` left out of the log: how many now."""
+        bucket = self._buckets[address]
+        bucket.unlogged += 1
+        return bucket.unlogged
+
+    def take_not_logged(self, address: str) -> int:
+        """How many refusals from ``address`` were left out of the log, counting anew."""
         bucket = self._buckets.get(address)
         if bucket is None:
             return 0
-        if more:
-            bucket[2] += more
-            return int(bucket[2])
-        count, bucket[2] = int(bucket[2]), 0.0
+        count, bucket.unlogged = bucket.unlogged, 0
         return count
 
+    def _refilled(self, bucket: _Bucket, now: float) -> float:
+        return min(self.rate, bucket.tokens + (now - bucket.when) * self.rate)
+
     def _forget_full(self, now: float) -> None:
-        for address, (tokens, when, unlogged) in list(self._buckets.items()):
-            if not unlogged and tokens + (now - when) * self.rate >= self.rate:
+        for address, bucket in list(self._buckets.items()):
+            if not bucket.unlogged and self._refilled(bucket, now) >= self.rate:
                 del self._buckets[address]
 
 
@@ -226,7 +239,7 @@ class ApiGuard:
         address = (scope.get("client") or ("unknown", 0))[0]
         wait = self.throttle.take(address)
         if wait > 0:
-            if self.throttle.unlogged(address, 1) == 1:
+            if self.throttle.not_logged(address) == 1:
                 log.warning(
                     "refusals from %s are over %d a second: answered after a wait, not logged "
                     "one by one",
@@ -235,7 +248,7 @@ class ApiGuard:
                 )
             await self.sleep(wait)
         else:
-            _log_refusal(scope, refused, self.throttle.unlogged(address))
+            _log_refusal(scope, refused, self.throttle.take_not_logged(address))
         await _answer(send, refused.status, error_body(refused.message, refused.detail))
 
     def _authorise(self, scope: Scope, path: str) -> None:
