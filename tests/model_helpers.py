@@ -21,6 +21,10 @@ DEMO_CONFIG = {
     "train_customers_per_cut": 200,
     "eval_customers_per_cut": 150,
     "cut_every_days": 14,
+    # the per-split floors at their defaults would take about 3x these per bucket on a
+    # year of data (about twice the training time): the suite needs a model, not the best
+    "min_train_opportunities": 6000,
+    "min_eval_opportunities": 1500,
     "n_estimators": 80,
     "learning_rate": 0.05,
     "max_depth": 6,

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -14,6 +17,7 @@ from pathlib import Path
 from features import ScenarioConfig, Workspace, load_snapshot, make_world, write_world
 from policy import load_rules
 from runtime.processes import stop, wait_ready
+from runtime.settings import Settings
 from serving.engine import Recommender
 from training.config import load_config
 from training.pipeline import train
@@ -21,6 +25,46 @@ from training.pipeline import train
 # one LightGBM thread: the suite runs two workers on two cores, and OpenMP threads that
 # wait for a busy core spin (a 2-thread fit took 25x as long as a 1-thread one then)
 CONFIG = {"min_pair_orders": 3, "n_estimators": 60, "bootstrap_samples": 50, "n_jobs": 1}
+
+
+# made once per test process and copied: a seeded world (it is the same world every time)
+# and an empty embedded MLflow store, its schema migrated (a new store costs about 2 s of
+# migrations; a copied one is relocated to its new folder by configure_tracking)
+_TEMPLATES: Path | None = None
+
+
+def _templates() -> Path:
+    global _TEMPLATES
+    if _TEMPLATES is None:
+        _TEMPLATES = Path(tempfile.mkdtemp(prefix="nextbest-test-templates-"))
+        atexit.register(shutil.rmtree, _TEMPLATES, ignore_errors=True)
+    return _TEMPLATES
+
+
+def _world_copy(seed: int, target: Path) -> Workspace:
+    template = _templates() / f"world-{seed}"
+    if not Workspace(template).exists():
+        write_world(make_world(ScenarioConfig(n_customers=150, n_days=150, seed=seed)), template)
+    shutil.copytree(template, target)
+    return Workspace(target)
+
+
+def _empty_store(models: Path) -> None:
+    """``models/mlflow.db`` copied from a template store that has the experiment only."""
+    from runtime.registry import configure_tracking
+
+    template = _templates() / "home"
+    if not (template / "models" / "mlflow.db").is_file():
+        (template / "models").mkdir(parents=True)
+        home = os.environ.get("NEXTBEST_HOME")
+        os.environ["NEXTBEST_HOME"] = str(template)
+        try:
+            configure_tracking()
+        finally:
+            if home is not None:
+                os.environ["NEXTBEST_HOME"] = home
+    models.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(template / "models" / "mlflow.db", models / "mlflow.db")
 
 
 @dataclass
@@ -51,11 +95,12 @@ def train_and_register(
     workspace = (
         Workspace(workspace_dir)
         if Workspace(workspace_dir).exists()
-        else write_world(
-            make_world(ScenarioConfig(n_customers=150, n_days=150, seed=seed)), workspace_dir
-        )
+        else _world_copy(seed, workspace_dir)
     )
     result = train(load_snapshot(workspace), load_rules(), load_config(None, **(CONFIG | config)))
+    models = Settings.load().models_dir
+    if not (models / "mlflow.db").exists():
+        _empty_store(models)
     configure_tracking()
     summary = log_run(result, workspace, load_rules())
     if champion:
