@@ -36,6 +36,7 @@ from pydantic import (
 from features.contract import CHANNELS, OUTCOMES
 from features.snapshot import MOMENTS, PLACEMENTS
 from runtime.processes import DEGRADED
+from serving.coalesce import Coalescer
 from serving.contract import (
     ISO_MOMENT,
     MAX_CART_ITEMS,
@@ -151,11 +152,16 @@ class NextBest:
         if self.recommender.model.bundle is None:
             self._refuse_alias_version()
         import anyio
+        import anyio.to_thread
 
         # one thread serves the present; a replay of the past (as_of) has its own, so a
         # builder it fits never holds up the present's requests
         self._present = anyio.CapacityLimiter(1)
         self._past = anyio.CapacityLimiter(1)
+        self._coalescer = Coalescer(
+            lambda call: anyio.to_thread.run_sync(call, limiter=self._present),
+            max_batch=settings.max_batch,
+        )
         self._stop = threading.Event()
         self._watcher = threading.Thread(
             target=self._watch_alias, daemon=True, name="nextbest-alias-watcher"
@@ -381,22 +387,29 @@ class NextBest:
             if refused:
                 log.warning("POST /recommend refused with 400: %s", refused)
                 return _error(400, refused)
-        # a replay of the past may have a builder to fit (a second or so): it runs on a
-        # thread of its own, and the present's requests never queue behind it
-        present = moment_s is None or recommender.is_present(moment_s)
-        answer = await anyio.to_thread.run_sync(
-            lambda: recommender.recommend(
-                customer_id,
+        fields = (context or Context.model_validate({})).model_dump()
+
+        def serve(customers: list[str], contexts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            return self.recommender.recommend_many(
+                customers,
                 channel=channel,
                 placement=placement,
-                context=(context or Context.model_validate({})).model_dump(),
+                contexts=contexts,
                 k=k,
                 debug=debug,
                 as_of=as_of,
-            ),
-            limiter=self._present if present else self._past,
-        )
-        return _answer(answer)
+            )
+
+        # a replay of the past may have a builder to fit (a second or so): it runs on a
+        # thread of its own, and the present's requests never queue behind it
+        if moment_s is not None and not recommender.is_present(moment_s):
+            answers = await anyio.to_thread.run_sync(
+                lambda: serve([customer_id], [fields]), limiter=self._past
+            )
+            return _answer(answers[0])
+        # the present: requests that queued while its thread was busy are served together
+        key = (channel, placement, k, debug, as_of)
+        return _answer(await self._coalescer.submit(key, customer_id, fields, serve))
 
     @bentoml.api(route="/feedback")
     def feedback(

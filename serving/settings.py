@@ -41,6 +41,9 @@ class ServingSettings:
       one by one: a client looping on bad requests is slowed to this rate instead of
       taking the worker from everyone else. 0 turns it off. Valid requests are never
       delayed.
+    * ``max_batch``: how many waiting ``/recommend`` requests (same parameters, distinct
+      customers) the present's thread may serve in one call when they queued while it
+      was busy (``serving.coalesce``); 1 serves every request alone.
     * ``budget_ms``: the latency budget of one customer's slate, in milliseconds of the
       recommender's own work after its feature builder is ready (a call for n customers
       has n times it; checked once, before the explanation). When features,
@@ -62,6 +65,7 @@ class ServingSettings:
     alias: str = CHAMPION
     rules_path: Path | None = None
     max_candidates: int = 200
+    max_batch: int = 8
     reload_seconds: float = 5.0
     review_threshold: float = 0.2
     secure_cookies: bool = False
@@ -78,7 +82,7 @@ class ServingSettings:
         ``NEXTBEST_OFFER_HOLDOUT_SHARE``, ``NEXTBEST_MODEL_ALIAS``, ``NEXTBEST_RULES``,
         ``NEXTBEST_RELOAD_SECONDS``, ``NEXTBEST_REVIEW_THRESHOLD``,
         ``NEXTBEST_SECURE_COOKIES``, ``NEXTBEST_API_KEYS`` (comma-separated),
-        ``NEXTBEST_MAX_BODY_BYTES``, ``NEXTBEST_AS_OF_MARGIN_DAYS``,
+        ``NEXTBEST_MAX_BATCH``, ``NEXTBEST_MAX_BODY_BYTES``, ``NEXTBEST_AS_OF_MARGIN_DAYS``,
         ``NEXTBEST_BUDGET_MS``, ``NEXTBEST_REFUSALS_PER_S``; unset means the default."""
         env = os.environ if environ is None else environ
         default = cls()
@@ -94,6 +98,7 @@ class ServingSettings:
             ),
             alias=env.get("NEXTBEST_MODEL_ALIAS", default.alias),
             rules_path=Path(env["NEXTBEST_RULES"]) if env.get("NEXTBEST_RULES") else None,
+            max_batch=_whole(env, "NEXTBEST_MAX_BATCH", default.max_batch),
             reload_seconds=float(env.get("NEXTBEST_RELOAD_SECONDS", default.reload_seconds)),
             review_threshold=_threshold(env.get("NEXTBEST_REVIEW_THRESHOLD", "0.2")),
             secure_cookies=env.get("NEXTBEST_SECURE_COOKIES", "").lower() in ("1", "true", "yes"),

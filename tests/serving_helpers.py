@@ -147,6 +147,31 @@ def forget_bentoml_metrics() -> None:
 
 
 @contextmanager
+def asgi_client(served: Served, folder: Path, **env: str) -> Iterator[object]:
+    """The service's ASGI app in this process on ``served`` (a fresh SQLite ledger in
+    ``folder``, no customer holdout, its BentoML metrics forgotten first); ``env`` adds or
+    overrides settings."""
+    import pytest
+    from starlette.testclient import TestClient
+
+    from serving.service import NextBest
+
+    settings = {
+        "NEXTBEST_HOME": str(served.home),
+        "NEXTBEST_WORKSPACE": str(served.workspace.path),
+        "NEXTBEST_DB_URL": f"sqlite:///{folder / 'ledger.db'}",
+        "NEXTBEST_HOLDOUT_SHARE": "0",
+        "BENTOML_HOME": str(folder / "bentoml"),
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in (settings | env).items():
+            patch.setenv(name, value)
+        forget_bentoml_metrics()
+        with TestClient(NextBest.to_asgi()) as test_client:
+            yield test_client
+
+
+@contextmanager
 def running(
     command: list[str], env: dict[str, str], ready_url: str, log: Path, timeout: float = 180
 ) -> Iterator[subprocess.Popen[bytes]]:

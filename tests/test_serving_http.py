@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from serving_helpers import (
     Served,
-    forget_bentoml_metrics,
+    asgi_client,
     free_port,
     nextbest_serve,
     running,
@@ -33,22 +33,11 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Served:
 
 @pytest.fixture(scope="module")
 def client(served: Served, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    """One ASGI app per test module (its BentoML metrics forgotten first)."""
-    from starlette.testclient import TestClient
-
-    from serving.service import NextBest
-
-    folder = tmp_path_factory.mktemp("asgi")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("NEXTBEST_HOME", str(served.home))
-        patch.setenv("NEXTBEST_WORKSPACE", str(served.workspace.path))
-        patch.setenv("NEXTBEST_DB_URL", f"sqlite:///{folder / 'ledger.db'}")
-        patch.setenv("NEXTBEST_HOLDOUT_SHARE", "0")
-        patch.setenv("NEXTBEST_RELOAD_SECONDS", "0.2")
-        patch.setenv("BENTOML_HOME", str(folder / "bentoml"))
-        forget_bentoml_metrics()
-        with TestClient(NextBest.to_asgi()) as test_client:
-            yield test_client
+    """One ASGI app per test module."""
+    with asgi_client(
+        served, tmp_path_factory.mktemp("asgi"), NEXTBEST_RELOAD_SECONDS="0.2"
+    ) as test_client:
+        yield test_client
 
 
 def test_recommend_and_feedback(client) -> None:  # type: ignore[no-untyped-def]
