@@ -380,3 +380,77 @@ def test_the_exported_tables_pass_the_contract(traffic: Traffic) -> None:
     tables = traffic.workspace.read_all()
     assert set(tables) == set(TABLES)
     validate_tables(tables)  # raises on any breach
+
+
+def test_export_from_a_postgresql_ledger(
+    small_workspace: Workspace, fresh_postgres: str, tmp_path: Path
+) -> None:
+    """The same export from a real PostgreSQL ledger (--db-url), counted by plain SQL there."""
+    import sqlalchemy as sa
+
+    workspace = _copy(small_workspace, tmp_path / "ws")
+    recommender = build_recommender(
+        ServingSettings(holdout_share=0.0, db_url=fresh_postgres), workspace=workspace, bundle=None
+    )
+    customers = list(workspace.read("customers")["customer_id"].head(5))
+    for customer in customers:
+        answer = recommender.recommend(customer, channel="web", as_of=SERVED_AT, k=2)
+        recommender.ledger.post_feedback(
+            request_id=answer["request_id"],
+            offer_id=answer["offers"][0]["offer_id"],
+            outcome="declined",
+            value=None,
+            at_s=_seconds(DECLINED_AT),
+        )
+    recommender.ledger.dispose()
+    engine = sa.create_engine(fresh_postgres)
+    with engine.connect() as connection:
+        served = connection.exec_driver_sql("SELECT count(*) FROM slate_offers").scalar_one()
+        given = connection.exec_driver_sql("SELECT count(*) FROM feedback").scalar_one()
+    engine.dispose()
+    assert (served, given) == (10, 5)
+
+    result = runner.invoke(
+        app, ["ledger", "export", "-w", str(workspace.path), "--db-url", fresh_postgres]
+    )
+    assert result.exit_code == 0, result.output
+    assert "exposures 10 added" in result.stdout and "outcomes 5 added" in result.stdout
+    outcomes = _exported(workspace.read("outcomes"))
+    assert list(outcomes["occurred_at"].unique()) == [pd.Timestamp(DECLINED_AT)]
+    assert sorted(outcomes["customer_id"]) == sorted(customers)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known, outside this change: the service reads the workspace's history AND the "
+    "live ledger (serving.ledger.CombinedLedger sums them), so rows exported from the ledger "
+    "it reads count twice in its caps until the history side leaves them out",
+)
+def test_a_service_on_the_exported_workspace_counts_each_serving_once(traffic: Traffic) -> None:
+    from serving.ledger import CombinedLedger
+
+    export_ledger(traffic.url, traffic.workspace)
+    customer, offer = traffic.declined
+    served = [
+        r
+        for r in _ledger_exposures(traffic.ledger_file)
+        if r[1] == customer and r[2] == offer and r[3] < _seconds("2025-05-13 12:00:00")
+    ]
+    assert len(served) == 1  # served once, at SERVED_AT
+    recommender = build_recommender(
+        ServingSettings(holdout_share=0.0, db_url=traffic.url),
+        workspace=traffic.workspace,
+        bundle=None,
+    )
+    snapshot = recommender.snapshot
+    end = _seconds("2025-05-13 12:00:00")
+    counted = CombinedLedger(snapshot, recommender.ledger).offer_counts(
+        "served",
+        np.asarray(snapshot.customers.encode(pd.Series([customer]))),
+        np.array([customer], dtype=object),
+        np.asarray(snapshot.offers.encode(pd.Series([offer]))),
+        np.array([end - 86400]),
+        np.array([end]),
+    )
+    recommender.ledger.dispose()
+    assert list(counted) == [1]
