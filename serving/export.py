@@ -157,8 +157,12 @@ def read_ledger(url: str) -> LedgerRows:
                 f"no ledger at {url}: there is no such file. Give the service's ledger with "
                 "--db-url (default: NEXTBEST_DB_URL, else ledger.db in the data folder)"
             )
-    elif parsed.get_backend_name() == "postgresql" and "connect_timeout" not in parsed.query:
-        options["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
+    elif parsed.get_backend_name() == "postgresql":
+        # both reads see one moment of a ledger the service keeps writing (SQLite's one
+        # transaction does already): no feedback without the slate it follows
+        options["isolation_level"] = "REPEATABLE READ"
+        if "connect_timeout" not in parsed.query:
+            options["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
     engine = sa.create_engine(url, **options)
     shown = parsed.render_as_string(hide_password=True)
     try:

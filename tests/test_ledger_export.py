@@ -454,3 +454,33 @@ def test_a_service_on_the_exported_workspace_counts_each_serving_once(traffic: T
     )
     recommender.ledger.dispose()
     assert list(counted) == [1]
+
+
+def test_an_empty_ledger_adds_nothing_and_an_outcome_outside_the_contract_is_counted(
+    traffic: Traffic, tmp_path: Path
+) -> None:
+    empty = tmp_path / "empty.db"
+    SqlLedger(f"sqlite:///{empty}").dispose()  # the ledger's tables, no rows
+    fingerprint = traffic.workspace.fingerprint
+    report = export_ledger(f"sqlite:///{empty}", traffic.workspace)
+    assert (report.exposures.added, report.outcomes.added, report.written) == (0, 0, False)
+    assert traffic.workspace.fingerprint == fingerprint
+
+    # an older ledger's row that today's ledger would refuse ('clicked' is no outcome)
+    older = tmp_path / "older.db"
+    shutil.copy(traffic.ledger_file, older)
+    request, offer = _sql(
+        older,
+        "SELECT s.request_id, o.offer_id FROM slates s JOIN slate_offers o "
+        f"ON o.request_id = s.request_id WHERE {_DELIVERED} AND s.customer_id = "
+        f"'{traffic.declined[0]}' LIMIT 1",
+    )[0]
+    with sqlite3.connect(older) as connection:
+        connection.execute(
+            "INSERT INTO feedback VALUES (?, ?, 'clicked', ?, NULL, ?)",
+            (request, offer, traffic.declined[0], _seconds(NEXT_DAY)),
+        )
+    report = export_ledger(f"sqlite:///{older}", traffic.workspace)
+    assert report.outcomes.unknown_outcome == 1
+    assert "1 unknown outcome skipped" in report.line()
+    assert "clicked" not in set(traffic.workspace.read("outcomes")["outcome"])
