@@ -484,3 +484,86 @@ def test_an_empty_ledger_adds_nothing_and_an_outcome_outside_the_contract_is_cou
     assert report.outcomes.unknown_outcome == 1
     assert "1 unknown outcome skipped" in report.line()
     assert "clicked" not in set(traffic.workspace.read("outcomes")["outcome"])
+
+
+def test_the_next_training_reads_the_exported_declines(
+    small_workspace: Workspace, tmp_path: Path
+) -> None:
+    """Traffic served in the past (inside the history), every served offer declined an
+    hour later: after the export, the training rows of those pairs at the test split's
+    orders (six weeks on, past the 30-day decline cooldown) carry the ledger's decline."""
+    from serving_helpers import CONFIG
+
+    from policy import load_rules
+    from training.config import load_config
+    from training.pipeline import train
+
+    workspace = _copy(small_workspace, tmp_path / "ws")
+    ledger_file = tmp_path / "ledger.db"
+    url = f"sqlite:///{ledger_file}"
+    recommender = build_recommender(
+        ServingSettings(holdout_share=0.0, db_url=url), workspace=workspace, bundle=None
+    )
+    served_at, declined_at = "2025-03-10 10:00:00", "2025-03-10 11:00:00"
+    for customer in workspace.read("customers")["customer_id"]:
+        answer = recommender.recommend(customer, channel="web", as_of=served_at, k=5)
+        for offer in answer["offers"]:
+            recommender.ledger.post_feedback(
+                request_id=answer["request_id"],
+                offer_id=offer["offer_id"],
+                outcome="declined",
+                value=None,
+                at_s=_seconds(declined_at),
+            )
+    recommender.ledger.dispose()
+
+    def test_rows(ws: Workspace) -> pd.DataFrame:
+        result = train(load_snapshot(ws), load_rules(), load_config(None, **CONFIG))
+        rows, snapshot = result.test, load_snapshot(ws)
+        return pd.DataFrame(
+            {
+                "customer_id": snapshot.customers.decode(rows.customer),
+                "offer_id": snapshot.offers.decode(rows.offer),
+                "t": rows.as_of_s,
+                "days": rows.values[:, rows.names.index("days_since_offer_declined")],
+            }
+        ).drop_duplicates(["customer_id", "offer_id", "t"])
+
+    before = test_rows(workspace)
+    export_ledger(url, workspace)
+    after = test_rows(workspace)
+
+    # the oracle: the last decline before each row's moment, from the raw tables
+    own = small_workspace.read("outcomes")
+    own = own[own["outcome"] == "declined"]
+    declines = pd.concat(
+        [
+            pd.DataFrame(
+                {
+                    "customer_id": own["customer_id"].astype("object"),
+                    "offer_id": own["offer_id"].astype("object"),
+                    "at": (own["occurred_at"] - pd.Timestamp(0)) // pd.Timedelta(seconds=1),
+                }
+            ),
+            pd.DataFrame(
+                _sql(ledger_file, "SELECT customer_id, offer_id, at_s FROM feedback"),
+                columns=["customer_id", "offer_id", "at"],
+            ),
+        ]
+    )
+    ledger_pairs = set(_sql(ledger_file, "SELECT customer_id, offer_id FROM feedback"))
+    pairs = zip(after["customer_id"], after["offer_id"], strict=True)
+    mine = after[[pair in ledger_pairs for pair in pairs]]
+    assert len(mine) >= 10, "test-split rows of pairs declined through the ledger"
+    assert (mine["t"] > _seconds(declined_at) + 30 * 86400).all()
+    for row in mine.itertuples():
+        same = declines[
+            (declines["customer_id"] == row.customer_id)
+            & (declines["offer_id"] == row.offer_id)
+            & (declines["at"] < row.t)
+        ]
+        assert row.days == pytest.approx((row.t - same["at"].max()) / 86400)
+    joined = mine.merge(before, on=["customer_id", "offer_id", "t"], suffixes=("", "_before"))
+    assert len(joined) >= 10
+    changed = joined["days_before"].isna() | (joined["days_before"] != joined["days"])
+    assert changed.sum() >= 10
