@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from features.catalog import non_product_categories, non_product_report
 from features.contract import TABLES, ContractError, coerce_table
-from features.workspace import Workspace, write_workspace
+from features.workspace import Workspace, rewrite_workspace, write_workspace
 
 __all__ = [
     "CATEGORY_POLICY",
@@ -521,20 +521,13 @@ def import_table(
         frame = coerce_table(table, read_table_file(path, table=table), time_format=time_format)
         tables = existing.read_all()
         tables[table] = frame
-        manifest = existing.manifest
-        imported = list(manifest["source"].get("imported_tables", []))
-        return write_workspace(
-            existing.path,
+        given = existing.manifest["source"]
+        imported = list(given.get("imported_tables", []))
+        return rewrite_workspace(
+            existing,
             tables,
-            source=dict(manifest["source"])
+            source=dict(given)
             | {"imported_tables": [*imported, {"table": table, "file": str(Path(path).resolve())}]},
-            synthetic=manifest["synthetic"],
-            allow_orphans=manifest.get("tolerated_unknown_ids", ()),
-            data_quality={
-                key: value
-                for key, value in manifest["data_quality"].items()
-                if not key.startswith("unknown_ids.")
-            },
         )
     except ContractError as error:
         raise (error if error.source else error.with_source(source)) from None

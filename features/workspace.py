@@ -33,7 +33,14 @@ import pyarrow.parquet as pq
 
 from features.contract import TABLES, TableSpec, coerce_table, empty_table, validate_tables
 
-__all__ = ["MANIFEST_NAME", "Workspace", "WorkspaceError", "summarize", "write_workspace"]
+__all__ = [
+    "MANIFEST_NAME",
+    "Workspace",
+    "WorkspaceError",
+    "rewrite_workspace",
+    "summarize",
+    "write_workspace",
+]
 
 MANIFEST_NAME = "workspace.json"
 FORMAT_VERSION = 1
@@ -226,6 +233,28 @@ def write_workspace(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return Workspace(target)
+
+
+def rewrite_workspace(
+    workspace: Workspace, tables: Mapping[str, pd.DataFrame], *, source: Mapping[str, Any]
+) -> Workspace:
+    """Write ``tables`` (every table, some changed) as ``workspace`` again, all or nothing:
+    what its manifest says of itself (synthetic, its id, the references whose unknown ids
+    it tolerates, its data quality) is kept, the unknown-id counts are taken again, and
+    ``source`` replaces the manifest's source (a table imported, a ledger exported)."""
+    manifest = workspace.manifest
+    return write_workspace(
+        workspace.path,
+        tables,
+        source=source,
+        synthetic=manifest["synthetic"],
+        allow_orphans=manifest.get("tolerated_unknown_ids", ()),
+        data_quality={
+            key: value
+            for key, value in manifest["data_quality"].items()
+            if not key.startswith("unknown_ids.")
+        },
+    )
 
 
 def _slug(name: str) -> str:

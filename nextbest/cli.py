@@ -52,6 +52,12 @@ review_app = typer.Typer(
     rich_markup_mode="markdown",
 )
 app.add_typer(review_app, name="review")
+ledger_app = typer.Typer(
+    help="The exposure ledger: what was served, and what came of it.",
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+)
+app.add_typer(ledger_app, name="ledger")
 
 WorkspaceOption = Annotated[
     Path | None,
@@ -1102,14 +1108,20 @@ def _print_review_help(base: str, db_url: str | None) -> None:
         typer.echo(f"Review users: {', '.join(users)} (add more: nextbest review add-user).")
 
 
+def _ledger_url(db_url: str | None) -> str:
+    """``--db-url``, else NEXTBEST_DB_URL, else the SQLite ledger in the data folder."""
+    from serving.settings import ServingSettings
+
+    if db_url is not None:
+        return db_url
+    return ServingSettings.from_env().ledger_url(Settings.load().require_data_dir())
+
+
 def _review_store(db_url: str | None) -> Any:
     from serving.ledger import SqlLedger
     from serving.review import ReviewStore
-    from serving.settings import ServingSettings
 
-    if db_url is None:
-        db_url = ServingSettings.from_env().ledger_url(Settings.load().require_data_dir())
-    return ReviewStore(SqlLedger(db_url).engine)
+    return ReviewStore(SqlLedger(_ledger_url(db_url)).engine)
 
 
 DbOption = Annotated[
@@ -1250,6 +1262,31 @@ def review_audit(
         return
     entries = pd.DataFrame(store.audit_log(), columns=list(AUDIT_COLUMNS))
     typer.echo(entries.to_string(index=False) if len(entries) else "(no entries)")
+
+
+@ledger_app.command("export")
+@_user_errors
+def ledger_export(
+    workspace: Annotated[Path, typer.Option("--workspace", "-w", help="An existing workspace.")],
+    db_url: DbOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the counts as JSON.")] = False,
+) -> None:
+    """Append the ledger's served offers and their outcomes to the workspace's exposures
+    and outcomes (validated by the contract), so that the next 'nextbest train' learns
+    from them. Idempotent: rows already exported are counted, not added again. Holdout
+    ghosts, and rows whose offer or customer the workspace does not know, are counted and
+    left out."""
+    from serving.export import LedgerExportError, export_ledger
+
+    try:
+        report = export_ledger(_ledger_url(db_url), workspace)
+    except LedgerExportError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(code=2) from None
+    if as_json:
+        _echo_json(report.as_dict())
+    else:
+        typer.echo(report.line())
 
 
 if __name__ == "__main__":
