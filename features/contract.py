@@ -45,6 +45,9 @@ Dtype = Literal["string", "float", "int", "bool", "datetime", "string_list"]
 CHANNELS = ("web", "app", "email", "sms", "mailer")
 OFFER_KINDS = ("item", "category", "coupon", "bundle")
 BUNDLE_TIERS = ("good", "better", "best")
+LEDGER_EXPOSURE_PREFIX = "ledger:"
+"""Exposures exported from the live ledger (``nextbest ledger export``) have ids that start
+with it; no source's own ids do."""
 OUTCOMES = ("viewed", "accepted", "declined", "purchased", "redeemed", "returned")
 EVENT_TYPES = (
     "browse",

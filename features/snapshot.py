@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from features.contract import CHANNELS, OFFER_KINDS, TABLES
+from features.contract import CHANNELS, LEDGER_EXPOSURE_PREFIX, OFFER_KINDS, TABLES
 from features.history import TimeIndex, to_seconds
 
 __all__ = [
@@ -140,6 +140,19 @@ class PairCodes:
             else (np.zeros(len(combined), dtype=bool))
         )
         return np.where(found, position, -1).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class CapIndexes:
+    """What frequency caps count in a workspace's history (``Snapshot._cap_indexes``)."""
+
+    sends_by_customer_channel: TimeIndex
+    served_by_customer_channel: TimeIndex
+    viewed_by_customer_channel: TimeIndex
+    cust_offer_shown: PairCodes
+    shown_by_cust_offer: TimeIndex
+    cust_offer_viewed: PairCodes
+    viewed_by_cust_offer: TimeIndex
 
 
 @dataclass(frozen=True)
@@ -517,40 +530,96 @@ class Snapshot:
     def event_type_code(self, name: str) -> int:
         return self.event_types.index(name)
 
+    def _cap_indexes(
+        self, exposures: pd.DataFrame, outcomes: pd.DataFrame
+    ) -> tuple[CapIndexes, pd.DataFrame]:
+        """What caps count (policy.rules.Cap), from these exposures and outcomes: sends (one
+        slate or one mailing per channel), offers served, and the storefront's 'viewed'
+        feedback, per (customer, channel) and per (customer, offer); never the ghost
+        exposures of the holdout. Also the sends themselves (one row per request)."""
+        shown = exposures[~exposures["holdout"].astype(bool)]
+        customer = self.customers.encode(shown["customer_id"])
+        offer = self.offers.encode(shown["offer_id"])
+        cust_offer_shown = PairCodes.of(customer, offer, len(self.offers))
+        served = pd.DataFrame(
+            {
+                "c": self.customers.encode(exposures["customer_id"]),
+                "ch": _vocabulary_codes(exposures["channel"], CHANNELS),
+                "s": to_seconds(exposures["shown_at"]),
+                "request": exposures["request_id"].astype("object").fillna("").to_numpy(),
+            }
+        )
+        all_channel = served["ch"].to_numpy()
+        served = served[~exposures["holdout"].astype(bool).to_numpy()]
+        send = served["request"].where(served["request"] != "", served["s"].astype("str"))
+        sends = served.assign(send=send).drop_duplicates(["c", "ch", "send"])
+        o_customer = self.customers.encode(outcomes["customer_id"])
+        o_offer = self.offers.encode(outcomes["offer_id"])
+        o_seconds = to_seconds(outcomes["occurred_at"])
+        kind = outcomes["outcome"].astype("str").to_numpy()
+        # a view counts through the exposure it follows; never one of a holdout's ghost
+        ghost = set(exposures.loc[exposures["holdout"].astype(bool), "exposure_id"])
+        viewed = (kind == "viewed") & ~outcomes["exposure_id"].isin(ghost).to_numpy()
+        channel_of_exposure = pd.Series(all_channel, index=exposures["exposure_id"].to_numpy())
+        channel_of_exposure = channel_of_exposure[~channel_of_exposure.index.duplicated()]
+        viewed_channel = (
+            channel_of_exposure.reindex(outcomes["exposure_id"][viewed].to_numpy())
+            .fillna(-1)
+            .to_numpy()
+            .astype(np.int64)
+        )
+        on_channel = viewed_channel >= 0
+        cust_offer_viewed = PairCodes.of(o_customer[viewed], o_offer[viewed], len(self.offers))
+        caps = CapIndexes(
+            sends_by_customer_channel=TimeIndex.build(
+                sends["c"].to_numpy() * len(CHANNELS) + sends["ch"].to_numpy(),
+                sends["s"].to_numpy(),
+            ),
+            served_by_customer_channel=TimeIndex.build(
+                served["c"].to_numpy() * len(CHANNELS) + served["ch"].to_numpy(),
+                served["s"].to_numpy(),
+            ),
+            viewed_by_customer_channel=TimeIndex.build(
+                o_customer[viewed][on_channel] * len(CHANNELS) + viewed_channel[on_channel],
+                o_seconds[viewed][on_channel],
+            ),
+            cust_offer_shown=cust_offer_shown,
+            shown_by_cust_offer=TimeIndex.build(
+                cust_offer_shown.encode(customer, offer), to_seconds(shown["shown_at"])
+            ),
+            cust_offer_viewed=cust_offer_viewed,
+            viewed_by_cust_offer=TimeIndex.build(
+                cust_offer_viewed.encode(o_customer[viewed], o_offer[viewed]),
+                o_seconds[viewed],
+            ),
+        )
+        return caps, sends
+
     def _build_exposures(self, exposures: pd.DataFrame, outcomes: pd.DataFrame) -> None:
         shown = exposures[~exposures["holdout"].astype(bool)]
         customer = self.customers.encode(shown["customer_id"])
         offer = self.offers.encode(shown["offer_id"])
         seconds = to_seconds(shown["shown_at"])
-        self.cust_offer_shown = PairCodes.of(customer, offer, len(self.offers))
-        self.shown_by_cust_offer = TimeIndex.build(
-            self.cust_offer_shown.encode(customer, offer), seconds
+        caps, sends = self._cap_indexes(exposures, outcomes)
+        self.caps = caps
+        # the live ledger counts the rows exported from it (serving.export) itself: a reader
+        # of both (serving.ledger.CombinedLedger) takes the history without them
+        exported = exposures["exposure_id"].astype("str").str.startswith(LEDGER_EXPOSURE_PREFIX)
+        self.caps_without_ledger_rows = (
+            self._cap_indexes(
+                exposures[~exported.to_numpy()],
+                outcomes[
+                    ~outcomes["exposure_id"]
+                    .astype("str")
+                    .str.startswith(LEDGER_EXPOSURE_PREFIX)
+                    .to_numpy()
+                ],
+            )[0]
+            if exported.any()
+            else caps
         )
-        all_customer = self.customers.encode(exposures["customer_id"])
-        all_channel = _vocabulary_codes(exposures["channel"], CHANNELS)
-        all_seconds = to_seconds(exposures["shown_at"])
-        # Caps count what customers received (sends, offers served), never the ghost
-        # exposures of the holdout.
-        served = pd.DataFrame(
-            {
-                "c": all_customer,
-                "ch": all_channel,
-                "s": all_seconds,
-                "request": exposures["request_id"].astype("object").fillna("").to_numpy(),
-            }
-        )[~exposures["holdout"].astype(bool).to_numpy()]
-        send = served["request"].where(served["request"] != "", served["s"].astype("str"))
-        sends = served.assign(send=send).drop_duplicates(["c", "ch", "send"])
-        # what caps count (policy.rules.Cap): sends (one slate or one mailing per channel),
-        # offers served, and the storefront's 'viewed' feedback, per (customer, channel)
-        self.sends_by_customer_channel = TimeIndex.build(
-            sends["c"].to_numpy() * len(CHANNELS) + sends["ch"].to_numpy(),
-            sends["s"].to_numpy(),
-        )
-        self.served_by_customer_channel = TimeIndex.build(
-            served["c"].to_numpy() * len(CHANNELS) + served["ch"].to_numpy(),
-            served["s"].to_numpy(),
-        )
+        self.cust_offer_shown = caps.cust_offer_shown
+        self.shown_by_cust_offer = caps.shown_by_cust_offer
         # the contexts offers were shown in (one per request): training samples them
         contexts = sends.sort_values("s")
         self.exposure_context_seconds = contexts["s"].to_numpy()
@@ -574,27 +643,6 @@ class Snapshot:
         self.declined_by_cust_offer = TimeIndex.build(
             self.cust_offer_declined.encode(o_customer[declined], o_offer[declined]),
             o_seconds[declined],
-        )
-        # a view counts through the exposure it follows; never one of a holdout's ghost
-        ghost = set(exposures.loc[exposures["holdout"].astype(bool), "exposure_id"])
-        viewed = (kind == "viewed") & ~outcomes["exposure_id"].isin(ghost).to_numpy()
-        channel_of_exposure = pd.Series(all_channel, index=exposures["exposure_id"].to_numpy())
-        channel_of_exposure = channel_of_exposure[~channel_of_exposure.index.duplicated()]
-        viewed_channel = (
-            channel_of_exposure.reindex(outcomes["exposure_id"][viewed].to_numpy())
-            .fillna(-1)
-            .to_numpy()
-            .astype(np.int64)
-        )
-        on_channel = viewed_channel >= 0
-        self.viewed_by_customer_channel = TimeIndex.build(
-            o_customer[viewed][on_channel] * len(CHANNELS) + viewed_channel[on_channel],
-            o_seconds[viewed][on_channel],
-        )
-        self.cust_offer_viewed = PairCodes.of(o_customer[viewed], o_offer[viewed], len(self.offers))
-        self.viewed_by_cust_offer = TimeIndex.build(
-            self.cust_offer_viewed.encode(o_customer[viewed], o_offer[viewed]),
-            o_seconds[viewed],
         )
         accepted = np.isin(kind, ACCEPTED_OUTCOMES)
         # one acceptance per (customer, offer, day) at most: redeemed + purchased is one success

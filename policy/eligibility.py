@@ -21,7 +21,7 @@ import pandas as pd
 
 from features.builder import FeatureBuilder, Requests
 from features.contract import CHANNELS, OFFER_KINDS
-from features.snapshot import Snapshot
+from features.snapshot import CapIndexes, Snapshot
 from policy.rules import (
     ActiveWindow,
     AlreadyOwns,
@@ -147,9 +147,17 @@ class Ledger(Protocol):
 
 @dataclass(frozen=True)
 class SnapshotLedger:
-    """The ledger as recorded in a workspace's exposures and outcomes."""
+    """The ledger as recorded in a workspace's exposures and outcomes. Beside the live
+    ledger (``ledger_rows=False``), its caps leave out the rows exported from the live
+    ledger, which counts them itself."""
 
     snapshot: Snapshot
+    ledger_rows: bool = True
+
+    @property
+    def _caps(self) -> CapIndexes:
+        s = self.snapshot
+        return s.caps if self.ledger_rows else s.caps_without_ledger_rows
 
     def counts(
         self,
@@ -160,11 +168,11 @@ class SnapshotLedger:
         end_s: np.ndarray,
         channels: Sequence[int],
     ) -> np.ndarray:
-        s = self.snapshot
+        caps = self._caps
         index = {
-            "sends": s.sends_by_customer_channel,
-            "served": s.served_by_customer_channel,
-            "viewed": s.viewed_by_customer_channel,
+            "sends": caps.sends_by_customer_channel,
+            "served": caps.served_by_customer_channel,
+            "viewed": caps.viewed_by_customer_channel,
         }[unit]
         total = np.zeros(len(customers), dtype=np.int64)
         for channel in channels:
@@ -180,11 +188,11 @@ class SnapshotLedger:
         start_s: np.ndarray,
         end_s: np.ndarray,
     ) -> np.ndarray:
-        s = self.snapshot
+        caps = self._caps
         if unit == "served":
-            pairs, index = s.cust_offer_shown, s.shown_by_cust_offer
+            pairs, index = caps.cust_offer_shown, caps.shown_by_cust_offer
         else:
-            pairs, index = s.cust_offer_viewed, s.viewed_by_cust_offer
+            pairs, index = caps.cust_offer_viewed, caps.viewed_by_cust_offer
         return index.count(pairs.encode(customers, offers), start_s, end_s).astype(np.int64)
 
     def last_declined_s(

@@ -41,7 +41,7 @@ import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
-from features.contract import OUTCOMES, coerce_table
+from features.contract import LEDGER_EXPOSURE_PREFIX, OUTCOMES, coerce_table
 from features.workspace import Workspace, rewrite_workspace
 from serving.ledger import CONNECT_TIMEOUT_S, GHOST_MODE, feedback, slate_offers, slates
 
@@ -57,7 +57,7 @@ __all__ = [
     "read_ledger",
 ]
 
-EXPOSURE_PREFIX = "ledger:"
+EXPOSURE_PREFIX = LEDGER_EXPOSURE_PREFIX
 """Every exported exposure id starts with it; the workspace's own sources never do."""
 
 

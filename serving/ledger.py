@@ -950,7 +950,7 @@ class CombinedLedger:
 
     def __init__(self, snapshot: Snapshot, sql: SqlLedger) -> None:
         self.snapshot = snapshot
-        self.history = SnapshotLedger(snapshot)
+        self.history = SnapshotLedger(snapshot, ledger_rows=False)  # the SQL side has those
         self.sql = sql
         self.degraded = False
         self._outcomes: dict[tuple[tuple[str, ...], int], dict[tuple[str, str, str], int]] = {}
