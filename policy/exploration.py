@@ -98,29 +98,32 @@ def draw_slate(
     if not exploration.active:
         return assemble_slate(snapshot, rules, ranked, k)
     collisions = Collisions(snapshot, rules)
+    codes = [int(code) for code in ranked]
+    groups = np.array([collisions.group_of.get(code, "") for code in codes], dtype=object)
+    ladders = np.asarray(snapshot.offer_bundle_ladder)[np.asarray(ranked, dtype=np.int64)]
+    scores = np.asarray(scores, dtype=np.float64)
+    demoted = np.asarray(demoted, dtype=bool)
     drawn: list[float] = []
     slate = Slate(propensities=drawn)
-    remaining = list(range(len(ranked)))
-    while len(slate.chosen) < k:
-        pool = []
-        for position in remaining:
-            offer = int(ranked[position])
-            why = collisions.reason(offer)
-            if why is None:
-                pool.append(position)
-            else:
-                slate.skipped[offer] = why
-        if not pool:
-            break
-        tier = [p for p in pool if demoted[p] == demoted[pool[0]]]
+    open_ = np.ones(len(codes), dtype=bool)  # not drawn, and free of collisions so far
+    while len(slate.chosen) < k and open_.any():
+        pool = np.flatnonzero(open_)
+        tier = pool[demoted[pool] == demoted[pool[0]]]
         p = step_probabilities(scores[tier], exploration)
         cumulative = np.cumsum(p)
-        pick = int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
-        pick = min(pick, len(tier) - 1)
-        position = tier[pick]
-        offer = int(ranked[position])
-        slate.chosen.append(offer)
+        u = rng.random() * cumulative[-1]
+        pick = min(int(np.searchsorted(cumulative, u, side="right")), len(tier) - 1)
+        position = int(tier[pick])
+        slate.chosen.append(codes[position])
         drawn.append(float(p[pick]))
-        collisions.take(offer)
-        remaining = [q for q in pool if q != position]
+        open_[position] = False
+        # what can no longer join: same exclusion group, or (bundles checked) same ladder
+        if groups[position]:
+            for j in np.flatnonzero(open_ & (groups == groups[position])):
+                slate.skipped[codes[j]] = "mutually_exclusive"
+                open_[j] = False
+        if collisions.check_ladders and ladders[position] >= 0:
+            for j in np.flatnonzero(open_ & (ladders == ladders[position])):
+                slate.skipped[codes[j]] = "bundle_ladder_conflict"
+                open_[j] = False
     return slate

@@ -1,8 +1,9 @@
 """The recommender: one request through the whole flow, in process.
 
 candidates → eligibility (with the live ledger) → features of the eligible rows → ranker →
-calibrated P(accept) × value × lever → slate without collisions → "because" → exposure
-ledger (hard caps admitted atomically).
+calibrated P(accept) × value × lever → slate without collisions (greedy, or drawn with
+its propensities where exploration is on: :mod:`policy.exploration`) → "because" →
+exposure ledger (hard caps admitted atomically; the offer-level holdout's ghosts beside).
 
 The service, ``nextbest recommend``, ``nextbest recommend-batch`` (local and Dask) and the
 review gate all get their recommender from :func:`serving.assembly.build_recommender` and

@@ -372,6 +372,34 @@ def test_ghosts_survive_the_buffer(tmp_path: Path) -> None:
     ledger.dispose()
 
 
+def test_a_slate_cut_by_a_cap_is_no_longer_a_draw(tmp_path: Path) -> None:
+    from policy.eligibility import Limit
+
+    ledger = SqlLedger(f"sqlite:///{tmp_path / 'l.db'}")
+    drawn = [ServedOffer(o, r, 1.0, None, 0.5) for r, o in enumerate("abc", start=1)]
+    logged = ledger.log_slates(
+        [
+            {
+                "request_id": "r",
+                "customer_id": "c",
+                "channel": "web",
+                "placement": "home",
+                "model_version": None,
+                "mode": "model",
+                "holdout": False,
+                "at_s": 10,
+                "offers": drawn,
+            }
+        ],
+        {"r": [Limit("served", ("web",), 0, 2)]},
+    )
+    assert logged["r"] == ["a", "b"]
+    slate = ledger.slate("r")
+    assert slate is not None
+    assert [(o["offer_id"], o["propensity"]) for o in slate["offers"]] == [("a", None), ("b", None)]
+    ledger.dispose()
+
+
 # -- an existing ledger -------------------------------------------------------------------
 
 _OLD_TABLES = [
@@ -465,3 +493,40 @@ def test_estimators_refuse_deterministic_rows_with_a_reason(logged_world) -> Non
     assert result["available"] is True
     assert result["refused"] == {"deterministic": refused}
     assert result["logged_exposures"] == period - refused
+
+
+# -- the review gate ----------------------------------------------------------------------
+
+
+def test_review_previews_are_never_explored(small_workspace: Workspace, tmp_path: Path) -> None:
+    """The review gate's frozen slates are the greedy ones, whatever the exploration."""
+    from model_helpers import bundle_of
+    from serving_helpers import CONFIG
+
+    from features import load_snapshot
+    from serving.review import Reviews, ReviewStore
+    from training.config import load_config
+    from training.pipeline import train
+
+    rules = load_rules()
+    config = load_config(None, **(CONFIG | {"n_estimators": 10, "bootstrap_samples": 10}))
+    bundle = bundle_of(train(load_snapshot(small_workspace), rules, config), small_workspace, rules)
+    frozen = []
+    for name, extra in (("greedy", {}), ("exploring", {"exploration_rates": (("*", 1.0),)})):
+        ledger = SqlLedger(f"sqlite:///{tmp_path / name}.db")
+        store = ReviewStore(ledger.engine)
+        store.add_user("rita", "reviewer-pass", "reviewer")
+        settings = ServingSettings(holdout_share=0.0, exploration="epsilon", **extra)  # type: ignore[arg-type]
+        challenger = build_recommender(
+            settings, workspace=small_workspace, bundle=bundle, ledger=ledger
+        )
+        reviews = Reviews(store)
+        review = reviews.review(reviews.open_review(challenger, None, actor="rita", sample=8))
+        frozen.append(
+            [
+                (s["customer_id"], [o["offer_id"] for o in s["challenger"]["offers"]])
+                for s in review["slates"]
+            ]
+        )
+        ledger.dispose()
+    assert frozen[0] == frozen[1] and sum(len(offers) for _, offers in frozen[0]) > 8
