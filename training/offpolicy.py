@@ -18,6 +18,13 @@ from before exploration, say). Such a policy never risked showing anything else,
 offers another policy would choose have no support in its logs: weighing its rows by
 1.0 would only dress the logging policy's own slates up as an estimate. The result
 counts the rows refused (``refused``) and, when nothing is left, says why.
+
+The weights here are each offer's probability of being in the slate at all. The serving
+ledger logs, per offer, the probability of being drawn *at its rank given the ranks
+before it* (:mod:`policy.exploration`); their product is the slate's probability. That
+is not the inclusion probability weighed by here (an offer could have come in at any
+rank), so a ledger's rows must not be fed here as they are: turn them into inclusion
+probabilities (or weigh whole slates by the slate's probability) first.
 """
 
 from __future__ import annotations
