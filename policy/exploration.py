@@ -71,9 +71,11 @@ def step_probabilities(scores: np.ndarray, exploration: Exploration) -> np.ndarr
     """The probability of each remaining offer at one rank; ``scores`` in greedy order
     (the first is the greedy pick)."""
     m = len(scores)
-    if exploration.method == "softmax":
-        z = (np.asarray(scores, dtype=np.float64) - np.max(scores)) / exploration.temperature
-        q = np.exp(z)
+    s = np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=-np.inf, posinf=np.inf)
+    if exploration.method == "softmax" and np.isfinite(s).any():
+        # an unknown score (NaN) is never preferred: weight 0, like -inf
+        z = (s - np.max(s[np.isfinite(s)])) / exploration.temperature
+        q = np.exp(np.where(np.isfinite(s), z, -np.inf))
         q /= q.sum()
     else:
         q = np.full(m, 1.0 / m)

@@ -118,6 +118,18 @@ def test_epsilon_greedy_with_a_collision_by_hand_and_by_counting(
         assert _within(seen[slate], n, p), (slate, seen[slate] / n, p)
 
 
+@pytest.mark.parametrize(
+    ("scores", "expected"),
+    [
+        ([0.0, np.nan, 0.0], [0.5, 0.0, 0.5]),  # an unknown score is never drawn by softmax
+        ([np.nan, np.nan], [0.5, 0.5]),  # nothing known: uniform
+    ],
+)
+def test_softmax_with_unknown_scores(scores: list[float], expected: list[float]) -> None:
+    p = step_probabilities(np.array(scores), Exploration("softmax", rate=1.0))
+    assert p == pytest.approx(expected)
+
+
 def test_exploration_off_is_the_greedy_slate_without_propensities(
     snapshot: Snapshot, three: np.ndarray
 ) -> None:
