@@ -1,7 +1,8 @@
 """policy: the guardrails between candidates and the ranker.
 
-Declarative eligibility rules with reason codes (``rules``, ``eligibility``), and slate
-assembly without collisions (``slate``). Training and serving both use it.
+Declarative eligibility rules with reason codes (``rules``, ``eligibility``), slate
+assembly without collisions (``slate``), and exploration with logged propensities
+(``exploration``). Training and serving both use it.
 """
 
 from policy.eligibility import (
@@ -13,6 +14,7 @@ from policy.eligibility import (
     evaluate,
     trace,
 )
+from policy.exploration import Exploration, draw_slate
 from policy.rules import DEFAULT_RULES, RulesError, RuleSet, load_rules, parse_rules
 from policy.slate import Slate, assemble_slate
 
@@ -20,6 +22,7 @@ __all__ = [
     "DEFAULT_RULES",
     "REASONS",
     "Eligibility",
+    "Exploration",
     "Ledger",
     "RuleSet",
     "RulesError",
@@ -27,6 +30,7 @@ __all__ = [
     "SnapshotLedger",
     "assemble_slate",
     "customer_trace",
+    "draw_slate",
     "evaluate",
     "load_rules",
     "parse_rules",

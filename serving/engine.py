@@ -1,8 +1,9 @@
 """The recommender: one request through the whole flow, in process.
 
 candidates → eligibility (with the live ledger) → features of the eligible rows → ranker →
-calibrated P(accept) × value × lever → slate without collisions → "because" → exposure
-ledger (hard caps admitted atomically).
+calibrated P(accept) × value × lever → slate without collisions (greedy, or drawn with
+its propensities where exploration is on: :mod:`policy.exploration`) → "because" →
+exposure ledger (hard caps admitted atomically; the offer-level holdout's ghosts beside).
 
 The service, ``nextbest recommend``, ``nextbest recommend-batch`` (local and Dask) and the
 review gate all get their recommender from :func:`serving.assembly.build_recommender` and
@@ -33,6 +34,7 @@ from features.history import second_ceil
 from policy import Eligibility, RuleSet, SnapshotLedger, evaluate, load_rules, parse_rules
 from policy.arbitration import REPEAT_FEATURE, Calibrator, rank_scores, row_tasks
 from policy.eligibility import Limit, hard_limits, reasons_of
+from policy.exploration import Exploration, draw_slate, request_rng
 from policy.rules import SegmentBlock
 from policy.slate import Slate, assemble_slate
 from runtime.registry import ModelBundle, ModelMismatchError, model_name
@@ -332,9 +334,13 @@ class Recommender:
         eligible = eligibility.eligible.copy()
         if self.blocks_unread is not None:  # the blocks unknown: fails closed, like hard caps
             eligible[:] = False
+        # pairs the offer-level experiment withholds: ranked like the others (their ghosts,
+        # the ones that would have made the slate, are logged), never served
+        held = np.zeros(len(rows), dtype=bool)
         if self.settings.offer_holdout_share > 0:
-            eligible &= ~self._offer_holdout(customer_ids, rows, offers)
-        keep = np.flatnonzero(eligible)
+            held = eligible & self._offer_holdout(customer_ids, rows, offers)
+            eligible &= ~held
+        keep = np.flatnonzero(eligible | held)
         ranked_rows, ranked_offers = rows[keep], offers[keep]
         matrix = (
             full.take(keep)
@@ -343,15 +349,22 @@ class Recommender:
         )
         plan = self._plan(model, customer_ids)
         score, probability = self._scores(model, matrix, ranked_rows, ranked_offers, plan.scoring)
-        slates = self._slates(
-            s,
-            rules,
-            ranked_rows,
-            ranked_offers,
-            eligibility.demoted[keep],
-            score,
-            len(customer_ids),
-            k,
+        request_ids = [uuid.uuid4().hex for _ in customer_ids]
+        # exploration: only a slate that is logged (its propensities with it), never a
+        # holdout's (nor a review's preview, which logs nothing)
+        explore = [
+            self.settings.exploration_for(channel)
+            if log_exposure and not plan.holdout[i]
+            else Exploration()
+            for i in range(len(customer_ids))
+        ]
+        withheld = held[keep]
+        ranking = (s, rules, ranked_rows, ranked_offers, eligibility.demoted[keep], score)
+        slates = self._slates(*ranking, ~withheld, len(customer_ids), k, request_ids, explore)
+        ghosts = (
+            self._ghosts(self._slates(*ranking, None, len(customer_ids), k), withheld)
+            if withheld.any()
+            else [[] for _ in customer_ids]
         )
         # the budget used up: the ranked slate now, with a short true because (a fact)
         spent_ms = (time.perf_counter() - started) * 1000
@@ -367,6 +380,8 @@ class Recommender:
             slates,
             (ranked_offers, score, probability, explanations, builder, matrix),
             (rows, offers, eligibility, eligible) if debug else None,
+            request_ids,
+            ghosts,
         )
         # the live ledger unread (caps on the history alone), or the blocks
         degraded = reads.degraded or self.blocks_unread is not None
@@ -502,22 +517,49 @@ class Recommender:
         offers: np.ndarray,
         demoted: np.ndarray,
         score: np.ndarray,
+        among: np.ndarray | None,
         n: int,
         k: int,
+        request_ids: Sequence[str] | None = None,
+        explore: Sequence[Exploration] | None = None,
     ) -> list[tuple[Slate, list[int]]]:
-        """Each request's slate from its eligible rows (best first, no collisions), and the
-        rows it holds."""
-        ranked = np.arange(len(rows))
+        """Each request's slate from its eligible rows (``among`` them, if given): best
+        first without collisions, or drawn where ``explore`` says (seeded from the
+        request's id); and the rows it holds."""
+        ranked = np.arange(len(rows)) if among is None else np.flatnonzero(among)
         # best first, but offers rotated out by their per-offer cap after all the others
         ranked = ranked[np.lexsort((-score[ranked], demoted[ranked], rows[ranked]))]
         bounds = np.searchsorted(rows[ranked], np.arange(n + 1))
         slates = []
         for i in range(n):
             mine = ranked[bounds[i] : bounds[i + 1]]
-            slate = assemble_slate(s, rules, offers[mine], k)
+            if explore is not None and request_ids is not None and explore[i].active:
+                slate = draw_slate(
+                    s,
+                    rules,
+                    offers[mine],
+                    score[mine],
+                    demoted[mine],
+                    k,
+                    explore[i],
+                    request_rng(request_ids[i]),
+                )
+            else:
+                slate = assemble_slate(s, rules, offers[mine], k)
             position = {int(offers[j]): int(j) for j in mine}
             slates.append((slate, [position[o] for o in slate.chosen]))
         return slates
+
+    @staticmethod
+    def _ghosts(
+        unheld: list[tuple[Slate, list[int]]], withheld: np.ndarray
+    ) -> list[list[tuple[int, int]]]:
+        """Per request, the withheld rows that the greedy slate with them back in would
+        have held, with the rank each would have had there."""
+        return [
+            [(j, rank) for rank, j in enumerate(chosen, start=1) if withheld[j]]
+            for _, chosen in unheld
+        ]
 
     def _explain(
         self,
@@ -551,8 +593,12 @@ class Recommender:
         slates: list[tuple[Slate, list[int]]],
         ranked: tuple[Any, ...],
         debug: tuple[np.ndarray, np.ndarray, Eligibility, np.ndarray] | None,
+        request_ids: Sequence[str],
+        ghosts: Sequence[Sequence[tuple[int, int]]],
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """The answers, and the ledger rows of what each answer served."""
+        """The answers, and the ledger rows of what each answer served (each offer with
+        its propensity: None for a deterministic slate), with the ghosts of the offers
+        the offer-level holdout withheld."""
         s, settings = self.snapshot, self.settings
         offers, score, probability, explanations, builder, matrix = ranked
         moment = pd.Timestamp(t, unit="s")
@@ -575,8 +621,11 @@ class Recommender:
                 )
                 for rank, j in enumerate(chosen, start=1)
             ]
-            request_id = uuid.uuid4().hex
+            request_id = request_ids[i]
             holdout = plan.holdout[i]
+            drawn: list[float | None] = [None] * len(served)  # deterministic: no draw
+            if slate.propensities is not None:
+                drawn = list(slate.propensities)
             logs.append(
                 dict(
                     request_id=request_id,
@@ -588,8 +637,17 @@ class Recommender:
                     holdout=holdout,
                     at_s=t,
                     offers=[
-                        ServedOffer(o["offer_id"], o["rank"], o["score"], o["probability"])
-                        for o in served
+                        ServedOffer(o["offer_id"], o["rank"], o["score"], o["probability"], p)
+                        for o, p in zip(served, drawn, strict=True)
+                    ],
+                    ghosts=[
+                        ServedOffer(
+                            str(s.offers.values[offers[j]]),
+                            rank,
+                            _rounded(score[j]),
+                            _rounded(probability[j]),
+                        )
+                        for j, rank in ghosts[i]
                     ],
                 )
             )
@@ -659,7 +717,7 @@ class Recommender:
             "title": _title(s, offer),
             "rank": rank,
             "score": round(float(score), 6),
-            "probability": None if np.isnan(probability) else round(float(probability), 6),
+            "probability": _rounded(probability),
             "value": None if np.isnan(s.offer_value[offer]) else float(s.offer_value[offer]),
             "because": "",
             "reasons": [],
@@ -756,6 +814,11 @@ def _keep(response: dict[str, Any], offers: list[str]) -> None:
     for rank, offer in enumerate(kept, start=1):
         offer["rank"] = rank
     response["offers"] = kept
+
+
+def _rounded(value: float) -> float | None:
+    """A score or probability as a served offer states it (None if unknown)."""
+    return None if np.isnan(value) else round(float(value), 6)
 
 
 def _title(s: Snapshot, offer: int) -> str:

@@ -6,7 +6,10 @@ read it at request time, so they hold across channels and across workers.
 
 Caps count what customers received (see ``policy.rules.Cap``): sends (a slate with at
 least one offer), offers served, or 'viewed' feedback; a holdout's ghost slate (shown to
-nobody) never counts, a rules-only holdout's slate (shown) does. When a
+nobody) never counts, a rules-only holdout's slate (shown) does, and neither do the
+offer-level holdout's ghosts (``ghost_offers``: the offers a slate withheld, at the rank
+each would have had). Each served offer carries its propensity (the probability its
+slate's exploration drew it at its rank; NULL for a deterministic slate). When a
 slate is logged with its hard caps, they are counted again inside the same transaction,
 with the customer locked, so concurrent requests cannot overrun a cap together.
 
@@ -63,6 +66,7 @@ __all__ = [
     "Logged",
     "ServedOffer",
     "SqlLedger",
+    "ghost_offers",
 ]
 
 log = logging.getLogger("nextbest.serving")
@@ -97,16 +101,37 @@ slates = sa.Table(
     sa.Column("holdout", sa.Boolean, nullable=False),
     sa.Column("at_s", sa.BigInteger, nullable=False, index=True),
 )
+
+
+def _offer_columns() -> list[sa.Column[Any]]:
+    """What a slate's offer carries: its request, offer, rank, score and probability."""
+    return [
+        sa.Column(
+            "request_id", sa.String(64), sa.ForeignKey("slates.request_id"), primary_key=True
+        ),
+        sa.Column("offer_id", sa.String(128), primary_key=True),
+        sa.Column("rank", sa.Integer, nullable=False),
+        sa.Column("score", sa.Float),
+        sa.Column("probability", sa.Float),
+    ]
+
+
 slate_offers = sa.Table(
     "slate_offers",
     _metadata,
-    sa.Column("request_id", sa.String(64), sa.ForeignKey("slates.request_id"), primary_key=True),
-    sa.Column("offer_id", sa.String(128), primary_key=True),
-    sa.Column("rank", sa.Integer, nullable=False),
-    sa.Column("score", sa.Float),
-    sa.Column("probability", sa.Float),
-    sa.Column("propensity", sa.Float, nullable=False),
+    *_offer_columns(),
+    # the probability the offer was drawn at its rank; NULL: a deterministic slate
+    sa.Column("propensity", sa.Float),
 )
+ghost_offers = sa.Table(
+    "ghost_offers",
+    _metadata,
+    *_offer_columns(),
+    sa.Column("reason", sa.String(32), nullable=False),
+)
+"""Offers a request would have served and withheld (the offer-level holdout: reason
+``offer_holdout``), at the rank each would have had: shown to nobody, never counted by a
+cap, never given feedback (a table apart from ``slate_offers``, which caps read)."""
 feedback = sa.Table(
     "feedback",
     _metadata,
@@ -118,6 +143,8 @@ feedback = sa.Table(
     sa.Column("at_s", sa.BigInteger, nullable=False),
 )
 
+
+_OFFER_LISTS = ("offers", "ghosts")  # a logged slate's lists of offers, not its columns
 
 GHOST_MODE = "holdout_nothing"
 """A holdout slate whose control is "nothing": logged as what would have been served, and
@@ -141,11 +168,18 @@ _LAST_BY_KIND = (
 
 @dataclass(frozen=True)
 class ServedOffer:
+    """One offer of a logged slate. ``propensity``: the probability that the slate's
+    exploration drew it at its rank, given the ranks before it (the slate's probability
+    is the product over its ranks: :mod:`policy.exploration`); None for a deterministic
+    slate. None rather than 1.0: a deterministic policy never risked showing anything
+    else, so its rows support no off-policy estimate, and a 1.0 would read as a real
+    probability (``training.offpolicy`` refuses such rows)."""
+
     offer_id: str
     rank: int
     score: float | None
     probability: float | None
-    propensity: float = 1.0
+    propensity: float | None = None
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
@@ -166,6 +200,31 @@ def _widen_mode(engine: sa.Engine) -> None:
     if length is not None and length < 32:
         with engine.begin() as connection:
             connection.execute(sa.text("ALTER TABLE slates ALTER COLUMN mode TYPE VARCHAR(32)"))
+
+
+def _nullable_propensity(engine: sa.Engine) -> None:
+    """Ledgers made before exploration held ``slate_offers.propensity`` NOT NULL, with
+    1.0 for every (deterministic) slate: drop the constraint, and say what those rows were
+    (no slate was drawn before then) with NULL. PostgreSQL alters the column; SQLite
+    cannot, so the table is rebuilt in one transaction. Done once: afterwards the column
+    is nullable."""
+    columns = {c["name"]: c for c in sa.inspect(engine).get_columns("slate_offers")}
+    if columns["propensity"]["nullable"]:
+        return
+    with engine.begin() as connection:
+        if engine.dialect.name == "postgresql":
+            connection.execute(
+                sa.text("ALTER TABLE slate_offers ALTER COLUMN propensity DROP NOT NULL")
+            )
+        else:
+            connection.execute(sa.text("ALTER TABLE slate_offers RENAME TO slate_offers_old"))
+            slate_offers.create(connection)
+            names = ", ".join(c.name for c in slate_offers.columns)
+            connection.execute(
+                sa.text(f"INSERT INTO slate_offers ({names}) SELECT {names} FROM slate_offers_old")
+            )
+            connection.execute(sa.text("DROP TABLE slate_offers_old"))
+        connection.execute(slate_offers.update().values(propensity=None))
 
 
 class LedgerUnavailable(RuntimeError):
@@ -284,6 +343,7 @@ class SqlLedger:
     def _create_tables(self, engine: sa.Engine) -> None:
         _metadata.create_all(engine)
         _widen_mode(engine)
+        _nullable_propensity(engine)
         self._identity = _file_identity(self.file)  # the file the ledger writes, from now
 
     def when_ready(self, prepare: Callable[[sa.Engine], None]) -> None:
@@ -499,7 +559,10 @@ class SqlLedger:
     def _write_buffered(self, kind: str, body: dict[str, Any]) -> str:
         """One buffered row into the database; the counter that says what became of it."""
         if kind == "slate":
-            slate = body | {"offers": [ServedOffer(**o) for o in body["offers"]]}
+            slate = body | {
+                "offers": [ServedOffer(**o) for o in body["offers"]],
+                "ghosts": [ServedOffer(**o) for o in body.get("ghosts", ())],
+            }
             try:
                 self._log_slates([slate], {})
             except IntegrityError:  # written before (a crash between write and removal)
@@ -542,6 +605,7 @@ class SqlLedger:
         holdout: bool,
         at_s: int,
         offers: Sequence[ServedOffer],
+        ghosts: Sequence[ServedOffer] = (),
     ) -> None:
         self.log_slates(
             [
@@ -555,6 +619,7 @@ class SqlLedger:
                     "holdout": holdout,
                     "at_s": at_s,
                     "offers": offers,
+                    "ghosts": ghosts,
                 }
             ]
         )
@@ -565,7 +630,8 @@ class SqlLedger:
         limits: Mapping[str, Sequence[Limit]] | None = None,
     ) -> Logged:
         """Log many slates in one transaction (keyword arguments of :meth:`log_slate`);
-        return, per request, the offers actually logged.
+        return, per request, the offers actually logged. A slate's ``ghosts`` (optional)
+        go to ``ghost_offers``: logged as they are, never counted by a cap.
 
         ``limits`` (request id → its hard caps) makes the caps atomic: the slates are
         written, the caps counted again with them in, and whatever would exceed a cap is
@@ -595,7 +661,13 @@ class SqlLedger:
             offers = [] if limits.get(request) else list(slate["offers"])
             logged[request] = [o.offer_id for o in offers]
             try:
-                self.buffer.add_slate(slate | {"offers": [asdict(o) for o in offers]})
+                self.buffer.add_slate(
+                    slate
+                    | {
+                        "offers": [asdict(o) for o in offers],
+                        "ghosts": [asdict(o) for o in slate.get("ghosts", ())],
+                    }
+                )
             except BufferFull as error:
                 log.error("slate %s served but not logged: %s", request, error)
         return logged
@@ -616,10 +688,24 @@ class SqlLedger:
             connection.execute(
                 slates.insert(),
                 [
-                    {key: value for key, value in slate.items() if key != "offers"}
+                    {key: value for key, value in slate.items() if key not in _OFFER_LISTS}
                     for slate in slates_to_log
                 ],
             )
+            withheld = [
+                {
+                    "request_id": slate["request_id"],
+                    "offer_id": o.offer_id,
+                    "rank": o.rank,
+                    "score": o.score,
+                    "probability": o.probability,
+                    "reason": "offer_holdout",
+                }
+                for slate in slates_to_log
+                for o in slate.get("ghosts", ())
+            ]
+            if withheld:
+                connection.execute(ghost_offers.insert(), withheld)
             items = [
                 {
                     "request_id": slate["request_id"],
@@ -675,13 +761,15 @@ class SqlLedger:
         dropped = [o.offer_id for o in slate["offers"] if o.offer_id not in kept]
         if dropped:
             self._drop(connection, request, dropped)
+            # what is left is no longer the draw those probabilities were of: deterministic
+            # (the caps' cut), not a propensity an estimator could weigh by
             for rank, offer in enumerate(kept, start=1):
                 connection.execute(
                     slate_offers.update()
                     .where(
                         (slate_offers.c.request_id == request) & (slate_offers.c.offer_id == offer)
                     )
-                    .values(rank=rank)
+                    .values(rank=rank, propensity=None)
                 )
         return kept
 
@@ -914,23 +1002,21 @@ class SqlLedger:
         )
         if head is None:
             return None
-        offers = (
-            connection.execute(
-                slate_offers.select()
-                .where(slate_offers.c.request_id == request_id)
-                .order_by(slate_offers.c.rank)
-            )
-            .mappings()
-            .all()
-        )
         outcomes = (
             connection.execute(feedback.select().where(feedback.c.request_id == request_id))
             .mappings()
             .all()
         )
+
+        def ranked(table: sa.Table) -> list[dict[str, Any]]:
+            query = table.select().where(table.c.request_id == request_id)
+            rows = connection.execute(query.order_by(table.c.rank)).mappings().all()
+            return [dict(row) for row in rows]
+
         return dict(head) | {
-            "offers": [dict(o) for o in offers],
+            "offers": ranked(slate_offers),
             "feedback": [dict(f) for f in outcomes],
+            "ghosts": ranked(ghost_offers),
         }
 
     def dispose(self) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from policy.exploration import METHODS, Exploration, Method
 from runtime.registry import CHAMPION
 
 __all__ = ["ServingSettings"]
@@ -50,6 +51,13 @@ class ServingSettings:
       eligibility and ranking have used it up, the ranked slate is served at once with a
       short, true because (a stated fact, as the rules-only ranking says it) instead of
       the SHAP explanation, and the answer says ``"budget_exceeded": true``.
+    * exploration (:mod:`policy.exploration`): ``exploration`` is ``off`` (the default:
+      the arbitration's best slate, logged as deterministic), ``epsilon`` or ``softmax``;
+      ``exploration_rates`` is the rate per channel (``*``: every channel not named; a
+      channel with no rate is not explored) and ``exploration_temperature`` the
+      softmax's temperature, in the arbitration score's units. Only logged requests are
+      explored (never a review's preview, which logs nothing), and never a holdout's
+      slate.
 
     The salt and the keys are secrets: they are left out of the settings' ``repr``, so a
     logged settings object never shows them.
@@ -74,6 +82,17 @@ class ServingSettings:
     as_of_margin_days: int = 30
     budget_ms: float = 150.0
     refusals_per_s: int = 50
+    exploration: Method = "off"
+    exploration_rates: tuple[tuple[str, float], ...] = ()
+    exploration_temperature: float = 1.0
+
+    def exploration_for(self, channel: str) -> Exploration:
+        """How a logged, non-holdout request on ``channel`` is drawn."""
+        rates = dict(self.exploration_rates)
+        rate = rates.get(channel, rates.get("*", 0.0))
+        if self.exploration == "off" or rate <= 0:
+            return Exploration()
+        return Exploration(self.exploration, rate, self.exploration_temperature)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ServingSettings:
@@ -83,7 +102,10 @@ class ServingSettings:
         ``NEXTBEST_RELOAD_SECONDS``, ``NEXTBEST_REVIEW_THRESHOLD``,
         ``NEXTBEST_SECURE_COOKIES``, ``NEXTBEST_API_KEYS`` (comma-separated),
         ``NEXTBEST_MAX_BATCH``, ``NEXTBEST_MAX_BODY_BYTES``, ``NEXTBEST_AS_OF_MARGIN_DAYS``,
-        ``NEXTBEST_BUDGET_MS``, ``NEXTBEST_REFUSALS_PER_S``; unset means the default."""
+        ``NEXTBEST_BUDGET_MS``, ``NEXTBEST_REFUSALS_PER_S``, ``NEXTBEST_EXPLORATION``
+        (off, epsilon or softmax), ``NEXTBEST_EXPLORATION_RATES`` (one rate for every
+        channel, ``0.1``, or per channel, ``web=0.1,email=0.05,*=0.02``),
+        ``NEXTBEST_EXPLORATION_TEMPERATURE``; unset means the default."""
         env = os.environ if environ is None else environ
         default = cls()
         return cls(
@@ -109,6 +131,9 @@ class ServingSettings:
             as_of_margin_days=_whole(env, "NEXTBEST_AS_OF_MARGIN_DAYS", default.as_of_margin_days),
             budget_ms=float(_whole(env, "NEXTBEST_BUDGET_MS", int(default.budget_ms))),
             refusals_per_s=_whole(env, "NEXTBEST_REFUSALS_PER_S", default.refusals_per_s, least=0),
+            exploration=_method(env.get("NEXTBEST_EXPLORATION") or default.exploration),
+            exploration_rates=_rates(env.get("NEXTBEST_EXPLORATION_RATES", "")),
+            exploration_temperature=_temperature(env.get("NEXTBEST_EXPLORATION_TEMPERATURE")),
         )
 
     def ledger_url(self, data_dir: Path) -> str:
@@ -116,13 +141,13 @@ class ServingSettings:
         return self.db_url or f"sqlite:///{data_dir / 'ledger.db'}"
 
 
-def _share(env: Mapping[str, str], name: str, default: float) -> float:
+def _share(env: Mapping[str, str], name: str, default: float, said: str | None = None) -> float:
     raw = env.get(name)
     if raw is None or raw == "":
         return default
     share = float(raw)
     if not 0 <= share <= 1:
-        raise ValueError(f"{name} must be in [0, 1], not {raw!r}")
+        raise ValueError(f"{said or name} must be in [0, 1], not {raw!r}")
     return share
 
 
@@ -148,3 +173,31 @@ def _control(value: str) -> HoldoutControl:
     if value == "rules_only":
         return "rules_only"
     raise ValueError(f"NEXTBEST_HOLDOUT_CONTROL must be 'nothing' or 'rules_only', not {value!r}")
+
+
+def _method(value: str) -> Method:
+    for method in METHODS:
+        if value == method:
+            return method
+    raise ValueError(f"NEXTBEST_EXPLORATION must be one of {', '.join(METHODS)}, not {value!r}")
+
+
+def _rates(value: str) -> tuple[tuple[str, float], ...]:
+    """``0.1`` (every channel) or ``web=0.1,email=0.05`` (``*``: the other channels)."""
+    rates = []
+    for part in (p.strip() for p in value.split(",")):
+        if not part:
+            continue
+        channel, _, raw = part.rpartition("=")
+        rate = _share({"rate": raw}, "rate", 0.0, "NEXTBEST_EXPLORATION_RATES")
+        rates.append((channel.strip() or "*", rate))
+    return tuple(rates)
+
+
+def _temperature(value: str | None) -> float:
+    if value is None or value == "":
+        return 1.0
+    temperature = float(value)
+    if not temperature > 0:
+        raise ValueError(f"NEXTBEST_EXPLORATION_TEMPERATURE must be above 0, not {value!r}")
+    return temperature

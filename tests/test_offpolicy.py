@@ -69,7 +69,19 @@ def test_without_propensities_it_says_so() -> None:
         start=pd.Timestamp("2025-01-01"),
         end=pd.Timestamp("2026-01-01"),
     )
+    exposures = tables["exposures"]
+    refused = int(
+        (
+            ~exposures["holdout"].astype(bool)
+            & (exposures["shown_at"] >= pd.Timestamp("2025-01-01"))
+            & (exposures["shown_at"] < pd.Timestamp("2026-01-01"))
+        ).sum()
+    )
+    assert refused > 0
     assert result == {
         "available": False,
-        "reason": "no exposures with a logging propensity in the evaluation period",
+        "reason": "no exposures with a logging propensity in the evaluation period: "
+        f"{refused} exposures refused, logged by a deterministic policy (no propensity); "
+        "off-policy estimates need slates drawn with exploration",
+        "refused": {"deterministic": refused},
     }

@@ -11,6 +11,20 @@ the slate size; the self-normalised form divides by the weights' mean (whose exp
 is k). Both estimate accepted offers per request under the new policy; the logging
 policy's own value is the plain mean of accepted offers per request. Intervals are 95 %
 bootstrap intervals over requests.
+
+Rows logged by a deterministic policy are refused: a missing propensity (the ledger's
+NULL for a slate no draw chose), or a ``deterministic`` column that says so (a ledger
+from before exploration, say). Such a policy never risked showing anything else, so the
+offers another policy would choose have no support in its logs: weighing its rows by
+1.0 would only dress the logging policy's own slates up as an estimate. The result
+counts the rows refused (``refused``) and, when nothing is left, says why.
+
+The weights here are each offer's probability of being in the slate at all. The serving
+ledger logs, per offer, the probability of being drawn *at its rank given the ranks
+before it* (:mod:`policy.exploration`); their product is the slate's probability. That
+is not the inclusion probability weighed by here (an offer could have come in at any
+rank), so a ledger's rows must not be fed here as they are: turn them into inclusion
+probabilities (or weigh whole slates by the slate's probability) first.
 """
 
 from __future__ import annotations
@@ -52,17 +66,24 @@ def off_policy_value(
 
     The new policy's slates come from the same candidates (``generator``) and the same
     eligibility (``policy.evaluate``) as training's rows and serving's slates."""
-    logged = exposures[
-        exposures["propensity"].notna()
-        & ~exposures["holdout"].astype(bool)
+    period = exposures[
+        ~exposures["holdout"].astype(bool)
         & (exposures["shown_at"] >= start)
         & (exposures["shown_at"] < end)
-    ].copy()
+    ]
+    deterministic = period["propensity"].isna()
+    if "deterministic" in period.columns:
+        deterministic |= period["deterministic"].fillna(False).astype(bool)
+    refused = int(deterministic.sum())
+    logged = period[~deterministic].copy()
     if logged.empty:
-        return {
-            "available": False,
-            "reason": "no exposures with a logging propensity in the evaluation period",
-        }
+        reason = "no exposures with a logging propensity in the evaluation period"
+        if refused:
+            reason += (
+                f": {refused} exposures refused, logged by a deterministic policy (no "
+                "propensity); off-policy estimates need slates drawn with exploration"
+            )
+        return {"available": False, "reason": reason, "refused": {"deterministic": refused}}
     accepted = set(
         outcomes.loc[outcomes["outcome"].isin(ACCEPTED_OUTCOMES), "exposure_id"].dropna()
     )
@@ -118,6 +139,7 @@ def off_policy_value(
         "available": True,
         "requests": len(per_request),
         "logged_exposures": len(logged),
+        "refused": {"deterministic": refused},
         "slate_size": slate_size,
     }
     for key, value in estimates.items():
