@@ -290,7 +290,12 @@ def ledger_to_tables(
             "placement": kept["placement"].to_numpy(),
             "model_version": kept["model_version"].to_numpy(),
             "holdout": np.zeros(len(kept), dtype=bool),
-            "propensity": kept["propensity"].astype("float64").to_numpy(),
+            # the ledger's propensity is the draw's at that rank, given the ranks before
+            # (policy.exploration); the contract's is the probability the offer was shown
+            # in the request, which IPS weighs by. They differ for every rank but a
+            # slate's first, so none is exported: the estimators refuse these rows rather
+            # than weigh them wrongly (the ledger keeps the per-rank values)
+            "propensity": np.full(len(kept), np.nan),
             "request_id": kept["request_id"].to_numpy(),
             "rank": kept["rank"].to_numpy(),
         }

@@ -565,3 +565,36 @@ def test_the_next_training_reads_the_exported_declines(
     assert len(joined) >= 10
     changed = joined["days_before"].isna() | (joined["days_before"] != joined["days"])
     assert changed.sum() >= 10
+
+
+def test_an_explored_slates_per_rank_propensities_are_not_exported_as_the_contracts() -> None:
+    """The ledger's propensity of an explored offer is its draw's at that rank (0.4 for the
+    second of a slate below), not the probability it was shown in the request that
+    training/offpolicy.py weighs by: the export leaves it empty."""
+    from serving.export import LedgerRows, ledger_to_tables
+
+    served = pd.DataFrame(
+        {
+            "request_id": ["r1", "r1"],
+            "offer_id": ["o1", "o2"],
+            "rank": [1, 2],
+            "propensity": [0.9, 0.4],
+            "customer_id": ["c1", "c1"],
+            "channel": ["web", "web"],
+            "placement": ["home", "home"],
+            "model_version": ["3", "3"],
+            "mode": ["model", "model"],
+            "holdout": [False, False],
+            "at_s": [1_700_000_000, 1_700_000_000],
+        }
+    )
+    feedback = pd.DataFrame(
+        columns=["request_id", "offer_id", "outcome", "customer_id", "value", "at_s"]
+    )
+    exposures, *_ = ledger_to_tables(
+        LedgerRows(served, feedback),
+        offers=pd.Series(["o1", "o2"]),
+        customers=pd.Series(["c1"]),
+    )
+    assert exposures["offer_id"].tolist() == ["o1", "o2"]
+    assert exposures["propensity"].isna().all()
