@@ -178,3 +178,33 @@ def test_many_writers_at_once(ledger: SqlLedger) -> None:
     customers = [f"c{c}" for c in range(3)]
     assert sum(ledger.counts("sends", customers, 0, 20_000, ["app"]).values()) == 100
     other.dispose()
+
+
+def test_live_offer_counts_land_on_their_rows(small_workspace) -> None:  # type: ignore[no-untyped-def]
+    """CombinedLedger reads the live (customer, offer) counts onto a call's candidate rows:
+    against a plain dict lookup per row, on random rows, with offers and customers the
+    snapshot or the rows do not have."""
+    import random
+
+    import numpy as np
+
+    from features import load_snapshot
+    from serving.ledger import CombinedLedger
+
+    snapshot = load_snapshot(small_workspace)
+    combined = CombinedLedger(snapshot, None)  # type: ignore[arg-type]  # the SQL side unread
+    names = [str(o) for o in snapshot.offers.values]
+    rng = random.Random(3)
+    for _ in range(100):
+        customers = [f"S{rng.randint(0, 20):05d}" for _ in range(rng.randint(1, 4))]
+        n = rng.randint(1, 250)
+        ids = np.array([rng.choice(customers) for _ in range(n)], dtype=object)
+        offers = np.array([rng.randrange(len(names)) for _ in range(n)])
+        live = {
+            (rng.choice([*customers, "stranger"]), rng.choice([*names, "gone"])): rng.randint(1, 5)
+            for _ in range(rng.randint(1, 20))
+        }
+        for i in rng.sample(range(n), min(n, 5)):
+            live[(ids[i], names[offers[i]])] = rng.randint(1, 5)
+        expected = [live.get((c, names[o]), 0) for c, o in zip(ids, offers, strict=True)]
+        assert combined._per_row(live, ids, offers).tolist() == expected
