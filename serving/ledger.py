@@ -219,10 +219,9 @@ def _nullable_propensity(engine: sa.Engine) -> None:
         else:
             connection.execute(sa.text("ALTER TABLE slate_offers RENAME TO slate_offers_old"))
             slate_offers.create(connection)
-            names = ", ".join(c.name for c in slate_offers.columns)
-            connection.execute(
-                sa.text(f"INSERT INTO slate_offers ({names}) SELECT {names} FROM slate_offers_old")
-            )
+            names = [c.name for c in slate_offers.columns]
+            previous = sa.table("slate_offers_old", *(sa.column(n) for n in names))
+            connection.execute(slate_offers.insert().from_select(names, sa.select(*previous.c)))
             connection.execute(sa.text("DROP TABLE slate_offers_old"))
         connection.execute(slate_offers.update().values(propensity=None))
 
