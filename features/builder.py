@@ -637,8 +637,8 @@ class FeatureBuilder:
         out["offer_product_purchases_365d"] = bought.count(pair, t - 365 * DAY, t).astype(float)
         evidence["offer_product"] = bought.payload_at("product", last, missing=-1).astype(np.int64)
         self._replenishment(s, c, o, t, pair, out)
-        shown = s.shown_by_cust_offer
-        shown_pair = s.cust_offer_shown.encode(c, o)
+        shown = s.caps.shown_by_cust_offer
+        shown_pair = s.caps.cust_offer_shown.encode(c, o)
         out["days_since_offer_shown"] = (
             t - shown.seconds_at(shown.last_before(shown_pair, t))
         ) / DAY

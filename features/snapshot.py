@@ -618,8 +618,6 @@ class Snapshot:
             if exported.any()
             else caps
         )
-        self.cust_offer_shown = caps.cust_offer_shown
-        self.shown_by_cust_offer = caps.shown_by_cust_offer
         # the contexts offers were shown in (one per request): training samples them
         contexts = sends.sort_values("s")
         self.exposure_context_seconds = contexts["s"].to_numpy()

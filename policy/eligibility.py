@@ -216,8 +216,8 @@ class SnapshotLedger:
         if event == "accepted":
             pair = s.accepted_by_cust_offer_pairs.encode(customers, offers)
             return s.accepted_by_cust_offer.last_before(pair, before_s) >= 0
-        pair = s.cust_offer_shown.encode(customers, offers)
-        return s.shown_by_cust_offer.last_before(pair, before_s) >= 0
+        pair = s.caps.cust_offer_shown.encode(customers, offers)
+        return s.caps.shown_by_cust_offer.last_before(pair, before_s) >= 0
 
 
 @dataclass
