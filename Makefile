@@ -47,7 +47,7 @@ lint: install ## ruff (lint and format check), mypy and bandit (skips documented
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/bandit -q -c pyproject.toml -r nextbest runtime features policy training serving
+	$(BIN)/bandit -q -c pyproject.toml -r nextbest runtime features policy training serving measurement
 
 # pip-audit asks PyPI's JSON API about every pinned package (it needs the network)
 audit: install ## pip-audit over constraints.txt (known vulnerabilities in the locked set)
