@@ -26,7 +26,7 @@ import scipy.sparse as sp
 
 from features.contract import CHANNELS
 from features.history import TimeIndex, second_ceil, to_seconds_ceil
-from features.registry import FEATURES, feature_names
+from features.registry import FEATURES, display_name, feature_names
 from features.snapshot import MOMENTS, PLACEMENTS, Csr, Snapshot
 
 __all__ = ["FeatureBuilder", "FeatureMatrix", "Requests", "cooccurrence_anchors"]
@@ -787,7 +787,7 @@ class FeatureBuilder:
             return (
                 None
                 if code < 0 or code == s.categories.unknown
-                else str(s.categories.values[code]).title()
+                else display_name(s.categories.values[code])
             )
 
         def product(code: int) -> str | None:
@@ -797,7 +797,7 @@ class FeatureBuilder:
             "category": category(ev["category"]),
             "department": None
             if ev["department"] in (-1, s.departments.unknown)
-            else str(s.departments.values[ev["department"]]).title(),
+            else display_name(s.departments.values[ev["department"]]),
             "anchor_category": category(ev["anchor_category"]),
             "anchor_product": product(ev["anchor_product"]),
             "item_anchor_product": product(ev["item_anchor_product"]),

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from features.contract import OFFER_KINDS
-from features.registry import POPULARITY_COUNTS, Claim, claims_of
+from features.registry import POPULARITY_COUNTS, Claim, claims_of, display_name
 from features.snapshot import Snapshot
 
 if TYPE_CHECKING:
@@ -210,5 +210,7 @@ def _title(s: Snapshot, product: int) -> str | None:
 
 def _category(s: Snapshot, code: int) -> str | None:
     return (
-        None if code < 0 or code == s.categories.unknown else str(s.categories.values[code]).title()
+        None
+        if code < 0 or code == s.categories.unknown
+        else display_name(s.categories.values[code])
     )

@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 
 from features.catalog import non_product_categories, non_product_report
+from features.registry import display_name
 from features.workspace import Workspace, write_workspace
 
 __all__ = [
@@ -201,7 +202,7 @@ def _map_coupon_offers(
     value = covered["product_id"].map(line_value).groupby(covered["coupon_upc"]).mean()
 
     upcs = product_lists.index
-    titles = "Coupon: " + category.reindex(upcs).fillna("assorted products").str.title()
+    titles = "Coupon: " + category.reindex(upcs).fillna("assorted products").map(display_name)
     offers = pd.DataFrame(
         {
             "offer_id": _ids(pd.Series(upcs)),
@@ -267,7 +268,7 @@ def _map_category_offers(
         {
             "offer_id": ("category:" + names).to_numpy(),
             "kind": "category",
-            "title": ("Discover " + names.str.title()).to_numpy(),
+            "title": ("Discover " + names.map(display_name)).to_numpy(),
             "product_ids": [[] for _ in names],
             "category": names.to_numpy(),
             "department": department.reindex(names).to_numpy(),

@@ -33,12 +33,20 @@ __all__ = [
     "Condition",
     "FeatureSpec",
     "claims_of",
+    "display_name",
     "feature_names",
     "phrase",
     "says",
 ]
 
 FAMILIES = ("compatibility", "recency", "usage", "category_mix", "offer", "context")
+
+
+def display_name(name: object) -> str:
+    """A category's or department's name as a sentence says it: title case, its runs of
+    spaces made one (retailers' hierarchies carry "CHRISTMAS  SEASONAL")."""
+    return " ".join(str(name).split()).title()
+
 
 QUANTITIES: dict[str, str] = {
     "value": "the feature's own value in the row",

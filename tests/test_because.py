@@ -327,8 +327,13 @@ def claim(feature: str, pattern: str) -> Callable[[Check], Check]:
     return register
 
 
+def _said(name: object) -> str:
+    """A category or department as a sentence names it: title case, one space apart."""
+    return " ".join(str(name).split()).title()
+
+
 def _same(name: str, expected: str) -> None:
-    assert name == str(expected).title() or name == str(expected), (name, expected)
+    assert name == _said(expected) or name == str(expected), (name, expected)
 
 
 def _last_bought(o: Served, m: re.Match[str], lines: pd.DataFrame) -> None:
@@ -355,7 +360,7 @@ def _copurchase_lift(o: Served, m: re.Match[str]) -> None:
     assert within(o.value, ratio_span(m["ratio"]), 1e-4)
     _same(m["category"], o.category)
     anchors = o.in_year(o.lines)
-    bought = {str(c).title(): c for c in anchors["category"].dropna()}
+    bought = {_said(c): c for c in anchors["category"].dropna()}
     assert m["anchor"] in bought, f"{m['anchor']} not bought in the past year"
     lift = o.raw.lift(bought[m["anchor"]], o.category, o.reference)
     assert lift == pytest.approx(o.value, rel=1e-5)
@@ -720,9 +725,9 @@ def _context_lift(o: Served, m: re.Match[str], products: list[str]) -> None:
     assert m["product"] in {o.raw.title[p] for p in products}, m["product"]
     named = [p for p in products if o.raw.title[p] == m["product"]]
     categories = {str(o.raw.products.loc[p, "category"]) for p in named}
-    assert any(m["other"] in (c, c.title()) for c in categories), m["other"]
+    assert any(m["other"] in (c, _said(c)) for c in categories), m["other"]
     lift = o.raw.lift(
-        next(c for c in categories if m["other"] in (c, c.title())), o.category, o.reference
+        next(c for c in categories if m["other"] in (c, _said(c))), o.category, o.reference
     )
     assert lift == pytest.approx(o.value, rel=1e-5)
 

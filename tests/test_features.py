@@ -325,3 +325,11 @@ def test_acceptance_rate_is_out_of_fold_in_training() -> None:
         rows = queries["customer_id"].map(fold_of) == fold
         expected = reference.transform(without, queries[rows])["offer_acceptance_rate"]
         np.testing.assert_allclose(oof[rows], expected, rtol=1e-6)
+
+
+def test_a_name_in_a_sentence_is_title_case_with_single_spaces() -> None:
+    from features.registry import display_name
+
+    assert display_name("CHRISTMAS  SEASONAL") == "Christmas Seasonal"
+    assert display_name(" ICE CREAM/MILK/SHERBTS ") == "Ice Cream/Milk/Sherbts"
+    assert display_name("Coffee Accessories") == "Coffee Accessories"
