@@ -133,9 +133,10 @@ def judge_cycles(cycles: pd.DataFrame, config: StopLoss) -> pd.DataFrame:
     frame["verdict"] = np.select(
         [insufficient.to_numpy(), any_fail.to_numpy()], ["insufficient", "fail"], "pass"
     )
+    judged = [(failing[name] & ~insufficient).to_numpy() for name in _RULES]
     fails = [
-        [name for name in _RULES if bool(failing[name].iloc[i])] if not insufficient.iloc[i] else []
-        for i in range(len(frame))
+        [name for name, hit in zip(_RULES, hits, strict=True) if hit]
+        for hits in zip(*judged, strict=True)
     ]
     frame["fails"] = pd.Series(fails, index=frame.index, dtype="object")
     return frame
@@ -398,7 +399,7 @@ def run_stoploss(
                     "offer_id": decision.offer_id,
                     "killed_at": at,
                     "killed_by": actor,
-                    "rule": decision.rule[:64],
+                    "rule": decision.rule,
                     "last_cycle": decision.last_cycle.to_pydatetime(),
                     "figures": decision.cycles,
                     "learning": learning,

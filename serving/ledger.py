@@ -151,7 +151,7 @@ offer_kills = sa.Table(
     sa.Column("offer_id", sa.String(128), nullable=False),
     sa.Column("killed_at", sa.DateTime, nullable=False),
     sa.Column("killed_by", sa.String(64), nullable=False),
-    sa.Column("rule", sa.String(64), nullable=False),
+    sa.Column("rule", sa.String(256), nullable=False),
     # the start of the last failing cycle: a later kill of the same offer needs later cycles
     sa.Column("last_cycle", sa.DateTime, nullable=False),
     sa.Column("figures", sa.JSON, nullable=False),
