@@ -409,3 +409,65 @@ def test_one_active_kill_per_offer_on_postgresql(fresh_postgres: str) -> None:
             )
     finally:
         ledger.dispose()
+
+
+# -- the kill, from the next request on: the real service and batch --------------------
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from serving_helpers import train_and_register
+
+    return train_and_register(tmp_path_factory.mktemp("stoploss"))
+
+
+def failing(offer: str) -> pd.DataFrame:
+    return frame(cycle(offer, WEEK1, LOSER), cycle(offer, WEEK2, LOSER))
+
+
+def reasons_for(answer: dict, offer: str) -> list[str]:
+    return [r for e in answer["excluded"] if e["offer_id"] == offer for r in e["reasons"]]
+
+
+@pytest.mark.slow
+def test_a_kill_excludes_the_offer_from_the_next_request_in_the_service_and_in_batch(
+    world, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    from serving_helpers import asgi_client, recommender_for
+
+    from serving.batch import recommend_batch
+    from serving.review import ReviewStore
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"  # the service's ledger (asgi_client's)
+    body = {"customer_id": "S00003", "channel": "web", "k": 3, "debug": True}
+    with asgi_client(world, tmp_path) as client:
+        before = client.post("/recommend", json=body).json()
+        target = before["offers"][0]["offer_id"]
+        assert "stop_loss" not in reasons_for(before, target)
+        batch = recommender_for(world, tmp_path / "ledger.db")
+        customers = pd.DataFrame({"customer_id": [f"S{i:05d}" for i in range(1, 31)]})
+        unkilled = recommend_batch(batch, customers, channel="web", placement="home", k=3)
+        assert target in set(unkilled["offer_id"])
+        # the weekly job, as another process would: its own connection to the database
+        job = SqlLedger(url)
+        assert list(run_stoploss(failing(target), CONFIG, job, as_of=AFTER_WEEK2).killed) == [
+            target
+        ]
+        after = client.post("/recommend", json=body).json()
+        assert target not in [o["offer_id"] for o in after["offers"]]
+        assert "stop_loss" in reasons_for(after, target)
+        other = client.post("/recommend", json=body | {"customer_id": "S00011"}).json()
+        assert target not in [o["offer_id"] for o in other["offers"]]
+
+        # batch reads the kills too (the CLI's recommend-batch is recommend_batch), with the
+        # recommender it had before the kill
+        rows = recommend_batch(batch, customers, channel="web", placement="home", k=3)
+        assert len(rows) and target not in set(rows["offer_id"])
+        [traced] = batch.recommend_many(["S00003"], channel="web", k=3, debug=True)
+        assert "stop_loss" in reasons_for(traced, target)
+
+        # a human revives it: eligible again from the next request on, no restart
+        ReviewStore(job).add_user("ann", "a long password", "approver")
+        revive(job, target, actor="ann", reason="the campaign changed")
+        revived = client.post("/recommend", json=body).json()
+        assert "stop_loss" not in reasons_for(revived, target)
+        job.dispose()
+        batch.ledger.dispose()
