@@ -471,3 +471,58 @@ def test_a_kill_excludes_the_offer_from_the_next_request_in_the_service_and_in_b
         assert "stop_loss" not in reasons_for(revived, target)
         job.dispose()
         batch.ledger.dispose()
+
+
+# -- the command line ---------------------------------------------------------------------
+def test_nextbest_stoploss_run_dry_run_then_run_list_and_revive(
+    small_workspace, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from nextbest.cli import app
+    from serving.review import ReviewStore
+
+    offers = small_workspace.read("offers")
+    offer = str(offers["offer_id"].iloc[0])
+    path = tmp_path / "cycles.csv"
+    failing(offer).to_csv(path, index=False)
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    common = ["--cycles", str(path), "--db-url", url, "--as-of", "2024-03-18"]
+    runner = CliRunner()
+
+    dry = runner.invoke(app, ["stoploss", "run", *common, "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert f"would kill {offer}: lift_high < min_lift (0.0), 2 cycles in a row" in dry.output
+    ledger = SqlLedger(url)
+    assert ledger.offer_kills() == []
+
+    run = runner.invoke(
+        app, ["stoploss", "run", *common, "-w", str(small_workspace.path), "--as", "cron"]
+    )
+    assert run.exit_code == 0, run.output
+    assert f"killed {offer}: lift_high < min_lift (0.0)" in run.output
+    [kill] = ledger.offer_kills()
+    assert kill["killed_by"] == "cron"
+    assert kill["learning"]["message"] == offers["title"].iloc[0]
+    again = runner.invoke(app, ["stoploss", "run", *common])
+    assert "nothing to kill" in again.output and f"killed already: {offer}" in again.output
+    listed = runner.invoke(app, ["stoploss", "list", "--db-url", url])
+    assert offer in listed.output and "cron" in listed.output
+
+    ReviewStore(ledger).add_user("ann", "a long password", "approver")
+    refused = runner.invoke(
+        app, ["stoploss", "revive", offer, "--as", "bob", "--reason", "x", "--db-url", url]
+    )
+    assert refused.exit_code == 2 and "unknown user 'bob'" in refused.output
+    revived = runner.invoke(
+        app, ["stoploss", "revive", offer, "--as", "ann", "--reason", "relaunch", "--db-url", url]
+    )
+    assert revived.exit_code == 0, revived.output
+    assert ledger.stopped_offers() == frozenset()
+    assert runner.invoke(app, ["stoploss", "list", "--db-url", url]).output.strip() == "(no kills)"
+
+    bad = runner.invoke(
+        app, ["stoploss", "run", "--cycles", str(tmp_path / "none.csv"), "--db-url", url]
+    )
+    assert bad.exit_code == 2 and "no such cycles file" in bad.output
+    ledger.dispose()
