@@ -181,7 +181,15 @@ def decide(
     judged; only cycles after it count again (idempotent runs; a revival holds until
     later cycles fail)."""
     verdicts = judge_cycles(cycles, config)
-    weeks = judged_weeks(verdicts, config, as_of)
+    return _decide(verdicts, config, judged_weeks(verdicts, config, as_of), judged_before or {})
+
+
+def _decide(
+    verdicts: pd.DataFrame,
+    config: StopLoss,
+    weeks: list[pd.Timestamp],
+    judged_before: Mapping[str, Any],
+) -> list[KillDecision]:
     if not weeks:
         return []
     judged = verdicts[verdicts["week_start"].isin(weeks)]
@@ -189,7 +197,7 @@ def decide(
     counts = failed.groupby("offer_id")["week_start"].nunique()
     decisions = []
     for offer_id in sorted(counts.index[counts == len(weeks)]):
-        before = (judged_before or {}).get(offer_id)
+        before = judged_before.get(offer_id)
         if before is not None and weeks[0] <= pd.Timestamp(before):
             continue
         rows = failed[failed["offer_id"] == offer_id].sort_values("week_start")
@@ -370,9 +378,9 @@ def run_stoploss(
     for kill in kills:  # the latest kill of each offer, revived or not
         judged_before[str(kill["offer_id"])] = pd.Timestamp(kill["last_cycle"])
     active = sorted({str(k["offer_id"]) for k in kills if k["revived_at"] is None})
-    decisions = decide(cycles, config, as_of=as_of, judged_before=judged_before)
     verdicts = judge_cycles(cycles, config)
     weeks = judged_weeks(verdicts, config, as_of)
+    decisions = _decide(verdicts, config, weeks, judged_before)
     report = StopLossReport(
         as_of=as_of,
         weeks=weeks,

@@ -121,7 +121,8 @@ class CompatibilityRequired(_Rule):
 
 
 class Killed(_Rule):
-    """Offers switched off (by hand, or by the stop-loss at run time)."""
+    """Offers switched off by hand (the stop-loss's kills live in the ledger's database,
+    with their own reason, ``stop_loss``)."""
 
     type: Literal["killed"]
     offers: list[str] = []

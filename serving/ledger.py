@@ -171,6 +171,7 @@ sa.Index(
     postgresql_where=offer_kills.c.revived_at.is_(None),
 )
 
+_STOPPED = sa.select(offer_kills.c.offer_id).where(offer_kills.c.revived_at.is_(None))
 
 _OFFER_LISTS = ("offers", "ghosts")  # a logged slate's lists of offers, not its columns
 
@@ -1053,10 +1054,9 @@ class SqlLedger:
         every request, so that a kill holds from the very next request in every process
         on this database, without a restart. While the database cannot be read: the set
         last read (a kill stays in force; never read, none)."""
-        query = sa.select(offer_kills.c.offer_id).where(offer_kills.c.revived_at.is_(None))
         try:
             current = self._read(
-                "stop-loss kills", lambda c: frozenset(str(o) for (o,) in c.execute(query))
+                "stop-loss kills", lambda c: frozenset(c.execute(_STOPPED).scalars())
             )
         except LedgerUnavailable:
             return self._stopped
