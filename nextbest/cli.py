@@ -1289,5 +1289,144 @@ def ledger_export(
         typer.echo(report.line())
 
 
+# -- issue 12, item 4: the stop-loss ---------------------------------------------------------
+stoploss_app = typer.Typer(
+    help="The stop-loss: switch off offers that confidently fail to pay, two weeks in a row.",
+    no_args_is_help=True,
+    rich_markup_mode="markdown",
+)
+app.add_typer(stoploss_app, name="stoploss")
+
+
+@stoploss_app.command("run")
+@_user_errors
+def stoploss_run(
+    cycles: Annotated[
+        Path,
+        typer.Option(
+            help="The scorecard's offer cycles (CSV or parquet: offer_id, week_start, "
+            "n_exposed, n_control, attach_*, lift[_low|_high], margin_uplift, margin_low, "
+            "margin_high)."
+        ),
+    ],
+    dry_run: Annotated[
+        bool, typer.Option(help="List what would be killed and why; kill nothing.")
+    ] = False,
+    as_of: Annotated[
+        str | None,
+        typer.Option(
+            help="Judge the weekly cycles complete by this moment (default: now; a simulated "
+            "or fixed clock passes its own)."
+        ),
+    ] = None,
+    rules: Annotated[
+        Path | None,
+        typer.Option(
+            help="Rules YAML with the stoploss: section (default: NEXTBEST_RULES or packaged)."
+        ),
+    ] = None,
+    workspace: Annotated[
+        Path | None,
+        typer.Option(
+            "--workspace",
+            "-w",
+            help="Workspace whose offers and products the learning record names.",
+        ),
+    ] = None,
+    actor: Annotated[
+        str | None,
+        typer.Option("--as", help="Who runs it, for the audit log (default: stoploss/$USER)."),
+    ] = None,
+    db_url: DbOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Kill every offer whose lift or margin uplift has its whole 95 % interval below the
+    rules file's stoploss thresholds in the last two complete weekly cycles: stored with a
+    learning record, audited, and excluded (reason stop_loss) from the next request on."""
+    import pandas as pd
+
+    from features import Workspace
+    from measurement.stoploss import read_cycles, run_stoploss
+    from policy import load_rules
+    from serving.ledger import SqlLedger
+    from serving.settings import ServingSettings
+
+    try:
+        frame = read_cycles(cycles)
+        moment = pd.Timestamp(as_of) if as_of is not None else pd.Timestamp.now()
+    except ValueError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(code=2) from None
+    config = load_rules(rules or ServingSettings.from_env().rules_path).stoploss
+    offers = products = None
+    if workspace is not None:
+        target = Workspace(workspace).require()
+        offers, products = target.read("offers"), target.read("products")
+    ledger = SqlLedger(_ledger_url(db_url))
+    try:
+        report = run_stoploss(
+            frame,
+            config,
+            ledger,
+            as_of=moment,
+            dry_run=dry_run,
+            actor=actor,
+            offers=offers,
+            products=products,
+        )
+    finally:
+        ledger.dispose()
+    if as_json:
+        _echo_json(report.as_dict())
+    else:
+        typer.echo("\n".join(report.lines()))
+
+
+@stoploss_app.command("revive")
+def stoploss_revive(
+    offer_id: Annotated[str, typer.Argument(help="The killed offer.")],
+    actor: Annotated[str, typer.Option("--as", help="A review approver.")],
+    reason: Annotated[str, typer.Option(help="Why it comes back (kept in the audit log).")],
+    db_url: DbOption = None,
+) -> None:
+    """End an offer's stop-loss kill (audited): eligible again from the next request on,
+    killed again only if two later cycles fail."""
+    from measurement.stoploss import revive
+    from serving.ledger import SqlLedger
+    from serving.review import AccessError
+
+    ledger = SqlLedger(_ledger_url(db_url))
+    try:
+        kill = revive(ledger, offer_id, actor=actor, reason=reason)
+    except (AccessError, LookupError, ValueError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(code=2) from None
+    finally:
+        ledger.dispose()
+    typer.echo(
+        f"Revived {offer_id} (kill {kill['kill_id']} of {kill['killed_at']}, {kill['rule']})."
+    )
+
+
+@stoploss_app.command("list")
+def stoploss_list(
+    everything: Annotated[bool, typer.Option("--all", help="Revived kills too.")] = False,
+    db_url: DbOption = None,
+) -> None:
+    """The stop-loss's kills: offer, when, by whom, the rule (and any revival)."""
+    import pandas as pd
+
+    from serving.ledger import SqlLedger
+
+    ledger = SqlLedger(_ledger_url(db_url))
+    try:
+        kills = ledger.offer_kills(active_only=not everything)
+    finally:
+        ledger.dispose()
+    columns = ["kill_id", "offer_id", "killed_at", "killed_by", "rule", "revived_at", "revived_by"]
+    table = pd.DataFrame(kills, columns=columns)
+    typer.echo(table.to_string(index=False) if len(table) else "(no kills)")
+
+
 if __name__ == "__main__":
     app(prog_name="nextbest")

@@ -12,7 +12,7 @@ service backs the same interface with its database. Caps count what customers re
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -82,6 +82,8 @@ REASONS: dict[str, str] = {
     "mutually_exclusive": "an offer of the same exclusion group is already in the slate",
     "bundle_ladder_conflict": "another tier of the same bundle ladder is already in the slate",
     "not_due": "a consumable the customer bought, not due yet by their own cycle",
+    "stop_loss": "the stop-loss killed it: its lift or margin uplift fell short for "
+    "consecutive weekly cycles",
 }
 _BIT = {code: 1 << i for i, code in enumerate(REASONS)}
 
@@ -251,6 +253,7 @@ def evaluate(
     features: Mapping[str, np.ndarray] | None = None,
     killed: Sequence[str] = (),
     out_of_stock: Sequence[str] = (),
+    stopped: Collection[str] = (),
 ) -> Eligibility:
     """Which (request, offer) rows exist, and why each other one does not: the one
     eligibility decision that training, evaluation, batch scoring and the live service
@@ -262,7 +265,9 @@ def evaluate(
     every row at once. ``features`` (feature name → per-row values) is needed only by
     ``compatibility_required``. ``killed`` and ``out_of_stock`` add run-time lists (the
     stop-loss, an inventory feed) to the rules file's own. Rules that depend on the
-    channel are skipped for requests without one.
+    channel are skipped for requests without one. ``stopped``: the offers the stop-loss
+    killed (:meth:`serving.ledger.SqlLedger.stopped_offers`), excluded with their own
+    reason, ``stop_loss``, whatever the rules file says.
     """
     s = snapshot
     ledger = ledger or SnapshotLedger(snapshot)
@@ -327,6 +332,9 @@ def evaluate(
     killed_ids = [*(killed_rule.offers if killed_rule else []), *killed]
     if killed_ids:
         exclude("offer_killed", np.isin(o, s.offers.encode(killed_ids, missing=-1)))
+
+    if stopped:
+        exclude("stop_loss", np.isin(o, s.offers.encode(sorted(stopped), missing=-1)))
 
     stock_rule = rules.rule(OutOfStock)
     missing_ids = [*(stock_rule.products if stock_rule else []), *out_of_stock]

@@ -32,6 +32,7 @@ __all__ = [
     "OUTBOUND_CHANNELS",
     "RuleSet",
     "RulesError",
+    "StopLoss",
     "load_rules",
     "parse_rules",
 ]
@@ -120,7 +121,8 @@ class CompatibilityRequired(_Rule):
 
 
 class Killed(_Rule):
-    """Offers switched off (by hand, or by the stop-loss at run time)."""
+    """Offers switched off by hand (the stop-loss's kills live in the ledger's database,
+    with their own reason, ``stop_loss``)."""
 
     type: Literal["killed"]
     offers: list[str] = []
@@ -251,6 +253,24 @@ Rule = Annotated[
 ]
 
 
+class StopLoss(BaseModel):
+    """The stop-loss's thresholds (the rules file's ``stoploss:`` section; read by
+    ``nextbest stoploss run``, :mod:`measurement.stoploss`).
+
+    A weekly cycle *fails* when the upper bound of the offer's 95 % lift interval is below
+    ``min_lift``, or the upper bound of its margin-uplift interval is below
+    ``min_margin_uplift``: only when the offer is confidently below the bar, so noise
+    never kills a winner. An offer is killed after ``consecutive_cycles`` failing cycles in
+    a row. A cycle with fewer than ``min_opportunities`` in either arm (exposed, control)
+    is *insufficient*: it neither fails nor passes, and it breaks a run of failures."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    min_lift: float = 0.0
+    min_margin_uplift: float = 0.0
+    min_opportunities: Annotated[int, Field(ge=1)] = 50
+    consecutive_cycles: Annotated[int, Field(ge=1)] = 2
+
+
 class RuleSet(BaseModel):
     """A validated rules file."""
 
@@ -260,6 +280,7 @@ class RuleSet(BaseModel):
     consent_purpose: Literal["marketing", "personalisation"] = "marketing"
     unknown_consent: Literal["allow", "deny"] = "allow"
     rules: list[Rule]
+    stoploss: StopLoss = StopLoss()
 
     def rule(self, kind: type[_Rule]) -> Any:
         """The enabled rule of this type, or None."""
@@ -277,8 +298,10 @@ class RuleSet(BaseModel):
 
     @property
     def content_hash(self) -> str:
-        """A short hash of the rules' content: their version identity."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        """A short hash of the rules' content: their version identity. The ``stoploss``
+        thresholds are left out: they judge measured cycles, not which rows are eligible,
+        so they change no model (and hashes from before the section existed still hold)."""
+        canonical = json.dumps(self.model_dump(mode="json", exclude={"stoploss"}), sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
     def to_yaml(self) -> str:

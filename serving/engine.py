@@ -330,7 +330,9 @@ class Recommender:
         # features of every candidate only if a rule reads them; else of the eligible ones
         full = builder.build(s, requests, rows, offers) if rules.needs_features else None
         reads = self.reads()
-        eligibility = self._eligible(rules, requests, rows, offers, full, reads)
+        # the stop-loss's kills, read for every call: a kill holds from the next request on
+        stopped = self.ledger.stopped_offers()
+        eligibility = self._eligible(rules, requests, rows, offers, full, reads, stopped)
         eligible = eligibility.eligible.copy()
         if self.blocks_unread is not None:  # the blocks unknown: fails closed, like hard caps
             eligible[:] = False
@@ -450,6 +452,7 @@ class Recommender:
         offers: np.ndarray,
         matrix: FeatureMatrix | None,
         reads: CombinedLedger,
+        stopped: frozenset[str] = frozenset(),
     ) -> Eligibility:
         features = None if matrix is None else matrix.columns()
         return evaluate(
@@ -460,6 +463,7 @@ class Recommender:
             offers,
             ledger=reads,
             features=features,
+            stopped=stopped,
         )
 
     def _offer_holdout(

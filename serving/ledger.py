@@ -67,6 +67,7 @@ __all__ = [
     "ServedOffer",
     "SqlLedger",
     "ghost_offers",
+    "offer_kills",
 ]
 
 log = logging.getLogger("nextbest.serving")
@@ -143,6 +144,34 @@ feedback = sa.Table(
     sa.Column("at_s", sa.BigInteger, nullable=False),
 )
 
+offer_kills = sa.Table(
+    "offer_kills",
+    _metadata,
+    sa.Column("kill_id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("offer_id", sa.String(128), nullable=False),
+    sa.Column("killed_at", sa.DateTime, nullable=False),
+    sa.Column("killed_by", sa.String(64), nullable=False),
+    sa.Column("rule", sa.String(256), nullable=False),
+    # the start of the last failing cycle: a later kill of the same offer needs later cycles
+    sa.Column("last_cycle", sa.DateTime, nullable=False),
+    sa.Column("figures", sa.JSON, nullable=False),
+    sa.Column("learning", sa.JSON, nullable=False),
+    sa.Column("revived_at", sa.DateTime),
+    sa.Column("revived_by", sa.String(64)),
+    sa.Column("revive_reason", sa.Text),
+)
+"""The stop-loss's kills (:mod:`measurement.stoploss`): an offer with a kill not revived
+is excluded by eligibility (reason ``stop_loss``) from the next request on. At most one
+kill per offer is active (a unique index), so two runs at once store one."""
+sa.Index(
+    "offer_kills_one_active",
+    offer_kills.c.offer_id,
+    unique=True,
+    sqlite_where=offer_kills.c.revived_at.is_(None),
+    postgresql_where=offer_kills.c.revived_at.is_(None),
+)
+
+_STOPPED = sa.select(offer_kills.c.offer_id).where(offer_kills.c.revived_at.is_(None))
 
 _OFFER_LISTS = ("offers", "ghosts")  # a logged slate's lists of offers, not its columns
 
@@ -325,6 +354,7 @@ class SqlLedger:
             buffer_path or self._default_buffer_path(), max_rows=buffer_max_rows
         )
         self.down: str | None = None  # why the database is not used now, if it is not
+        self._stopped: frozenset[str] = frozenset()  # the kills last read (stopped_offers)
         self._state = threading.Lock()
         self._flushing = threading.Lock()
         self._stop = threading.Event()
@@ -1017,6 +1047,91 @@ class SqlLedger:
             "feedback": [dict(f) for f in outcomes],
             "ghosts": ranked(ghost_offers),
         }
+
+    # -- the stop-loss's kills -------------------------------------------------------------
+    def stopped_offers(self) -> frozenset[str]:
+        """The offers the stop-loss killed and nobody revived. One small read, made for
+        every request, so that a kill holds from the very next request in every process
+        on this database, without a restart. While the database cannot be read: the set
+        last read (a kill stays in force; never read, none)."""
+        try:
+            current = self._read(
+                "stop-loss kills", lambda c: frozenset(c.execute(_STOPPED).scalars())
+            )
+        except LedgerUnavailable:
+            return self._stopped
+        self._stopped = current
+        return current
+
+    def offer_kills(self, *, active_only: bool = False) -> list[dict[str, Any]]:
+        """Every kill, oldest first (``active_only``: those not revived), as stored."""
+        query = offer_kills.select().order_by(offer_kills.c.kill_id)
+        if active_only:
+            query = query.where(offer_kills.c.revived_at.is_(None))
+        return self._read(
+            "stop-loss kills", lambda c: [dict(row) for row in c.execute(query).mappings()]
+        )
+
+    @staticmethod
+    def insert_kill(connection: sa.Connection, kill: Mapping[str, Any]) -> int | None:
+        """Store a kill (``offer_kills``' columns but the revival's) in the caller's
+        transaction, where the caller audits it too; its id, or None when the offer has
+        an active kill already (a concurrent run's insert fails on the unique index)."""
+        active = connection.execute(
+            sa.select(offer_kills.c.kill_id).where(
+                offer_kills.c.offer_id == kill["offer_id"], offer_kills.c.revived_at.is_(None)
+            )
+        ).first()
+        if active is not None:
+            return None
+        result = connection.execute(offer_kills.insert().values(**kill))
+        key = result.inserted_primary_key
+        assert key is not None  # an insert of one row has one
+        return int(key[0])
+
+    @staticmethod
+    def revive_kill(
+        connection: sa.Connection, offer_id: str, *, by: str, reason: str, at: Any
+    ) -> dict[str, Any] | None:
+        """End the offer's active kill in the caller's transaction: the kill as it was, or
+        None if the offer has none."""
+        key = (offer_kills.c.offer_id == offer_id) & offer_kills.c.revived_at.is_(None)
+        row = connection.execute(offer_kills.select().where(key)).mappings().first()
+        if row is None:
+            return None
+        connection.execute(
+            offer_kills.update()
+            .where(offer_kills.c.kill_id == row["kill_id"])
+            .values(revived_at=at, revived_by=by, revive_reason=reason)
+        )
+        return dict(row)
+
+    def placements_served(
+        self, offer_ids: Sequence[str], start_s: int, end_s: int
+    ) -> dict[str, list[str]]:
+        """offer → the ``channel/placement`` pairs where slates delivered it in
+        [start_s, end_s), with how many times each (for the stop-loss's learning record)."""
+        count = sa.func.count()
+        query = (
+            sa.select(slate_offers.c.offer_id, slates.c.channel, slates.c.placement, count)
+            .select_from(slates.join(slate_offers))
+            .where(
+                slate_offers.c.offer_id.in_(list(offer_ids)),
+                _DELIVERED,
+                slates.c.at_s >= start_s,
+                slates.c.at_s < end_s,
+            )
+            .group_by(slate_offers.c.offer_id, slates.c.channel, slates.c.placement)
+            .order_by(slate_offers.c.offer_id, count.desc(), slates.c.channel, slates.c.placement)
+        )
+
+        def read(connection: sa.Connection) -> dict[str, list[str]]:
+            placed: dict[str, list[str]] = {}
+            for offer, channel, placement, n in connection.execute(query):
+                placed.setdefault(str(offer), []).append(f"{channel}/{placement} ({n})")
+            return placed
+
+        return self._read("placements served", read)
 
     def dispose(self) -> None:
         self._stop.set()
