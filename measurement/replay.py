@@ -359,7 +359,7 @@ def _estimates(
     }
     explored = list(per_request.index[~deterministic & ~no_inclusion])
     if not explored:
-        reason = deterministic_reason(int(deterministic.sum()))
+        reason = deterministic_reason(int(deterministic.sum()), unit="requests")
         if refused["no_inclusion_probability"]:
             reason += (
                 f"; {refused['no_inclusion_probability']} explored requests logged before "

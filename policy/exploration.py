@@ -36,9 +36,11 @@ and tiers shape what remains, so :func:`inclusion_probabilities` estimates it by
 Rao-Blackwellised Monte Carlo of the same draw: ``draws`` slates are drawn in parallel
 (vectorised over the draws), and at each rank every remaining offer adds its *exact*
 probability of being drawn there given that draw's prefix, rather than a 0/1 for the one
-drawn. Each rank's term is an unbiased estimate of ``P(o drawn at rank r)``; rank 1's is
-exact; and an offer of small probability gets a small, positive, precise figure instead
-of a count of rare hits. :func:`draw_slate` logs it for the offers it draws
+drawn; and the draws' uniforms are stratified at each rank (a Latin hypercube: each one
+still uniform), so their picks follow each rank's probabilities closely. Each rank's
+term is an unbiased estimate of ``P(o drawn at rank r)``; rank 1's is exact; and an
+offer of small probability gets a small, positive, precise figure instead of a count of
+rare hits. :func:`draw_slate` logs it for the offers it draws
 (``Slate.inclusions``), from the request's generator after the slate's own draws.
 """
 
@@ -129,6 +131,28 @@ def _step_matrix(
     return p
 
 
+def _pooled_step(
+    scores: np.ndarray,
+    weights: np.ndarray,
+    pool: np.ndarray,
+    greedy: np.ndarray,
+    exploration: Exploration,
+) -> np.ndarray:
+    """:func:`_step_matrix` for one row of ``scores`` shared by every draw, faster: the
+    softmax's ``weights`` (exp of the scores over the temperature, less their maximum;
+    NaN: 0) computed once; a draw whose pool's weights all underflow (or are all unknown)
+    is computed the exact way."""
+    n = len(pool)
+    q = pool * weights if exploration.method == "softmax" else pool.astype(np.float64)
+    total = q.sum(axis=1, keepdims=True)
+    p = exploration.rate * (q / np.where(total > 0, total, 1.0))
+    p[np.arange(n), greedy] += 1.0 - exploration.rate
+    odd = (total[:, 0] <= 0) & pool.any(axis=1)
+    if odd.any():
+        p[odd] = _step_matrix(scores[None, :], pool[odd], greedy[odd], exploration)
+    return p
+
+
 def inclusion_probabilities(
     scores: np.ndarray,
     demoted: np.ndarray,
@@ -149,29 +173,41 @@ def inclusion_probabilities(
     groups, ladders = np.asarray(groups, dtype=np.int64), np.asarray(ladders, dtype=np.int64)
     if m == 0:
         return np.zeros(0)
+    finite = np.isfinite(np.nan_to_num(scores, nan=-np.inf))
+    top = scores[finite].max() if finite.any() else 0.0
+    weights = np.where(
+        finite, np.exp((np.where(finite, scores, top) - top) / exploration.temperature), 0.0
+    )
     open_ = np.ones((draws, m), dtype=bool)
     included = np.zeros((draws, m))
     rows = np.arange(draws)
+    tiered, grouped, laddered = (
+        demoted.any() and not demoted.all(),
+        (groups >= 0).any(),
+        (ladders >= 0).any(),
+    )
     for _ in range(k):
         live = np.asarray(open_.any(axis=1), dtype=np.bool_)
         if not live.any():
             break
         first = np.argmax(open_, axis=1)  # the greedy pick: the first offer still open
-        pool = open_ & (demoted[None, :] == demoted[first][:, None]) & live[:, None]
-        p = _step_matrix(scores[None, :], pool, first, exploration)
+        pool = open_ & (demoted[None, :] == demoted[first][:, None]) if tiered else open_
+        p = _pooled_step(scores, weights, pool, first, exploration)
         p[~live] = 0.0
         included += p
         cumulative = np.cumsum(p, axis=1)
-        u = rng.random(draws) * cumulative[:, -1]
-        pick = (cumulative <= u[:, None]).sum(axis=1)
-        last = m - 1 - np.argmax(pool[:, ::-1], axis=1)  # never beyond the pool's last
-        pick = np.minimum(pick, last)
-        picked_group, picked_ladder = groups[pick], ladders[pick]
-        closed = np.zeros((draws, m), dtype=bool)
-        closed[rows, pick] = True
-        closed |= (groups[None, :] == picked_group[:, None]) & (picked_group[:, None] >= 0)
-        closed |= (ladders[None, :] == picked_ladder[:, None]) & (picked_ladder[:, None] >= 0)
-        open_ &= ~(closed & live[:, None])
+        u = (rng.permutation(draws) + rng.random(draws)) / draws * cumulative[:, -1]
+        # stratified (Latin hypercube over ranks): each draw's uniform is still uniform,
+        # and the draws' picks follow each rank's probabilities closely
+        pick = np.argmax(cumulative > u[:, None], axis=1)
+        pick = np.where(p[rows, pick] > 0, pick, first)  # rounding at the top end: greedy
+        open_[rows[live], pick[live]] = False
+        if grouped:
+            picked = groups[pick]
+            open_ &= ~((groups[None, :] == picked[:, None]) & (picked[:, None] >= 0))
+        if laddered:
+            picked = ladders[pick]
+            open_ &= ~((ladders[None, :] == picked[:, None]) & (picked[:, None] >= 0))
     return np.minimum(included.mean(axis=0), 1.0)
 
 

@@ -255,12 +255,13 @@ def cross_fitted_offer_means(
     return on_logged, on_query
 
 
-def deterministic_reason(refused: int) -> str:
-    """Why no off-policy estimate is available when ``refused`` rows were deterministic."""
-    reason = "no exposures with a logging propensity in the evaluation period"
+def deterministic_reason(refused: int, unit: str = "exposures") -> str:
+    """Why no off-policy estimate is available when ``refused`` rows (or requests, as
+    ``unit`` says) were deterministic."""
+    reason = f"no {unit} with a logging propensity in the evaluation period"
     if refused:
         reason += (
-            f": {refused} exposures refused, logged by a deterministic policy (no "
+            f": {refused} {unit} refused, logged by a deterministic policy (no "
             "propensity); off-policy estimates need slates drawn with exploration"
         )
     return reason
