@@ -458,3 +458,87 @@ def test_a_read_only_ledger_logs_nothing(served_world) -> None:  # type: ignore[
     finally:
         ledger.dispose()
     assert _ledger_state(path) == before
+
+
+def test_nextbest_simulate_prints_the_report(served_world) -> None:  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from nextbest.cli import app
+
+    served, ledgers, _ = served_world
+    path, responses = ledgers["deterministic"]
+    runner = CliRunner()
+    common = ["--workspace", str(served.workspace.path), "--db-url", f"sqlite:///{path}"]
+    refused = runner.invoke(app, ["simulate", *common])
+    assert refused.exit_code == 2
+    assert "--rules FILE and/or --version N" in refused.output
+    before = _ledger_state(path)
+    done = runner.invoke(
+        app,
+        [
+            "simulate",
+            "--rules",
+            "policy/default_rules.yaml",
+            "--bootstrap",
+            "20",
+            *common,
+            "--json",
+        ],
+    )
+    assert done.exit_code == 0, done.output
+    report = json.loads(done.stdout)
+    assert report["requests"] == len(responses) and report["slates_changed"] == 0
+    assert report["estimates"]["available"] is False
+    text = runner.invoke(
+        app, ["simulate", "--version", served.version, "--bootstrap", "20", *common]
+    )
+    assert text.exit_code == 0, text.output
+    assert f"{len(responses)} requests replayed (0 holdout skipped)" in text.stdout
+    assert "Off-policy estimates: not available (no requests with a logging" in text.stdout
+    assert _ledger_state(path) == before
+
+
+def test_a_replay_reads_a_postgresql_ledger_and_leaves_it_as_it_was(  # type: ignore[no-untyped-def]
+    served_world, fresh_postgres: str
+) -> None:
+    from serving_helpers import recommender_for
+
+    from measurement.replay import replay
+    from serving.settings import ServingSettings
+
+    served, _, root = served_world
+    recommender = recommender_for(
+        served,
+        root / "unused.db",
+        db_url=fresh_postgres,
+        exploration="epsilon",
+        exploration_rates=(("*", 0.5),),
+    )
+    customers = sorted(recommender.known_customers())[:20]
+    responses = recommender.recommend_many(customers, channel="web", placement="home", k=3)
+    recommender.ledger.dispose()
+    engine = sa.create_engine(fresh_postgres)
+
+    def rows() -> dict[str, list[tuple[object, ...]]]:
+        with engine.connect() as connection:
+            return {
+                t: sorted(map(tuple, connection.execute(sa.text(f'SELECT * FROM "{t}"')).all()))
+                for t in sa.inspect(connection).get_table_names()
+            }
+
+    try:
+        before = rows()
+        report = replay(
+            ServingSettings(db_url=fresh_postgres, holdout_share=0.0),
+            workspace=served.workspace,
+            rules=Path("policy/default_rules.yaml"),
+            bootstrap_samples=50,
+        )
+        assert rows() == before
+    finally:
+        engine.dispose()
+    assert report.requests == len(responses)
+    assert report.estimates["available"]
+    assert report.estimates["requests"] == sum(bool(r["offers"]) for r in responses)
+    logged = before["slate_offers"]
+    assert logged and all(row[-1] is not None and 0 < row[-1] <= 1 for row in logged)
