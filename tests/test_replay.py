@@ -475,15 +475,7 @@ def test_nextbest_simulate_prints_the_report(served_world) -> None:  # type: ign
     before = _ledger_state(path)
     done = runner.invoke(
         app,
-        [
-            "simulate",
-            "--rules",
-            "policy/default_rules.yaml",
-            "--bootstrap",
-            "20",
-            *common,
-            "--json",
-        ],
+        ["simulate", "--rules", "policy/default_rules.yaml", *common, "--json"],
     )
     assert done.exit_code == 0, done.output
     report = json.loads(done.stdout)
