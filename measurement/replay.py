@@ -359,12 +359,14 @@ def _estimates(
     }
     explored = list(per_request.index[~deterministic & ~no_inclusion])
     if not explored:
-        reason = deterministic_reason(int(deterministic.sum()), unit="requests")
-        if refused["no_inclusion_probability"]:
-            reason += (
-                f"; {refused['no_inclusion_probability']} explored requests logged before "
-                "inclusion probabilities were"
-            )
+        late = refused["no_inclusion_probability"]
+        reason = (
+            deterministic_reason(refused["deterministic"], unit="requests")
+            if refused["deterministic"] or not late
+            else "no requests with a logged inclusion probability in the evaluation period"
+        )
+        if late:
+            reason += f"; {late} explored requests logged before inclusion probabilities were"
         return {"available": False, "reason": reason}, refused
     index = {r: i for i, r in enumerate(explored)}
     rows = mine[mine["request_id"].isin(index)]

@@ -534,3 +534,42 @@ def test_a_replay_reads_a_postgresql_ledger_and_leaves_it_as_it_was(  # type: ig
     assert report.estimates["requests"] == sum(bool(r["offers"]) for r in responses)
     logged = before["slate_offers"]
     assert logged and all(row[-1] is not None and 0 < row[-1] <= 1 for row in logged)
+
+
+def test_a_ledger_from_before_inclusions_is_replayed_as_is_then_migrated(  # type: ignore[no-untyped-def]
+    served_world, tmp_path: Path
+) -> None:
+    import shutil
+
+    from measurement.replay import replay
+    from serving.ledger import SqlLedger
+    from serving.settings import ServingSettings
+
+    served, ledgers, _ = served_world
+    source, responses = ledgers["explored"]
+    path = tmp_path / "old.db"
+    shutil.copy2(source, path)
+    engine = sa.create_engine(f"sqlite:///{path}")
+    with engine.begin() as connection:  # the schema before inclusions were logged
+        connection.execute(sa.text("ALTER TABLE slate_offers DROP COLUMN inclusion"))
+    engine.dispose()
+    before = _ledger_state(path)
+    report = replay(
+        ServingSettings(db_url=f"sqlite:///{path}", holdout_share=0.0),
+        workspace=served.workspace,
+        rules=Path("policy/default_rules.yaml"),
+        bootstrap_samples=20,
+    )
+    assert _ledger_state(path) == before  # read as it is: no column added by a replay
+    explored = sum(bool(r["offers"]) for r in responses)
+    assert report.refused["no_inclusion_probability"] == explored
+    assert report.estimates["available"] is False
+    assert report.estimates["reason"].endswith(
+        f"; {explored} explored requests logged before inclusion probabilities were"
+    )
+    SqlLedger(f"sqlite:///{path}").dispose()  # the service's ledger migrates it
+    engine = sa.create_engine(f"sqlite:///{path}")
+    with engine.connect() as connection:
+        values = connection.execute(sa.text("SELECT inclusion FROM slate_offers")).all()
+    engine.dispose()
+    assert values and all(v is None for (v,) in values)
