@@ -277,6 +277,22 @@ def test_ips_snips_and_dr_cover_a_target_policys_exact_value(reward: str) -> Non
 
 
 # -- a replay of a served world --------------------------------------------------------------
+DEFAULT_RULES = Path("policy/default_rules.yaml")
+
+
+def _replay(served, url: str, rules: Path, bootstrap_samples: int):  # type: ignore[no-untyped-def]
+    """The replay of the ledger at ``url`` on the served workspace, under ``rules``."""
+    from measurement.replay import replay
+    from serving.settings import ServingSettings
+
+    return replay(
+        ServingSettings(db_url=url, holdout_share=0.0),
+        workspace=served.workspace,
+        rules=rules,
+        bootstrap_samples=bootstrap_samples,
+    )
+
+
 def _ledger_state(path: Path) -> tuple[str, dict[str, list[tuple[object, ...]]], list[str]]:
     """The ledger file's bytes (hashed), every table's rows, and the folder's files."""
     engine = sa.create_engine(f"sqlite:///{path}")
@@ -328,9 +344,6 @@ def served_world(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-u
 
 
 def test_a_replay_under_a_rule_that_kills_an_offer(served_world) -> None:  # type: ignore[no-untyped-def]
-    from measurement.replay import replay
-    from serving.settings import ServingSettings
-
     served, ledgers, root = served_world
     path, responses = ledgers["explored"]
     counts = Counter(o["offer_id"] for r in responses for o in r["offers"])
@@ -342,12 +355,7 @@ def test_a_replay_under_a_rule_that_kills_an_offer(served_world) -> None:  # typ
     new_rules = root / "kill.yaml"
     new_rules.write_text(yaml.safe_dump(rules))
     before = _ledger_state(path)
-    report = replay(
-        ServingSettings(db_url=f"sqlite:///{path}", holdout_share=0.0),
-        workspace=served.workspace,
-        rules=new_rules,
-        bootstrap_samples=100,
-    )
+    report = _replay(served, f"sqlite:///{path}", new_rules, 100)
     assert _ledger_state(path) == before  # nothing served, nothing logged, no file made
     assert report.requests == len(responses)
     with_killed = [r for r in responses if killed in {o["offer_id"] for o in r["offers"]}]
@@ -414,18 +422,10 @@ def _candidates_with(served, responses, offer_id: str) -> int:  # type: ignore[n
 
 
 def test_a_deterministic_ledger_is_refused_with_its_reason(served_world) -> None:  # type: ignore[no-untyped-def]
-    from measurement.replay import replay
-    from serving.settings import ServingSettings
-
     served, ledgers, _ = served_world
     path, responses = ledgers["deterministic"]
     before = _ledger_state(path)
-    report = replay(
-        ServingSettings(db_url=f"sqlite:///{path}", holdout_share=0.0),
-        workspace=served.workspace,
-        rules=Path("policy/default_rules.yaml"),
-        bootstrap_samples=50,
-    )
+    report = _replay(served, f"sqlite:///{path}", DEFAULT_RULES, 50)
     assert _ledger_state(path) == before
     served_slates = sum(bool(r["offers"]) for r in responses)
     assert report.refused["deterministic"] == served_slates > 0
@@ -495,9 +495,6 @@ def test_a_replay_reads_a_postgresql_ledger_and_leaves_it_as_it_was(  # type: ig
 ) -> None:
     from serving_helpers import recommender_for
 
-    from measurement.replay import replay
-    from serving.settings import ServingSettings
-
     served, _, root = served_world
     recommender = recommender_for(
         served,
@@ -520,12 +517,7 @@ def test_a_replay_reads_a_postgresql_ledger_and_leaves_it_as_it_was(  # type: ig
 
     try:
         before = rows()
-        report = replay(
-            ServingSettings(db_url=fresh_postgres, holdout_share=0.0),
-            workspace=served.workspace,
-            rules=Path("policy/default_rules.yaml"),
-            bootstrap_samples=50,
-        )
+        report = _replay(served, fresh_postgres, DEFAULT_RULES, 50)
         assert rows() == before
     finally:
         engine.dispose()
@@ -541,9 +533,7 @@ def test_a_ledger_from_before_inclusions_is_replayed_as_is_then_migrated(  # typ
 ) -> None:
     import shutil
 
-    from measurement.replay import replay
     from serving.ledger import SqlLedger
-    from serving.settings import ServingSettings
 
     served, ledgers, _ = served_world
     source, responses = ledgers["explored"]
@@ -554,12 +544,7 @@ def test_a_ledger_from_before_inclusions_is_replayed_as_is_then_migrated(  # typ
         connection.execute(sa.text("ALTER TABLE slate_offers DROP COLUMN inclusion"))
     engine.dispose()
     before = _ledger_state(path)
-    report = replay(
-        ServingSettings(db_url=f"sqlite:///{path}", holdout_share=0.0),
-        workspace=served.workspace,
-        rules=Path("policy/default_rules.yaml"),
-        bootstrap_samples=20,
-    )
+    report = _replay(served, f"sqlite:///{path}", DEFAULT_RULES, 20)
     assert _ledger_state(path) == before  # read as it is: no column added by a replay
     explored = sum(bool(r["offers"]) for r in responses)
     assert report.refused["no_inclusion_probability"] == explored
