@@ -8,6 +8,7 @@ printed as one line on stderr with exit code 2, never as a traceback.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import sys
 from collections.abc import Callable
@@ -1426,6 +1427,84 @@ def stoploss_list(
     columns = ["kill_id", "offer_id", "killed_at", "killed_by", "rule", "revived_at", "revived_by"]
     table = pd.DataFrame(kills, columns=columns)
     typer.echo(table.to_string(index=False) if len(table) else "(no kills)")
+
+
+# -- issue 12, item 5: what-if replay ------------------------------------------------------
+@app.command("simulate")
+@_user_errors
+def simulate(
+    rules: Annotated[
+        Path | None, typer.Option("--rules", help="The rules file to replay under.")
+    ] = None,
+    version: Annotated[
+        str | None, typer.Option(help="The model version to replay with (default: as logged).")
+    ] = None,
+    since: Annotated[
+        str | None, typer.Option(help="Replay the requests logged from this date on.")
+    ] = None,
+    workspace: WorkspaceOption = None,
+    db_url: DbOption = None,
+    k: Annotated[int | None, typer.Option(help="Slate size (default: the largest logged).")] = None,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples of the intervals.")] = 500,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Replay the ledger's logged requests under another rules file and/or model version,
+    serving and logging nothing: the slates that change, the offers that gain and lose
+    exposure, the exclusions by reason code, and off-policy estimates (IPS, SNIPS, doubly
+    robust, 95 % bootstrap intervals) of accepted offers and revenue per request."""
+    import pandas as pd
+
+    from measurement.replay import replay
+    from serving.settings import ServingSettings
+
+    problem = None
+    if rules is None and version is None:
+        problem = "say what to replay under: --rules FILE and/or --version N"
+    elif rules is not None and not rules.is_file():
+        problem = f"--rules {rules}: no such file"
+    if problem is not None:
+        typer.echo(f"error: {problem}", err=True)
+        raise typer.Exit(code=2)
+    settings = ServingSettings.from_env()
+    settings = dataclasses.replace(settings, db_url=_ledger_url(db_url))
+    report = replay(
+        settings,
+        workspace=resolve_workspace(workspace),
+        rules=rules,
+        version=version,
+        since=None if since is None else pd.Timestamp(since),
+        k=k,
+        bootstrap_samples=bootstrap,
+    )
+    if as_json:
+        _echo_json(report.to_json())
+        return
+    typer.echo(
+        f"{report.requests} requests replayed ({report.skipped['holdout']} holdout skipped): "
+        f"{report.slates_changed} slates change against the logged ones, "
+        f"{report.slates_changed_by_policy} against the logged policy's replay."
+    )
+    for label, moved in (("gain", report.gains), ("lose", report.losses)):
+        if moved:
+            listed = ", ".join(f"{o} ({n})" for o, n in sorted(moved.items(), key=lambda x: -x[1]))
+            typer.echo(f"Offers that {label} exposure: {listed}")
+    codes = sorted(set(report.reasons["logged"]) | set(report.reasons["new"]))
+    typer.echo("Exclusions by reason (logged policy -> new policy):")
+    for code in codes:
+        before, after = report.reasons["logged"].get(code, 0), report.reasons["new"].get(code, 0)
+        typer.echo(f"  {code:<28} {before:>7} -> {after:<7}")
+    estimates = report.estimates
+    if not estimates.get("available"):
+        typer.echo(f"Off-policy estimates: not available ({estimates['reason']}).")
+        return
+    typer.echo(f"Off-policy estimates per explored request ({estimates['requests']} requests):")
+    for reward in ("accepted", "revenue"):
+        for name in ("logging_policy", "ips", "snips", "doubly_robust"):
+            e = estimates[reward][name]
+            typer.echo(
+                f"  {reward:<9} {name:<15} {e['estimate']:.4f} "
+                f"[{e['ci95_low']:.4f}, {e['ci95_high']:.4f}]"
+            )
 
 
 if __name__ == "__main__":

@@ -19,11 +19,14 @@ class Slate:
 
     ``propensities``: per chosen offer, the probability that it was drawn at its rank
     given the ranks before it (:mod:`policy.exploration`); None for a deterministic slate,
-    which no draw chose (see :class:`serving.ledger.ServedOffer`)."""
+    which no draw chose (see :class:`serving.ledger.ServedOffer`). ``inclusions``: per
+    chosen offer, the probability that the draw put it in the slate at any rank
+    (:func:`policy.exploration.inclusion_probabilities`); None likewise."""
 
     chosen: list[int] = field(default_factory=list)
     skipped: dict[int, str] = field(default_factory=dict)
     propensities: list[float] | None = None
+    inclusions: list[float] | None = None
 
 
 class Collisions:

@@ -630,6 +630,9 @@ class Recommender:
             drawn: list[float | None] = [None] * len(served)  # deterministic: no draw
             if slate.propensities is not None:
                 drawn = list(slate.propensities)
+            included: list[float | None] = [None] * len(served)
+            if slate.inclusions is not None:
+                included = list(slate.inclusions)
             logs.append(
                 dict(
                     request_id=request_id,
@@ -641,8 +644,8 @@ class Recommender:
                     holdout=holdout,
                     at_s=t,
                     offers=[
-                        ServedOffer(o["offer_id"], o["rank"], o["score"], o["probability"], p)
-                        for o, p in zip(served, drawn, strict=True)
+                        ServedOffer(o["offer_id"], o["rank"], o["score"], o["probability"], p, q)
+                        for o, p, q in zip(served, drawn, included, strict=True)
                     ],
                     ghosts=[
                         ServedOffer(

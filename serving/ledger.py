@@ -123,6 +123,9 @@ slate_offers = sa.Table(
     *_offer_columns(),
     # the probability the offer was drawn at its rank; NULL: a deterministic slate
     sa.Column("propensity", sa.Float),
+    # the probability the draw put the offer in the slate at any rank (what per-offer
+    # off-policy estimators weigh by); NULL likewise
+    sa.Column("inclusion", sa.Float),
 )
 ghost_offers = sa.Table(
     "ghost_offers",
@@ -209,6 +212,9 @@ class ServedOffer:
     score: float | None
     probability: float | None
     propensity: float | None = None
+    inclusion: float | None = None
+    """The probability that the slate's draw included the offer at any rank
+    (:func:`policy.exploration.inclusion_probabilities`); None for a deterministic slate."""
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
@@ -248,11 +254,22 @@ def _nullable_propensity(engine: sa.Engine) -> None:
         else:
             connection.execute(sa.text("ALTER TABLE slate_offers RENAME TO slate_offers_old"))
             slate_offers.create(connection)
-            names = [c.name for c in slate_offers.columns]
+            names = [c.name for c in slate_offers.columns if c.name in columns]
             previous = sa.table("slate_offers_old", *(sa.column(n) for n in names))
             connection.execute(slate_offers.insert().from_select(names, sa.select(*previous.c)))
             connection.execute(sa.text("DROP TABLE slate_offers_old"))
         connection.execute(slate_offers.update().values(propensity=None))
+
+
+def _inclusion_column(engine: sa.Engine) -> None:
+    """Ledgers made before inclusion probabilities were logged lack
+    ``slate_offers.inclusion``: add it, NULL for their rows (a per-rank propensity does not
+    give it back). Done once: afterwards the column is there."""
+    columns = {c["name"] for c in sa.inspect(engine).get_columns("slate_offers")}
+    if "inclusion" in columns:
+        return
+    with engine.begin() as connection:
+        connection.execute(sa.text("ALTER TABLE slate_offers ADD COLUMN inclusion FLOAT"))
 
 
 class LedgerUnavailable(RuntimeError):
@@ -299,7 +316,9 @@ def _file_identity(path: Path | None) -> tuple[int, int] | None:
 class SqlLedger:
     """The ledger tables in any SQLAlchemy database, bounded and buffered (see the
     module's docstring). ``buffer_path`` defaults to ``<ledger file>.buffer`` beside a
-    SQLite ledger, else ``$NEXTBEST_HOME/ledger-buffer-<hash of the url>.db``."""
+    SQLite ledger, else ``$NEXTBEST_HOME/ledger-buffer-<hash of the url>.db``.
+    ``read_only`` (a what-if replay): nothing is made (the tables must be there), and
+    logging a slate or an outcome is refused (``PermissionError``)."""
 
     def __init__(
         self,
@@ -308,8 +327,10 @@ class SqlLedger:
         buffer_path: Path | None = None,
         buffer_max_rows: int = MAX_ROWS,
         retry_after_s: float = RETRY_AFTER_S,
+        read_only: bool = False,
     ) -> None:
         self.url = url
+        self.read_only = read_only
         self.retry_after_s = retry_after_s
         options: dict[str, Any] = {"future": True, "pool_timeout": POOL_TIMEOUT_S}
         self._deadlines: Deadlines | None = None
@@ -362,7 +383,10 @@ class SqlLedger:
         # what the database needs before it is used (the tables: the ledger's, the review
         # page's); with the database down at start, made when it is back, before the flush
         self._unprepared: list[Callable[[sa.Engine], None]] = []
-        self.when_ready(self._create_tables)
+        if read_only:
+            self._identity = _file_identity(self.file)
+        else:
+            self.when_ready(self._create_tables)
         if self.down is None and len(self.buffer):  # left by an earlier process
             log.warning(
                 "ledger buffer %s holds %d rows: flushing", self.buffer.path, len(self.buffer)
@@ -373,6 +397,7 @@ class SqlLedger:
         _metadata.create_all(engine)
         _widen_mode(engine)
         _nullable_propensity(engine)
+        _inclusion_column(engine)
         self._identity = _file_identity(self.file)  # the file the ledger writes, from now
 
     def when_ready(self, prepare: Callable[[sa.Engine], None]) -> None:
@@ -671,6 +696,7 @@ class SqlLedger:
         With the database down, the slates go to the buffer (``buffered``), and a slate
         under a hard cap, which cannot be admitted, is logged empty (it fails closed).
         """
+        self._refuse_if_read_only()
         if not slates_to_log:
             return Logged()
         limits = limits or {}
@@ -743,6 +769,7 @@ class SqlLedger:
                     "score": o.score,
                     "probability": o.probability,
                     "propensity": o.propensity,
+                    "inclusion": o.inclusion,
                 }
                 for slate in slates_to_log
                 for o in slate["offers"]
@@ -798,7 +825,7 @@ class SqlLedger:
                     .where(
                         (slate_offers.c.request_id == request) & (slate_offers.c.offer_id == offer)
                     )
-                    .values(rank=rank, propensity=None)
+                    .values(rank=rank, propensity=None, inclusion=None)
                 )
         return kept
 
@@ -822,6 +849,13 @@ class SqlLedger:
             request_id=request_id, offer_id=offer_id, outcome=outcome, value=value, at_s=at_s
         ).recorded
 
+    def _refuse_if_read_only(self) -> None:
+        if self.read_only:
+            raise PermissionError(
+                f"the ledger at {self.engine.url.render_as_string(hide_password=True)} was "
+                "opened read-only (a what-if replay): nothing is logged"
+            )
+
     def post_feedback(
         self, *, request_id: str, offer_id: str, outcome: str, value: float | None, at_s: int
     ) -> FeedbackReceipt:
@@ -833,6 +867,7 @@ class SqlLedger:
         buffered and checked when it is flushed (refused then, and counted as
         ``rejected_feedback``). Raises BufferFull if it cannot be held either.
         """
+        self._refuse_if_read_only()
         if outcome not in OUTCOMES:
             raise ValueError(f"unknown outcome {outcome!r}; use one of {', '.join(OUTCOMES)}")
         body: dict[str, Any] = {
