@@ -72,7 +72,7 @@ class ModelInfo(BaseModel):
     name: str
     version: str | None
     alias: str | None
-    mode: Literal["model", "rules_only", "cold_start"]
+    mode: Literal["model", "rules_only", "cold_start", "non_personal"]
 
 
 class Reason(BaseModel):
