@@ -167,3 +167,162 @@ def test_the_ledger_records_a_slate_without_personalisation_as_such(
     answer = recommender.recommend(customers[1], channel=CHANNEL, k=3)
     logged = recommender.ledger.slate(answer["request_id"])
     assert logged is not None and logged["mode"] == "non_personal"
+
+
+# -- erasure: the ledger and its buffer ----------------------------------------------------------
+
+ERASED = "S-ERASE-ME-0001"
+KEPT = "S-KEEP-ME-0002"
+
+
+def _slate(request_id: str, customer: str, offers: list[str], at_s: int) -> dict[str, Any]:
+    from serving.ledger import ServedOffer
+
+    return dict(
+        request_id=request_id,
+        customer_id=customer,
+        channel=CHANNEL,
+        placement="home",
+        model_version="1",
+        mode="model",
+        holdout=False,
+        at_s=at_s,
+        offers=[ServedOffer(o, rank, 0.5, 0.1, None) for rank, o in enumerate(offers, 1)],
+        ghosts=[ServedOffer("ghost-offer", len(offers) + 1, 0.4, 0.1)],
+    )
+
+
+def _fill(ledger: Any) -> None:
+    """By hand: the erased customer has 2 slates in the database (2 and 1 offers, a ghost
+    each), 3 feedback rows, and in the buffer 1 slate with 1 feedback; the kept customer
+    1 slate (1 offer, 1 ghost), 1 feedback, and 1 buffered slate."""
+    from dataclasses import asdict
+
+    ledger.log_slates(
+        [
+            _slate("r-erased-1", ERASED, ["o1", "o2"], 1000),
+            _slate("r-erased-2", ERASED, ["o3"], 2000),
+            _slate("r-kept-1", KEPT, ["o1"], 1500),
+        ]
+    )
+    for request, offer, outcome in [
+        ("r-erased-1", "o1", "viewed"),
+        ("r-erased-1", "o1", "accepted"),
+        ("r-erased-2", "o3", "viewed"),
+        ("r-kept-1", "o1", "viewed"),
+    ]:
+        ledger.record_feedback(
+            request_id=request, offer_id=offer, outcome=outcome, value=None, at_s=3000
+        )
+    for request, customer in (("r-erased-buffered", ERASED), ("r-kept-buffered", KEPT)):
+        slate = _slate(request, customer, ["o4"], 4000)
+        ledger.buffer.add_slate(
+            slate
+            | {
+                "offers": [asdict(o) for o in slate["offers"]],
+                "ghosts": [asdict(o) for o in slate["ghosts"]],
+            }
+        )
+    ledger.buffer.add_feedback(
+        dict(request_id="r-erased-buffered", offer_id="o4", outcome="viewed", value=None, at_s=4100)
+    )
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_the_ledger_erases_a_customer_and_their_buffered_rows(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    import sqlalchemy as sa
+
+    from serving.ledger import SqlLedger, feedback, ghost_offers, slate_offers, slates
+
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    else:
+        import uuid
+
+        base = request.getfixturevalue("postgres_url")
+        schema = f"erase_{uuid.uuid4().hex[:8]}"
+        engine = sa.create_engine(base)
+        with engine.begin() as connection:
+            connection.exec_driver_sql(f"CREATE SCHEMA {schema}")
+        engine.dispose()
+        url = f"{base}{'&' if '?' in base else '?'}options=-csearch_path%3D{schema}"
+    ledger = SqlLedger(url, buffer_path=tmp_path / "buffer.db")
+    try:
+        _fill(ledger)
+        removed = ledger.erase_customer(ERASED)
+        assert removed == {
+            "slate_offers": 3,
+            "ghost_offers": 2,
+            "feedback": 3,
+            "slates": 2,
+            "buffer_slates": 1,
+            "buffer_feedback": 1,
+        }
+        with ledger.engine.connect() as connection:
+            for table in (slates, feedback):
+                ids = connection.execute(sa.select(table.c.customer_id)).scalars().all()
+                assert set(ids) == {KEPT}, table.name
+            for table in (slate_offers, ghost_offers):
+                requests = connection.execute(sa.select(table.c.request_id)).scalars().all()
+                assert set(requests) == {"r-kept-1"}, table.name
+        assert [body["request_id"] for _, _, body in ledger.buffer.oldest(10)] == [
+            "r-kept-buffered"
+        ]
+        # nothing of theirs lingers in the files' free pages either
+        files = [tmp_path / "buffer.db"] + ([tmp_path / "ledger.db"] if backend == "sqlite" else [])
+        for path in files:
+            held = b"".join(
+                p.read_bytes() for p in (path, path.with_name(path.name + "-wal")) if p.exists()
+            )
+            assert ERASED.encode() not in held, path
+            assert KEPT.encode() in held, path  # the check can find an id
+        # twice: nothing left
+        assert set(ledger.erase_customer(ERASED).values()) == {0}
+    finally:
+        ledger.dispose()
+
+
+def test_the_workspace_loses_every_row_of_the_customer_and_stays_valid(
+    served: Served, tmp_path: Path
+) -> None:
+    import shutil
+
+    from features.contract import validate_tables
+    from features.workspace import erase_customer_rows
+
+    shutil.copytree(served.workspace.path, tmp_path / "ws")
+    workspace = Workspace(tmp_path / "ws")
+    before = workspace.read_all()
+    customer = str(before["orders"]["customer_id"].iloc[0])
+    # recomputed by hand: the rows of the customer in each table with a customer id
+    expected = {
+        name: int((frame["customer_id"].astype(str) == customer).sum())
+        for name, frame in before.items()
+        if "customer_id" in frame.columns
+    }
+    assert set(expected) == {
+        "customers",
+        "orders",
+        "exposures",
+        "outcomes",
+        "events",
+        "consent",
+        "audiences",
+    }
+    assert expected["customers"] == 1 and expected["orders"] > 0
+    erased, removed = erase_customer_rows(workspace, customer, source={"erasure": "e1"})
+    assert removed == expected
+    after = erased.read_all()
+    for name, frame in after.items():
+        if "customer_id" in frame.columns:
+            assert customer not in set(frame["customer_id"].astype(str)), name
+            assert len(frame) == len(before[name]) - expected[name], name
+        else:
+            assert len(frame) == len(before[name]), name
+    validate_tables(after, allow_orphans=erased.manifest.get("tolerated_unknown_ids", []))
+    assert customer not in (tmp_path / "ws" / "workspace.json").read_text()
+    fingerprint = erased.fingerprint
+    again, nothing = erase_customer_rows(erased, customer, source={"erasure": "e2"})
+    assert set(nothing.values()) == {0} and again.fingerprint == fingerprint
