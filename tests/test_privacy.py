@@ -326,3 +326,147 @@ def test_the_workspace_loses_every_row_of_the_customer_and_stays_valid(
     fingerprint = erased.fingerprint
     again, nothing = erase_customer_rows(erased, customer, source={"erasure": "e2"})
     assert set(nothing.values()) == {0} and again.fingerprint == fingerprint
+
+
+# -- erasure, end to end: the CLI, a real `nextbest serve` with API keys ------------------------
+
+API_KEY = "nbk-erase-test-41d7"
+SECRET = "erasure-secret-for-the-test"
+
+
+def _nextbest(*args: str, env: dict[str, str]) -> Any:
+    import subprocess
+    import sys
+
+    executable = str(Path(sys.executable).with_name("nextbest"))
+    return subprocess.run(
+        [executable, *args], env=env, capture_output=True, text=True, timeout=180, check=False
+    )
+
+
+def test_customer_erase_forgets_them_in_the_workspace_the_ledger_and_the_service(
+    served: Served, tmp_path: Path
+) -> None:
+    import hashlib
+    import hmac
+    import json
+    import os
+    import shutil
+
+    import httpx
+    import sqlalchemy as sa
+    from serving_helpers import free_port, nextbest_serve, running
+
+    from features.contract import validate_tables
+    from measurement.erasure import reimported
+    from serving.ledger import SqlLedger
+
+    shutil.copytree(served.workspace.path, tmp_path / "ws")
+    workspace = Workspace(tmp_path / "ws")
+    db_url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.getcwd(),
+        "NEXTBEST_HOME": str(served.home),
+        "NEXTBEST_DB_URL": db_url,
+        "NEXTBEST_HOLDOUT_SHARE": "0",
+        "NEXTBEST_API_KEYS": API_KEY,
+        "NEXTBEST_RELOAD_SECONDS": "3600",  # the erasure, not the watcher, refreshes
+        "BENTOML_HOME": str(tmp_path / "bentoml"),
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    tables = workspace.read_all()
+    customer = str(tables["orders"]["customer_id"].iloc[0])
+    orders = int((tables["orders"]["customer_id"].astype(str) == customer).sum())
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    erase_env = env | {"NEXTBEST_API_KEY": API_KEY, "NEXTBEST_ERASURE_SECRET": SECRET}
+    command = ["customer", "erase", customer, "--workspace", str(workspace.path)]
+    command += ["--db-url", db_url, "--service", base, "--json"]
+    with (
+        running(nextbest_serve(workspace, port), env, f"{base}/readyz", tmp_path / "serve.log"),
+        httpx.Client(headers=headers, timeout=60) as client,
+    ):
+        known = client.get(f"{base}/metadata").json()["snapshot_customers"]
+        offers_served = 0
+        for channel, placement in ((CHANNEL, "home"), (CHANNEL, "pdp"), ("app", "home")):
+            answer = client.post(
+                f"{base}/recommend",
+                json={"customer_id": customer, "channel": channel, "placement": placement},
+            ).json()
+            assert answer["model"]["mode"] == "model" and answer["offers"], answer
+            offers_served += len(answer["offers"])
+        feedback = {
+            "request_id": answer["request_id"],
+            "offer_id": answer["offers"][0]["offer_id"],
+            "outcome": "viewed",
+        }
+        assert client.post(f"{base}/feedback", json=feedback).status_code == 200
+        # the service alone cannot erase: the workspace still holds them
+        refused = client.post(f"{base}/admin/erase", json={"customer_id": customer})
+        assert refused.status_code == 409 and "nextbest customer erase" in refused.json()["error"]
+        # without the key, the endpoint is closed
+        assert httpx.post(f"{base}/admin/erase", json={"customer_id": customer}).status_code == 401
+
+        done = _nextbest(*command, env=erase_env)
+        assert done.returncode == 0, done.stderr
+        erasure = json.loads(done.stdout)
+        removed = erasure["removed"]
+        assert removed["workspace.customers"] == 1 and removed["workspace.orders"] == orders
+        assert removed["ledger.slates"] == 3 and removed["ledger.slate_offers"] == offers_served
+        assert removed["ledger.feedback"] == 1
+        assert erasure["service"] == {
+            "customer_id": customer,
+            "in_snapshot": False,
+            "refreshed": True,
+        }
+        assert erasure["nothing_left"] is False
+
+        # twice: fine, and nothing left
+        again = _nextbest(*command, env=erase_env)
+        assert again.returncode == 0, again.stderr
+        second = json.loads(again.stdout)
+        assert second["nothing_left"] is True and set(second["removed"].values()) == {0}
+        assert second["service"]["refreshed"] is False
+        assert "nothing of this customer was left" in _nextbest(*command[:-1], env=erase_env).stdout
+
+        # the service: the customer is unknown now, ranked as a cold start
+        after = client.post(f"{base}/recommend", json={"customer_id": customer, "channel": "web"})
+        assert after.json()["model"]["mode"] == "cold_start"
+        assert client.get(f"{base}/metadata").json()["snapshot_customers"] == known - 1
+    # the workspace: nothing of theirs, and valid under the contract
+    erased = Workspace(tmp_path / "ws")
+    after_tables = erased.read_all()
+    for name, frame in after_tables.items():
+        if "customer_id" in frame.columns:
+            assert customer not in set(frame["customer_id"].astype(str)), name
+    validate_tables(after_tables, allow_orphans=erased.manifest.get("tolerated_unknown_ids", []))
+    # the ledger: nothing of theirs; the erasures hold no id, only the keyed hash
+    ledger = SqlLedger(db_url)
+    try:
+        with ledger.engine.connect() as connection:
+            # only the slate served after the erasure, to an unknown id
+            for table, expected_rows in (("slates", 1), ("feedback", 0)):
+                rows = connection.execute(
+                    sa.text(f"SELECT count(*) FROM {table} WHERE customer_id = :c"), {"c": customer}
+                ).scalar()
+                assert rows == expected_rows, table
+            records = connection.execute(sa.text("SELECT * FROM erasures")).mappings().all()
+        assert len(records) == 3
+        assert all(customer not in json.dumps(dict(r), default=str) for r in records)
+        expected = hmac.new(SECRET.encode(), customer.encode(), hashlib.sha256).hexdigest()
+        assert {r["keyed_hash"] for r in records} == {expected}
+        assert json.loads(records[0]["removed"]) == erasure["removed"]
+        # a re-import is told by the keyed hash
+        tables = erased.read_all()
+        tables["customers"] = pd.concat(
+            [tables["customers"], tables["customers"].iloc[:1].assign(customer_id=customer)]
+        )
+        from features.workspace import rewrite_workspace
+
+        reimport = rewrite_workspace(erased, tables, source={"test": "re-import"})
+        assert reimported(reimport, ledger, SECRET) == [customer]
+        assert reimported(reimport, ledger, "another secret") == []
+    finally:
+        ledger.dispose()
