@@ -30,9 +30,24 @@ CHANNEL = "web"
 OFFER_ONLY = {"offer_popularity_30d"}
 
 
+TRAINED: dict[str, Any] = {}  # the training result of the module's version (the scan's oracle)
+
+
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Served:
-    return train_and_register(tmp_path_factory.mktemp("privacy-home"))
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """A trained champion; the training's result kept in ``TRAINED`` (logged as it is)."""
+    import training.tracking
+
+    log_run = training.tracking.log_run
+
+    def keep(result: Any, *args: Any, **kwargs: Any) -> Any:
+        TRAINED["result"] = result
+        return log_run(result, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(training.tracking, "log_run", keep)
+        trained = train_and_register(tmp_path_factory.mktemp("privacy-home"))
+    yield trained
 
 
 def _with_consent(served: Served, folder: Path, rows: list[dict[str, Any]]) -> Served:
@@ -470,3 +485,130 @@ def test_customer_erase_forgets_them_in_the_workspace_the_ledger_and_the_service
         assert reimported(reimport, ledger, "another secret") == []
     finally:
         ledger.dispose()
+
+
+# -- MLflow artifacts: ids only, never a customer's attributes -------------------------------
+
+
+def _whole(value: str, text: str) -> bool:
+    """``value`` as a whole token in ``text`` (as tests/test_log_privacy.py scans)."""
+    import re
+
+    return re.search(rf"(?<![\w-]){re.escape(value)}(?![\w-])", text) is not None
+
+
+def _number_rows(document: Any, width: int) -> Iterator[list[Any]]:
+    """Every list of ``width`` numbers (or nulls) anywhere in a parsed JSON document."""
+    if isinstance(document, list):
+        if len(document) == width and all(
+            v is None or isinstance(v, (int, float)) for v in document
+        ):
+            yield document
+        for item in document:
+            yield from _number_rows(item, width)
+    elif isinstance(document, dict):
+        for item in document.values():
+            yield from _number_rows(item, width)
+
+
+def _customer_rows_in(document: Any, matrices: list[Any]) -> int:
+    """How many of the document's feature-wide rows are some real row of ``matrices``
+    (one customer's features for one offer), NaN = null."""
+    import numpy as np
+
+    width = matrices[0].shape[1]
+    real = np.vstack(matrices).astype(np.float32)
+    found = 0
+    for row in _number_rows(document, width):
+        values = np.array([np.nan if v is None else v for v in row], dtype=np.float32)
+        same = (real == values) | (np.isnan(real) & np.isnan(values))
+        found += bool(same.all(axis=1).any())
+    return found
+
+
+def _artifact_texts(served: Served) -> dict[str, str]:
+    """Every file MLflow keeps for the served version (its run's artifacts and its logged
+    model's), and the run's params and tags, as text (images by their bytes)."""
+    from mlflow.tracking import MlflowClient
+
+    from runtime.registry import configure_tracking
+
+    configure_tracking()
+    client = MlflowClient()
+    version = client.get_model_version(served.model_name, served.version)
+    run = client.get_run(version.run_id)
+    texts = {
+        "params": "\n".join(f"{k}={v}" for k, v in run.data.params.items()),
+        "tags": "\n".join(f"{k}={v}" for k, v in run.data.tags.items()),
+        "version tags": "\n".join(f"{k}={v}" for k, v in version.tags.items()),
+    }
+    root = served.home / "models" / "artifacts"
+    files = [p for p in root.rglob("*") if p.is_file()]
+    assert any(p.name == "input_example.json" for p in files) and len(files) >= 10, files
+    for path in files:
+        texts[str(path.relative_to(root))] = path.read_bytes().decode("utf-8", "replace")
+    return texts
+
+
+def test_no_mlflow_artifact_of_a_trained_version_carries_a_customer_attribute(
+    served: Served,
+) -> None:
+    import json
+
+    from features.contract import TABLES
+
+    texts = _artifact_texts(served)
+    # 1. no customer's own feature row (tenure, loyalty tier, spend ...) in any JSON file
+    result = TRAINED["result"]
+    matrices = [result.test.values, result.validation.values]
+    found_rows = {}
+    for name, text in texts.items():
+        if name.endswith(".json"):
+            rows = _customer_rows_in(json.loads(text), matrices)
+            if rows:
+                found_rows[name] = rows
+    assert found_rows == {}, f"customers' feature rows in {found_rows}"
+    # 2. no customer id beside one of that customer's attributes, on any line
+    customers = served.workspace.read("customers").astype("string")
+    declared = [c.name for c in TABLES["customers"].columns if c.name != "customer_id"]
+    import re
+
+    ids = set(customers["customer_id"].astype(str))
+    with_an_id = [  # the lines that name a customer: tokens, then their attributes
+        (name, line, token)
+        for name, text in texts.items()
+        for line in text.splitlines()
+        for token in ids & set(re.findall(r"[\w-]+", line))
+    ]
+    rows = customers.set_index("customer_id")
+    paired = [
+        (name, token, column)
+        for name, line, token in with_an_id
+        for column in declared
+        if column in rows.columns
+        and not pd.isna(rows.at[token, column])
+        and _whole(str(rows.at[token, column]), line)
+    ]
+    assert paired == [], paired
+    # 3. no attribute value that only one customer has (it names them), anywhere
+    unique = [
+        str(value)
+        for column in declared
+        if column in customers.columns and column != "signup_at"  # dates: the splits' too
+        for value, n in customers[column].value_counts().items()
+        if n == 1
+    ]
+    named = [
+        (value, name) for value in unique for name, text in texts.items() if _whole(value, text)
+    ]
+    assert named == [], named
+
+
+def test_the_row_scan_finds_a_customers_row() -> None:
+    """The scan's own check: a real row is found in a document, a mean row is not."""
+    import numpy as np
+
+    real = np.array([[1.0, np.nan, 3.5], [2.0, 0.0, 7.25]], dtype=np.float32)
+    assert _customer_rows_in({"inputs": [[2.0, 0.0, 7.25]]}, [real]) == 1
+    assert _customer_rows_in([[1.0, None, 3.5], [9.0, 9.0, 9.0]], [real]) == 1
+    assert _customer_rows_in([[1.5, 0.0, 5.375]], [real]) == 0
