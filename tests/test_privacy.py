@@ -450,6 +450,15 @@ def test_customer_erase_forgets_them_in_the_workspace_the_ledger_and_the_service
         after = client.post(f"{base}/recommend", json={"customer_id": customer, "channel": "web"})
         assert after.json()["model"]["mode"] == "cold_start"
         assert client.get(f"{base}/metadata").json()["snapshot_customers"] == known - 1
+    # the service's log: ids only, never the customer's attributes beside them
+    row = tables["customers"].astype("string").set_index("customer_id").loc[customer]
+    attributes = {str(v) for v in row.dropna().to_numpy()} - {""}
+    logged = [
+        line
+        for line in (tmp_path / "serve.log").read_text().splitlines()
+        if any(_whole(value, line) for value in attributes)
+    ]
+    assert logged == [], logged
     # the workspace: nothing of theirs, and valid under the contract
     erased = Workspace(tmp_path / "ws")
     after_tables = erased.read_all()
