@@ -625,7 +625,7 @@ class Recommender:
                     score[j],
                     probability[j],
                     explanations.get(j),
-                    str(plan.scoring[i]),  # the ranking used: the holdout's control may differ
+                    _ranking(plan, i),  # the ranking used: the holdout's control may differ
                     builder,
                     matrix,
                     j,
@@ -743,6 +743,8 @@ class Recommender:
             item["raw_score"] = explanation.raw_score
             if debug:  # both signs, strongest first: the review page's SHAP chart
                 item["shap"] = explanation.strongest
+        elif ranking == "non_personal_rules":  # a rules-only holdout: no fact of theirs
+            item["because"], item["reasons"] = NON_PERSONAL_BECAUSE, []
         elif ranking == "non_personal":  # popularity alone; nothing said of the customer
             from serving.explain import explain_non_personal
 
@@ -822,6 +824,16 @@ class Recommender:
             },
             "ledger": self.ledger.backend,
         }
+
+
+def _ranking(plan: _Plan, request: int) -> str:
+    """How a request's offers were ranked, as their "because" must say: the plan's
+    scoring, and for a customer who may not be profiled under the holdout's rules-only
+    control, ``non_personal_rules`` (its facts would be an unknown customer's, not theirs)."""
+    scoring = str(plan.scoring[request])
+    if plan.modes[request] == "non_personal" and scoring == "rules_only":
+        return "non_personal_rules"
+    return scoring
 
 
 def _impersonal(s: Snapshot, requests: Requests, personal: np.ndarray) -> Requests:

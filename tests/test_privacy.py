@@ -30,6 +30,7 @@ CHANNEL = "web"
 OFFER_ONLY = {"offer_popularity_30d"}
 
 
+CONSENT_SERVED: dict[str, Served] = {}  # the consent case's workspace, served
 TRAINED: dict[str, Any] = {}  # the training result of the module's version (the scan's oracle)
 
 
@@ -108,6 +109,7 @@ def consent_case(
         _consent(customers[2], "personalisation", False, when),
     ]
     changed = _with_consent(served, folder, rows)
+    CONSENT_SERVED["served"] = changed
     recommender = recommender_for(changed, folder / "ledger.db")
     yield recommender, customers, when
     recommender.ledger.dispose()
@@ -173,6 +175,33 @@ def test_no_consent_to_personalisation_ranks_by_popularity_and_cites_nothing_per
     # the consent is per channel: on the app they are personalised
     app = recommender.recommend_many(impersonal, channel="app", k=3, log_exposure=False)
     assert [a["model"]["mode"] for a in app] == ["model", "model"]
+
+
+def test_a_rules_only_holdout_without_personalisation_states_no_fact_of_the_customer(
+    consent_case: tuple[Recommender, list[str], pd.Timestamp], tmp_path: Path
+) -> None:
+    """The holdout's rules-only control states facts of the customer (no contributions);
+    without consent to personalisation it states none."""
+    from serving.explain import NON_PERSONAL_BECAUSE
+
+    _, customers, _ = consent_case
+    held = recommender_for(
+        CONSENT_SERVED["served"],
+        tmp_path / "held.db",
+        holdout_share=1.0,
+        holdout_control="rules_only",
+    )
+    try:
+        personal, impersonal = held.recommend_many(
+            [customers[3], customers[1]], channel=CHANNEL, k=3, log_exposure=False
+        )
+    finally:
+        held.ledger.dispose()
+    assert personal["holdout"] and impersonal["holdout"]
+    assert any(o["reasons"] for o in personal["offers"])  # facts, where personal
+    assert impersonal["offers"]
+    for offer in impersonal["offers"]:
+        assert offer["reasons"] == [] and offer["because"] == NON_PERSONAL_BECAUSE, offer
 
 
 def test_the_ledger_records_a_slate_without_personalisation_as_such(
