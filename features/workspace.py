@@ -37,6 +37,7 @@ __all__ = [
     "MANIFEST_NAME",
     "Workspace",
     "WorkspaceError",
+    "erase_customer_rows",
     "rewrite_workspace",
     "summarize",
     "write_workspace",
@@ -316,3 +317,29 @@ def summarize(workspace: Workspace) -> dict[str, Any]:
         },
         "data_quality": manifest["data_quality"],
     }
+
+
+# -- item 7 (privacy): erasure --------------------------------------------------------------
+
+
+def erase_customer_rows(
+    workspace: Workspace, customer_id: str, *, source: Mapping[str, Any]
+) -> tuple[Workspace, dict[str, int]]:
+    """Remove one customer's rows from every table that has a ``customer_id`` (customers,
+    orders, exposures, outcomes, events, consent, audiences) and write the workspace
+    again through :func:`rewrite_workspace` (validated by the contract, all or nothing;
+    ``source`` becomes the manifest's source: say which erasure, never whose). Returns
+    the workspace and the rows removed per table; with nothing to remove the workspace is
+    left as it is (not rewritten: its fingerprint stays)."""
+    tables = workspace.read_all()
+    removed: dict[str, int] = {}
+    for name, frame in tables.items():
+        if "customer_id" not in frame.columns:
+            continue
+        theirs = frame["customer_id"].astype("string") == customer_id
+        removed[name] = int(theirs.sum())
+        if removed[name]:
+            tables[name] = frame.loc[~theirs.fillna(False).to_numpy()].reset_index(drop=True)
+    if not any(removed.values()):
+        return workspace, removed
+    return rewrite_workspace(workspace, tables, source=source), removed

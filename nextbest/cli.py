@@ -1507,5 +1507,65 @@ def simulate(
             )
 
 
+# -- issue 12, item 7 (privacy): nextbest customer erase ----------------------------------
+customer_app = typer.Typer(
+    help="One customer's data: erasure.", no_args_is_help=True, rich_markup_mode="markdown"
+)
+app.add_typer(customer_app, name="customer")
+
+
+@customer_app.command("erase")
+@_user_errors
+def customer_erase(
+    customer_id: Annotated[str, typer.Argument(help="The customer's id, as the data gives it.")],
+    workspace: WorkspaceOption = None,
+    db_url: DbOption = None,
+    service: Annotated[
+        str | None,
+        typer.Option(help="The running service's URL (e.g. http://127.0.0.1:3000): asked last."),
+    ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(envvar="NEXTBEST_API_KEY", help="The service's API key, if it needs one."),
+    ] = None,
+    secret: Annotated[
+        str | None,
+        typer.Option(
+            envvar="NEXTBEST_ERASURE_SECRET",
+            help="Keys the hash kept of the id (a re-import can be told); none: no hash.",
+            show_default=False,
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the erasure as JSON.")] = False,
+) -> None:
+    """Erase one customer from the workspace (every table with a customer_id), the ledger
+    (slates, their offers, ghosts and feedback, and the local buffer) and, with
+    --service, the running service's snapshot; record the erasure without their data.
+    Erasing twice is fine: the second says nothing was left."""
+    from features import Workspace
+    from measurement.erasure import ServiceError, erase_customer
+    from serving.ledger import LedgerUnavailable, SqlLedger
+
+    ledger = SqlLedger(_ledger_url(db_url))
+    try:
+        erasure = erase_customer(
+            customer_id,
+            workspace=Workspace(resolve_workspace(workspace)),
+            ledger=ledger,
+            secret=secret,
+            service_url=service,
+            api_key=api_key,
+        )
+    except (LedgerUnavailable, ServiceError) as error:
+        typer.echo(f"error: {error}; nothing was recorded, run the erasure again", err=True)
+        raise typer.Exit(code=2) from None
+    finally:
+        ledger.dispose()
+    if as_json:
+        _echo_json(erasure.as_dict())
+    else:
+        typer.echo(erasure.line())
+
+
 if __name__ == "__main__":
     app(prog_name="nextbest")

@@ -48,6 +48,7 @@ __all__ = [
     "customer_trace",
     "evaluate",
     "hard_limits",
+    "personalisation_allowed",
     "reasons_of",
     "trace",
 ]
@@ -659,3 +660,36 @@ def customer_trace(
     features = matrix.columns()
     result = evaluate(snapshot, rules, requests, rows, offers, ledger=ledger, features=features)
     return trace(snapshot, result, offers)
+
+
+# -- item 7 (privacy): consent to personalisation -----------------------------------------
+
+
+def personalisation_allowed(snapshot: Snapshot, rules: RuleSet, requests: Requests) -> np.ndarray:
+    """Per request: whether the customer's own history may shape the slate on the asking
+    channel. False where the customer's latest ``personalisation`` consent record for
+    that channel at or before the request's moment says not granted (a withdrawal after
+    the moment does not apply to it); an unknown one follows ``unknown_consent`` (allow:
+    personalised; deny: not). Always True when the ``consent`` rule is off, and for a
+    request without a channel.
+
+    Marketing consent is :func:`evaluate`'s ``no_consent`` exclusion (no offer at all);
+    this one decides *how* offers are ranked and explained, not whether there are any
+    (``serving.engine`` ranks such a request as for an unknown customer: by popularity,
+    with no "because" that cites the customer)."""
+    s = snapshot
+    allowed = np.ones(len(requests), dtype=bool)
+    if not rules.rule(Consent) or "personalisation" not in s.consent_purposes:
+        return allowed
+    channel = requests.channel
+    has_channel = channel >= 0
+    purpose = s.consent_purposes.index("personalisation")
+    group = (requests.customer * len(CHANNELS) + np.maximum(channel, 0)) * len(
+        s.consent_purposes
+    ) + purpose
+    last = s.consent_index.last_before(group, requests.as_of_s + 1)  # as evaluate's consent
+    granted = s.consent_index.payload_at("granted", last)
+    allowed[has_channel & (granted == 0)] = False
+    if rules.unknown_consent == "deny":
+        allowed[has_channel & np.isnan(granted)] = False
+    return allowed

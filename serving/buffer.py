@@ -153,6 +153,35 @@ class LedgerBuffer:
         with self._db() as db:
             return {str(k): int(n) for k, n in db.execute("SELECT name, n FROM counters")}
 
+    def erase_customer(self, customer_id: str) -> tuple[int, int]:
+        """Item 7 (privacy): forget one customer's buffered slates and the feedback on
+        them; (slates, feedback) removed. The file is vacuumed after (WAL checkpointed),
+        so the rows do not linger in its free pages."""
+        if not self.exists():
+            return 0, 0
+        with self._db() as db:
+            requests = [
+                str(request)
+                for request, body in db.execute(
+                    "SELECT request_id, body FROM pending WHERE kind = 'slate'"
+                )
+                if json.loads(body).get("customer_id") == customer_id
+            ]
+            db.execute("BEGIN IMMEDIATE")
+            slates = feedback = 0
+            for request in requests:
+                slates += db.execute(
+                    "DELETE FROM pending WHERE kind = 'slate' AND request_id = ?", (request,)
+                ).rowcount
+                feedback += db.execute(
+                    "DELETE FROM pending WHERE kind = 'feedback' AND request_id = ?", (request,)
+                ).rowcount
+            db.execute("COMMIT")
+            if slates or feedback:
+                db.execute("VACUUM")
+                db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return slates, feedback
+
     def close(self) -> None:
         with self._lock:
             if self._connection is not None:

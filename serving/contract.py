@@ -72,7 +72,7 @@ class ModelInfo(BaseModel):
     name: str
     version: str | None
     alias: str | None
-    mode: Literal["model", "rules_only", "cold_start"]
+    mode: Literal["model", "rules_only", "cold_start", "non_personal"]
 
 
 class Reason(BaseModel):
@@ -152,6 +152,21 @@ class FeedbackAnswer(BaseModel):
     )
 
 
+class EraseAnswer(BaseModel):
+    """Item 7 (privacy): what the running service holds of a customer after
+    ``POST /admin/erase``."""
+
+    customer_id: str
+    in_snapshot: bool = Field(
+        description="whether the service's snapshot still holds the customer (always false "
+        "in a 200: a workspace that still holds them is a 409)"
+    )
+    refreshed: bool = Field(
+        description="true when the snapshot was indexed anew from the erased workspace for "
+        "this call; false when it held nothing of the customer already"
+    )
+
+
 class RulesInfo(BaseModel):
     name: str
     version: int | str
@@ -203,6 +218,8 @@ _ERRORS = {
     400: "Invalid input: the message says what, and the limit where there is one",
     401: "A missing or wrong API key",
     404: "The request did not serve that offer",
+    409: "The workspace still holds the customer: erase them there first "
+    "(`nextbest customer erase ID`)",
     413: "The body is over the limit the message states",
     415: "The body is not application/json",
     503: "The ledger is down and its local buffer is full: retry later",
@@ -210,7 +227,12 @@ _ERRORS = {
     504: "Not answered within the service's timeout",
 }
 _PLAIN = {"text/plain": {"schema": {"type": "string"}}}
-_DATA_OPERATIONS = {("/recommend", "post"), ("/feedback", "post"), ("/metadata", "get")}
+_DATA_OPERATIONS = {
+    ("/recommend", "post"),
+    ("/feedback", "post"),
+    ("/metadata", "get"),
+    ("/admin/erase", "post"),
+}
 
 
 def _error(status: int) -> dict[str, Any]:
@@ -253,7 +275,10 @@ def openapi(
         ),
     }
     _, top = models_json_schema(
-        [(m, "serialization") for m in (ErrorBody, RecommendAnswer, FeedbackAnswer, Metadata)],
+        [
+            (m, "serialization")
+            for m in (ErrorBody, RecommendAnswer, FeedbackAnswer, Metadata, EraseAnswer)
+        ],
         ref_template=_REF,
     )
     schemas = spec.setdefault("components", {}).setdefault("schemas", {})
@@ -263,6 +288,7 @@ def openapi(
     storefront = {
         "/recommend": ("RecommendAnswer", ()),
         "/feedback": ("FeedbackAnswer", (404, 503)),
+        "/admin/erase": ("EraseAnswer", (409,)),
     }
     for path, (answer, extra) in storefront.items():
         operation = paths[path]["post"]

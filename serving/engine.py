@@ -33,12 +33,12 @@ from features.contract import OFFER_KINDS
 from features.history import second_ceil
 from policy import Eligibility, RuleSet, SnapshotLedger, evaluate, load_rules, parse_rules
 from policy.arbitration import REPEAT_FEATURE, Calibrator, rank_scores, row_tasks
-from policy.eligibility import Limit, hard_limits, reasons_of
+from policy.eligibility import Limit, hard_limits, personalisation_allowed, reasons_of
 from policy.exploration import Exploration, draw_slate, request_rng
 from policy.rules import SegmentBlock
 from policy.slate import Slate, assemble_slate
 from runtime.registry import ModelBundle, ModelMismatchError, model_name
-from serving.explain import COLD_START_BECAUSE, explain_rows
+from serving.explain import COLD_START_BECAUSE, NON_PERSONAL_BECAUSE, explain_rows
 from serving.ledger import CombinedLedger, ServedOffer, SqlLedger
 from serving.settings import ServingSettings
 
@@ -321,14 +321,18 @@ class Recommender:
         contexts = contexts or [{} for _ in customer_ids]
         t = self.now_s() if as_of is None else second_ceil(as_of)
         requests = self._requests(customer_ids, t, channel, placement, contexts)
-        candidates = model.generator.generate(s, requests)
+        # without consent to personalisation, candidates and features are those of an
+        # unknown customer (eligibility still reads the real one: consent, caps, owned)
+        personal = personalisation_allowed(s, model.rules, requests)
+        profiled = requests if personal.all() else _impersonal(s, requests, personal)
+        candidates = model.generator.generate(s, profiled)
         rows, offers = candidates.request, candidates.offer
         builder = self.builder_for(t, model)
         # the budget counts the request's own work, not a past moment's one-off fit
         started = time.perf_counter()
         rules = model.rules.with_blocks(self.blocks) if self.blocks else model.rules
         # features of every candidate only if a rule reads them; else of the eligible ones
-        full = builder.build(s, requests, rows, offers) if rules.needs_features else None
+        full = builder.build(s, profiled, rows, offers) if rules.needs_features else None
         reads = self.reads()
         # the stop-loss's kills, read for every call: a kill holds from the next request on
         stopped = self.ledger.stopped_offers()
@@ -347,9 +351,9 @@ class Recommender:
         matrix = (
             full.take(keep)
             if full is not None
-            else builder.build(s, requests, ranked_rows, ranked_offers)
+            else builder.build(s, profiled, ranked_rows, ranked_offers)
         )
-        plan = self._plan(model, customer_ids)
+        plan = self._plan(model, customer_ids, personal)
         score, probability = self._scores(model, matrix, ranked_rows, ranked_offers, plan.scoring)
         request_ids = [uuid.uuid4().hex for _ in customer_ids]
         # exploration: only a slate that is logged (its propensities with it), never a
@@ -483,15 +487,23 @@ class Recommender:
             dtype=bool,
         )
 
-    def _plan(self, model: _Model, customer_ids: list[str]) -> _Plan:
-        """Per customer: the holdout, the mode said in the answer (model, rules_only or
-        cold_start) and the ranking actually used (the holdout's control may override)."""
+    def _plan(
+        self, model: _Model, customer_ids: list[str], personal: np.ndarray | None = None
+    ) -> _Plan:
+        """Per customer: the holdout, the mode said in the answer (model, rules_only,
+        cold_start, or non_personal: no consent to personalisation, ranked like a cold
+        start) and the ranking actually used (the holdout's control may override)."""
         settings = self.settings
         holdout = [
             in_holdout(c, settings.holdout_salt, settings.holdout_share) for c in customer_ids
         ]
         base = "model" if model.bundle is not None else "rules_only"
         modes = [base if c in self._known else "cold_start" for c in customer_ids]
+        if personal is not None:
+            modes = [
+                "non_personal" if m != "cold_start" and not personal[i] else m
+                for i, m in enumerate(modes)
+            ]
         control = [h and settings.holdout_control == "rules_only" for h in holdout]
         scoring = np.array(["rules_only" if r else m for m, r in zip(modes, control, strict=True)])
         return _Plan(holdout=holdout, modes=modes, control=control, scoring=scoring)
@@ -617,7 +629,7 @@ class Recommender:
                     score[j],
                     probability[j],
                     explanations.get(j),
-                    str(plan.scoring[i]),  # the ranking used: the holdout's control may differ
+                    _ranking(plan, i),  # the ranking used: the holdout's control may differ
                     builder,
                     matrix,
                     j,
@@ -738,6 +750,13 @@ class Recommender:
             item["raw_score"] = explanation.raw_score
             if debug:  # both signs, strongest first: the review page's SHAP chart
                 item["shap"] = explanation.strongest
+        elif ranking == "non_personal_rules":  # a rules-only holdout: no fact of theirs
+            item["because"], item["reasons"] = NON_PERSONAL_BECAUSE, []
+        elif ranking == "non_personal":  # popularity alone; nothing said of the customer
+            from serving.explain import explain_non_personal
+
+            said = explain_non_personal(builder, s, matrix, row)
+            item["because"], item["reasons"] = said or (NON_PERSONAL_BECAUSE, [])
         elif ranking == "cold_start":  # ranked by popularity (not in a rules-only holdout)
             from serving.explain import explain_cold_start
 
@@ -763,7 +782,7 @@ class Recommender:
         s = self.snapshot
         chosen = offers[eligible]
         values = matrix.values[eligible]
-        if mode == "cold_start":
+        if mode in ("cold_start", "non_personal"):
             popularity = np.nan_to_num(values[:, matrix.names.index("offer_popularity_30d")])
             return popularity, np.full(len(chosen), np.nan)
         if mode == "rules_only" or model.bundle is None:
@@ -812,6 +831,25 @@ class Recommender:
             },
             "ledger": self.ledger.backend,
         }
+
+
+def _ranking(plan: _Plan, request: int) -> str:
+    """How a request's offers were ranked, as their "because" must say: the plan's
+    scoring, and for a customer who may not be profiled under the holdout's rules-only
+    control, ``non_personal_rules`` (its facts would be an unknown customer's, not theirs)."""
+    scoring = str(plan.scoring[request])
+    if plan.modes[request] == "non_personal" and scoring == "rules_only":
+        return "non_personal_rules"
+    return scoring
+
+
+def _impersonal(s: Snapshot, requests: Requests, personal: np.ndarray) -> Requests:
+    """The requests as candidates and features see them: the customers who may not be
+    profiled (``personal`` False) as the UNKNOWN customer, their context (channel, page,
+    cart) kept; their own ids kept too (the live ledger's caps count under them)."""
+    from dataclasses import replace
+
+    return replace(requests, customer=np.where(personal, requests.customer, s.customers.unknown))
 
 
 def _keep(response: dict[str, Any], offers: list[str]) -> None:

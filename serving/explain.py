@@ -26,16 +26,22 @@ from features.registry import FEATURES
 
 __all__ = [
     "COLD_START_BECAUSE",
+    "NON_PERSONAL_BECAUSE",
     "NO_REASON",
     "RULES_ONLY",
     "Explanation",
     "explain_cold_start",
     "explain_facts",
+    "explain_non_personal",
     "explain_rows",
 ]
 
 COLD_START_BECAUSE = "We have no orders from you yet; this is one of our current offers."
 COLD_START_LEAD = "Because we have no orders from you yet, we show what sells most"
+NON_PERSONAL_BECAUSE = (
+    "One of our current offers, shown to everyone (not chosen from your history)."
+)
+NON_PERSONAL_LEAD = "Shown to everyone, not chosen from your history: it sells most"
 NO_REASON = "There is no single reason we can state for this offer"
 RULES_ONLY = "One of our current offers"
 MAX_REASONS = 2
@@ -170,3 +176,15 @@ def _listed(
 
 def _clean(value: float) -> float | str:
     return "missing" if np.isnan(value) else round(float(value), 4)
+
+
+def explain_non_personal(
+    builder: FeatureBuilder, snapshot: Snapshot, matrix: FeatureMatrix, row: int
+) -> tuple[str, list[dict[str, Any]]] | None:
+    """A customer who gave no consent to personalisation is ranked by the offer's recent
+    purchases alone, as a cold start is: say how many, and nothing about the customer
+    (None if nobody bought it lately; then :data:`NON_PERSONAL_BECAUSE`)."""
+    count = row_context(snapshot, builder, matrix, row).popularity_count()
+    if count is None:
+        return None
+    return f"{NON_PERSONAL_LEAD}: {count.text}.", [reason(count, None, "reason")]

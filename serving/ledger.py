@@ -66,6 +66,7 @@ __all__ = [
     "Logged",
     "ServedOffer",
     "SqlLedger",
+    "erasures",
     "ghost_offers",
     "offer_kills",
 ]
@@ -175,6 +176,19 @@ sa.Index(
 )
 
 _STOPPED = sa.select(offer_kills.c.offer_id).where(offer_kills.c.revived_at.is_(None))
+
+erasures = sa.Table(
+    "erasures",
+    _metadata,
+    sa.Column("erasure_id", sa.String(64), primary_key=True),
+    sa.Column("erased_at", sa.DateTime, nullable=False),
+    sa.Column("removed", sa.Text, nullable=False),  # JSON: rows removed per table
+    # HMAC-SHA256 of the customer's id under a secret kept apart (NULL without one): a
+    # re-import can be told, the id cannot be found from the table alone
+    sa.Column("keyed_hash", sa.String(64), index=True),
+)
+"""Item 7 (privacy): each erasure (``nextbest customer erase``), without the erased data:
+no id, no attribute; what was removed, counted per table."""
 
 _OFFER_LISTS = ("offers", "ghosts")  # a logged slate's lists of offers, not its columns
 
@@ -1172,6 +1186,83 @@ class SqlLedger:
         self._stop.set()
         self.engine.dispose()
         self.buffer.close()
+
+    # -- item 7 (privacy): erasure ---------------------------------------------------------------
+    def erase_customer(self, customer_id: str) -> dict[str, int]:
+        """Delete every row of one customer: what the local buffer holds of them (their
+        buffered slates and the feedback on those), then their slates in the database with
+        those slates' offers, ghosts and feedback (feedback by the customer's id too).
+        Returns the rows removed per table (``buffer_slates`` and ``buffer_feedback`` for
+        the buffer); all zeros when nothing is left.
+
+        The buffer goes first, with this process's flushes held off, so that nothing of
+        the customer is written to the database after it was erased there. The database
+        part needs the database (:class:`LedgerUnavailable` while it is down: run it
+        again when it is back; the buffer's part is done). A SQLite ledger is vacuumed
+        after, so the deleted rows do not linger in its free pages."""
+        with self._flushing:
+            held_slates, held_feedback = self.buffer.erase_customer(customer_id)
+            if self.down is not None:
+                raise LedgerUnavailable(self.down)
+            with self._guard("erase a customer"), self._write_turn(), self.engine.begin() as c:
+                mine = sa.select(slates.c.request_id).where(slates.c.customer_id == customer_id)
+                removed = {}
+                for table in (slate_offers, ghost_offers):
+                    removed[table.name] = c.execute(
+                        sa.delete(table).where(table.c.request_id.in_(mine))
+                    ).rowcount
+                removed["feedback"] = c.execute(
+                    sa.delete(feedback).where(
+                        sa.or_(
+                            feedback.c.customer_id == customer_id,
+                            feedback.c.request_id.in_(mine),
+                        )
+                    )
+                ).rowcount
+                removed["slates"] = c.execute(
+                    sa.delete(slates).where(slates.c.customer_id == customer_id)
+                ).rowcount
+        removed |= {"buffer_slates": held_slates, "buffer_feedback": held_feedback}
+        if self.engine.dialect.name == "sqlite" and any(removed.values()):
+            with self._guard("vacuum the ledger"), self.engine.connect() as connection:
+                raw = connection.execution_options(isolation_level="AUTOCOMMIT")
+                raw.exec_driver_sql("VACUUM")
+                raw.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").all()  # nor in the WAL
+        return {name: int(n) for name, n in removed.items()}
+
+    def record_erasure(
+        self, erasure_id: str, erased_at: Any, removed: Mapping[str, int], keyed_hash: str | None
+    ) -> None:
+        """Store one erasure (no id, no attribute: see :data:`erasures`)."""
+        import json
+
+        with self._guard("record an erasure"), self._write_turn(), self.engine.begin() as c:
+            c.execute(
+                sa.insert(erasures).values(
+                    erasure_id=erasure_id,
+                    erased_at=erased_at,
+                    removed=json.dumps(dict(removed), sort_keys=True),
+                    keyed_hash=keyed_hash,
+                )
+            )
+
+    def erasure_log(self) -> list[dict[str, Any]]:
+        """Every recorded erasure, oldest first (``removed`` as a dict)."""
+        import json
+
+        rows = self._read(
+            "read the erasures",
+            lambda c: c.execute(sa.select(erasures).order_by(erasures.c.erased_at)).all(),
+        )
+        return [
+            {
+                "erasure_id": row.erasure_id,
+                "erased_at": row.erased_at,
+                "removed": json.loads(row.removed),
+                "keyed_hash": row.keyed_hash,
+            }
+            for row in rows
+        ]
 
 
 class CombinedLedger:

@@ -40,6 +40,7 @@ from serving.coalesce import Coalescer
 from serving.contract import (
     ISO_MOMENT,
     MAX_CART_ITEMS,
+    EraseAnswer,
     FeedbackAnswer,
     Id,
     Metadata,
@@ -449,6 +450,35 @@ class NextBest:
             }
         )
 
+    # -- item 7 (privacy): erasure ------------------------------------------------------------
+    @bentoml.api(route="/admin/erase")
+    def admin_erase(self, customer_id: Annotated[Id, Field(examples=["1029"])]) -> EraseAnswer:
+        """Forget one customer in the running service: once ``nextbest customer erase``
+        has removed them from the workspace and the ledger (it calls this last), the
+        snapshot is indexed anew from the workspace, so /recommend treats them as an
+        unknown customer and no feature in memory holds anything of theirs. A 409 if the
+        workspace still holds them. Needs the API key when keys are set."""
+        if not self._holds(customer_id):
+            return _answer({"customer_id": customer_id, "in_snapshot": False, "refreshed": False})
+        self._refresh_snapshot()
+        if self._holds(customer_id):
+            log.warning("POST /admin/erase refused with 409: the workspace still holds them")
+            return _error(
+                409,
+                "the workspace still holds this customer: run 'nextbest customer erase ID' "
+                "(it erases them from the workspace and the ledger, then asks this service)",
+            )
+        _freeze_heap(release=True)  # the recommender that held them, collected now
+        log.info("a customer was erased from the snapshot")
+        return _answer({"customer_id": customer_id, "in_snapshot": False, "refreshed": True})
+
+    def _holds(self, customer_id: str) -> bool:
+        """Whether the snapshot served now has the customer in any table."""
+        from features.snapshot import UNKNOWN
+
+        codes = self.recommender.snapshot.customers.values
+        return customer_id != UNKNOWN and customer_id in codes
+
 
 def _freeze_heap(*, release: bool = False) -> None:
     """Move every live object to the collector's permanent generation, after a full
@@ -524,7 +554,7 @@ def _openapi(first: str, last: str) -> str:
 def _inputs() -> dict[str, Any]:
     """Each POST route and the model of its body."""
     service: Any = NextBest
-    return {f"/{name}": api.input_spec for name, api in service.apis.items()}
+    return {api.route: api.input_spec for api in service.apis.values()}
 
 
 def _guard() -> None:
