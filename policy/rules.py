@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 __all__ = [
     "DEFAULT_RULES",
     "OUTBOUND_CHANNELS",
+    "FairnessSettings",
     "RuleSet",
     "RulesError",
     "load_rules",
@@ -251,6 +252,23 @@ Rule = Annotated[
 ]
 
 
+class FairnessSettings(BaseModel):
+    """The rules file's ``fairness:`` section: how ``policy.fairness`` judges parity.
+
+    Each group's exposure rate, acceptance rate and lift is divided by the best group's
+    (of the same attribute); a ratio under ``min_parity`` is a breach (the four-fifths
+    rule at 0.8). A group is judged only with at least ``min_group_size`` customers (its
+    offers, for acceptance; each arm, for lift): at 100 the standard error of a rate of
+    0.5 is 0.05, a tenth of it, so a ratio of 0.8 is two standard errors from parity;
+    at 25 it is one, and a fair group of that size falls under 0.8 about one time in six.
+    Smaller groups are reported, not judged."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    min_parity: float = Field(default=0.8, gt=0, le=1)
+    attributes: list[str] = ["age_band", "income_band", "household_composition"]
+    min_group_size: int = Field(default=100, ge=1)
+
+
 class RuleSet(BaseModel):
     """A validated rules file."""
 
@@ -260,6 +278,7 @@ class RuleSet(BaseModel):
     consent_purpose: Literal["marketing", "personalisation"] = "marketing"
     unknown_consent: Literal["allow", "deny"] = "allow"
     rules: list[Rule]
+    fairness: FairnessSettings = FairnessSettings()
 
     def rule(self, kind: type[_Rule]) -> Any:
         """The enabled rule of this type, or None."""
