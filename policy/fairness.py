@@ -11,11 +11,12 @@ of its groups:
   customers' mean outcome minus the control customers'.
 
 Each rate is divided by the best group's rate of its attribute (the *parity ratio*); a
-ratio under ``min_parity`` is a **breach**. Only groups with at least ``min_group_size``
-customers (offers shown, for acceptance; customers in each arm, for lift) are judged, and
-only they can be the best group; smaller groups and customers without the attribute
-(group ``UNKNOWN``) are reported, not judged. A lift ratio is judged only when the best
-lift is positive (nothing to be at parity with otherwise).
+ratio under ``min_parity`` is a **breach** when the group's rate also differs from the
+best group's at ``max_p_value`` (a two-proportion z-test; none for lifts). Only groups
+with at least ``min_group_size`` customers (and offers shown, for acceptance; customers in
+each arm, for lift) are judged, and only they can be the best group; smaller groups and
+customers without the attribute (group ``UNKNOWN``) are reported, not judged. A lift ratio
+is judged only when the best lift is positive (nothing to be at parity with otherwise).
 
 The functions take plain pandas frames, so that training (the slates a model would serve)
 and the scorecard (what was served) judge alike:
@@ -31,6 +32,7 @@ Results name groups by their labels and counts only, never a customer.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -104,12 +106,14 @@ class Breach:
     best_rate: float
     ratio: float
     threshold: float
+    p_value: float | None = None  # against the best group (None: not tested)
 
     def describe(self) -> str:
+        tested = "" if self.p_value is None else f" (p = {self.p_value:.2g})"
         return (
             f"{self.attribute} {self.group}: {self.measure} {self.rate:.4g} is "
             f"{self.ratio:.2f} of the best group's ({self.best_group}, {self.best_rate:.4g}), "
-            f"under {self.threshold:.2f}"
+            f"under {self.threshold:.2f}{tested}"
         )
 
 
@@ -122,6 +126,7 @@ class FairnessReport:
 
     min_parity: float
     min_group_size: int
+    max_p_value: float | None
     attributes: list[str]
     missing_attributes: list[str]
     groups: list[GroupRates]
@@ -282,14 +287,16 @@ def _parity(
     rates: list[dict[str, float | None]],
     judged: list[dict[Measure, bool]],
     threshold: float,
+    max_p_value: float | None,
 ) -> _Parity:
     """One measure of one attribute: each group's ratio to the best judged group, the
     lowest judged ratio, and the judged groups under ``threshold``."""
-    best_rate, best_group = 0.0, ""
+    best_rate, best_row = 0.0, None
     for row, rate, ok in zip(rows, rates, judged, strict=True):
         value = rate[measure]
         if ok[measure] and value is not None and value > best_rate:
-            best_rate, best_group = value, str(row["group"])
+            best_rate, best_row = value, row
+    best_group = "" if best_row is None else str(best_row["group"])
     ratios: list[float | None] = []
     lowest: float | None = None
     breaches: list[Breach] = []
@@ -300,7 +307,8 @@ def _parity(
         if value is None or ratio is None or not ok[measure]:
             continue
         lowest = ratio if lowest is None else min(lowest, ratio)
-        if ratio < threshold:
+        p_value = _p_value(measure, row, best_row)
+        if ratio < threshold and (max_p_value is None or p_value is None or p_value < max_p_value):
             breaches.append(
                 Breach(
                     attribute=attribute,
@@ -311,9 +319,31 @@ def _parity(
                     best_rate=float(best_rate),
                     ratio=float(ratio),
                     threshold=threshold,
+                    p_value=p_value,
                 )
             )
     return _Parity(ratios, lowest, breaches)
+
+
+_TRIALS = {"exposure": ("offers", "opportunities"), "acceptance": ("accepted", "offers")}
+
+
+def _p_value(measure: Measure, row: dict[str, Any], best: dict[str, Any] | None) -> float | None:
+    """Two-sided p-value of a two-proportion z-test (pooled) of the group's rate against
+    the best group's; None where the rate is no proportion (a lift, several offers per
+    opportunity) or there is no best group. Offers shown to one customer are taken as
+    independent, which they need not be: the test is a guard against noise, not proof."""
+    if best is None or measure not in _TRIALS:
+        return None
+    events, trials = _TRIALS[measure]
+    x1, n1, x2, n2 = (float(r[c]) for r in (row, best) for c in (events, trials))
+    if min(n1, n2) <= 0 or x1 > n1 or x2 > n2:
+        return None
+    pooled = (x1 + x2) / (n1 + n2)
+    spread = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
+    if spread == 0:
+        return 1.0
+    return math.erfc(abs(x1 / n1 - x2 / n2) / spread / math.sqrt(2))
 
 
 def judge(
@@ -342,7 +372,9 @@ def judge(
         ]
         ratios: list[dict[str, float | None]] = [{} for _ in rows]
         for measure in MEASURES:
-            found = _parity(attribute, measure, rows, rates, judged, settings.min_parity)
+            found = _parity(
+                attribute, measure, rows, rates, judged, settings.min_parity, settings.max_p_value
+            )
             for index, value in enumerate(found.ratios):
                 ratios[index][measure] = value
             breaches.extend(found.breaches)
@@ -371,6 +403,7 @@ def judge(
     return FairnessReport(
         min_parity=settings.min_parity,
         min_group_size=settings.min_group_size,
+        max_p_value=settings.max_p_value,
         attributes=present,
         missing_attributes=[a for a in asked if a not in present],
         groups=groups,

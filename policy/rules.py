@@ -261,12 +261,19 @@ class FairnessSettings(BaseModel):
     offers, for acceptance; each arm, for lift): at 100 the standard error of a rate of
     0.5 is 0.05, a tenth of it, so a ratio of 0.8 is two standard errors from parity;
     at 25 it is one, and a fair group of that size falls under 0.8 about one time in six.
-    Smaller groups are reported, not judged."""
+    Smaller groups are reported, not judged.
+
+    A size in customers does not make a rare event common: 1 % acceptance on 600 offers is
+    6 acceptances. So a ratio under ``min_parity`` is a breach only when the group's rate
+    also differs from the best group's at ``max_p_value`` (a two-proportion z-test, where
+    the rate is a proportion; lifts are not tested), as the four-fifths rule is applied
+    with a significance test in practice; ``null`` judges by the ratio alone."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     min_parity: float = Field(default=0.8, gt=0, le=1)
     attributes: list[str] = ["age_band", "income_band", "household_composition"]
     min_group_size: int = Field(default=100, ge=1)
+    max_p_value: float | None = Field(default=0.05, gt=0, le=1)
 
 
 class RuleSet(BaseModel):

@@ -48,7 +48,10 @@ def _frames(groups: dict[str, tuple[int, int, int]]) -> tuple[pd.DataFrame, pd.D
     return pd.DataFrame(customers), pd.DataFrame(measures)
 
 
-SETTINGS = FairnessSettings(min_parity=0.8, attributes=["age_band"], min_group_size=50)
+# the four-fifths rule by the ratio alone (the significance test has its own test)
+SETTINGS = FairnessSettings(
+    min_parity=0.8, attributes=["age_band"], min_group_size=50, max_p_value=None
+)
 
 
 def test_four_fifths_exposure_breach_by_hand() -> None:
@@ -72,6 +75,22 @@ def test_four_fifths_exposure_breach_by_hand() -> None:
         "fairness.exposure_parity.age_band": pytest.approx(0.6),
         "fairness.breaches": 1.0,
     }  # acceptance is not judged: 10, 6 and 9 offers are under 50
+
+
+def test_a_ratio_under_the_threshold_breaches_only_when_it_is_no_noise() -> None:
+    # 6/100 against 10/100: pooled rate 16/200 = 0.08, standard error
+    # sqrt(0.08 * 0.92 * (1/100 + 1/100)) = 0.03837, z = 0.04 / 0.03837 = 1.0426,
+    # p = erfc(1.0426 / sqrt 2) = 0.297: a ratio of 0.6, but no breach at p < 0.05
+    tested = SETTINGS.model_copy(update={"max_p_value": 0.05})
+    customers, measures = _frames({"a": (100, 10, 0), "b": (100, 6, 0)})
+    assert fairness_report(customers, measures, tested).breaches == []
+    # ten times the customers, the same rates: standard error 0.012133, z = 3.297,
+    # p = 0.00098: a breach, which carries its p-value
+    customers, measures = _frames({"a": (1000, 100, 0), "b": (1000, 60, 0)})
+    report = fairness_report(customers, measures, tested)
+    assert [(b.group, b.measure) for b in report.breaches] == [("b", "exposure")]
+    assert report.breaches[0].p_value == pytest.approx(0.00098, abs=0.00002)
+    assert report.breaches[0].describe().endswith("under 0.80 (p = 0.00098)")
 
 
 def test_acceptance_parity_is_per_offer_shown() -> None:
@@ -225,6 +244,7 @@ def test_group_table_counts_every_row_of_a_customer() -> None:
 def test_the_rules_file_has_a_validated_fairness_section() -> None:
     default = load_rules().fairness
     assert default.min_parity == 0.8 and default.min_group_size == 100
+    assert default.max_p_value == 0.05
     assert default.attributes == ["age_band", "income_band", "household_composition"]
     data = {"rules": [], "fairness": {"min_parity": 1.5}}
     with pytest.raises(RulesError, match=r"field 'fairness\.min_parity'"):
@@ -294,7 +314,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trained]:
     strict = load_rules().model_copy(
         update={
             "fairness": FairnessSettings(
-                min_parity=0.99, attributes=["age_band", "segment"], min_group_size=5
+                min_parity=0.99,
+                attributes=["age_band", "segment"],
+                min_group_size=5,
+                max_p_value=None,
             )
         }
     )
@@ -446,11 +469,13 @@ def test_the_review_page_shows_a_breach_before_sign_off(trained: Trained) -> Non
             release = release_section()
             assert 'id="fairness-warning"' in release
             for breach in breaches:  # each: which attribute, which group, ratio vs threshold
+                p = "not tested" if breach.p_value is None else f"{breach.p_value:.2g}"
                 row = (
                     f"<tr><td>{breach.attribute}</td><td>{breach.group}</td>"
                     f"<td>{breach.measure}</td><td>{breach.rate:.4g}</td>"
                     f"<td>{breach.best_group} ({breach.best_rate:.4g})</td>"
-                    f"<td>{breach.ratio:.2f}</td><td>0.99</td></tr>"
+                    f"<td>{breach.ratio:.2f}</td><td>0.99</td>"
+                    f"<td>{p}</td></tr>"
                 )
                 assert row in release, release[:3000]
             assert release.index("fairness-warning") < release.index("Approve release")
