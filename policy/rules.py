@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 __all__ = [
     "DEFAULT_RULES",
     "OUTBOUND_CHANNELS",
+    "FairnessSettings",
     "RuleSet",
     "RulesError",
     "StopLoss",
@@ -271,6 +272,30 @@ class StopLoss(BaseModel):
     consecutive_cycles: Annotated[int, Field(ge=1)] = 2
 
 
+class FairnessSettings(BaseModel):
+    """The rules file's ``fairness:`` section: how ``policy.fairness`` judges parity.
+
+    Each group's exposure rate, acceptance rate and lift is divided by the best group's
+    (of the same attribute); a ratio under ``min_parity`` is a breach (the four-fifths
+    rule at 0.8). A group is judged only with at least ``min_group_size`` customers (its
+    offers, for acceptance; each arm, for lift): at 100 the standard error of a rate of
+    0.5 is 0.05, a tenth of it, so a ratio of 0.8 is two standard errors from parity;
+    at 25 it is one, and a fair group of that size falls under 0.8 about one time in six.
+    Smaller groups are reported, not judged.
+
+    A size in customers does not make a rare event common: 1 % acceptance on 600 offers is
+    6 acceptances. So a ratio under ``min_parity`` is a breach only when the group's rate
+    also differs from the best group's at ``max_p_value`` (a two-proportion z-test, where
+    the rate is a proportion; lifts are not tested), as the four-fifths rule is applied
+    with a significance test in practice; ``null`` judges by the ratio alone."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    min_parity: float = Field(default=0.8, gt=0, le=1)
+    attributes: list[str] = ["age_band", "income_band", "household_composition"]
+    min_group_size: int = Field(default=100, ge=1)
+    max_p_value: float | None = Field(default=0.05, gt=0, le=1)
+
+
 class RuleSet(BaseModel):
     """A validated rules file."""
 
@@ -281,6 +306,7 @@ class RuleSet(BaseModel):
     unknown_consent: Literal["allow", "deny"] = "allow"
     rules: list[Rule]
     stoploss: StopLoss = StopLoss()
+    fairness: FairnessSettings = FairnessSettings()
 
     def rule(self, kind: type[_Rule]) -> Any:
         """The enabled rule of this type, or None."""
@@ -298,10 +324,12 @@ class RuleSet(BaseModel):
 
     @property
     def content_hash(self) -> str:
-        """A short hash of the rules' content: their version identity. The ``stoploss``
-        thresholds are left out: they judge measured cycles, not which rows are eligible,
-        so they change no model (and hashes from before the section existed still hold)."""
-        canonical = json.dumps(self.model_dump(mode="json", exclude={"stoploss"}), sort_keys=True)
+        """A short hash of the rules' content: their version identity. The ``stoploss`` and
+        ``fairness`` thresholds are left out: they judge measured cycles and groups, not
+        which rows are eligible, so they change no model (and hashes from before the
+        sections existed still hold)."""
+        judged = {"stoploss", "fairness"}
+        canonical = json.dumps(self.model_dump(mode="json", exclude=judged), sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
     def to_yaml(self) -> str:

@@ -45,7 +45,16 @@ from training.metrics import (
 from training.model import calibrate, fit_ranker, raw_scores
 from training.offpolicy import off_policy_value
 
-__all__ = ["Stages", "TrainResult", "evaluate_booster", "evaluate_rows", "train"]
+__all__ = [
+    "Stages",
+    "TrainResult",
+    "evaluate_booster",
+    "evaluate_rows",
+    "served_measures",
+    "served_scores",
+    "served_slates",
+    "train",
+]
 
 KS = (5, 10)
 _SEED_OFFSET = {"train": 1, "validation": 2, "test": 3}
@@ -107,6 +116,8 @@ class TrainResult:
     test_scores: np.ndarray
     catalogue: str = ""  # Snapshot.catalogue_fingerprint(): serving checks it
     extra: dict[str, Any] = field(default_factory=dict)
+    # per customer of the test slates the model would serve (served_measures): fairness
+    served: pd.DataFrame | None = None
 
 
 class _Fitted:
@@ -277,6 +288,10 @@ def finish(
         metrics_validation_ndcg = validation_ndcg(
             booster, validation, config.eval_at, config.n_jobs
         )
+        served = served_measures(
+            served_slates(test, served_scores(test, scores, calibrators, default_values, config)),
+            snapshot.customers.values,
+        )
     if logged is not None:
         with stages.stage("off-policy value"):
             scorer = model_scorer(
@@ -316,6 +331,7 @@ def finish(
         test_scores=scores,
         catalogue=snapshot.catalogue_fingerprint(),
         extra={"validation_ndcg_at_k": metrics_validation_ndcg},
+        served=served,
     )
 
 
@@ -482,17 +498,7 @@ def served_slate_metrics(
     all tasks together, ranked by P(accept) × value × lever; a hit is any offer taken.
     Beside it, each baseline ranking the same rows; the best is chosen on validation."""
     opportunity = opportunities_of(rows)
-    # what serving orders a slate by: P(accept) per task × value × lever
-    score, _ = rank_scores(
-        raw,
-        np.asarray(TASKS, dtype=object)[rows.task],
-        rows.value,
-        rows.lever,
-        calibrators,
-        default_values,
-        config.lever_cap,
-        config.value_cap,
-    )
+    score = served_scores(rows, raw, calibrators, default_values, config)
     best = _best_on_validation(validation, opportunities_of(validation))
     margin = _margin(opportunity, rows.label, score, BASELINES[best](rows), rows.customer, config)
     return {
@@ -508,6 +514,62 @@ def served_slate_metrics(
         "ndcg_at_10_margin": margin,
         "beats_best_baseline": bool(margin["ci95_low"] > 0),
     }
+
+
+def served_scores(
+    rows: RowSet,
+    raw: np.ndarray,
+    calibrators: dict[str, Calibrator],
+    default_values: dict[str, float],
+    config: TrainConfig,
+) -> np.ndarray:
+    """What serving orders a slate by: P(accept) per task × value × lever."""
+    score, _ = rank_scores(
+        raw,
+        np.asarray(TASKS, dtype=object)[rows.task],
+        rows.value,
+        rows.lever,
+        calibrators,
+        default_values,
+        config.lever_cap,
+        config.value_cap,
+    )
+    return score
+
+
+def served_slates(rows: RowSet, score: np.ndarray, k: int = SLATE) -> pd.DataFrame:
+    """The top-``k`` slate of every opportunity of ``rows`` by ``score`` (every task
+    together, as served): ``opportunity``, ``customer`` (code), ``offer`` (code), ``rank``
+    (1-based) and ``accepted`` (its label)."""
+    opportunity = opportunities_of(rows)
+    rank = ranks_within_groups(opportunity, score)
+    top = rank <= k
+    return pd.DataFrame(
+        {
+            "opportunity": opportunity[top],
+            "customer": rows.customer[top].astype(np.int64),
+            "offer": rows.offer[top].astype(np.int64),
+            "rank": rank[top],
+            "accepted": rows.label[top].astype(np.int64),
+        }
+    )
+
+
+def served_measures(slates: pd.DataFrame, customer_ids: np.ndarray) -> pd.DataFrame:
+    """Per customer of the served slates (``policy.fairness``'s measures): ``customer_id``,
+    ``opportunities`` (their evaluated opportunities), ``offers`` (offers served) and
+    ``accepted`` (of those, taken). ``customer_ids`` decodes the customer codes.
+
+    Every evaluated opportunity had an eligible offer (one that eligibility empties has no
+    rows), so the exposure rate here is how full a group's slates are."""
+    per = slates.groupby("customer").agg(
+        opportunities=("opportunity", "nunique"),
+        offers=("offer", "size"),
+        accepted=("accepted", "sum"),
+    )
+    return per.reset_index().assign(
+        customer_id=np.asarray(customer_ids, dtype=object)[per.index.to_numpy()]
+    )[["customer_id", "opportunities", "offers", "accepted"]]
 
 
 def _expected_attach(rows: RowSet, probability: np.ndarray) -> float:

@@ -19,6 +19,7 @@ import numpy as np
 from features import FEATURES, Workspace
 from features.registry import features_hash
 from policy import RuleSet
+from policy.fairness import FAIRNESS_TAG, FairnessReport, fairness_report
 from runtime.registry import (
     BEATS_BASELINE_TAG,
     CHALLENGER,
@@ -34,7 +35,7 @@ from training.dataset import TASKS
 from training.pipeline import TrainResult, probabilities
 from training.report import model_card, write_plots
 
-__all__ = ["bundle_meta", "close_abandoned_runs", "log_run"]
+__all__ = ["bundle_meta", "close_abandoned_runs", "log_run", "served_fairness"]
 
 PIP_REQUIREMENTS = ["lightgbm==4.7.0", "numpy==2.4.6", "pandas==3.1.1", "scikit-learn==1.9.1"]
 
@@ -156,6 +157,11 @@ def log_run(
         _flatten("rows", result.rows, flat)
         _flatten("seconds", result.timings, flat)
         mlflow.log_metrics({key.replace("@", "_at_"): value for key, value in flat.items()})
+        fairness = served_fairness(result, workspace, rules)
+        if fairness is not None:
+            mlflow.log_metrics(fairness.metrics())
+            # per-group counts and ratios: group labels, never a customer's row
+            mlflow.log_dict(fairness.to_dict(), "fairness.json")
         probability = probabilities(result.test_scores, result.test, result.calibrators)
         # Everything is logged (the model first, for its checksum) before the version is
         # registered, with its tags, in one registry call: a run killed midway leaves a
@@ -228,6 +234,7 @@ def log_run(
                 "workspace.id": workspace.workspace_id,
                 CHECKSUM_TAG: checksum,
                 **quality_tags(result.metrics),
+                **({FAIRNESS_TAG: fairness.tag()} if fairness is not None else {}),
             },
         )
     return {
@@ -237,6 +244,17 @@ def log_run(
         "alias": CHALLENGER,
         "metrics": headline(result.metrics),
     }
+
+
+def served_fairness(
+    result: TrainResult, workspace: Workspace, rules: RuleSet
+) -> FairnessReport | None:
+    """Exposure and acceptance parity of the test slates the model would serve, per group
+    of the rules' fairness attributes (the workspace's customers table); None without
+    served slates."""
+    if result.served is None:
+        return None
+    return fairness_report(workspace.read("customers"), result.served, rules.fairness)
 
 
 def quality_tags(metrics: dict[str, Any]) -> dict[str, str]:

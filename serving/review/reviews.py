@@ -481,7 +481,12 @@ class Reviews:
                 review_id,
                 after={"approve": approve, "version": head.version}
                 | counts
-                | ({"baseline_override": quality["summary"]} if overridden else {}),
+                | ({"baseline_override": quality["summary"]} if overridden else {})
+                | (
+                    {"fairness_breaches": len(quality["fairness"])}
+                    if approve and quality.get("fairness")
+                    else {}
+                ),
             )
         if approve:
             try:
@@ -547,7 +552,7 @@ class Reviews:
         try:
             return _quality(model)
         except ReleaseError as error:
-            return {"version": model[1], "beats": None, "summary": str(error)}
+            return {"version": model[1], "beats": None, "summary": str(error), "fairness": None}
 
     @staticmethod
     def _publish(
@@ -732,7 +737,19 @@ def _quality(model: tuple[str, str]) -> dict[str, Any]:
         "version": version,
         "beats": None if verdict is None else verdict == "true",
         "summary": tags.get(QUALITY_SUMMARY_TAG, "not evaluated"),
+        "fairness": _fairness(tags),
     }
+
+
+def _fairness(tags: dict[str, str]) -> list[dict[str, Any]] | None:
+    """The version's fairness breaches from its training (``policy.fairness``), each with
+    its ``text``; None for a version trained before fairness was judged."""
+    from policy.fairness import FAIRNESS_TAG, breaches_from_tag
+
+    breaches = breaches_from_tag(tags.get(FAIRNESS_TAG))
+    if breaches is None:
+        return None
+    return [vars(b) | {"text": b.describe()} for b in breaches]
 
 
 def _champion(name: str) -> str | None:
