@@ -34,14 +34,13 @@ A figure the data cannot give is ``None`` with a reason, never invented.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 
 __all__ = [
     "ATTRIBUTION_WINDOW",
@@ -77,7 +76,6 @@ CUSTOMER_DIMENSIONS = ("segment", "age_band", "income_band", "household_composit
 BY_DIMENSIONS = ("offer", "channel", "placement", "segment", "tenure", *CUSTOMER_DIMENSIONS[1:])
 """What ``--by`` accepts: the opportunity's offer, channel and placement, the customer's
 segment and tenure band (from ``signup_at``), and the demographic columns (fairness)."""
-_WEIGHT_CELLS = 4_000_000  # resample weights held at once (customers x resamples)
 
 OPPORTUNITY_COLUMNS = [
     "opportunity_id",
@@ -290,8 +288,8 @@ def measure(
     customer's first purchase ever in the offer's category falls in the window),
     ``ordered_any`` (any order in the window: core conversion), ``returned`` (a converted
     product returned within :data:`RETURN_WINDOW`, or a ``returned`` outcome), and
-    ``feedback_converted`` (an accepted/redeemed/purchased outcome within the window;
-    exposed arm only) and ``week_start``."""
+    ``feedback_converted`` (an accepted/redeemed/purchased outcome naming the exposure, or
+    without one, within the window; exposed arm only) and ``week_start``."""
     orders, products, offers = inputs.orders, inputs.products, inputs.offers
     result = opps.copy()
     result["week_start"] = week_start(result["at"])
@@ -417,33 +415,18 @@ def _returned(
 
 
 def _feedback(result: pd.DataFrame, outcomes: pd.DataFrame, window: pd.Timedelta) -> np.ndarray:
+    """An outcome that names its exposure converts that one; one that does not, the
+    customer's opportunities of that offer in the window before it."""
     converting = outcomes[outcomes["outcome"].isin(CONVERTING_OUTCOMES)]
-    if not len(converting):
-        return np.zeros(len(result), dtype=bool)
-    found = _first_pair_after(result, "at", converting, "occurred_at", window)
-    return (found >= 0) & (result["arm"] == EXPOSED).to_numpy()
+    named = converting["exposure_id"].notna()
+    hit = result["opportunity_id"].isin(set(converting.loc[named, "exposure_id"])).to_numpy()
+    anonymous = converting[~named]
+    if len(anonymous):
+        hit |= _first_pair_after(result, "at", anonymous, "occurred_at", window) >= 0
+    return hit & (result["arm"] == EXPOSED).to_numpy()
 
 
 # --------------------------------------------------------------------------- bootstrap
-
-
-def resample_weights(n_customers: int, resamples: int, seed: int) -> Callable[[], list[np.ndarray]]:
-    """Cluster-bootstrap weights, in chunks: each row counts how often each customer was
-    drawn when ``n_customers`` are drawn with replacement (rows sum to ``n_customers``)."""
-
-    def chunks() -> list[np.ndarray]:
-        rng = np.random.default_rng(seed)
-        size = max(1, min(resamples, _WEIGHT_CELLS // max(n_customers, 1)))
-        out, done = [], 0
-        while done < resamples:
-            rows = min(size, resamples - done)
-            drawn = rng.integers(0, n_customers, size=(rows, n_customers))
-            flat = (drawn + (np.arange(rows) * n_customers)[:, None]).ravel()
-            out.append(np.bincount(flat, minlength=rows * n_customers).reshape(rows, -1))
-            done += rows
-        return out
-
-    return chunks
 
 
 def resampled_sums(
@@ -455,21 +438,45 @@ def resampled_sums(
     resamples: int,
     seed: int,
 ) -> list[np.ndarray]:
-    """Each column's sum per group in every cluster-bootstrap resample of the customers:
-    one (resamples x n_groups) array per column. ``customer``/``group`` are int codes per
-    row (customers 0..N-1)."""
+    """Each column's sum per group in every cluster-bootstrap resample: within a group,
+    its customers are drawn with replacement as many times as it has customers, and a
+    customer drawn brings all its rows. One (resamples x n_groups) array per column.
+    ``customer``/``group`` are int codes per row.
+
+    Drawing n customers with replacement gives each customer a multinomial(n, 1/n) count;
+    customers whose sums are identical are interchangeable, so the counts are drawn per
+    distinct sum (multinomial(n, share of each)): exactly the same distribution, and all
+    resamples of a group come from one call, with no loop over resamples."""
+    values = np.column_stack([np.asarray(c, dtype=float) for c in columns])
     n_customers = int(customer.max(initial=-1)) + 1
-    matrices = [
-        sp.csr_matrix(
-            (np.asarray(values, dtype=float), (group, customer)), shape=(n_groups, n_customers)
-        )
-        for values in columns
-    ]
-    parts: list[list[np.ndarray]] = [[] for _ in columns]
-    for weights in resample_weights(n_customers, resamples, seed)():
-        for matrix, part in zip(matrices, parts, strict=True):
-            part.append(np.asarray(matrix @ weights.T.astype(float)).T)
-    return [np.vstack(part) if part else np.empty((0, n_groups)) for part in parts]
+    cells, cell_of_row = np.unique(
+        group.astype(np.int64) * n_customers + customer, return_inverse=True
+    )
+    sums = np.column_stack(
+        [np.bincount(cell_of_row, weights=v, minlength=len(cells)) for v in values.T]
+    )
+    cell_group = cells // max(n_customers, 1)
+    out = np.full((resamples, n_groups, values.shape[1]), np.nan)
+    rng = np.random.default_rng(seed)
+    bounds = np.searchsorted(cell_group, np.arange(n_groups + 1))
+    for g in range(n_groups):
+        block = sums[bounds[g] : bounds[g + 1]]
+        if not len(block):
+            continue
+        kinds, counts = _distinct_rows(block)
+        drawn = rng.multinomial(len(block), counts / len(block), size=resamples)
+        out[:, g, :] = drawn @ kinds
+    return [out[:, :, k] for k in range(values.shape[1])]
+
+
+def _distinct_rows(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct rows of a 2-D array and how often each occurs (a lexsort: much faster
+    than ``np.unique(axis=0)``, which sorts the rows as bytes)."""
+    order = np.lexsort(block.T[::-1])
+    ordered = block[order]
+    change = np.flatnonzero(np.any(np.diff(ordered, axis=0) != 0, axis=1)) + 1
+    starts = np.concatenate([[0], change])
+    return ordered[starts], np.diff(np.concatenate([starts, [len(block)]]))
 
 
 def _interval(draws: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

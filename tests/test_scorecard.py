@@ -421,3 +421,101 @@ def test_report_opens_in_chromium_with_its_plots_and_nothing_external(
     assert external == []
     if os.environ.get("NEXTBEST_SCREENSHOTS"):
         shutil.copy(shot, Path(os.environ["NEXTBEST_SCREENSHOTS"]) / "scorecard.png")
+
+
+def _seconds(moment: pd.Timestamp) -> int:
+    return int((moment - pd.Timestamp(0)).total_seconds())
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'ledger.db'}"
+    url: str = request.getfixturevalue("fresh_postgres")
+    return url
+
+
+def test_ledger_opportunities_are_read_and_counted_once_after_export(
+    ledger_url: str, tmp_path: Path
+) -> None:
+    from features.workspace import write_workspace
+    from measurement.scorecard import load_inputs
+    from serving.export import export_ledger
+    from serving.ledger import GHOST_MODE, ServedOffer, SqlLedger
+
+    given = _hand_made()
+    workspace = write_workspace(
+        tmp_path / "ws",
+        {
+            "exposures": given.exposures,
+            "outcomes": given.outcomes,
+            "orders": given.orders,
+            "offers": given.offers,
+            "customers": given.customers,
+            "products": given.products,
+        },
+        source={"name": "hand-made"},
+    )
+    at = _seconds(MONDAY + pd.Timedelta(hours=10))
+    ledger = SqlLedger(ledger_url)
+    try:
+
+        def offer(offer_id: str) -> ServedOffer:
+            return ServedOffer(offer_id=offer_id, rank=1, score=1.0, probability=0.5)
+
+        # B is served the item offer (and converts: an order of P1 on day 10 is too late,
+        # so add none); D's holdout slate is a ghost; E's offer-level ghost is the tea offer
+        ledger.log_slate(
+            request_id="r1",
+            customer_id="B",
+            channel="web",
+            placement="home",
+            model_version="1",
+            mode="model",
+            holdout=False,
+            at_s=at,
+            offers=[offer("item")],
+        )
+        ledger.log_slate(
+            request_id="r2",
+            customer_id="D",
+            channel="web",
+            placement="home",
+            model_version="1",
+            mode=GHOST_MODE,
+            holdout=True,
+            at_s=at,
+            offers=[offer("item")],
+        )
+        ledger.log_slate(
+            request_id="r3",
+            customer_id="E",
+            channel="app",
+            placement="cart",
+            model_version="1",
+            mode="model",
+            holdout=False,
+            at_s=at,
+            offers=[offer("item")],
+            ghosts=[offer("tea")],
+        )
+        ledger.record_feedback(
+            request_id="r1", offer_id="item", outcome="accepted", value=None, at_s=at + 60
+        )
+    finally:
+        ledger.dispose()
+
+    def counts() -> tuple[int, int, float]:
+        card = build_scorecard(load_inputs(workspace.path, ledger_url), resamples=50)
+        figures = {f.name: f for f in card.figures}
+        attach, feedback = figures["attach_rate"], figures["conversion_per_exposure"]
+        assert attach.n_exposed is not None and attach.n_control is not None
+        assert feedback.exposed is not None
+        return attach.n_exposed, attach.n_control, feedback.exposed
+
+    # workspace 4 exposed + 3 control; ledger r1, r3 item exposed; r2 item, r3 tea control
+    before = counts()
+    assert before[:2] == (4 + 2, 3 + 2)
+    assert before[2] == pytest.approx(2 / 6)  # e1's and r1's accepted feedback
+    export_ledger(ledger_url, workspace)
+    assert counts() == pytest.approx(before)  # exported rows are not counted twice
