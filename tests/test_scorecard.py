@@ -460,45 +460,28 @@ def test_ledger_opportunities_are_read_and_counted_once_after_export(
     ledger = SqlLedger(ledger_url)
     try:
 
-        def offer(offer_id: str) -> ServedOffer:
-            return ServedOffer(offer_id=offer_id, rank=1, score=1.0, probability=0.5)
+        def slate(request: str, customer: str, mode: str, ghosts: tuple[str, ...] = ()) -> None:
+            def offer(offer_id: str) -> ServedOffer:
+                return ServedOffer(offer_id=offer_id, rank=1, score=1.0, probability=0.5)
 
-        # B is served the item offer (and converts: an order of P1 on day 10 is too late,
-        # so add none); D's holdout slate is a ghost; E's offer-level ghost is the tea offer
-        ledger.log_slate(
-            request_id="r1",
-            customer_id="B",
-            channel="web",
-            placement="home",
-            model_version="1",
-            mode="model",
-            holdout=False,
-            at_s=at,
-            offers=[offer("item")],
-        )
-        ledger.log_slate(
-            request_id="r2",
-            customer_id="D",
-            channel="web",
-            placement="home",
-            model_version="1",
-            mode=GHOST_MODE,
-            holdout=True,
-            at_s=at,
-            offers=[offer("item")],
-        )
-        ledger.log_slate(
-            request_id="r3",
-            customer_id="E",
-            channel="app",
-            placement="cart",
-            model_version="1",
-            mode="model",
-            holdout=False,
-            at_s=at,
-            offers=[offer("item")],
-            ghosts=[offer("tea")],
-        )
+            ledger.log_slate(
+                request_id=request,
+                customer_id=customer,
+                channel="web",
+                placement="home",
+                model_version="1",
+                mode=mode,
+                holdout=mode == GHOST_MODE,
+                at_s=at,
+                offers=[offer("item")],
+                ghosts=[offer(g) for g in ghosts],
+            )
+
+        # B is served the item offer (B's order of P1 on day 10 is too late for it); D's
+        # holdout slate is a ghost; E is served the item and the tea offer is a ghost
+        slate("r1", "B", "model")
+        slate("r2", "D", GHOST_MODE)
+        slate("r3", "E", "model", ghosts=("tea",))
         ledger.record_feedback(
             request_id="r1", offer_id="item", outcome="accepted", value=None, at_s=at + 60
         )
