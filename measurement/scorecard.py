@@ -946,7 +946,12 @@ def _cohort_figures(
 
 
 def _headline(
-    measured: pd.DataFrame, *, resamples: int, seed: int, design: str, window: pd.Timedelta
+    measured: pd.DataFrame,
+    *,
+    resamples: int,
+    seed: int,
+    window: pd.Timedelta,
+    any_returns: bool,
 ) -> list[Figure]:
     everything = pd.Series(0, index=measured.index)
     days = f"{window / pd.Timedelta(days=1):g} days"
@@ -991,12 +996,12 @@ def _headline(
             reason=None if len(shown) else "no exposures",
         )
     )
-    figures.append(_returns(measured, design))
+    figures.append(_returns(measured, any_returns))
     figures.append(_time_to_purchase(measured))
     return figures
 
 
-def _returns(measured: pd.DataFrame, design: str) -> Figure:
+def _returns(measured: pd.DataFrame, any_returns: bool) -> Figure:
     converted = measured[measured["converted"]]
     exposed = converted[converted["arm"] == EXPOSED]
     control = converted[converted["arm"] == CONTROL]
@@ -1004,6 +1009,12 @@ def _returns(measured: pd.DataFrame, design: str) -> Figure:
         f"Converted items returned within {RETURN_WINDOW.days} days: cross-sold (exposed) "
         "against the baseline (control conversions)"
     )
+    if not any_returns:
+        return Figure(
+            "return_rate",
+            description,
+            reason="the data records no returns (no negative order lines, no 'returned' outcomes)",
+        )
     if not len(exposed):
         return Figure("return_rate", description, reason="no cross-sold purchases")
     figure = Figure(
@@ -1036,6 +1047,8 @@ def _time_to_purchase(measured: pd.DataFrame) -> Figure:
         figure.reason = "no conversions"
     elif figure.control is not None:
         figure.lift = figure.exposed - figure.control
+    else:
+        figure.reason = "no control conversions to compare with"
     return figure
 
 
@@ -1105,7 +1118,10 @@ def build_scorecard(
     measured = measure(opps, inputs, window=window)
     options = {"resamples": resamples, "seed": seed}
     cycles = offer_cycles(inputs, measured=measured, **options)
-    figures = _headline(measured, design=design, window=window, **options)
+    any_returns = bool((inputs.orders["quantity"] < 0).any()) or bool(
+        (inputs.outcomes["outcome"] == "returned").any()
+    )
+    figures = _headline(measured, window=window, any_returns=any_returns, **options)
     people, start, end = _customer_frame(measured, inputs.orders, window)
     revenue = _revenue_figures(people, design=design, **options)
     revenue += _cohort_figures(measured, inputs.orders, **options)

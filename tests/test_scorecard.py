@@ -350,6 +350,8 @@ def small_report(small_workspace, tmp_path_factory: pytest.TempPathFactory):  # 
             "scorecard",
             "--workspace",
             str(small_workspace.path),
+            "--weeks",
+            "8",  # leaves the 120-day world a pre-period for CUPED
             "--resamples",
             "200",
             "--by",
@@ -375,6 +377,15 @@ def test_cli_writes_html_and_json_with_the_same_numbers(small_report) -> None:  
     assert attach["n_control"] > 0 and attach["low"] <= attach["lift"] <= attach["high"]
     assert set(payload["by"]) >= {"tenure", "segment", "channel"}
     assert payload["cycles"] and set(payload["cycles"][0]) >= {"lift_low", "margin_uplift"}
+    assert {row["week_start"] for row in payload["weekly"]} == {
+        row["week_start"] for row in payload["cycles"]
+    }
+    assert len(payload["weekly"]) == 8
+    revenue = {f["name"]: f for f in payload["revenue"]}
+    per_customer = revenue["incremental_revenue_per_customer"]
+    assert per_customer["reason"] is None  # the 8 weeks before are the pre-period
+    assert 0 <= per_customer["extra"]["variance_reduction"] < 1
+    assert revenue["cohort_value_90d"]["lift"] is None  # 8 weeks do not span 90 days
     page = out.read_text()
     assert f"{attach['lift']:.4g}" in page
     assert page.count("src='data:image/png;base64,") >= 3
@@ -502,3 +513,36 @@ def test_ledger_opportunities_are_read_and_counted_once_after_export(
     assert before[2] == pytest.approx(2 / 6)  # e1's and r1's accepted feedback
     export_ledger(ledger_url, workspace)
     assert counts() == pytest.approx(before)  # exported rows are not counted twice
+
+
+def test_return_rate_of_cross_sold_items_against_control_conversions() -> None:
+    given = _hand_made()
+    card = build_scorecard(given, resamples=20)
+    missing = {f.name: f for f in card.figures}["return_rate"]
+    assert missing.exposed is None and "no returns" in (missing.reason or "")
+    returned = pd.concat(
+        [
+            given.orders,
+            _table(
+                "orders",
+                [
+                    {
+                        "order_id": "r1",
+                        "customer_id": "A",
+                        "product_id": "P1",
+                        "ordered_at": MONDAY + 5 * DAY,  # A's P1 of day 2, brought back
+                        "quantity": -1.0,
+                        "amount": -10.0,
+                    }
+                ],
+            ),
+        ],
+        ignore_index=True,
+    )
+    inputs = ScorecardInputs(
+        given.exposures, given.outcomes, returned, given.offers, given.customers, given.products
+    )
+    rate = {f.name: f for f in build_scorecard(inputs, resamples=20).figures}["return_rate"]
+    # cross-sold: A's item (returned), E's item, A's tea; baseline: C's item (kept)
+    assert (rate.n_exposed, rate.n_control) == (3, 1)
+    assert rate.exposed == pytest.approx(1 / 3) and rate.control == 0.0
