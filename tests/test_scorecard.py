@@ -546,3 +546,18 @@ def test_return_rate_of_cross_sold_items_against_control_conversions() -> None:
     # cross-sold: A's item (returned), E's item, A's tea; baseline: C's item (kept)
     assert (rate.n_exposed, rate.n_control) == (3, 1)
     assert rate.exposed == pytest.approx(1 / 3) and rate.control == 0.0
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--by", "colour"], "cannot group by 'colour': use one of offer"),
+        (["--db-url", "sqlite:////nonexistent/ledger.db"], "no ledger at"),
+    ],
+)
+def test_cli_refuses_bad_input_in_one_line(small_workspace, extra, message) -> None:  # type: ignore[no-untyped-def]
+    result = CliRunner().invoke(
+        app, ["scorecard", "--workspace", str(small_workspace.path), "--resamples", "10", *extra]
+    )
+    assert result.exit_code == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
