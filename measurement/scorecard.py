@@ -56,9 +56,17 @@ __all__ = [
     "Scorecard",
     "ScorecardInputs",
     "build_scorecard",
+    "by_group",
+    "cuped",
     "load_inputs",
+    "measure",
+    "observational_control",
     "offer_cycles",
     "opportunities",
+    "rate_lift",
+    "read_ledger_opportunities",
+    "resampled_sums",
+    "weekly_lift",
 ]
 
 ATTRIBUTION_WINDOW = pd.Timedelta(days=7)
