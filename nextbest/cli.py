@@ -1567,5 +1567,68 @@ def customer_erase(
         typer.echo(erasure.line())
 
 
+# --- issue 12, item 3: the scorecard -----------------------------------------------------
+
+
+@app.command("scorecard")
+@_user_errors
+def scorecard_command(
+    workspace: WorkspaceOption = None,
+    db_url: Annotated[
+        str | None,
+        typer.Option(help="Also read the serving ledger here (rows not yet exported)."),
+    ] = None,
+    weeks: Annotated[int | None, typer.Option(min=1, help="Only the last N weekly cycles.")] = None,
+    by: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Per-group tables: offer, channel, placement, segment, tenure, age_band, "
+            "income_band, household_composition (repeatable)."
+        ),
+    ] = None,
+    window_days: Annotated[
+        float, typer.Option(min=0, help="Attribution window after an opportunity, in days.")
+    ] = 7.0,
+    resamples: Annotated[int, typer.Option(min=10, help="Bootstrap resamples.")] = 1000,
+    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+    out: Annotated[Path | None, typer.Option(help="Write the HTML report here.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+) -> None:
+    """Lift per offer and weekly cycle against the holdout (or, without one, mailed against
+    not mailed, observational), with customer-bootstrap intervals and CUPED revenue lifts."""
+    import pandas as pd
+
+    from measurement.scorecard import build_scorecard, load_inputs
+    from serving.export import LedgerExportError
+
+    try:
+        inputs = load_inputs(resolve_workspace(workspace), db_url)
+    except LedgerExportError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(code=2) from None
+    try:
+        card = build_scorecard(
+            inputs,
+            weeks=weeks,
+            by=tuple(by or ("offer", "channel", "segment")),
+            window=pd.Timedelta(days=window_days),
+            resamples=resamples,
+            seed=seed,
+        )
+    except ValueError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(code=2) from None
+    if out is not None:
+        out.write_text(card.to_html(), encoding="utf-8")
+        typer.echo(f"Wrote the scorecard to {out}.", err=True)
+    if as_json:
+        _echo_json(card.to_json())
+    elif out is None:
+        for figure in card.figures + card.revenue:
+            interval = f" [{figure.low:.4g}, {figure.high:.4g}]" if figure.low is not None else ""
+            lift = f"{figure.lift:.4g}" if figure.lift is not None else "—"
+            typer.echo(f"{figure.name}: lift {lift}{interval}  {figure.reason or ''}".rstrip())
+
+
 if __name__ == "__main__":
     app(prog_name="nextbest")
