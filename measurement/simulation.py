@@ -157,7 +157,8 @@ def simulate_traffic(
             )
             for request_id, offer_id in ghosts(list(who))
         ]
-        today = served + withheld
+        # in a fixed order, so that the draws do not depend on the order the ledger reads
+        today = sorted(served + withheld, key=lambda o: (o["customer_id"], o["offer_id"], o["arm"]))
         unknown = sorted({o["offer_id"] for o in today} - set(truth))
         if unknown:
             raise KeyError(f"offers served with no planted truth: {unknown}")

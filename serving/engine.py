@@ -103,6 +103,7 @@ class Recommender:
         self.snapshot = snapshot
         self.ledger = ledger
         self.settings = settings
+        self._seen_requests: dict[str, int] = {}  # with a request seed: ids derived, counted
         self.workspace = workspace
         self.workspace_id = workspace.workspace_id
         self.model_name = model_name(self.workspace_id)
@@ -355,7 +356,7 @@ class Recommender:
         )
         plan = self._plan(model, customer_ids, personal)
         score, probability = self._scores(model, matrix, ranked_rows, ranked_offers, plan.scoring)
-        request_ids = [uuid.uuid4().hex for _ in customer_ids]
+        request_ids = self._request_ids(customer_ids, t, channel, placement)
         # exploration: only a slate that is logged (its propensities with it), never a
         # holdout's (nor a review's preview, which logs nothing)
         explore = [
@@ -411,6 +412,20 @@ class Recommender:
                 self.settings.budget_ms,
             )
         return responses
+
+    def _request_ids(
+        self, customer_ids: list[str], t: int, channel: str, placement: str
+    ) -> list[str]:
+        """Random ids; derived ones with ``settings.request_seed`` (a replayable run)."""
+        seed = self.settings.request_seed
+        if seed is None:
+            return [uuid.uuid4().hex for _ in customer_ids]
+        ids = []
+        for customer in customer_ids:
+            key = f"{seed}\x1f{customer}\x1f{t}\x1f{channel}\x1f{placement}"
+            nth = self._seen_requests[key] = self._seen_requests.get(key, -1) + 1
+            ids.append(hashlib.sha256(f"{key}\x1f{nth}".encode()).hexdigest()[:32])
+        return ids
 
     def _limits(
         self, rules: RuleSet, requests: Requests, plan: _Plan, logs: list[dict[str, Any]]

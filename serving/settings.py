@@ -58,6 +58,11 @@ class ServingSettings:
       softmax's temperature, in the arbitration score's units. Only logged requests are
       explored (never a review's preview, which logs nothing), and never a holdout's
       slate.
+    * ``request_seed`` (``NEXTBEST_REQUEST_SEED``; for simulations and tests only): request
+      ids are derived from it, the customer, the moment, the channel, the placement and
+      how many such requests this process served before, instead of drawn at random; a
+      simulated run, whose exploration is seeded by the request id, then replays exactly.
+      Never in production: such ids can be guessed.
 
     The salt and the keys are secrets: they are left out of the settings' ``repr``, so a
     logged settings object never shows them.
@@ -85,6 +90,7 @@ class ServingSettings:
     exploration: Method = "off"
     exploration_rates: tuple[tuple[str, float], ...] = ()
     exploration_temperature: float = 1.0
+    request_seed: str | None = field(default=None, repr=False)
 
     def exploration_for(self, channel: str) -> Exploration:
         """How a logged, non-holdout request on ``channel`` is drawn."""
@@ -134,6 +140,7 @@ class ServingSettings:
             exploration=_method(env.get("NEXTBEST_EXPLORATION") or default.exploration),
             exploration_rates=_rates(env.get("NEXTBEST_EXPLORATION_RATES", "")),
             exploration_temperature=_temperature(env.get("NEXTBEST_EXPLORATION_TEMPERATURE")),
+            request_seed=env.get("NEXTBEST_REQUEST_SEED") or None,
         )
 
     def ledger_url(self, data_dir: Path) -> str:
