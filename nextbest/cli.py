@@ -1303,13 +1303,18 @@ app.add_typer(stoploss_app, name="stoploss")
 @_user_errors
 def stoploss_run(
     cycles: Annotated[
-        Path,
+        Path | None,
         typer.Option(
             help="The scorecard's offer cycles (CSV or parquet: offer_id, week_start, "
             "n_exposed, n_control, attach_*, lift[_low|_high], margin_uplift, margin_low, "
-            "margin_high)."
+            "margin_high); default: measured now by the scorecard from the workspace and "
+            "the ledger."
         ),
-    ],
+    ] = None,
+    window_days: Annotated[
+        float,
+        typer.Option(min=0, help="The scorecard's attribution window, in days (no --cycles)."),
+    ] = 7.0,
     dry_run: Annotated[
         bool, typer.Option(help="List what would be killed and why; kill nothing.")
     ] = False,
@@ -1352,15 +1357,26 @@ def stoploss_run(
     from serving.ledger import SqlLedger
     from serving.settings import ServingSettings
 
+    config = load_rules(rules or ServingSettings.from_env().rules_path).stoploss
+    offers = products = None
     try:
-        frame = read_cycles(cycles)
         moment = pd.Timestamp(as_of) if as_of is not None else pd.Timestamp.now()
+        if cycles is not None:
+            frame = read_cycles(cycles)
+        else:  # the scorecard's cycles, measured now (the last complete ones, and this one)
+            from measurement.scorecard import load_inputs, offer_cycles
+
+            inputs = load_inputs(resolve_workspace(workspace), _ledger_url(db_url))
+            frame = offer_cycles(
+                inputs,
+                weeks=config.consecutive_cycles + 1,
+                window=pd.Timedelta(days=window_days),
+            )
+            offers, products = inputs.offers, inputs.products
     except ValueError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(code=2) from None
-    config = load_rules(rules or ServingSettings.from_env().rules_path).stoploss
-    offers = products = None
-    if workspace is not None:
+    if workspace is not None and offers is None:
         target = Workspace(workspace).require()
         offers, products = target.read("offers"), target.read("products")
     ledger = SqlLedger(_ledger_url(db_url))

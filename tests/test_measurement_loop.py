@@ -165,10 +165,13 @@ def test_the_scorecard_recovers_every_planted_lift(loop: Loop) -> None:
             assert row["high"] < 0, (offer, row.to_dict())
 
 
-def test_stop_loss_kills_exactly_the_losers_and_the_next_request_goes_without(loop: Loop) -> None:
-    """After the two weekly cycles, `run_stoploss` on the scorecard's cycles kills the four
-    planted losers and nothing else; the very next /recommend leaves them out, with the
-    reason code stop_loss."""
+def test_stop_loss_kills_exactly_the_losers_and_the_next_request_goes_without(
+    loop: Loop, tmp_path: Path
+) -> None:
+    """After the two weekly cycles, `nextbest stoploss run --dry-run` (the scorecard's
+    cycles measured from the workspace and the ledger) lists the four planted losers and
+    nothing else; `run_stoploss` kills them; the very next /recommend leaves them out,
+    with the reason code stop_loss."""
     from measurement.scorecard import offer_cycles
     from measurement.stoploss import run_stoploss
     from policy import load_rules
@@ -178,9 +181,34 @@ def test_stop_loss_kills_exactly_the_losers_and_the_next_request_goes_without(lo
     cycles = offer_cycles(inputs, weeks=2, window=WINDOW)
     assert len(cycles) == 2 * len(loop.truth)
     losers = sorted(o for o, t in loop.truth.items() if t.lift < 0)
+    as_of = loop.start + pd.Timedelta(days=VISITS)
+    # the command, on a copy of the workspace that holds the simulated orders (dry run)
+    import json
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from features import Workspace
+    from features.workspace import rewrite_workspace
+    from nextbest.cli import app
+
+    copy = Workspace(shutil.copytree(loop.served.workspace.path, tmp_path / "ws"))
+    tables = copy.read_all() | {"orders": inputs.orders}
+    rewrite_workspace(copy, tables, source={"name": "the loop's simulated orders"})
+    common = [
+        "--workspace",
+        str(copy.path),
+        "--db-url",
+        loop.ledger_url,
+        "--rules",
+        str(loop.rules),
+    ]
+    command = ["stoploss", "run", *common, "--as-of", as_of.isoformat(), "--window-days", "1"]
+    listed = CliRunner().invoke(app, [*command, "--dry-run", "--json"])
+    assert listed.exit_code == 0, listed.output
+    assert sorted(d["offer_id"] for d in json.loads(listed.output)["decisions"]) == losers
     ledger = SqlLedger(loop.ledger_url)
     try:
-        as_of = loop.start + pd.Timedelta(days=VISITS)
         dry = run_stoploss(
             cycles, load_rules(loop.rules).stoploss, ledger, as_of=as_of, dry_run=True
         )
