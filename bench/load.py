@@ -551,11 +551,29 @@ def _demo(folder: Path) -> tuple[dict[str, str], list[str], str, str]:
     return env, customers.tolist(), db_url, version
 
 
+def _keep(db_url: str, target: Path) -> None:
+    """The run's ledger, copied whole (SQLite's online backup: the WAL included)."""
+    import sqlite3
+    from contextlib import closing
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    source = sqlite3.connect(db_url.removeprefix("sqlite:///"))
+    with closing(source), closing(sqlite3.connect(target)) as copy:
+        source.backup(copy)
+    print(f"ledger kept: sqlite:///{target.resolve()}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=LoadPlan.seconds)
     parser.add_argument("--window", type=float, default=LoadPlan.window)
     parser.add_argument("--share", type=float, default=LoadPlan.share)
+    parser.add_argument(
+        "--keep-ledger",
+        type=Path,
+        default=None,
+        help="Copy the run's SQLite ledger here (e.g. for `nextbest scorecard --db-url`).",
+    )
     args = parser.parse_args()
     plan = LoadPlan(seconds=args.seconds, window=args.window, share=args.share)
 
@@ -564,6 +582,8 @@ def main() -> None:
         with serve(env, Path(folder) / "serve.log") as base:
             report = measure(base, customers, plan)
         report.lost = lost_feedback(db_url, report.posted, report.served)
+        if args.keep_ledger is not None:
+            _keep(db_url, args.keep_ledger)
     print_report(report)
     results = Path(__file__).with_name("results.json")
     stored = json.loads(results.read_text()) if results.is_file() else {}

@@ -220,11 +220,14 @@ def draw_slate(
     k: int,
     exploration: Exploration,
     rng: np.random.Generator,
+    *,
+    inclusions: bool = True,
 ) -> Slate:
     """Up to ``k`` offers drawn from ``ranked`` (offer codes in the greedy order, with
     their ``scores`` and ``demoted`` flags), with each rank's probability and each drawn
-    offer's inclusion probability (:func:`inclusion_probabilities`); the greedy slate (no
-    propensities) when ``exploration`` is off."""
+    offer's inclusion probability (:func:`inclusion_probabilities`; ``inclusions=False``
+    skips its Monte Carlo, many times the draw's own cost, for a draw that is studied,
+    not logged); the greedy slate (no propensities) when ``exploration`` is off."""
     if not exploration.active:
         return assemble_slate(snapshot, rules, ranked, k)
     collisions = Collisions(snapshot, rules)
@@ -256,6 +259,8 @@ def draw_slate(
             for j in np.flatnonzero(open_ & (ladders == ladders[position])):
                 slate.skipped[codes[j]] = "bundle_ladder_conflict"
                 open_[j] = False
+    if not inclusions:
+        return slate
     group_codes = {name: i for i, name in enumerate(sorted(set(groups.tolist()) - {""}))}
     inclusion = inclusion_probabilities(
         scores,

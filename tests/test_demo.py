@@ -301,7 +301,7 @@ def test_no_label_reads_past_its_split_coupons_included(demo_workspace: Workspac
         None,
         eval_customers_per_cut=150,
         min_eval_opportunities=600,
-        cut_every_days=14,
+        cut_every_days=28,
         context_from_exposures=1.0,
         n_jobs=1,
     )

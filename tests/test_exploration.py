@@ -48,7 +48,15 @@ def _draws(snapshot: Snapshot, rules, ranked, scores, k, exploration, n):  # typ
     demoted = np.zeros(len(ranked), dtype=bool)
     for seed in range(n):
         slate = draw_slate(
-            snapshot, rules, ranked, scores, demoted, k, exploration, np.random.default_rng(seed)
+            snapshot,
+            rules,
+            ranked,
+            scores,
+            demoted,
+            k,
+            exploration,
+            np.random.default_rng(seed),
+            inclusions=False,  # counted here; their own test counts them (test_replay)
         )
         key = tuple(slate.chosen)
         seen[key] += 1
