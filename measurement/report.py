@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -180,6 +181,23 @@ def render_html(scorecard: Scorecard) -> str:
                 f"<h2>Attach rate by {name}</h2>",
                 _image(_group_plot(scorecard.by[name], name), f"attach rate by {name}"),
             ]
+    if scorecard.fairness is not None:
+        report = scorecard.fairness
+        verdict = (
+            f"{len(report.breaches)} parity breach(es)" if report.breaches else "no parity breach"
+        )
+        parts += [
+            "<h2>Fairness: parity per group</h2>",
+            f"<p>{html.escape(verdict)} (a ratio to the best group under "
+            f"{report.min_parity:g}, judged on groups of at least {report.min_group_size} "
+            "customers).</p>",
+            *(
+                [_frame_table(pd.DataFrame([asdict(b) for b in report.breaches]))]
+                if report.breaches
+                else []
+            ),
+            _frame_table(report.table()),
+        ]
     for name, table in scorecard.by.items():
         parts += [f"<h2>By {html.escape(name)}</h2>", _frame_table(table)]
     parts += ["<h2>Offer cycles</h2>", _frame_table(scorecard.cycles), "</body></html>"]

@@ -42,6 +42,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from policy.fairness import FairnessReport, group_table, judge
+from policy.rules import FairnessSettings
+
 __all__ = [
     "ATTRIBUTION_WINDOW",
     "BOOTSTRAP_RESAMPLES",
@@ -747,6 +750,7 @@ class Scorecard:
     notes: list[str]
     resamples: int
     seed: int
+    fairness: FairnessReport | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -760,6 +764,7 @@ class Scorecard:
             "weekly": _records(self.weekly),
             "cycles": _records(self.cycles),
             "by": {name: _records(table) for name, table in self.by.items()},
+            "fairness": None if self.fairness is None else self.fairness.to_dict(),
             "notes": list(self.notes),
         }
 
@@ -767,6 +772,37 @@ class Scorecard:
         from measurement.report import render_html
 
         return render_html(self)
+
+
+def fairness_table(
+    measured: pd.DataFrame, customers: pd.DataFrame, attributes: Sequence[str]
+) -> pd.DataFrame:
+    """:func:`policy.fairness.group_table`'s per-group counts, from the measured
+    opportunities: ``opportunities`` (all of a group's, both arms), ``offers`` (those
+    shown), ``accepted`` (shown and converted: an order within the window, as the lift
+    reads it); and for lift, per customer and arm (``treated``: shown, ``control``: held
+    out), the arm's attach rate. Exposure parity then asks whether the holdout fell alike
+    on every group, acceptance parity whether the offers shown converted alike, and lift
+    parity whether they worked alike."""
+    shown = (measured["arm"] == EXPOSED).to_numpy()
+    frame = pd.DataFrame(
+        {
+            "customer_id": measured["customer_id"].to_numpy(),
+            "arm": np.where(shown, "treated", "control"),
+            "opportunities": 1.0,
+            "offers": shown * 1.0,
+            "accepted": (shown & measured["converted"].to_numpy().astype(bool)) * 1.0,
+            "outcome": measured["converted"].to_numpy() * 1.0,
+        }
+    )
+    counts = group_table(customers, frame.drop(columns=["arm", "outcome"]), attributes)
+    per = frame.groupby(["customer_id", "arm"], sort=False, as_index=False).agg(
+        outcome=("outcome", "mean"), offers=("offers", "sum"), accepted=("accepted", "sum")
+    )
+    arms = group_table(customers, per, attributes)
+    keys = ["attribute", "group"]
+    lift = [c for c in arms.columns if c not in counts.columns]
+    return counts.merge(arms[[*keys, *lift]], on=keys, how="outer").fillna(0)
 
 
 def _records(table: pd.DataFrame) -> list[dict[str, Any]]:
@@ -1100,10 +1136,13 @@ def build_scorecard(
     window: pd.Timedelta = ATTRIBUTION_WINDOW,
     resamples: int = BOOTSTRAP_RESAMPLES,
     seed: int = 0,
+    fairness: FairnessSettings | None = None,
 ) -> Scorecard:
     """The whole scorecard over the last ``weeks`` cycles (all if None): the offer-cycle
-    lifts, weekly lift, headline figures, CUPED revenue lifts, cohort values and the
-    per-group tables of ``by`` (:data:`BY_DIMENSIONS`)."""
+    lifts, weekly lift, headline figures, CUPED revenue lifts, cohort values, the
+    per-group tables of ``by`` (:data:`BY_DIMENSIONS`), and exposure, acceptance and lift
+    parity per group of the ``fairness`` settings' attributes (the rules file's
+    ``fairness:`` section; :mod:`policy.fairness`, as training judges its slates)."""
     for name in by:
         if name not in BY_DIMENSIONS:
             raise ValueError(f"cannot group by {name!r}: use one of {', '.join(BY_DIMENSIONS)}")
@@ -1134,6 +1173,8 @@ def build_scorecard(
     revenue = _revenue_figures(people, design=design, **options)
     revenue += _cohort_figures(measured, inputs.orders, **options)
     groups = {name: by_group(measured, name, inputs.customers, **options) for name in by}
+    fairness = fairness or FairnessSettings()
+    parity = judge(fairness_table(measured, inputs.customers, fairness.attributes), fairness)
     for name in ("segment", "channel"):  # the report plots both
         groups.setdefault(name, by_group(measured, name, inputs.customers, **options))
     return Scorecard(
@@ -1148,6 +1189,7 @@ def build_scorecard(
         _notes(design, figures, revenue),
         resamples,
         seed,
+        parity,
     )
 
 

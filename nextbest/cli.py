@@ -1615,8 +1615,11 @@ def scorecard_command(
     import pandas as pd
 
     from measurement.scorecard import build_scorecard, load_inputs
+    from policy import load_rules
     from serving.export import LedgerExportError
+    from serving.settings import ServingSettings
 
+    fairness = load_rules(ServingSettings.from_env().rules_path).fairness
     try:
         inputs = load_inputs(resolve_workspace(workspace), db_url)
     except LedgerExportError as error:
@@ -1630,6 +1633,7 @@ def scorecard_command(
             window=pd.Timedelta(days=window_days),
             resamples=resamples,
             seed=seed,
+            fairness=fairness,
         )
     except ValueError as error:
         typer.echo(f"error: {error}", err=True)

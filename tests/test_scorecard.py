@@ -561,3 +561,40 @@ def test_cli_refuses_bad_input_in_one_line(small_workspace, extra, message) -> N
     )
     assert result.exit_code == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_scorecard_judges_parity_per_group_by_hand() -> None:
+    """Two groups of two customers, counted by hand: both had 3 of their 5 opportunities
+    shown (exposure 0.6 each); group x converted 2 of its 3 offers shown, group y 1 of 3
+    (acceptance parity 0.5, a breach of the four-fifths rule); lift by customer means:
+    x (1/2 + 1) / 2 - (1 + 0) / 2 = 0.25, y (0 + 1) / 2 - (1 + 1) / 2 = -0.5."""
+    from measurement.scorecard import fairness_table
+    from policy.fairness import judge
+    from policy.rules import FairnessSettings
+
+    rows = [  # customer, arm, converted
+        ("c1", "exposed", True),
+        ("c1", "exposed", False),
+        ("c1", "control", True),
+        ("c2", "exposed", True),
+        ("c2", "control", False),
+        ("c3", "exposed", False),
+        ("c3", "exposed", False),
+        ("c3", "control", True),
+        ("c4", "exposed", True),
+        ("c4", "control", True),
+    ]
+    measured = pd.DataFrame(rows, columns=["customer_id", "arm", "converted"])
+    customers = pd.DataFrame({"customer_id": ["c1", "c2", "c3", "c4"], "age_band": list("xxyy")})
+    settings = FairnessSettings(attributes=["age_band"], min_group_size=1, max_p_value=None)
+    report = judge(fairness_table(measured, customers, settings.attributes), settings)
+    table = report.table().set_index("group")
+    assert table.loc["x", "exposure_rate"] == pytest.approx(0.6)
+    assert table.loc["y", "exposure_rate"] == pytest.approx(0.6)
+    assert table.loc["x", "acceptance_rate"] == pytest.approx(2 / 3)
+    assert table.loc["y", "acceptance_rate"] == pytest.approx(1 / 3)
+    assert table.loc["y", "acceptance_parity"] == pytest.approx(0.5)
+    assert table.loc["x", "lift"] == pytest.approx(0.25)
+    assert table.loc["y", "lift"] == pytest.approx(-0.5)
+    breached = {(b.group, b.measure) for b in report.breaches}
+    assert ("y", "acceptance") in breached and ("y", "exposure") not in breached
