@@ -39,6 +39,9 @@ def test_service_cli_batch_and_dask_serve_identical_slates_with_a_block(
     email = ("--channel", "email", "--placement", "inbox", "--k", "3")
     monkeypatch.setenv("NEXTBEST_HOME", str(served.home))
     monkeypatch.setenv("NEXTBEST_HOLDOUT_SHARE", "0.1")  # holdouts must agree too
+    # the same slates and becauses everywhere: a loaded machine must not use up the latency
+    # budget (and serve short becauses) in one of the ways and not in another
+    monkeypatch.setenv("NEXTBEST_BUDGET_MS", "600000")
     # a block that matters: the top offer of the first customer with a segment
     probe = build_recommender(
         ServingSettings(holdout_share=0.0, db_url=f"sqlite:///{tmp_path / 'probe.db'}"),
