@@ -88,6 +88,22 @@ BY_DIMENSIONS = ("offer", "channel", "placement", "segment", "tenure", *CUSTOMER
 """What ``--by`` accepts: the opportunity's offer, channel and placement, the customer's
 segment and tenure band (from ``signup_at``), and the demographic columns (fairness)."""
 
+CYCLE_COLUMNS = (
+    "offer_id",
+    "week_start",
+    "n_exposed",
+    "n_control",
+    "attach_exposed",
+    "attach_control",
+    "lift",
+    "lift_low",
+    "lift_high",
+    "margin_uplift",
+    "margin_low",
+    "margin_high",
+)
+"""The columns of :func:`offer_cycles`: one row per (offer, weekly cycle)."""
+
 OPPORTUNITY_COLUMNS = [
     "opportunity_id",
     "customer_id",
@@ -690,20 +706,7 @@ def offer_cycles(
     if measured is None:
         opps, _ = _prepare(inputs, weeks)
         measured = measure(opps, inputs, window=window)
-    columns = [
-        "offer_id",
-        "week_start",
-        "n_exposed",
-        "n_control",
-        "attach_exposed",
-        "attach_control",
-        "lift",
-        "lift_low",
-        "lift_high",
-        "margin_uplift",
-        "margin_low",
-        "margin_high",
-    ]
+    columns = list(CYCLE_COLUMNS)
     if not len(measured):
         return pd.DataFrame(columns=columns)
     grouped = measured.groupby(["offer_id", "week_start"], sort=False)

@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from measurement.scorecard import CYCLE_COLUMNS
 from policy.rules import StopLoss
 from serving.ledger import SqlLedger
 
@@ -66,21 +67,6 @@ __all__ = [
     "run_stoploss",
 ]
 
-CYCLE_COLUMNS = (
-    "offer_id",
-    "week_start",
-    "n_exposed",
-    "n_control",
-    "attach_exposed",
-    "attach_control",
-    "lift",
-    "lift_low",
-    "lift_high",
-    "margin_uplift",
-    "margin_low",
-    "margin_high",
-)
-"""The scorecard's per-offer weekly cycles (``measurement.scorecard.offer_cycles``)."""
 CYCLE_DAYS = 7
 WEEK = pd.Timedelta(days=CYCLE_DAYS)
 _RULES = {
