@@ -181,20 +181,28 @@ def cooccurrence_anchors(
     basket.sum_duplicates()
     basket.data[:] = 1.0  # an item counts once per order
     item_orders = np.asarray(basket.sum(axis=0)).ravel()
-    # A pair can reach the support threshold only if both items do: keep just those, so
-    # that a large catalog does not square its memory.
-    frequent = (item_orders >= min_pair_orders).astype(np.float64)
-    basket = basket @ sp.diags(frequent)
-    basket.eliminate_zeros()
-    together = (basket.T @ basket).tocoo()
-    a, b, count = together.row, together.col, together.data
-    keep = (a != b) & (count >= min_pair_orders)
+    # A pair can reach the support threshold only if both items do: keep just those
+    # columns, so that a large catalog does not square its memory. Counts are exact in
+    # float32 (below 2**24 orders) and its product is twice as fast.
+    frequent = np.flatnonzero(item_orders >= min_pair_orders)
     if exclude is not None:
-        keep &= (a != exclude) & (b != exclude)
+        frequent = frequent[frequent != exclude]
+    compact = basket[:, frequent].astype(np.float32)
+    # both operands in CSR, so the product is CSR (a CSC operand makes it CSC, and turning
+    # its millions of pairs back into CSR cost half the time)
+    together = compact.T.tocsr() @ compact
+    # most co-occurring pairs fall short of the threshold: drop them before listing the
+    # rest (listing all of them cost as much as the product)
+    together.data[together.data < min_pair_orders] = 0
+    together.eliminate_zeros()
+    pairs = together.tocoo()
+    a, b = frequent[pairs.row], frequent[pairs.col]
+    count = pairs.data.astype(np.float64)
+    keep = a != b
     a, b, count = a[keep], b[keep], count[keep]
     pair_lift = count * n_orders / (item_orders[a] * item_orders[b])
     pair_confidence = count / item_orders[a]
-    order = np.lexsort((-pair_lift, b))
+    order = np.lexsort((a, -pair_lift, b))  # ties by the anchor's code: a fixed order
     a, b, pair_lift, pair_confidence = a[order], b[order], pair_lift[order], pair_confidence[order]
     starts = np.searchsorted(b, np.arange(n_items))
     rank = np.arange(len(b)) - starts[b]
