@@ -20,7 +20,7 @@ from runtime.processes import stop, wait_ready
 from runtime.settings import Settings
 from serving.engine import Recommender
 from training.config import load_config
-from training.pipeline import train
+from training.pipeline import TrainResult, train
 
 # one LightGBM thread: the suite runs two workers on two cores, and OpenMP threads that
 # wait for a busy core spin (a 2-thread fit took 25x as long as a 1-thread one then)
@@ -31,6 +31,10 @@ CONFIG = {"min_pair_orders": 3, "n_estimators": 60, "bootstrap_samples": 50, "n_
 # and an empty embedded MLflow store, its schema migrated (a new store costs about 2 s of
 # migrations; a copied one is relocated to its new folder by configure_tracking)
 _TEMPLATES: Path | None = None
+# a model trained once per test process for each (world, settings): training is
+# deterministic (tests/test_training.py::test_same_data_and_config_give_the_same_model), so
+# each caller registers the same result in its own store (about 3 s saved a call)
+_TRAINED: dict[tuple[str, str], TrainResult] = {}
 
 
 def _templates() -> Path:
@@ -97,7 +101,11 @@ def train_and_register(
         if Workspace(workspace_dir).exists()
         else _world_copy(seed, workspace_dir)
     )
-    result = train(load_snapshot(workspace), load_rules(), load_config(None, **(CONFIG | config)))
+    settings = load_config(None, **(CONFIG | config))
+    key = (f"{workspace.workspace_id}/{workspace.fingerprint}", settings.model_dump_json())
+    if key not in _TRAINED:
+        _TRAINED[key] = train(load_snapshot(workspace), load_rules(), settings)
+    result = _TRAINED[key]
     models = Settings.load().models_dir
     if not (models / "mlflow.db").exists():
         _empty_store(models)
