@@ -84,3 +84,37 @@ def test_the_report_counts_errors_and_judges_each_window() -> None:
     # the median window's p99 is 11.5 ms: 40 ms is beyond 1.5x, 17 ms is within
     assert targets["recommend_p99_within_1.5x_of_median_window"] is False
     assert report(17).targets()["recommend_p99_within_1.5x_of_median_window"] is True
+
+
+def test_the_report_says_which_slow_answers_were_in_flight_while_the_cpu_was_stolen() -> None:
+    """Steal per window and the slow answers' overlap with stolen intervals, on counters
+    and samples written by hand: three 10-second windows; between 20 s and 25 s the
+    hypervisor took 50 of 1,000 jiffies (5 %), so the third window lost 50 of 2,000 (2.5 %)."""
+    from bench.load import LoadReport, Sample
+
+    cpu = [(t, 0 if t <= 20 else 50, t * 200) for t in (0, 5, 10, 15, 20, 25, 30)]
+    samples = [
+        Sample("/recommend", w * 10 + i + 0.5, 0.010, "200") for w in (0, 1) for i in range(10)
+    ]
+    samples += [
+        Sample("/recommend", 20 + i + 0.5, 0.040 if i == 2 else 0.010, "200") for i in range(10)
+    ]
+    report = LoadReport(10.0, [], 3.0, samples, 10.0, lost={"feedback": 0, "slates": 0}, cpu=cpu)
+    assert [w["steal_pct"] for w in report.windows()] == [0.0, 0.0, 2.5]
+    # every window's p99 but the third's is 10 ms: the 40 ms answer fails the target ...
+    assert report.targets()["recommend_p99_within_1.5x_of_median_window"] is False
+    # ... which holds on the two windows the hypervisor left whole
+    whole, count = report.targets_on_whole_windows()
+    assert count == 2 and whole["recommend_p99_within_1.5x_of_median_window"] is True
+    stolen = report.slow_while_stolen()
+    assert stolen is not None
+    # p99 of 29 answers at 10 ms and one at 40 ms: 10 + 0.71 * 30 = 31.3 ms; the one slower
+    # answer (due at 22.5 s) was in flight in the stolen interval, as were the 5 answers due
+    # between 20 s and 25 s, of 30
+    assert stolen["p99_ms"] == 31.3 and stolen["slow"] == 1
+    assert stolen["slow_in_flight_while_stolen_pct"] == 100.0
+    assert stolen["all_in_flight_while_stolen_pct"] == round(100 * 5 / 30, 1)
+    assert (stolen["stolen_intervals"], stolen["intervals"]) == (1, 6)
+    # without counters (not Linux) nothing is claimed
+    bare = LoadReport(10.0, [], 3.0, samples, 10.0, lost={"feedback": 0, "slates": 0})
+    assert bare.slow_while_stolen() is None and bare.windows()[0]["steal_pct"] is None
