@@ -183,11 +183,12 @@ def cooccurrence_anchors(
     item_orders = np.asarray(basket.sum(axis=0)).ravel()
     # A pair can reach the support threshold only if both items do: keep just those
     # columns, so that a large catalog does not square its memory. Counts are exact in
-    # float32 (below 2**24 orders) and its product is twice as fast.
+    # float32 below 2**24 orders, and its product is twice as fast; float64 beyond.
     frequent = np.flatnonzero(item_orders >= min_pair_orders)
     if exclude is not None:
         frequent = frequent[frequent != exclude]
-    compact = basket[:, frequent].astype(np.float32)
+    exact = np.float32 if n_orders < 2**24 else np.float64
+    compact = basket[:, frequent].astype(exact)
     # both operands in CSR, so the product is CSR (a CSC operand makes it CSC, and turning
     # its millions of pairs back into CSR cost half the time)
     together = compact.T.tocsr() @ compact

@@ -333,3 +333,31 @@ def test_a_name_in_a_sentence_is_title_case_with_single_spaces() -> None:
     assert display_name("CHRISTMAS  SEASONAL") == "Christmas Seasonal"
     assert display_name(" ICE CREAM/MILK/SHERBTS ") == "Ice Cream/Milk/Sherbts"
     assert display_name("Coffee Accessories") == "Coffee Accessories"
+
+
+def test_basket_lift_anchors_by_hand() -> None:
+    """Seven baskets worked out by hand: lift(a → b) = orders with both × orders /
+    (orders with a × orders with b), pairs in at least 2 orders, an item once per order,
+    item 4 excluded, ties between anchors by the anchor's code, rows padded with -1."""
+    from features.builder import cooccurrence_anchors
+
+    baskets = {1: [0, 0, 1], 2: [0, 1, 2], 3: [0, 2], 4: [1, 2], 5: [3], 6: [0, 1, 4], 7: [2, 4]}
+    orders = np.array([o for o, items in baskets.items() for _ in items])
+    items = np.array([i for basket in baskets.values() for i in basket])
+    anchors, lift, confidence = cooccurrence_anchors(
+        orders, items, 5, top_k=3, min_pair_orders=2, exclude=4
+    )
+    # items 0, 1 and 2 are each in 4 of the 7 orders; {0,1} in 3, {0,2} and {1,2} in 2
+    assert anchors.tolist() == [[1, 2, -1], [0, 2, -1], [0, 1, -1], [-1, -1, -1], [-1, -1, -1]]
+    high, low = 3 * 7 / (4 * 4), 2 * 7 / (4 * 4)
+    np.testing.assert_allclose(lift[:3, :2], [[high, low], [high, low], [low, low]])
+    np.testing.assert_allclose(confidence[:3, :2], [[3 / 4, 2 / 4], [3 / 4, 2 / 4], [2 / 4, 2 / 4]])
+    assert (lift[3:] == 0).all() and (lift[:, 2] == 0).all()
+    # one anchor per item: the tie for item 2 goes to the lower code
+    top, _, _ = cooccurrence_anchors(orders, items, 5, top_k=1, min_pair_orders=2, exclude=4)
+    assert top[:, 0].tolist() == [1, 0, 0, -1, -1]
+    # a threshold no pair reaches, and no orders at all
+    none, _, _ = cooccurrence_anchors(orders, items, 5, top_k=2, min_pair_orders=4)
+    assert (none == -1).all()
+    empty, _, _ = cooccurrence_anchors(orders[:0], items[:0], 5, top_k=2, min_pair_orders=1)
+    assert (empty == -1).all()
