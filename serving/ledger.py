@@ -25,7 +25,10 @@ deleted or replaced under the service) marks the ledger down: from then on no ca
 touches the database (each raises :class:`LedgerUnavailable` at once), a background
 thread probes it every :data:`RETRY_AFTER_S`, and slates and feedback go to a local,
 durable, bounded buffer (:class:`serving.buffer.LedgerBuffer`) that the same thread
-writes to the database, oldest first and exactly once, when it is back. Readers
+writes to the database, oldest first and exactly once, when it is back. Until the buffer
+is empty the database lacks what was served meanwhile, so the ledger stays unavailable
+(``behind``): caps are never read from it, and new slates and feedback join the buffer
+behind the older rows. Readers
 (:class:`CombinedLedger`) fall back to the workspace's history and say so
 (``degraded``); a slate under a hard cap that cannot be admitted atomically is logged
 empty: it fails closed. A ledger made while its database is down starts down: what must
@@ -40,7 +43,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -290,6 +293,9 @@ class LedgerUnavailable(RuntimeError):
     """The ledger's database cannot be used now (down, too slow, or its file gone)."""
 
 
+_BEHIND = "the database is back; the rows buffered while it was down are being written"
+
+
 class _Stale(Exception):
     """A pooled connection turned out dead (the database restarted since it was pooled)."""
 
@@ -389,6 +395,8 @@ class SqlLedger:
             buffer_path or self._default_buffer_path(), max_rows=buffer_max_rows
         )
         self.down: str | None = None  # why the database is not used now, if it is not
+        # the buffer holds rows the database lacks: nothing reads it until they are written
+        self.behind = False
         self._stopped: frozenset[str] = frozenset()  # the kills last read (stopped_offers)
         self._state = threading.Lock()
         self._flushing = threading.Lock()
@@ -405,6 +413,7 @@ class SqlLedger:
             log.warning(
                 "ledger buffer %s holds %d rows: flushing", self.buffer.path, len(self.buffer)
             )
+            self.behind = True
             self._recover()
 
     def _create_tables(self, engine: sa.Engine) -> None:
@@ -468,11 +477,19 @@ class SqlLedger:
             "written there (restore it, or restart the service to open what is there now)"
         )
 
+    @property
+    def unavailable(self) -> str | None:
+        """Why the ledger's calls are refused now, if they are: the database is down, or
+        it is back and the rows buffered meanwhile are not all written yet."""
+        if self.down is not None:
+            return self.down
+        return _BEHIND if self.behind else None
+
     def _mark_down(self, reason: str) -> None:
         with self._state:
             if self.down is not None:
                 return
-            self.down = reason
+            self.down, self.behind = reason, True
         log.error(
             "ledger unavailable (%s): serving degraded, slates and feedback buffered in %s; "
             "/readyz says not ready until it is back",
@@ -482,13 +499,24 @@ class SqlLedger:
         self._recover()
 
     @contextmanager
-    def _guard(self, what: str, *, stale: bool = False, while_down: bool = False) -> Iterator[None]:
+    def _guard(
+        self,
+        what: str,
+        *,
+        stale: bool = False,
+        while_down: bool = False,
+        behind_ok: bool = False,
+    ) -> Iterator[None]:
         """Refuse at once while the ledger is down (unless ``while_down``: the recovery's
-        own calls); otherwise run bounded, and mark the ledger down if the database fails
-        to answer (``stale``: a pooled connection found dead raises :class:`_Stale`
-        instead, for the caller to try a fresh one)."""
+        own calls) or behind its buffer (unless ``behind_ok``: the writes that catch it
+        up, and an erasure, which takes the customer's rows out of the buffer first);
+        otherwise run bounded, and mark the ledger down if the database fails to answer
+        (``stale``: a pooled connection found dead raises :class:`_Stale` instead, for the
+        caller to try a fresh one)."""
         if self.down is not None and not while_down:
             raise LedgerUnavailable(self.down)
+        if self.behind and not (while_down or behind_ok):
+            raise LedgerUnavailable(_BEHIND)
         vanished = self._vanished()
         if vanished is not None:
             self._mark_down(vanished)
@@ -514,12 +542,37 @@ class SqlLedger:
             self._mark_down(reason)
             raise LedgerUnavailable(reason) from error
 
-    def bounded(self, what: str) -> AbstractContextManager[None]:
-        """The guard of the ledger's own calls, for other SQL on its database (the review
-        page's): refused at once while the ledger is down or its SQLite file vanished (so
-        nothing recreates an empty file), cut at the call's deadline, and a database that
-        fails to answer marks the ledger down (:class:`LedgerUnavailable`)."""
-        return self._guard(what)
+    @contextmanager
+    def connection(self, what: str, *, transaction: bool = False) -> Iterator[sa.Connection]:
+        """A connection for other SQL on the ledger's database (the review page's), under
+        the guard of the ledger's own calls: refused at once while the ledger is down or
+        its SQLite file vanished (so nothing recreates an empty file), cut at the call's
+        deadline, and a database that fails to answer marks the ledger down
+        (:class:`LedgerUnavailable`). ``transaction``: committed at the end, rolled back
+        on an error. A pooled connection the database dropped (it restarted since) is
+        found before use and swapped for a fresh one, as the ledger's own reads are."""
+        with self._guard(what):
+            connection = self._checked(what)
+            with connection, connection.begin() if transaction else nullcontext():
+                yield connection
+
+    def _checked(self, what: str) -> sa.Connection:
+        """A pooled connection that answers (PostgreSQL: one round trip, inside the call's
+        deadline; SQLite's pool pings on checkout itself), else a fresh one."""
+        if self._deadlines is None:
+            return self.engine.connect()
+        try:
+            with self._guard(what, stale=True):  # nested: the outer call's deadline holds
+                connection = self.engine.connect()
+                try:
+                    connection.exec_driver_sql("SELECT 1")
+                    connection.rollback()  # the ping's own transaction, so one can begin
+                except BaseException:
+                    connection.close()
+                    raise
+                return connection
+        except _Stale:
+            return self.engine.connect()
 
     def _read(self, what: str, read: Callable[[sa.Connection], _T]) -> _T:
         """A read, bounded; tried once more on a connection that turned out stale (the
@@ -575,9 +628,9 @@ class SqlLedger:
                     self.flush()
             except Exception:  # the buffer file busy, say: tried again, the thread lives on
                 log.exception("ledger recovery failed this round; trying again")
-            with self._state:
+            with self._state:  # rows are buffered under this lock too (see _hold)
                 if self.down is None and not len(self.buffer):
-                    self._recovery = None
+                    self.behind, self._recovery = False, None
                     return
             if self._stop.wait(self.retry_after_s):
                 return
@@ -598,13 +651,14 @@ class SqlLedger:
 
     def flush(self, batch: int = 500) -> int:
         """Write the buffer to the database, oldest first; stop at the first failure (the
-        rest waits for the next try). Returns the rows taken out of the buffer."""
+        rest waits for the next try). Once it is empty, the ledger is no longer behind.
+        Returns the rows taken out of the buffer."""
         done = 0
         with self._flushing:
             while rows := self.buffer.oldest(batch):
                 for seq, kind, body in rows:
                     try:
-                        with self._guard("flush"):
+                        with self._guard("flush", behind_ok=True):
                             outcome = self._write_buffered(kind, body)
                     except LedgerUnavailable:
                         return done
@@ -622,6 +676,10 @@ class SqlLedger:
                     done += 1
         if done:
             log.warning("ledger buffer flushed: %d rows (%s)", done, self.buffer.counters())
+        with self._state:  # rows are buffered under this lock (see _hold)
+            if self.down is None and self.behind and not len(self.buffer):
+                self.behind = False
+                log.warning("ledger caught up: every buffered row is written")
         return done
 
     def _write_buffered(self, kind: str, body: dict[str, Any]) -> str:
@@ -653,9 +711,11 @@ class SqlLedger:
             return False
 
     def status(self) -> dict[str, Any]:
-        """Down or not (and why), and the buffer: rows held, and its counters."""
+        """Down or not (and why), behind its buffer or not, and the buffer: rows held,
+        and its counters."""
         return {
             "down": self.down,
+            "behind": self.behind,
             "buffered": len(self.buffer),
             "buffer": str(self.buffer.path),
             **self.buffer.counters(),
@@ -729,14 +789,12 @@ class SqlLedger:
             request = str(slate["request_id"])
             offers = [] if limits.get(request) else list(slate["offers"])
             logged[request] = [o.offer_id for o in offers]
+            body = slate | {
+                "offers": [asdict(o) for o in offers],
+                "ghosts": [asdict(o) for o in slate.get("ghosts", ())],
+            }
             try:
-                self.buffer.add_slate(
-                    slate
-                    | {
-                        "offers": [asdict(o) for o in offers],
-                        "ghosts": [asdict(o) for o in slate.get("ghosts", ())],
-                    }
-                )
+                self._hold(self.buffer.add_slate, body)
             except BufferFull as error:
                 log.error("slate %s served but not logged: %s", request, error)
         return logged
@@ -910,7 +968,19 @@ class SqlLedger:
                 raise LookupError(
                     f"request {request_id!r} did not serve offer {offer_id!r}"
                 ) from None
-        return FeedbackReceipt(self.buffer.add_feedback(body), buffered=True)
+        return FeedbackReceipt(self._hold(self.buffer.add_feedback, body), buffered=True)
+
+    def _hold(self, add: Callable[[dict[str, Any]], bool], body: dict[str, Any]) -> bool:
+        """``add(body)`` to the buffer. A row that lands just after the recovery found the
+        buffer empty puts the ledger behind again and is flushed at once (it would wait
+        for the next outage otherwise)."""
+        with self._state:
+            added = add(body)
+            late = self.down is None and not self.behind
+            self.behind = True
+        if late:
+            self._recover()
+        return added
 
     def _record_feedback(
         self, *, request_id: str, offer_id: str, outcome: str, value: float | None, at_s: int
@@ -1204,7 +1274,11 @@ class SqlLedger:
             held_slates, held_feedback = self.buffer.erase_customer(customer_id)
             if self.down is not None:
                 raise LedgerUnavailable(self.down)
-            with self._guard("erase a customer"), self._write_turn(), self.engine.begin() as c:
+            with (
+                self._guard("erase a customer", behind_ok=True),
+                self._write_turn(),
+                self.engine.begin() as c,
+            ):
                 mine = sa.select(slates.c.request_id).where(slates.c.customer_id == customer_id)
                 removed = {}
                 for table in (slate_offers, ghost_offers):

@@ -358,7 +358,8 @@ class NextBest:
             return True
         from starlette.exceptions import HTTPException
 
-        why = [f"the ledger is down: {self.ledger.down}"] if self.ledger.down else []
+        unavailable = self.ledger.unavailable
+        why = [f"the ledger is down: {unavailable}"] if unavailable else []
         if self.recommender.blocks_unread is not None:
             why.append(f"{self.recommender.blocks_unread}: no offer is shown")
         raise HTTPException(

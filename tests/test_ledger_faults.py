@@ -272,6 +272,69 @@ def test_a_stopped_database_degrades_and_everything_arrives_once_when_it_returns
     ledger.dispose()
 
 
+def test_caps_are_not_read_from_a_database_that_lacks_the_buffered_slates(
+    own_postgres: OwnPostgres,
+    database: str,
+    small_workspace: Workspace,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The database back, the buffer not yet flushed: caps read the database alone, so an
+    offer served on the web four times during the outage (its per-offer cap is 3 a day,
+    on every channel) was e-mailed a fifth time. Until the buffer is flushed, the ledger
+    stays unavailable to readers: a hard cap fails closed, as it did during the outage."""
+    ledger = SqlLedger(database, buffer_path=tmp_path / "buffer.db", retry_after_s=0.2)
+    recommender = rules_only(small_workspace, ledger)
+    customer = a_customer(recommender)
+    own_postgres.stop()
+    web = [bounded(lambda: recommender.recommend(customer, channel="web", k=3)) for _ in "1234"]
+    top = web[0]["offers"][0]["offer_id"]
+    assert all(s["degraded"] and s["offers"][0]["offer_id"] == top for s in web)
+    flushing, release = threading.Event(), threading.Event()
+    write = ledger._write_buffered
+
+    def held(kind: str, body: dict[str, Any]) -> str:  # the flush, stopped at its first row
+        flushing.set()
+        release.wait(BOUND_S)
+        return write(kind, body)
+
+    monkeypatch.setattr(ledger, "_write_buffered", held)
+    own_postgres.start()
+    try:
+        assert flushing.wait(BOUND_S), "the flush never started"
+        assert ledger.ping() is False  # not ready: the database lacks what was served
+        email = bounded(lambda: recommender.recommend(customer, channel="email", k=3))
+        assert email["degraded"] is True and email["offers"] == []
+    finally:
+        release.set()
+    wait_until(lambda: ledger.down is None and len(ledger.buffer) == 0 and ledger.ping())
+    served = rows(database, "slate_offers", f"offer_id = '{top}'")
+    assert len(served) == 4  # the oracle: the four web slates, flushed
+    email = recommender.recommend(customer, channel="email", k=3)
+    assert email["degraded"] is False
+    assert top not in [o["offer_id"] for o in email["offers"]]  # over its cap: not sent
+    ledger.dispose()
+
+
+def test_a_row_buffered_just_after_the_flush_caught_up_is_flushed_at_once(
+    tmp_path: Path,
+) -> None:
+    """A writer found the ledger behind, and the recovery emptied the buffer before the
+    writer's row landed there: the row waited for the next outage, unread by caps."""
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    ledger = SqlLedger(url, buffer_path=tmp_path / "buf.db", retry_after_s=0.2)
+    try:
+        assert (ledger.down, ledger.behind, len(ledger.buffer)) == (None, False, 0)
+        late = slate("late-1") | {"offers": [asdict(ServedOffer("a", 1, 1.0, None))]}
+        assert ledger._hold(ledger.buffer.add_slate, late)  # the writer's late row
+        wait_until(lambda: not ledger.behind)
+        assert len(ledger.buffer) == 0
+        assert [r["request_id"] for r in rows(url, "slates")] == ["late-1"]
+        assert ledger.unavailable is None and ledger.ping()
+    finally:
+        ledger.dispose()
+
+
 def test_the_buffer_survives_a_restart_and_flushes_exactly_once(
     own_postgres: OwnPostgres, database: str, tmp_path: Path
 ) -> None:
@@ -730,6 +793,30 @@ def test_the_review_pages_sql_on_a_silent_database_is_refused_within_bounds(
     finally:
         ledger.dispose()
         proxy.close()
+
+
+def test_the_review_pages_sql_after_a_database_restart_takes_a_fresh_connection(
+    own_postgres: OwnPostgres, database: str, tmp_path: Path
+) -> None:
+    """The database restarted, so every pooled connection was dead: the review page's next
+    call failed on one and marked the whole ledger down (slates buffered, /readyz 503)
+    for a second, where the ledger's own reads try a fresh connection once."""
+    from serving.review import ReviewStore, segment_blocks
+
+    ledger = SqlLedger(database, buffer_path=tmp_path / "buffer.db", retry_after_s=0.2)
+    try:
+        store = ReviewStore(ledger)
+        store.add_user("rita", "reviewer-pass", "reviewer")
+        assert store.block("o1", "s1", "test", actor="rita") is True
+        assert [b.offer for b in segment_blocks(store)] == ["o1"]  # a pooled connection now
+        own_postgres.stop()
+        own_postgres.start()
+        assert [b.offer for b in segment_blocks(store)] == ["o1"]
+        assert store.block("o2", "s1", "test", actor="rita") is True  # a write, too
+        assert ledger.unavailable is None
+        assert sorted(r["offer_id"] for r in rows(database, "review_blocks")) == ["o1", "o2"]
+    finally:
+        ledger.dispose()
 
 
 # -- review-page writes on a vanished SQLite file ------------------------------------------------

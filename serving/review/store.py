@@ -19,8 +19,8 @@ import json
 import math
 import os
 import secrets
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeVar
@@ -211,20 +211,17 @@ class ReviewStore:
         else:
             self.ledger.when_ready(prepare)
 
-    def _bounded(self) -> AbstractContextManager[None]:
-        return nullcontext() if self.ledger is None else self.ledger.bounded("review page")
-
-    @contextmanager
-    def begin(self) -> Iterator[sa.Connection]:
+    def begin(self) -> AbstractContextManager[sa.Connection]:
         """A transaction on the ledger's database, under the ledger's guard."""
-        with self._bounded(), self.engine.begin() as connection:
-            yield connection
+        if self.ledger is None:
+            return self.engine.begin()
+        return self.ledger.connection("review page", transaction=True)
 
-    @contextmanager
-    def connect(self) -> Iterator[sa.Connection]:
+    def connect(self) -> AbstractContextManager[sa.Connection]:
         """A connection to the ledger's database, under the ledger's guard."""
-        with self._bounded(), self.engine.connect() as connection:
-            yield connection
+        if self.ledger is None:
+            return self.engine.connect()
+        return self.ledger.connection("review page")
 
     # -- audit ---------------------------------------------------------------------------
     def _audit(
