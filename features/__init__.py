@@ -4,7 +4,7 @@ The public API is exported here; submodules are stages (``contract``, ``workspac
 ``catalog``, ``demo``, ``importing``, ``scenario``).
 """
 
-from features.builder import FeatureBuilder, FeatureMatrix, Requests
+from features.builder import BasketLift, FeatureBuilder, FeatureMatrix, Requests
 from features.catalog import (
     NON_PRODUCT_RULES,
     NonProductRule,
@@ -39,6 +39,7 @@ __all__ = [
     "FEATURES",
     "NON_PRODUCT_RULES",
     "TABLES",
+    "BasketLift",
     "Catalogue",
     "ColumnSpec",
     "ContractError",

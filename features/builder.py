@@ -29,7 +29,7 @@ from features.history import TimeIndex, second_ceil, to_seconds_ceil
 from features.registry import FEATURES, display_name, feature_names
 from features.snapshot import MOMENTS, PLACEMENTS, Csr, Snapshot
 
-__all__ = ["FeatureBuilder", "FeatureMatrix", "Requests", "cooccurrence_anchors"]
+__all__ = ["BasketLift", "FeatureBuilder", "FeatureMatrix", "Requests", "cooccurrence_anchors"]
 
 DAY = 86_400
 EVIDENCE = (
@@ -214,6 +214,80 @@ def cooccurrence_anchors(
     return anchors, lift, confidence
 
 
+Anchors = tuple[np.ndarray, np.ndarray, np.ndarray]  # (anchors, lift, confidence)
+
+
+@dataclass(frozen=True)
+class BasketLift:
+    """The basket lift of one snapshot at one reference, for categories and products:
+    each item's ``top_k`` strongest anchors (:func:`cooccurrence_anchors`), from order
+    lines strictly before the reference. The feature builder and the candidate generator
+    fitted at the same moment read the same lift: fit it once and give it to both."""
+
+    reference_s: int
+    min_pair_orders: int
+    top_k: int
+    category: Anchors
+    product: Anchors
+
+    @classmethod
+    def fit(
+        cls, snapshot: Snapshot, reference_time: Any, *, min_pair_orders: int, top_k: int
+    ) -> BasketLift:
+        reference = second_ceil(reference_time)
+        before = snapshot.line_seconds < reference
+        orders, products = snapshot.line_order[before], snapshot.line_product[before]
+        options = {"top_k": top_k, "min_pair_orders": min_pair_orders}
+        return cls(
+            reference_s=reference,
+            min_pair_orders=min_pair_orders,
+            top_k=top_k,
+            category=cooccurrence_anchors(
+                orders,
+                snapshot.product_category[products],
+                len(snapshot.categories),
+                exclude=snapshot.categories.unknown,
+                **options,
+            ),
+            product=cooccurrence_anchors(
+                orders,
+                products,
+                len(snapshot.products),
+                exclude=snapshot.products.unknown,
+                **options,
+            ),
+        )
+
+    @classmethod
+    def at(
+        cls,
+        given: BasketLift | None,
+        snapshot: Snapshot,
+        reference_time: Any,
+        *,
+        min_pair_orders: int,
+        top_k: int,
+    ) -> BasketLift:
+        """``given`` if it is this moment's lift with these settings (and at least ``top_k``
+        anchors an item), else a fit of its own; a lift fitted at another moment, or with
+        another support threshold, is refused rather than read."""
+        if given is None:
+            return cls.fit(snapshot, reference_time, min_pair_orders=min_pair_orders, top_k=top_k)
+        wanted = (second_ceil(reference_time), min_pair_orders)
+        if (given.reference_s, given.min_pair_orders) != wanted or given.top_k < top_k:
+            raise ValueError(
+                f"this basket lift was fitted at {given.reference_s} s with min_pair_orders "
+                f"{given.min_pair_orders} and {given.top_k} anchors an item; the fit needs "
+                f"{wanted[0]} s, {min_pair_orders} and {top_k}"
+            )
+        return given
+
+    def top(self, level: str, k: int) -> Anchors:
+        """The ``k`` strongest anchors of each category (``level="category"``) or product."""
+        anchors, lift, confidence = self.category if level == "category" else self.product
+        return anchors[:, :k], lift[:, :k], confidence[:, :k]
+
+
 def _customer_fold(customer_ids: np.ndarray, n_folds: int) -> np.ndarray:
     return np.array(
         [
@@ -263,31 +337,19 @@ class FeatureBuilder:
         self.min_repeat_buyers = min_repeat_buyers
 
     # -- learning ----------------------------------------------------------------------
-    def fit(self, snapshot: Snapshot, reference_time: Any) -> FeatureBuilder:
+    def fit(
+        self, snapshot: Snapshot, reference_time: Any, lift: BasketLift | None = None
+    ) -> FeatureBuilder:
         """Learn basket lift (categories and products) and the global acceptance rate
-        from events strictly before ``reference_time``."""
+        from events strictly before ``reference_time``; ``lift``: that moment's basket
+        lift, already fitted (for the candidate generator, say), instead of a fit here."""
         reference = second_ceil(reference_time)
-        before = snapshot.line_seconds < reference
-        orders = snapshot.line_order[before]
-        categories = snapshot.product_category[snapshot.line_product[before]]
-        products = snapshot.line_product[before]
-        k, minimum = self.anchors_per_item, self.min_pair_orders
-        cat_anchor, cat_lift, cat_conf = cooccurrence_anchors(
-            orders,
-            categories,
-            len(snapshot.categories),
-            top_k=k,
-            min_pair_orders=minimum,
-            exclude=snapshot.categories.unknown,
+        k = self.anchors_per_item
+        lift = BasketLift.at(
+            lift, snapshot, reference_time, min_pair_orders=self.min_pair_orders, top_k=k
         )
-        prod_anchor, prod_lift, prod_conf = cooccurrence_anchors(
-            orders,
-            products,
-            len(snapshot.products),
-            top_k=k,
-            min_pair_orders=minimum,
-            exclude=snapshot.products.unknown,
-        )
+        cat_anchor, cat_lift, cat_conf = lift.top("category", k)
+        prod_anchor, prod_lift, prod_conf = lift.top("product", k)
         names = np.asarray(snapshot.categories.values, dtype=object)
         product_names = np.asarray(snapshot.products.values, dtype=object)
         self.category_anchors_ = self._anchor_frame(names, cat_anchor, cat_lift, cat_conf)

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from features.builder import Requests, cooccurrence_anchors
+from features.builder import BasketLift, Requests
 from features.history import second_ceil
 from features.snapshot import Snapshot
 
@@ -69,6 +69,7 @@ class CandidateGenerator:
         min_pair_orders: int = 20,
         items_per_category: int = 10,
         repeat_weight: float = 5.0,
+        links_per_item: int = 20,
     ) -> None:
         self.max_candidates = max_candidates
         self.pass_through_below = pass_through_below
@@ -81,31 +82,21 @@ class CandidateGenerator:
         # ranks count as if 5 × better, so a heavy shopper's usual items are not crowded
         # out by the other generators' picks
         self.repeat_weight = repeat_weight
+        self.links_per_item = links_per_item  # basket-lift anchors kept for each item
 
-    def fit(self, snapshot: Snapshot, reference_time: Any) -> CandidateGenerator:
+    def fit(
+        self, snapshot: Snapshot, reference_time: Any, lift: BasketLift | None = None
+    ) -> CandidateGenerator:
+        """Learn what each generator draws from, strictly before ``reference_time``;
+        ``lift``: that moment's basket lift, already fitted (for the feature builder, say),
+        instead of a fit here."""
         s = snapshot
         reference = second_ceil(reference_time)
-        before = s.line_seconds < reference
-        products = s.line_product[before]
-        categories = s.product_category[products]
-        orders = s.line_order[before]
         k = self.per_generator
-        cat_anchor, cat_lift, _ = cooccurrence_anchors(
-            orders,
-            categories,
-            len(s.categories),
-            top_k=20,
-            min_pair_orders=self.min_pair_orders,
-            exclude=s.categories.unknown,
-        )
-        prod_anchor, prod_lift, _ = cooccurrence_anchors(
-            orders,
-            products,
-            len(s.products),
-            top_k=20,
-            min_pair_orders=self.min_pair_orders,
-            exclude=s.products.unknown,
-        )
+        n = self.links_per_item
+        lift = BasketLift.at(lift, s, reference_time, min_pair_orders=self.min_pair_orders, top_k=n)
+        cat_anchor, cat_lift, _ = lift.top("category", n)
+        prod_anchor, prod_lift, _ = lift.top("product", n)
         self.category_links_ = _by_target(cat_anchor, cat_lift)
         self.product_links_ = _by_target(prod_anchor, prod_lift)
         self.progression_ = self._progression(s, reference)

@@ -27,7 +27,15 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from features import FeatureBuilder, FeatureMatrix, Requests, Snapshot, Workspace, feature_names
+from features import (
+    BasketLift,
+    FeatureBuilder,
+    FeatureMatrix,
+    Requests,
+    Snapshot,
+    Workspace,
+    feature_names,
+)
 from features.candidates import CandidateGenerator
 from features.contract import OFFER_KINDS
 from features.history import second_ceil
@@ -176,11 +184,19 @@ class Recommender:
             min_pair = int(config.get("min_pair_orders", 20))
             max_candidates = int(config.get("max_candidates", settings.max_candidates))
             refit = int(config.get("refit_features_every_days", 28))
-        generator = CandidateGenerator(max_candidates=max_candidates, min_pair_orders=min_pair).fit(
-            self.snapshot, self.reference
+        # the candidates and the present's features read one basket lift, fitted once
+        generator = CandidateGenerator(max_candidates=max_candidates, min_pair_orders=min_pair)
+        present = FeatureBuilder(min_pair_orders=min_pair)
+        lift = BasketLift.fit(
+            self.snapshot,
+            self.reference,
+            min_pair_orders=min_pair,
+            top_k=max(generator.links_per_item, present.anchors_per_item),
         )
+        generator.fit(self.snapshot, self.reference, lift)
+        present.fit(self.snapshot, self.reference, lift)
         if bundle is None:
-            return _Model(None, rules, generator, min_pair, refit_days=refit)
+            return _Model(None, rules, generator, min_pair, refit_days=refit, present=present)
         return _Model(
             bundle=bundle,
             rules=rules,
@@ -191,6 +207,7 @@ class Recommender:
             lever_cap=float(bundle.meta.get("lever_cap", 2.0)),
             value_cap=bundle.meta.get("value_cap"),
             refit_days=refit,
+            present=present,
         )
 
     def swap_model(self, bundle: ModelBundle | None) -> None:
@@ -198,7 +215,6 @@ class Recommender:
         The new version brings its own candidates and feature statistics, fitted before it
         serves (so the first request after a swap does not pay for them)."""
         model = self._model(bundle)
-        self.builder_for(self.data_end_s, model)
         self.model = model  # one reference assignment: atomic for readers
         log.info("serving %s", self.model_info(model))
 

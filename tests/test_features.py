@@ -361,3 +361,36 @@ def test_basket_lift_anchors_by_hand() -> None:
     assert (none == -1).all()
     empty, _, _ = cooccurrence_anchors(orders[:0], items[:0], 5, top_k=2, min_pair_orders=1)
     assert (empty == -1).all()
+
+
+def test_one_basket_lift_serves_the_builder_and_the_generator_as_their_own_fits_do() -> None:
+    """Training and the service fit the basket lift once for both (top 20 an item) where
+    each fit computed its own (the builder's top 10, the generator's top 20): the same
+    anchors, lifts and candidates either way. A lift of another moment is refused."""
+    from features import BasketLift
+    from features.candidates import CandidateGenerator
+
+    at = START + pd.Timedelta(days=60)
+    shared = BasketLift.fit(SNAPSHOT, at, min_pair_orders=3, top_k=20)
+    own = FeatureBuilder(min_pair_orders=3).fit(SNAPSHOT, at)
+    given = FeatureBuilder(min_pair_orders=3).fit(SNAPSHOT, at, shared)
+    assert len(own.product_anchors_) and len(own.category_anchors_)
+    pd.testing.assert_frame_equal(own.product_anchors_, given.product_anchors_)
+    pd.testing.assert_frame_equal(own.category_anchors_, given.category_anchors_)
+    queries = _queries(CUSTOMERS[:10], at + pd.Timedelta(days=1))
+    pd.testing.assert_frame_equal(
+        own.transform(SNAPSHOT, queries), given.transform(SNAPSHOT, queries)
+    )
+    alone = CandidateGenerator(min_pair_orders=3).fit(SNAPSHOT, at)
+    with_shared = CandidateGenerator(min_pair_orders=3).fit(SNAPSHOT, at, shared)
+    assert len(alone.product_links_) and len(alone.category_links_)
+    pd.testing.assert_frame_equal(alone.product_links_, with_shared.product_links_)
+    pd.testing.assert_frame_equal(alone.category_links_, with_shared.category_links_)
+    later = at + pd.Timedelta(days=1)
+    with pytest.raises(ValueError, match="fitted at"):
+        FeatureBuilder(min_pair_orders=3).fit(SNAPSHOT, later, shared)
+    with pytest.raises(ValueError, match="min_pair_orders 3"):
+        CandidateGenerator(min_pair_orders=5).fit(SNAPSHOT, at, shared)
+    too_few = BasketLift.fit(SNAPSHOT, at, min_pair_orders=3, top_k=10)
+    with pytest.raises(ValueError, match="10 anchors an item"):
+        CandidateGenerator(min_pair_orders=3).fit(SNAPSHOT, at, too_few)

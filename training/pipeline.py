@@ -19,7 +19,7 @@ import pandas as pd
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from features import FeatureBuilder, Snapshot
+from features import BasketLift, FeatureBuilder, Snapshot
 from features.candidates import CandidateGenerator
 from policy import RuleSet
 from policy.arbitration import (
@@ -134,13 +134,19 @@ class _Fitted:
     def _get(self, t: pd.Timestamp) -> tuple[FeatureBuilder, CandidateGenerator]:
         anchor = self._anchor(t)
         if anchor not in self._cache:
-            builder = FeatureBuilder(min_pair_orders=self.config.min_pair_orders).fit(
-                self.snapshot, anchor
-            )
+            builder = FeatureBuilder(min_pair_orders=self.config.min_pair_orders)
             generator = CandidateGenerator(
                 max_candidates=self.config.max_candidates,
                 min_pair_orders=self.config.min_pair_orders,
-            ).fit(self.snapshot, anchor)
+            )
+            lift = BasketLift.fit(  # one basket lift for both
+                self.snapshot,
+                anchor,
+                min_pair_orders=self.config.min_pair_orders,
+                top_k=max(builder.anchors_per_item, generator.links_per_item),
+            )
+            builder.fit(self.snapshot, anchor, lift)
+            generator.fit(self.snapshot, anchor, lift)
             self._cache[anchor] = (builder, generator)
         return self._cache[anchor]
 
