@@ -293,7 +293,7 @@ class LedgerUnavailable(RuntimeError):
     """The ledger's database cannot be used now (down, too slow, or its file gone)."""
 
 
-_BEHIND = "the database is back; the rows buffered while it was down are being written"
+_BEHIND = "catching up: the rows buffered while its database was down are being written"
 
 
 class _Stale(Exception):
@@ -479,10 +479,11 @@ class SqlLedger:
 
     @property
     def unavailable(self) -> str | None:
-        """Why the ledger's calls are refused now, if they are: the database is down, or
-        it is back and the rows buffered meanwhile are not all written yet."""
+        """Why the ledger's calls are refused now, if they are, to follow "the ledger is":
+        "down: …", or "catching up: …" (the database is back, and the rows buffered
+        meanwhile are not all written yet)."""
         if self.down is not None:
-            return self.down
+            return f"down: {self.down}"
         return _BEHIND if self.behind else None
 
     def _mark_down(self, reason: str) -> None:

@@ -359,7 +359,7 @@ class NextBest:
         from starlette.exceptions import HTTPException
 
         unavailable = self.ledger.unavailable
-        why = [f"the ledger is down: {unavailable}"] if unavailable else []
+        why = [f"the ledger is {unavailable}"] if unavailable else []
         if self.recommender.blocks_unread is not None:
             why.append(f"{self.recommender.blocks_unread}: no offer is shown")
         raise HTTPException(

@@ -303,6 +303,7 @@ def test_caps_are_not_read_from_a_database_that_lacks_the_buffered_slates(
     try:
         assert flushing.wait(BOUND_S), "the flush never started"
         assert ledger.ping() is False  # not ready: the database lacks what was served
+        assert ledger.down is None and str(ledger.unavailable).startswith("catching up")
         email = bounded(lambda: recommender.recommend(customer, channel="email", k=3))
         assert email["degraded"] is True and email["offers"] == []
     finally:
