@@ -99,6 +99,13 @@ def _user_errors(function: F) -> F:
         ) as error:
             typer.echo(f"error: {error}", err=True)
             raise typer.Exit(code=2) from None
+        except RuntimeError as error:
+            # the ledger's database down (only once a command has opened the ledger)
+            ledger = sys.modules.get("serving.ledger")
+            if ledger is None or not isinstance(error, ledger.LedgerUnavailable):
+                raise
+            typer.echo(f"error: the ledger is unavailable ({error}); try again later", err=True)
+            raise typer.Exit(code=2) from None
 
     return wrapper  # type: ignore[return-value]
 

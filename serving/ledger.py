@@ -399,6 +399,7 @@ class SqlLedger:
         self.behind = False
         self._stopped: frozenset[str] = frozenset()  # the kills last read (stopped_offers)
         self._state = threading.Lock()
+        self._buffering = threading.Lock()  # a row added, or the buffer found empty
         self._flushing = threading.Lock()
         self._stop = threading.Event()
         self._recovery: threading.Thread | None = None
@@ -414,7 +415,9 @@ class SqlLedger:
                 "ledger buffer %s holds %d rows: flushing", self.buffer.path, len(self.buffer)
             )
             self.behind = True
-            self._recover()
+            self.flush()  # now: a command started after an outage reads all of it
+            if self.behind:  # rows left (the database failed again, say): in the background
+                self._recover()
 
     def _create_tables(self, engine: sa.Engine) -> None:
         _metadata.create_all(engine)
@@ -517,6 +520,7 @@ class SqlLedger:
         if self.down is not None and not while_down:
             raise LedgerUnavailable(self.down)
         if self.behind and not (while_down or behind_ok):
+            self._recover()  # a no-op while the recovery runs; a new one if it died
             raise LedgerUnavailable(_BEHIND)
         vanished = self._vanished()
         if vanished is not None:
@@ -551,8 +555,9 @@ class SqlLedger:
         deadline, and a database that fails to answer marks the ledger down
         (:class:`LedgerUnavailable`). ``transaction``: committed at the end, rolled back
         on an error. A pooled connection the database dropped (it restarted since) is
-        found before use and swapped for a fresh one, as the ledger's own reads are."""
-        with self._guard(what):
+        found before use and swapped for a fresh one, as the ledger's own reads are. The
+        review page's tables are never buffered: answered while the buffer is flushed."""
+        with self._guard(what, behind_ok=True):
             connection = self._checked(what)
             with connection, connection.begin() if transaction else nullcontext():
                 yield connection
@@ -563,7 +568,7 @@ class SqlLedger:
         if self._deadlines is None:
             return self.engine.connect()
         try:
-            with self._guard(what, stale=True):  # nested: the outer call's deadline holds
+            with self._guard(what, stale=True, behind_ok=True):  # nested: the outer deadline
                 connection = self.engine.connect()
                 try:
                     connection.exec_driver_sql("SELECT 1")
@@ -575,15 +580,21 @@ class SqlLedger:
         except _Stale:
             return self.engine.connect()
 
-    def _read(self, what: str, read: Callable[[sa.Connection], _T]) -> _T:
+    def _read(
+        self, what: str, read: Callable[[sa.Connection], _T], *, behind_ok: bool = False
+    ) -> _T:
         """A read, bounded; tried once more on a connection that turned out stale (the
-        database restarted since it was pooled)."""
+        database restarted since it was pooled). ``behind_ok``: a read of tables the
+        buffer never holds (kills, erasures), answered while it is flushed."""
         try:
-            with self._guard(what, stale=True), self.engine.connect() as connection:
+            with (
+                self._guard(what, stale=True, behind_ok=behind_ok),
+                self.engine.connect() as connection,
+            ):
                 return read(connection)
         except _Stale:
             pass
-        with self._guard(what), self.engine.connect() as connection:
+        with self._guard(what, behind_ok=behind_ok), self.engine.connect() as connection:
             return read(connection)
 
     # -- recovery: probe, then flush the buffer ------------------------------------------------
@@ -616,6 +627,7 @@ class SqlLedger:
 
     def _recovering(self) -> None:
         while True:
+            failed = False
             try:
                 if self.down is not None and self._probe():
                     with self._state:
@@ -627,13 +639,17 @@ class SqlLedger:
                     )
                 if self.down is None:
                     self.flush()
+                with self._buffering, self._state:  # rows are buffered under it (see _hold)
+                    if self.down is None and not len(self.buffer):
+                        self.behind, self._recovery = False, None
+                        return
             except Exception:  # the buffer file busy, say: tried again, the thread lives on
                 log.exception("ledger recovery failed this round; trying again")
-            with self._state:  # rows are buffered under this lock too (see _hold)
-                if self.down is None and not len(self.buffer):
-                    self.behind, self._recovery = False, None
-                    return
-            if self._stop.wait(self.retry_after_s):
+                failed = True
+            # rows that landed during the flush, with the database answering: at once
+            if (failed or self.down is not None) and self._stop.wait(self.retry_after_s):
+                return
+            if self._stop.is_set():
                 return
 
     def _probe(self) -> bool:
@@ -677,7 +693,7 @@ class SqlLedger:
                     done += 1
         if done:
             log.warning("ledger buffer flushed: %d rows (%s)", done, self.buffer.counters())
-        with self._state:  # rows are buffered under this lock (see _hold)
+        with self._buffering, self._state:  # rows are buffered under it (see _hold)
             if self.down is None and self.behind and not len(self.buffer):
                 self.behind = False
                 log.warning("ledger caught up: every buffered row is written")
@@ -972,14 +988,14 @@ class SqlLedger:
         return FeedbackReceipt(self._hold(self.buffer.add_feedback, body), buffered=True)
 
     def _hold(self, add: Callable[[dict[str, Any]], bool], body: dict[str, Any]) -> bool:
-        """``add(body)`` to the buffer. A row that lands just after the recovery found the
-        buffer empty puts the ledger behind again and is flushed at once (it would wait
-        for the next outage otherwise)."""
-        with self._state:
+        """``add(body)`` to the buffer, and the ledger behind until it is written. A row
+        that lands just after the recovery found the buffer empty is flushed at once (it
+        would wait for the next outage otherwise)."""
+        with self._buffering:
             added = add(body)
-            late = self.down is None and not self.behind
-            self.behind = True
-        if late:
+            with self._state:
+                self.behind = True
+        if self.down is None:  # no recovery thread may be left to flush it
             self._recover()
         return added
 
@@ -1176,7 +1192,9 @@ class SqlLedger:
         last read (a kill stays in force; never read, none)."""
         try:
             current = self._read(
-                "stop-loss kills", lambda c: frozenset(c.execute(_STOPPED).scalars())
+                "stop-loss kills",
+                lambda c: frozenset(c.execute(_STOPPED).scalars()),
+                behind_ok=True,
             )
         except LedgerUnavailable:
             return self._stopped
@@ -1189,7 +1207,9 @@ class SqlLedger:
         if active_only:
             query = query.where(offer_kills.c.revived_at.is_(None))
         return self._read(
-            "stop-loss kills", lambda c: [dict(row) for row in c.execute(query).mappings()]
+            "stop-loss kills",
+            lambda c: [dict(row) for row in c.execute(query).mappings()],
+            behind_ok=True,
         )
 
     @staticmethod
@@ -1299,7 +1319,10 @@ class SqlLedger:
                 ).rowcount
         removed |= {"buffer_slates": held_slates, "buffer_feedback": held_feedback}
         if self.engine.dialect.name == "sqlite" and any(removed.values()):
-            with self._guard("vacuum the ledger"), self.engine.connect() as connection:
+            with (
+                self._guard("vacuum the ledger", behind_ok=True),
+                self.engine.connect() as connection,
+            ):
                 raw = connection.execution_options(isolation_level="AUTOCOMMIT")
                 raw.exec_driver_sql("VACUUM")
                 raw.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").all()  # nor in the WAL
@@ -1311,7 +1334,11 @@ class SqlLedger:
         """Store one erasure (no id, no attribute: see :data:`erasures`)."""
         import json
 
-        with self._guard("record an erasure"), self._write_turn(), self.engine.begin() as c:
+        with (
+            self._guard("record an erasure", behind_ok=True),
+            self._write_turn(),
+            self.engine.begin() as c,
+        ):
             c.execute(
                 sa.insert(erasures).values(
                     erasure_id=erasure_id,
@@ -1328,6 +1355,7 @@ class SqlLedger:
         rows = self._read(
             "read the erasures",
             lambda c: c.execute(sa.select(erasures).order_by(erasures.c.erased_at)).all(),
+            behind_ok=True,
         )
         return [
             {

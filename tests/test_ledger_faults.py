@@ -336,6 +336,67 @@ def test_a_row_buffered_just_after_the_flush_caught_up_is_flushed_at_once(
         ledger.dispose()
 
 
+def test_a_ledger_behind_with_no_recovery_left_starts_one_and_catches_up(
+    tmp_path: Path,
+) -> None:
+    """The recovery thread died with rows still buffered (the buffer file busy, say):
+    nothing restarted it, so the ledger stayed behind, every hard cap closed, for good."""
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    ledger = SqlLedger(url, buffer_path=tmp_path / "buf.db", retry_after_s=0.2)
+    try:
+        ledger.buffer.add_slate(
+            slate("orphan-1") | {"offers": [asdict(ServedOffer("a", 1, 1.0, None))]}
+        )
+        ledger.behind = True  # as a dead recovery thread left it
+        assert ledger._recovery is None
+        assert ledger.ping() is False  # refused, and a recovery started
+        wait_until(lambda: ledger.unavailable is None)
+        assert [r["request_id"] for r in rows(url, "slates")] == ["orphan-1"]
+    finally:
+        ledger.dispose()
+
+
+def test_kills_and_erasures_are_answered_while_the_buffer_is_flushed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kills and erasures are never buffered, so the database holds all of them: while
+    the ledger was behind, a new process read no kill (killed offers were served), and an
+    erasure deleted the rows but was refused its record and its vacuum."""
+    from datetime import datetime
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    ledger = SqlLedger(url, buffer_path=tmp_path / "buf.db", retry_after_s=0.2)
+    try:
+        ledger.log_slates([slate("kept-1"), slate("erased-1") | {"customer_id": "c2"}])
+        at = datetime(2026, 1, 5)
+        with ledger.engine.begin() as connection:
+            ledger.insert_kill(
+                connection,
+                {
+                    "offer_id": "o-killed",
+                    "killed_at": at,
+                    "killed_by": "stoploss",
+                    "rule": "lift",
+                    "last_cycle": at,
+                    "figures": {},
+                    "learning": {},
+                },
+            )
+        monkeypatch.setattr(ledger, "_recover", lambda: None)  # the flush held off
+        ledger.behind = True
+        ledger.buffer.add_slate(slate("held-1") | {"offers": []})
+        assert ledger.ping() is False  # slates and caps: refused
+        assert ledger.stopped_offers() == frozenset({"o-killed"})
+        assert [k["offer_id"] for k in ledger.offer_kills(active_only=True)] == ["o-killed"]
+        removed = ledger.erase_customer("c2")
+        assert removed["slates"] == 1 and removed["slate_offers"] == 2
+        ledger.record_erasure("e1", at, removed, None)
+        assert [e["erasure_id"] for e in ledger.erasure_log()] == ["e1"]
+        assert [r["request_id"] for r in rows(url, "slates")] == ["kept-1"]  # the oracle
+    finally:
+        ledger.dispose()
+
+
 def test_the_buffer_survives_a_restart_and_flushes_exactly_once(
     own_postgres: OwnPostgres, database: str, tmp_path: Path
 ) -> None:
@@ -348,7 +409,8 @@ def test_the_buffer_survives_a_restart_and_flushes_exactly_once(
 
     own_postgres.start()
     second = SqlLedger(database, buffer_path=buffer)  # a new process on the same buffer
-    wait_until(lambda: len(second.buffer) == 0)
+    # flushed before the ledger is used: a command started after an outage reads it all
+    assert (len(second.buffer), second.behind) == (0, False)
     assert len(rows(database, "slates")) == 1 and len(rows(database, "feedback")) == 1
     # a crash after the write, before the removal: the same rows flushed again change nothing
     second.buffer.add_slate(
