@@ -255,7 +255,7 @@ def test_a_stopped_database_degrades_and_everything_arrives_once_when_it_returns
         ledger.post_feedback(request_id=web["request_id"], **(viewed | {"offer_id": "nope"}))
 
     own_postgres.start()
-    wait_until(lambda: ledger.down is None and len(ledger.buffer) == 0)
+    wait_until(lambda: ledger.unavailable is None)
     served = rows(database, "slate_offers", f"request_id = '{web['request_id']}'")
     assert sorted(r["offer_id"] for r in served) == sorted(o["offer_id"] for o in web["offers"])
     emailed = rows(database, "slates", f"request_id = '{email['request_id']}'")
@@ -510,7 +510,7 @@ def test_a_silent_database_is_refused_within_bounds_and_recovers(
             )
         ).buffered
         proxy.silent.clear()
-        wait_until(lambda: ledger.down is None and len(ledger.buffer) == 0)
+        wait_until(lambda: ledger.unavailable is None)
         assert len(rows(database, "slates", f"request_id = '{web['request_id']}'")) == 1
         assert len(rows(database, "feedback", f"request_id = '{web['request_id']}'")) == 1
         assert recommender.recommend(customer, channel="web", k=3)["degraded"] is False
@@ -551,7 +551,7 @@ def test_a_vanished_sqlite_file_is_noticed_and_nothing_goes_into_the_void(
     else:
         assert rows(f"sqlite:///{tmp_path / 'stranger.db'}", "slates") == []  # nothing there
     os.replace(kept, path)  # the original back where it was (its -wal still beside it)
-    wait_until(lambda: ledger.down is None and len(ledger.buffer) == 0)
+    wait_until(lambda: ledger.unavailable is None)
     logged = rows(f"sqlite:///{path}", "slates")  # the slate from before, and the buffered
     assert sorted(r["request_id"] for r in logged) == sorted([before, web["request_id"]])
     assert ledger.ping() is True
@@ -708,7 +708,7 @@ def test_a_ledger_made_while_its_database_is_down_makes_its_tables_when_it_retur
         )
         assert (receipt.recorded, receipt.buffered) == (True, True)
         own_postgres.start()
-        wait_until(lambda: ledger.down is None and len(ledger.buffer) == 0)
+        wait_until(lambda: ledger.unavailable is None)
         assert [r["request_id"] for r in rows(database, "slates")] == ["start-1"]
         assert sorted(r["offer_id"] for r in rows(database, "slate_offers")) == ["a", "b"]
         assert [(r["request_id"], r["offer_id"]) for r in rows(database, "feedback")] == [
