@@ -402,7 +402,7 @@ def run_stoploss(
             if kill_id is None:  # killed meanwhile by another run
                 report.already_killed.append(decision.offer_id)
                 continue
-            store._audit(
+            store.record_audit(
                 connection,
                 actor,
                 "stoploss_kill",
@@ -429,7 +429,7 @@ def revive(ledger: SqlLedger, offer_id: str, *, actor: str, reason: str) -> dict
         if before is None:
             raise LookupError(f"offer {offer_id!r} has no active stop-loss kill")
         summary = {k: before[k] for k in ("kill_id", "offer_id", "killed_at", "killed_by", "rule")}
-        store._audit(
+        store.record_audit(
             connection, actor, "stoploss_revive", offer_id, before=summary, after={"reason": reason}
         )
     return summary

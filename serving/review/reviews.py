@@ -192,7 +192,7 @@ class Reviews:
             ]
             if items:
                 connection.execute(review_items.insert(), items)
-            self.store._audit(
+            self.store.record_audit(
                 connection,
                 actor,
                 "open_review",
@@ -394,7 +394,7 @@ class Reviews:
             )
         )
         before = slate["decided"].get(offer_id)
-        self.store._audit(
+        self.store.record_audit(
             connection,
             actor,
             "decide",
@@ -474,7 +474,7 @@ class Reviews:
                 reviews.update().where(reviews.c.review_id == review_id).values(status="releasing")
             )
             overridden = bool(approve and quality.get("beats") is False)
-            self.store._audit(
+            self.store.record_audit(
                 connection,
                 actor,
                 "release_started",
@@ -581,7 +581,7 @@ class Reviews:
             connection.execute(
                 reviews.update().where(reviews.c.review_id == head.review_id).values(status=status)
             )
-            self.store._audit(
+            self.store.record_audit(
                 connection,
                 actor,
                 "release" if status == "approved" else "reject_release",
@@ -633,7 +633,7 @@ class Reviews:
                 .where((reviews.c.review_id == head.review_id) & (reviews.c.status == "releasing"))
                 .values(status="open")
             )
-            self.store._audit(
+            self.store.record_audit(
                 connection, actor, "release_failed", head.review_id, after={"error": why}
             )
 

@@ -224,7 +224,7 @@ class ReviewStore:
         return self.ledger.connection("review page")
 
     # -- audit ---------------------------------------------------------------------------
-    def _audit(
+    def record_audit(
         self,
         connection: sa.Connection,
         actor: str,
@@ -233,6 +233,9 @@ class ReviewStore:
         before: Any = None,
         after: Any = None,
     ) -> None:
+        """One row of the audit log, written in the caller's transaction (so the change it
+        records and its record commit together, or neither does): who did what to which
+        target, with the state before and after as JSON."""
         connection.execute(
             audit.insert().values(
                 at=_now(),
@@ -278,7 +281,7 @@ class ReviewStore:
                         created_at=_now(),
                     )
                 )
-                self._audit(connection, actor, "add_user", username, after=record)
+                self.record_audit(connection, actor, "add_user", username, after=record)
         except IntegrityError:
             raise ValueError(f"user {username!r} already exists") from None
 
@@ -323,7 +326,7 @@ class ReviewStore:
         username = username[:64]
         if not self._count_attempt(username):
             with self.begin() as connection:
-                self._audit(connection, username or "-", "sign_in_locked", "review page")
+                self.record_audit(connection, username or "-", "sign_in_locked", "review page")
             raise AccessError(
                 f"too many failed sign-ins for this user: try again in {LOCKOUT_MINUTES} minutes"
             )
@@ -331,7 +334,7 @@ class ReviewStore:
             role = self.authenticate(username, password)
         except AccessError:
             with self.begin() as connection:
-                self._audit(connection, username or "-", "sign_in_failed", "review page")
+                self.record_audit(connection, username or "-", "sign_in_failed", "review page")
             raise
         with self.begin() as connection:
             connection.execute(failures.delete().where(failures.c.username == username))
@@ -346,7 +349,7 @@ class ReviewStore:
                     expires_at=_now() + timedelta(hours=SESSION_HOURS),
                 )
             )
-            self._audit(connection, username, "sign_in", "review page")
+            self.record_audit(connection, username, "sign_in", "review page")
         return Session(token=token, username=username, role=role, csrf=csrf)
 
     def _count_attempt(self, username: str) -> bool:
@@ -380,7 +383,7 @@ class ReviewStore:
                 return None
             if not row.refusal_audited:
                 connection.execute(addresses.update().where(key).values(refusal_audited=True))
-                self._audit(connection, "-", "sign_in_throttled", f"address {address}")
+                self.record_audit(connection, "-", "sign_in_throttled", f"address {address}")
             return max(1, math.ceil((row.window_start + window - now).total_seconds()))
 
         first = {"address": address, "attempts": 1, "window_start": now, "refusal_audited": False}
@@ -429,7 +432,7 @@ class ReviewStore:
         """End a user's lockout now (audited)."""
         with self.begin() as connection:
             connection.execute(failures.delete().where(failures.c.username == username))
-            self._audit(connection, actor, "unlock", username)
+            self.record_audit(connection, actor, "unlock", username)
 
     def session(self, token: str | None) -> Session | None:
         """The live session behind a cookie's token (the role as it is now), or None."""
@@ -450,7 +453,7 @@ class ReviewStore:
             connection.execute(
                 sessions.delete().where(sessions.c.token_hash == _token_hash(session.token))
             )
-            self._audit(connection, session.username, "sign_out", "review page")
+            self.record_audit(connection, session.username, "sign_out", "review page")
 
     def flash(self, session: Session, message: str) -> None:
         """A message for the session's next page (the page after a form's redirect)."""
@@ -493,7 +496,7 @@ class ReviewStore:
                         at=_now(),
                     )
                 )
-                self._audit(connection, actor, "block", f"{offer_id}@{segment}", after=record)
+                self.record_audit(connection, actor, "block", f"{offer_id}@{segment}", after=record)
         except IntegrityError:  # the same block, added at the same moment by someone else
             return False
         return True
@@ -507,7 +510,7 @@ class ReviewStore:
             if existing is None:
                 return
             connection.execute(blocks.delete().where(key))
-            self._audit(
+            self.record_audit(
                 connection,
                 actor,
                 "unblock",
