@@ -260,3 +260,59 @@ def test_config_errors_are_clear(tmp_path: Path) -> None:
         load_config(tmp_path / "c.yaml")
     assert load_config(None).max_depth == 5
     assert np.isclose(load_config(None, learning_rate=0.05).learning_rate, 0.05)
+
+
+def test_training_learns_nothing_from_a_customer_without_consent_to_personalisation() -> None:
+    """A customer who withdrew consent to personalisation is served as an unknown one
+    (ranked by popularity, nothing of theirs cited), but their later opportunities still
+    became training rows: the model learnt from histories it may not use. The consent
+    table is the oracle: after the withdrawal, on every channel, no row of theirs."""
+    from features import FeatureBuilder, ScenarioConfig, Snapshot, coerce_table, make_world
+    from features.candidates import CandidateGenerator
+    from features.contract import CHANNELS
+    from features.workspace import TABLES
+    from policy import load_rules
+    from training.config import TrainConfig
+    from training.dataset import build_rows
+
+    world = make_world(ScenarioConfig(n_customers=80, n_days=120, seed=5))
+    tables = {name: coerce_table(name, world.tables[name]) for name in TABLES}
+    start = pd.Timestamp(world.config.start)
+    withdrawn_at = start + pd.Timedelta(days=60)
+    ids = tables["customers"]["customer_id"].tolist()
+    withdrawn = ids[::3]
+    withdrawal = pd.DataFrame(
+        [
+            {
+                "customer_id": c,
+                "channel": channel,
+                "purpose": "personalisation",
+                "granted": False,
+                "updated_at": withdrawn_at,
+            }
+            for c in withdrawn
+            for channel in CHANNELS
+        ]
+    )
+    tables["consent"] = coerce_table("consent", pd.concat([tables["consent"], withdrawal]))
+    snapshot = Snapshot.from_tables(tables)
+    config = TrainConfig(min_pair_orders=3)
+    cuts = [start + pd.Timedelta(days=d) for d in range(28, 113, 7)]
+    rows = build_rows(
+        snapshot,
+        load_rules(),
+        lambda t: FeatureBuilder(min_pair_orders=3).fit(snapshot, t),
+        CandidateGenerator(min_pair_orders=3).fit(snapshot, cuts[0]),
+        cuts,
+        config,
+        split_end=start + pd.Timedelta(days=119),
+        customers_per_cut=80,
+        negatives_per_group=None,
+        out_of_fold=False,
+    )
+    who = np.asarray(snapshot.customers.decode(rows.customer)).astype(str)
+    theirs = np.isin(who, [str(c) for c in withdrawn])
+    after = rows.as_of_s >= int(withdrawn_at.value // 10**9)
+    assert (theirs & ~after).sum() > 0  # they were rows before, so the check can fail
+    assert (~theirs & after).sum() > 0  # and the others still are, after
+    assert (theirs & after).sum() == 0

@@ -36,6 +36,7 @@ from features.candidates import CandidateGenerator
 from features.history import second_ceil
 from policy import RuleSet, evaluate
 from policy.arbitration import REPEAT_FEATURE, TASKS, row_tasks
+from policy.eligibility import personalisation_allowed
 from training.config import TrainConfig
 from training.contexts import sample_contexts
 
@@ -245,7 +246,9 @@ def build_rows(
     progress: Callable[[int], None] | None = None,
 ) -> RowSet:
     """Rows for every bucket starting at ``cuts``: opportunities → candidates →
-    eligibility → features → labels. No bucket reaches past ``split_end``.
+    eligibility → features → labels. No bucket reaches past ``split_end``, and no row is
+    an opportunity of a customer who did not consent to personalisation (at its moment,
+    on its channel).
 
     ``builders(t)`` returns the feature builder fitted for bucket start ``t``.
     ``negatives_per_group`` samples negatives (training); None keeps every candidate.
@@ -292,8 +295,11 @@ def build_rows(
         if needs_features:
             matrix = builder.build(snapshot, requests, r, o, out_of_fold=out_of_fold)
             features = matrix.columns()
-        # the one eligibility decision serving makes too (policy.evaluate), on the history
+        # the one eligibility decision serving makes too (policy.evaluate), on the history;
+        # and a customer without consent to personalisation at that moment, on that
+        # channel, is no example to learn from (serving ranks them as an unknown customer)
         eligible = evaluate(snapshot, rules, requests, r, o, features=features).eligible
+        eligible &= personalisation_allowed(snapshot, rules, requests)[r]
         r, o = r[eligible], o[eligible]
         matrix = builder.build(snapshot, requests, r, o, out_of_fold=out_of_fold)
         names = matrix.names

@@ -252,7 +252,9 @@ def _require_positives(train_rows: RowSet, validation: RowSet) -> None:
     if not train_rows.label.any() or not validation.label.any():
         raise ValueError(
             "no positive labels in the training or validation cut points: "
-            "there is nothing to learn; train on a longer history"
+            "there is nothing to learn; train on a longer history (customers without "
+            "consent to personalisation give no rows: see the consent table and the "
+            "rules' unknown_consent)"
         )
 
 
