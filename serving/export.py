@@ -74,8 +74,10 @@ def exposure_id(request_id: Any, offer_id: Any) -> str:
 class LedgerRows:
     """The ledger's rows as frames.
 
-    * ``served``: request_id, offer_id, rank, propensity, customer_id, channel,
-      placement, model_version, mode, holdout, at_s (one row per offer of a slate);
+    * ``served``: request_id, offer_id, rank, propensity, inclusion, customer_id,
+      channel, placement, model_version, mode, holdout, at_s (one row per offer of a
+      slate; ``inclusion``: the probability the offer was in its slate, NULL for a
+      deterministic slate or one a cap cut);
     * ``feedback``: request_id, offer_id, outcome, customer_id, value, at_s.
     """
 
@@ -184,6 +186,7 @@ def read_ledger(url: str) -> LedgerRows:
                         slate_offers.c.offer_id,
                         slate_offers.c.rank,
                         slate_offers.c.propensity,
+                        slate_offers.c.inclusion,
                         slates.c.customer_id,
                         slates.c.channel,
                         slates.c.placement,
@@ -227,6 +230,7 @@ _SERVED_COLUMNS = [
     "offer_id",
     "rank",
     "propensity",
+    "inclusion",
     "customer_id",
     "channel",
     "placement",
@@ -290,12 +294,17 @@ def ledger_to_tables(
             "placement": kept["placement"].to_numpy(),
             "model_version": kept["model_version"].to_numpy(),
             "holdout": np.zeros(len(kept), dtype=bool),
-            # the ledger's propensity is the draw's at that rank, given the ranks before
-            # (policy.exploration); the contract's is the probability the offer was shown
-            # in the request, which IPS weighs by. They differ for every rank but a
-            # slate's first, so none is exported: the estimators refuse these rows rather
-            # than weigh them wrongly (the ledger keeps the per-rank values)
-            "propensity": np.full(len(kept), np.nan),
+            # the contract's propensity is the probability the offer was shown in the
+            # request, which IPS weighs by: the ledger's inclusion probability. Its own
+            # propensity is the draw's at that rank, given the ranks before
+            # (policy.exploration), and is never exported. No inclusion (a deterministic
+            # slate, one a cap cut, a ledger older than the column): none, and the
+            # estimators refuse the row rather than weigh it wrongly
+            "propensity": (
+                pd.to_numeric(kept["inclusion"], errors="coerce").to_numpy(dtype=float)
+                if "inclusion" in kept
+                else np.full(len(kept), np.nan)
+            ),
             "request_id": kept["request_id"].to_numpy(),
             "rank": kept["rank"].to_numpy(),
         }

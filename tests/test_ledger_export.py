@@ -567,25 +567,28 @@ def test_the_next_training_reads_the_exported_declines(
     assert changed.sum() >= 10
 
 
-def test_an_explored_slates_per_rank_propensities_are_not_exported_as_the_contracts() -> None:
+def test_an_explored_slates_inclusion_is_exported_as_the_contracts_propensity() -> None:
     """The ledger's propensity of an explored offer is its draw's at that rank (0.4 for the
-    second of a slate below), not the probability it was shown in the request that
-    training/offpolicy.py weighs by: the export leaves it empty."""
+    second of the slate below); the contract's is the probability it was shown in the
+    request, which training/offpolicy.py weighs by: the ledger's inclusion (0.75 here).
+    The export left it empty, so a served week could not be weighed at all. A slate
+    without inclusions (deterministic, or cut by a cap) stays empty."""
     from serving.export import LedgerRows, ledger_to_tables
 
     served = pd.DataFrame(
         {
-            "request_id": ["r1", "r1"],
-            "offer_id": ["o1", "o2"],
-            "rank": [1, 2],
-            "propensity": [0.9, 0.4],
-            "customer_id": ["c1", "c1"],
-            "channel": ["web", "web"],
-            "placement": ["home", "home"],
-            "model_version": ["3", "3"],
-            "mode": ["model", "model"],
-            "holdout": [False, False],
-            "at_s": [1_700_000_000, 1_700_000_000],
+            "request_id": ["r1", "r1", "r2"],
+            "offer_id": ["o1", "o2", "o1"],
+            "rank": [1, 2, 1],
+            "propensity": [0.9, 0.4, None],
+            "inclusion": [0.9, 0.75, None],
+            "customer_id": ["c1", "c1", "c1"],
+            "channel": ["web", "web", "web"],
+            "placement": ["home", "home", "home"],
+            "model_version": ["3", "3", "3"],
+            "mode": ["model", "model", "model"],
+            "holdout": [False, False, False],
+            "at_s": [1_700_000_000, 1_700_000_000, 1_700_000_100],
         }
     )
     feedback = pd.DataFrame(
@@ -596,5 +599,41 @@ def test_an_explored_slates_per_rank_propensities_are_not_exported_as_the_contra
         offers=pd.Series(["o1", "o2"]),
         customers=pd.Series(["c1"]),
     )
-    assert exposures["offer_id"].tolist() == ["o1", "o2"]
-    assert exposures["propensity"].isna().all()
+    assert exposures["offer_id"].tolist() == ["o1", "o2", "o1"]
+    assert exposures["propensity"].tolist()[:2] == [0.9, 0.75]
+    assert np.isnan(exposures["propensity"].tolist()[2])
+
+
+def test_a_real_ledgers_inclusions_come_out_as_the_exposures_propensities(tmp_path: Path) -> None:
+    """Read back from a SQLite ledger: the exported propensity of each served offer is the
+    inclusion the ledger stored for it (plain SQL is the oracle), never its per-rank draw."""
+    import sqlalchemy as sa
+
+    from serving.export import ledger_to_tables, read_ledger
+    from serving.ledger import ServedOffer, SqlLedger
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    ledger = SqlLedger(url)
+    ledger.log_slate(
+        request_id="r1",
+        customer_id="c1",
+        channel="web",
+        placement="home",
+        model_version="3",
+        mode="model",
+        holdout=False,
+        at_s=1_700_000_000,
+        offers=[ServedOffer("o1", 1, 2.0, 0.3, 0.6, 0.6), ServedOffer("o2", 2, 1.0, 0.2, 0.5, 0.8)],
+    )
+    ledger.dispose()
+    engine = sa.create_engine(url)
+    with engine.connect() as connection:
+        stored = dict(
+            connection.exec_driver_sql("SELECT offer_id, inclusion FROM slate_offers").all()
+        )
+    engine.dispose()
+    assert stored == {"o1": 0.6, "o2": 0.8}
+    exposures, *_ = ledger_to_tables(
+        read_ledger(url), offers=pd.Series(["o1", "o2"]), customers=pd.Series(["c1"])
+    )
+    assert dict(zip(exposures["offer_id"], exposures["propensity"], strict=True)) == stored
