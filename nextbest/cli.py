@@ -907,8 +907,15 @@ def serve_command(
     import subprocess
     import tempfile
 
+    # a SIGTERM while BentoML is being started (exec'd, its Popen not yet back) waits
+    # until the Popen is ours to stop: raised inside it, BentoML ran on, orphaned
+    starting, stopped = False, False
+
     def stop(signum: int, _: Any) -> None:
-        raise _Stopped(signum)
+        nonlocal stopped
+        stopped = True
+        if not starting:
+            raise _Stopped(signum)
 
     signal.signal(signal.SIGTERM, stop)
     process: subprocess.Popen[bytes] | None = None
@@ -936,6 +943,7 @@ def serve_command(
             env["NEXTBEST_RULES"] = str(rules.resolve())
         _check_servable(target, alias)
         bentoml = Path(sys.executable).with_name("bentoml")
+        starting = True
         process = subprocess.Popen(
             [
                 str(bentoml),
@@ -949,6 +957,9 @@ def serve_command(
             env=env,
             start_new_session=True,  # its own process group, so that all of it stops with us
         )
+        starting = False
+        if stopped:
+            raise _Stopped(signal.SIGTERM)
         base = f"http://{host}:{port}"
         _wait_ready(process, base, failure)
         if example:
