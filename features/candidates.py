@@ -24,11 +24,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from features.builder import BasketLift, Requests
+from features.builder import BasketLift, FeatureBuilder, Requests
 from features.history import second_ceil
 from features.snapshot import Snapshot
 
-__all__ = ["GENERATORS", "CandidateGenerator", "Candidates", "next_purchase_offers", "recall"]
+__all__ = [
+    "GENERATORS",
+    "CandidateGenerator",
+    "Candidates",
+    "fit_with_one_lift",
+    "next_purchase_offers",
+    "recall",
+]
 
 DAY = 86_400
 GENERATORS = ("repeat", "completion", "progression", "targeted", "popular")
@@ -481,3 +488,28 @@ def recall(candidates: Candidates, truth: pd.DataFrame) -> dict[str, float]:
         float(frame.groupby("request").size().mean()) if len(frame) else 0.0
     )
     return out
+
+
+def fit_with_one_lift(
+    snapshot: Snapshot,
+    reference_time: Any,
+    builder: FeatureBuilder,
+    generator: CandidateGenerator,
+) -> tuple[FeatureBuilder, CandidateGenerator]:
+    """Fit a feature builder and a candidate generator at one moment on one basket lift,
+    computed once with as many anchors an item as the larger of the two needs. Both must
+    count a pair of items from the same number of orders (``min_pair_orders``)."""
+    if builder.min_pair_orders != generator.min_pair_orders:
+        raise ValueError(
+            f"the builder counts pairs from {builder.min_pair_orders} orders and the "
+            f"generator from {generator.min_pair_orders}: one basket lift cannot serve both"
+        )
+    lift = BasketLift.fit(
+        snapshot,
+        reference_time,
+        min_pair_orders=builder.min_pair_orders,
+        top_k=max(builder.anchors_per_item, generator.links_per_item),
+    )
+    builder.fit(snapshot, reference_time, lift)
+    generator.fit(snapshot, reference_time, lift)
+    return builder, generator

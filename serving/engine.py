@@ -28,7 +28,6 @@ import pandas as pd
 import yaml
 
 from features import (
-    BasketLift,
     FeatureBuilder,
     FeatureMatrix,
     Requests,
@@ -36,7 +35,7 @@ from features import (
     Workspace,
     feature_names,
 )
-from features.candidates import CandidateGenerator
+from features.candidates import CandidateGenerator, fit_with_one_lift
 from features.contract import OFFER_KINDS
 from features.history import second_ceil
 from policy import Eligibility, RuleSet, SnapshotLedger, evaluate, load_rules, parse_rules
@@ -185,16 +184,12 @@ class Recommender:
             max_candidates = int(config.get("max_candidates", settings.max_candidates))
             refit = int(config.get("refit_features_every_days", 28))
         # the candidates and the present's features read one basket lift, fitted once
-        generator = CandidateGenerator(max_candidates=max_candidates, min_pair_orders=min_pair)
-        present = FeatureBuilder(min_pair_orders=min_pair)
-        lift = BasketLift.fit(
+        present, generator = fit_with_one_lift(
             self.snapshot,
             self.reference,
-            min_pair_orders=min_pair,
-            top_k=max(generator.links_per_item, present.anchors_per_item),
+            FeatureBuilder(min_pair_orders=min_pair),
+            CandidateGenerator(max_candidates=max_candidates, min_pair_orders=min_pair),
         )
-        generator.fit(self.snapshot, self.reference, lift)
-        present.fit(self.snapshot, self.reference, lift)
         if bundle is None:
             return _Model(None, rules, generator, min_pair, refit_days=refit, present=present)
         return _Model(

@@ -300,11 +300,7 @@ def ledger_to_tables(
             # (policy.exploration), and is never exported. No inclusion (a deterministic
             # slate, one a cap cut, a ledger older than the column): none, and the
             # estimators refuse the row rather than weigh it wrongly
-            "propensity": (
-                pd.to_numeric(kept["inclusion"], errors="coerce").to_numpy(dtype=float)
-                if "inclusion" in kept
-                else np.full(len(kept), np.nan)
-            ),
+            "propensity": pd.to_numeric(kept["inclusion"], errors="coerce").to_numpy(dtype=float),
             "request_id": kept["request_id"].to_numpy(),
             "rank": kept["rank"].to_numpy(),
         }

@@ -639,10 +639,8 @@ class SqlLedger:
                     )
                 if self.down is None:
                     self.flush()
-                with self._buffering, self._state:  # rows are buffered under it (see _hold)
-                    if self.down is None and not len(self.buffer):
-                        self.behind, self._recovery = False, None
-                        return
+                if self._catch_up(ending_recovery=True):
+                    return
             except Exception:  # the buffer file busy, say: tried again, the thread lives on
                 log.exception("ledger recovery failed this round; trying again")
                 failed = True
@@ -693,11 +691,23 @@ class SqlLedger:
                     done += 1
         if done:
             log.warning("ledger buffer flushed: %d rows (%s)", done, self.buffer.counters())
-        with self._buffering, self._state:  # rows are buffered under it (see _hold)
-            if self.down is None and self.behind and not len(self.buffer):
+        self._catch_up()
+        return done
+
+    def _catch_up(self, *, ending_recovery: bool = False) -> bool:
+        """Whether the ledger has caught up (the database answers and the buffer is
+        empty); it is then no longer behind, and with ``ending_recovery`` the recovery
+        thread is done. Checked under the lock rows are buffered under (see
+        :meth:`_hold`), so none lands in between."""
+        with self._buffering, self._state:
+            if self.down is not None or len(self.buffer):
+                return False
+            if self.behind:
                 self.behind = False
                 log.warning("ledger caught up: every buffered row is written")
-        return done
+            if ending_recovery:
+                self._recovery = None
+            return True
 
     def _write_buffered(self, kind: str, body: dict[str, Any]) -> str:
         """One buffered row into the database; the counter that says what became of it."""

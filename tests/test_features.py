@@ -368,12 +368,13 @@ def test_one_basket_lift_serves_the_builder_and_the_generator_as_their_own_fits_
     each fit computed its own (the builder's top 10, the generator's top 20): the same
     anchors, lifts and candidates either way. A lift of another moment is refused."""
     from features import BasketLift
-    from features.candidates import CandidateGenerator
+    from features.candidates import CandidateGenerator, fit_with_one_lift
 
     at = START + pd.Timedelta(days=60)
-    shared = BasketLift.fit(SNAPSHOT, at, min_pair_orders=3, top_k=20)
+    given, with_shared = fit_with_one_lift(  # what training and the service call
+        SNAPSHOT, at, FeatureBuilder(min_pair_orders=3), CandidateGenerator(min_pair_orders=3)
+    )
     own = FeatureBuilder(min_pair_orders=3).fit(SNAPSHOT, at)
-    given = FeatureBuilder(min_pair_orders=3).fit(SNAPSHOT, at, shared)
     assert len(own.product_anchors_) and len(own.category_anchors_)
     pd.testing.assert_frame_equal(own.product_anchors_, given.product_anchors_)
     pd.testing.assert_frame_equal(own.category_anchors_, given.category_anchors_)
@@ -382,10 +383,14 @@ def test_one_basket_lift_serves_the_builder_and_the_generator_as_their_own_fits_
         own.transform(SNAPSHOT, queries), given.transform(SNAPSHOT, queries)
     )
     alone = CandidateGenerator(min_pair_orders=3).fit(SNAPSHOT, at)
-    with_shared = CandidateGenerator(min_pair_orders=3).fit(SNAPSHOT, at, shared)
     assert len(alone.product_links_) and len(alone.category_links_)
     pd.testing.assert_frame_equal(alone.product_links_, with_shared.product_links_)
     pd.testing.assert_frame_equal(alone.category_links_, with_shared.category_links_)
+    with pytest.raises(ValueError, match="one basket lift cannot serve both"):
+        fit_with_one_lift(
+            SNAPSHOT, at, FeatureBuilder(min_pair_orders=3), CandidateGenerator(min_pair_orders=5)
+        )
+    shared = BasketLift.fit(SNAPSHOT, at, min_pair_orders=3, top_k=20)
     later = at + pd.Timedelta(days=1)
     with pytest.raises(ValueError, match="fitted at"):
         FeatureBuilder(min_pair_orders=3).fit(SNAPSHOT, later, shared)

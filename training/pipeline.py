@@ -19,8 +19,8 @@ import pandas as pd
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from features import BasketLift, FeatureBuilder, Snapshot
-from features.candidates import CandidateGenerator
+from features import FeatureBuilder, Snapshot
+from features.candidates import CandidateGenerator, fit_with_one_lift
 from policy import RuleSet
 from policy.arbitration import (
     REPEAT_FEATURE,
@@ -134,20 +134,15 @@ class _Fitted:
     def _get(self, t: pd.Timestamp) -> tuple[FeatureBuilder, CandidateGenerator]:
         anchor = self._anchor(t)
         if anchor not in self._cache:
-            builder = FeatureBuilder(min_pair_orders=self.config.min_pair_orders)
-            generator = CandidateGenerator(
-                max_candidates=self.config.max_candidates,
-                min_pair_orders=self.config.min_pair_orders,
-            )
-            lift = BasketLift.fit(  # one basket lift for both
+            self._cache[anchor] = fit_with_one_lift(
                 self.snapshot,
                 anchor,
-                min_pair_orders=self.config.min_pair_orders,
-                top_k=max(builder.anchors_per_item, generator.links_per_item),
+                FeatureBuilder(min_pair_orders=self.config.min_pair_orders),
+                CandidateGenerator(
+                    max_candidates=self.config.max_candidates,
+                    min_pair_orders=self.config.min_pair_orders,
+                ),
             )
-            builder.fit(self.snapshot, anchor, lift)
-            generator.fit(self.snapshot, anchor, lift)
-            self._cache[anchor] = (builder, generator)
         return self._cache[anchor]
 
     def builder(self, t: pd.Timestamp) -> FeatureBuilder:
