@@ -960,11 +960,12 @@ class SqlLedger:
     ) -> FeedbackReceipt:
         """:meth:`record_feedback`, or, with the database down, into the buffer.
 
-        Whether the request served the offer is checked against the database, else
-        against the buffered slates: a buffered slate without the offer is a LookupError,
-        and feedback for a request that neither holds (it may be in the database) is
-        buffered and checked when it is flushed (refused then, and counted as
-        ``rejected_feedback``). Raises BufferFull if it cannot be held either.
+        Whether the request served the offer is checked against the buffered slates,
+        then the database: a slate without the offer, or none, is a LookupError. While
+        the ledger is behind, the feedback is buffered after that check. While the
+        database is down, feedback for a request the buffer does not hold (it may be in
+        the database) is buffered and checked when it is flushed (refused then, and
+        counted as ``rejected_feedback``). Raises BufferFull if it cannot be held.
         """
         self._refuse_if_read_only()
         if outcome not in OUTCOMES:
@@ -995,6 +996,16 @@ class SqlLedger:
                 raise LookupError(
                     f"request {request_id!r} did not serve offer {offer_id!r}"
                 ) from None
+            if buffered is None:
+                # behind, the database answering: a slate not in the buffer was written
+                # before it (the buffer is read first, and a slate leaves it only once it
+                # is written), so the database says whether it served the offer. The
+                # feedback itself still queues behind the buffered rows
+                try:
+                    with self._guard("check feedback", behind_ok=True):
+                        self._served_to(request_id, offer_id)
+                except LedgerUnavailable:
+                    pass  # down: held in the buffer, checked at the flush
         return FeedbackReceipt(self._hold(self.buffer.add_feedback, body), buffered=True)
 
     def _hold(self, add: Callable[[dict[str, Any]], bool], body: dict[str, Any]) -> bool:
@@ -1012,14 +1023,7 @@ class SqlLedger:
     def _record_feedback(
         self, *, request_id: str, offer_id: str, outcome: str, value: float | None, at_s: int
     ) -> bool:
-        with self.engine.begin() as connection:
-            row = connection.execute(
-                sa.select(slates.c.customer_id)
-                .select_from(slates.join(slate_offers))
-                .where(slates.c.request_id == request_id, slate_offers.c.offer_id == offer_id)
-            ).first()
-            if row is None:
-                raise LookupError(f"request {request_id!r} did not serve offer {offer_id!r}")
+        customer_id = self._served_to(request_id, offer_id)
         try:
             with self._write_turn(), self.engine.begin() as connection:
                 connection.execute(
@@ -1027,7 +1031,7 @@ class SqlLedger:
                         request_id=request_id,
                         offer_id=offer_id,
                         outcome=outcome,
-                        customer_id=row.customer_id,
+                        customer_id=customer_id,
                         value=value,
                         at_s=at_s,
                     )
@@ -1035,6 +1039,19 @@ class SqlLedger:
             return True
         except IntegrityError:
             return False
+
+    def _served_to(self, request_id: str, offer_id: str) -> str:
+        """The customer the database's slate ``request_id`` served ``offer_id`` to; a
+        LookupError if it holds no such slate, or that slate did not serve it."""
+        with self.engine.begin() as connection:
+            row = connection.execute(
+                sa.select(slates.c.customer_id)
+                .select_from(slates.join(slate_offers))
+                .where(slates.c.request_id == request_id, slate_offers.c.offer_id == offer_id)
+            ).first()
+        if row is None:
+            raise LookupError(f"request {request_id!r} did not serve offer {offer_id!r}")
+        return str(row.customer_id)
 
     # -- what caps, cooldowns and sequencing read (batched over customers) ---------------
     def counts(

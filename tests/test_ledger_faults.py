@@ -397,6 +397,41 @@ def test_kills_and_erasures_are_answered_while_the_buffer_is_flushed(
         ledger.dispose()
 
 
+def test_feedback_while_the_buffer_is_flushed_is_checked_against_the_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the ledger was behind, feedback naming a slate written before the outage
+    went to the buffer unchecked: an offer that slate never served, or a request that
+    never was, got a 202 and was dropped at the flush, where it is a 404 otherwise."""
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    ledger = SqlLedger(url, buffer_path=tmp_path / "buf.db", retry_after_s=0.2)
+    try:
+        ledger.log_slates([slate("before-1", ("a", "b"))])  # written before the outage
+        monkeypatch.setattr(ledger, "_recover", lambda: None)  # the flush held off
+        ledger.behind = True
+        ledger.buffer.add_slate(slate("held-1", ("c",)) | {"offers": []})
+        assert ledger.ping() is False  # behind
+        for request, offer in [("before-1", "z"), ("never", "a")]:  # not served; no slate
+            with pytest.raises(LookupError, match=f"{request}' did not serve offer '{offer}'"):
+                ledger.post_feedback(
+                    request_id=request, offer_id=offer, outcome="viewed", value=None, at_s=2
+                )
+        receipt = ledger.post_feedback(
+            request_id="before-1", offer_id="b", outcome="accepted", value=4.0, at_s=3
+        )
+        assert (receipt.recorded, receipt.buffered) == (True, True)  # behind the held slate
+        assert rows(url, "feedback") == []
+        monkeypatch.undo()
+        ledger.flush()
+        assert ledger.unavailable is None
+        assert [(r["request_id"], r["offer_id"], r["value"]) for r in rows(url, "feedback")] == [
+            ("before-1", "b", 4.0)
+        ]
+        assert "rejected_feedback" not in ledger.buffer.counters()
+    finally:
+        ledger.dispose()
+
+
 def test_the_buffer_survives_a_restart_and_flushes_exactly_once(
     own_postgres: OwnPostgres, database: str, tmp_path: Path
 ) -> None:
