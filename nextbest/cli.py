@@ -683,6 +683,7 @@ def evaluate_command(
     from runtime.registry import CHALLENGER, configure_tracking, load_bundle, model_name
     from training.config import TrainConfig
     from training.pipeline import evaluate_booster
+    from training.tracking import served_fairness
 
     configure_tracking()
     target = Workspace(resolve_workspace(workspace))
@@ -698,20 +699,25 @@ def evaluate_command(
         raise typer.Exit(code=2) from None
     snapshot = load_snapshot(target)
     calibrators = {task: Calibrator.from_dict(c) for task, c in bundle.meta["calibrators"].items()}
-    metrics = evaluate_booster(
+    rules = parse_rules(yaml.safe_load(bundle.rules_yaml))
+    evaluation = evaluate_booster(
         snapshot,
-        parse_rules(yaml.safe_load(bundle.rules_yaml)),
+        rules,
         bundle.booster,
         calibrators,
         # a version trained before value_cap existed was evaluated (and serves) unbounded
         TrainConfig.model_validate({"value_cap": None} | bundle.meta["config"]),
         default_values=bundle.meta["default_values"],
     )
+    metrics = evaluation.metrics
+    # judged by the version's own rules, as training judged it
+    fairness = served_fairness(evaluation.served, target, rules)
     payload = {
         "model_name": bundle.name,
         "model_version": bundle.version,
         "alias": bundle.alias or CHALLENGER,
         "metrics": metrics,
+        "fairness": None if fairness is None else fairness.to_dict(),
     }
     if as_json:
         _echo_json(payload)
@@ -726,6 +732,10 @@ def evaluate_command(
         )
         for name, values in report["baselines"].items():
             typer.echo(f"  {name:<22} NDCG@10 {values['ndcg_at_10']:.4f}")
+    if fairness is not None:
+        typer.echo("fairness of the served test slates:")
+        for line in fairness.summary():
+            typer.echo(f"  {line}")
 
 
 def _champion_or_challenger(load: Any) -> Any:

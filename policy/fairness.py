@@ -157,6 +157,34 @@ class FairnessReport:
         out[f"{prefix}.breaches"] = float(len(self.breaches))
         return out
 
+    def summary(self) -> list[str]:
+        """What a person reads (the model card, ``nextbest evaluate``): how groups were
+        judged, each attribute's lowest parity per measure, and every breach."""
+        tested = (
+            "" if self.max_p_value is None else f", and a difference at p < {self.max_p_value:g}"
+        )
+        lines = [
+            f"A group is judged with at least {self.min_group_size} customers; a breach is a "
+            f"rate under {self.min_parity:g} of its attribute's best group's{tested}."
+        ]
+        for attribute in self.attributes:
+            judged = [
+                f"{measure} parity {values[attribute]:.2f}"
+                if values.get(attribute) is not None
+                else f"{measure} not judged (no group large enough)"
+                for measure, values in self.parity.items()
+            ]
+            groups = sum(g.attribute == attribute for g in self.groups)
+            lines.append(f"- {attribute} ({groups} groups): " + ", ".join(judged))
+        if self.missing_attributes:
+            lines.append("- not in the customers table: " + ", ".join(self.missing_attributes))
+        lines += (
+            [f"- BREACH: {b.describe()}" for b in sorted(self.breaches, key=lambda b: b.ratio)]
+            if self.breaches
+            else ["- no breach"]
+        )
+        return lines
+
     def tag(self) -> str:
         """The registry tag's value (:data:`FAIRNESS_TAG`): the breaches as JSON, the
         worst first, as many as fit."""

@@ -358,7 +358,7 @@ def test_training_measures_the_slates_it_would_serve(trained: Trained) -> None:
         check_names=False,
     )
     # the groups' rates, recomputed from those slates with pandas
-    report = served_fairness(result, trained.workspace, trained.strict)
+    report = served_fairness(result.served, trained.workspace, trained.strict)
     assert report is not None
     bands = trained.workspace.read("customers").set_index("customer_id")["age_band"]
     by_band = expected.groupby(bands.reindex(expected.index).to_numpy()).sum()
@@ -408,6 +408,52 @@ def test_training_logs_parity_metrics_an_artifact_and_the_breach_tag(trained: Tr
     ids = trained.workspace.read("customers")["customer_id"]
     text = (folder / "fairness.json").read_text()
     assert not [c for c in ids if re.search(rf"(?<![\w-]){re.escape(c)}(?![\w-])", text)]
+
+
+def test_the_model_card_and_evaluate_state_the_fairness_training_logged(
+    trained: Trained,
+) -> None:
+    """The model card and `nextbest evaluate` said nothing of fairness: a reviewer had
+    to open fairness.json. Now both list every breach the registry's tag holds, and
+    evaluate, re-ranking the test buckets with the registered version, judges the same
+    groups as training did."""
+    from mlflow import MlflowClient
+    from typer.testing import CliRunner
+
+    from nextbest.cli import app
+
+    client = MlflowClient()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NEXTBEST_HOME", str(trained.home))
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        strict = client.get_model_version(trained.model_name, trained.strict_version)
+        default = client.get_model_version(trained.model_name, trained.default_version)
+        logged = breaches_from_tag(strict.tags[FAIRNESS_TAG])
+        assert logged
+        folder = Path(client.download_artifacts(strict.run_id, "", str(trained.home / "card")))
+        card = (folder / "model_card.md").read_text()
+        section = card[card.index("## Fairness") : card.index("## Features")]
+        for breach in logged:
+            assert f"BREACH: {breach.describe()}" in section
+        assert "at least 5 customers" in section and "under 0.99" in section
+        plain = Path(
+            client.download_artifacts(default.run_id, "model_card.md", str(trained.home / "d"))
+        )
+        assert "- no breach" in plain.read_text()
+
+        runner = CliRunner()
+        ws = str(trained.workspace.path)
+        out = runner.invoke(app, ["evaluate", "-w", ws, "--version", trained.strict_version])
+        assert out.exit_code == 0, out.output
+        assert "fairness of the served test slates:" in out.stdout
+        for breach in logged:
+            assert f"BREACH: {breach.describe()}" in out.stdout
+        as_json = runner.invoke(
+            app, ["evaluate", "-w", ws, "--version", trained.strict_version, "--json"]
+        )
+        judged = json.loads(as_json.stdout)["fairness"]
+        table = json.loads((folder / "fairness.json").read_text())
+        assert judged["groups"] == table["groups"] and judged["breaches"] == table["breaches"]
 
 
 # -- on the review page --------------------------------------------------------------------

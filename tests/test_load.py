@@ -118,3 +118,27 @@ def test_the_report_says_which_slow_answers_were_in_flight_while_the_cpu_was_sto
     # without counters (not Linux) nothing is claimed
     bare = LoadReport(10.0, [], 3.0, samples, 10.0, lost={"feedback": 0, "slates": 0})
     assert bare.slow_while_stolen() is None and bare.windows()[0]["steal_pct"] is None
+
+
+def test_the_report_says_which_windows_ran_on_a_slower_machine() -> None:
+    """The canary's units per window, written by hand: 2 ms in the first and the third
+    window, 3 ms in the second, so the run's median unit is 2 ms and the second window ran
+    50 % slower. Its 40 ms p99 fails the target; on the two steady windows it holds."""
+    from bench.load import LoadReport, Sample
+
+    samples = [
+        Sample("/recommend", w * 10 + i + 0.5, 0.040 if (w, i) == (1, 4) else 0.010, "200")
+        for w in (0, 1, 2)
+        for i in range(10)
+    ]
+    canary = [(w * 10 + i * 0.5, 0.003 if w == 1 else 0.002) for w in (0, 1, 2) for i in range(20)]
+    report = LoadReport(10.0, [], 3.0, samples, 10.0, lost={"feedback": 0, "slates": 0})
+    assert [w["machine_slower_pct"] for w in report.windows()] == [None, None, None]
+    whole, count = report.targets_on_whole_windows()  # no canary: every window counts
+    assert count == 3 and whole["recommend_p99_within_1.5x_of_median_window"] is False
+    report.canary = canary
+    assert [w["machine_slower_pct"] for w in report.windows()] == [0.0, 50.0, 0.0]
+    assert report.targets()["recommend_p99_within_1.5x_of_median_window"] is False
+    whole, count = report.targets_on_whole_windows()
+    assert count == 2 and whole["recommend_p99_within_1.5x_of_median_window"] is True
+    assert report.as_dict()["targets_on_steady_windows"] == whole

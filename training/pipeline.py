@@ -46,11 +46,13 @@ from training.model import calibrate, fit_ranker, raw_scores
 from training.offpolicy import off_policy_value
 
 __all__ = [
+    "Evaluation",
     "Stages",
     "TrainResult",
     "evaluate_booster",
     "evaluate_rows",
     "served_measures",
+    "served_per_customer",
     "served_scores",
     "served_slates",
     "train",
@@ -291,10 +293,8 @@ def finish(
         metrics_validation_ndcg = validation_ndcg(
             booster, validation, config.eval_at, config.n_jobs
         )
-        served = served_measures(
-            served_slates(test, served_scores(test, scores, calibrators, default_values, config)),
-            snapshot.customers.values,
-        )
+        ids = snapshot.customers.values
+        served = served_per_customer(test, scores, calibrators, default_values, config, ids)
     if logged is not None:
         with stages.stage("off-policy value"):
             scorer = model_scorer(
@@ -585,6 +585,30 @@ def _expected_attach(rows: RowSet, probability: np.ndarray) -> float:
     return float(np.mean(1 - miss))
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """A booster on the test buckets: its metrics and the baselines' (:func:`evaluate_rows`),
+    and per customer the slates it would serve there (:func:`served_measures`), which
+    fairness is judged on."""
+
+    metrics: dict[str, Any]
+    served: pd.DataFrame
+
+
+def served_per_customer(
+    rows: RowSet,
+    scores: np.ndarray,
+    calibrators: dict[str, Calibrator],
+    default_values: dict[str, float],
+    config: TrainConfig,
+    customer_ids: np.ndarray,
+) -> pd.DataFrame:
+    """:func:`served_measures` of the slates ``scores`` would serve on ``rows``, as
+    serving ranks them: what training and ``nextbest evaluate`` judge fairness on."""
+    score = served_scores(rows, scores, calibrators, default_values, config)
+    return served_measures(served_slates(rows, score), customer_ids)
+
+
 def evaluate_booster(
     snapshot: Snapshot,
     rules: RuleSet,
@@ -594,24 +618,28 @@ def evaluate_booster(
     *,
     default_values: dict[str, float],
     stages: Stages | None = None,
-) -> dict[str, Any]:
-    """Metrics of a trained booster and the baselines on this snapshot's test buckets (the
-    best baselines chosen on its validation buckets)."""
+) -> Evaluation:
+    """A trained booster and the baselines on this snapshot's test buckets (the best
+    baselines chosen on its validation buckets), as training evaluated it."""
     stages = stages or Stages(show=False)
     splits = cut_points(snapshot, config)
     fitted = _Fitted(snapshot, config, splits.train[0])
     validation = _rows(snapshot, rules, fitted, splits, config, stages, "validation")
     test = _rows(snapshot, rules, fitted, splits, config, stages, "test")
     with stages.stage("evaluate"):
-        return evaluate_rows(
+        scores = raw_scores(booster, test, config.n_jobs)
+        metrics = evaluate_rows(
             test,
-            raw_scores(booster, test, config.n_jobs),
+            scores,
             calibrators,
             config,
             snapshot,
             validation=validation,
             default_values=default_values,
         )
+        ids = snapshot.customers.values
+        served = served_per_customer(test, scores, calibrators, default_values, config, ids)
+    return Evaluation(metrics, served)
 
 
 def model_scorer(

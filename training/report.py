@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from features import FEATURES
+from policy.fairness import FairnessReport
 from training.dataset import TASKS, RowSet
 
 __all__ = ["metrics_table", "model_card", "write_plots"]
@@ -135,8 +136,10 @@ def model_card(
     rows: dict[str, int],
     trees: int,
     timings: dict[str, float],
+    fairness: FairnessReport | None = None,
 ) -> str:
-    """A markdown model card: what it is, what it was trained on, how it did, its limits."""
+    """A markdown model card: what it is, what it was trained on, how it did, its
+    fairness, its limits."""
     lines = [
         f"# {name}{f' v{version}' if version else ''}",
         "",
@@ -197,6 +200,16 @@ def model_card(
             )
     elif off_policy:
         lines += ["", f"Off-policy value: not available ({off_policy.get('reason')})."]
+    lines += [
+        "",
+        "## Fairness (the served test slates, per group of the rules' attributes)",
+        "",
+        *(
+            fairness.summary()
+            if fairness is not None
+            else ["Not judged: this run served no test slates."]
+        ),
+    ]
     lines += [
         "",
         "## Features",

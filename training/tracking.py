@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from features import FEATURES, Workspace
 from features.registry import features_hash
@@ -157,7 +158,7 @@ def log_run(
         _flatten("rows", result.rows, flat)
         _flatten("seconds", result.timings, flat)
         mlflow.log_metrics({key.replace("@", "_at_"): value for key, value in flat.items()})
-        fairness = served_fairness(result, workspace, rules)
+        fairness = served_fairness(result.served, workspace, rules)
         if fairness is not None:
             mlflow.log_metrics(fairness.metrics())
             # per-group counts and ratios: group labels, never a customer's row
@@ -221,6 +222,7 @@ def log_run(
             rows=result.rows,
             trees=result.booster.num_trees(),
             timings=result.timings,
+            fairness=fairness,
         )
         mlflow.log_text(card, "model_card.md")
         _pause_before_registering()
@@ -247,14 +249,14 @@ def log_run(
 
 
 def served_fairness(
-    result: TrainResult, workspace: Workspace, rules: RuleSet
+    served: pd.DataFrame | None, workspace: Workspace, rules: RuleSet
 ) -> FairnessReport | None:
-    """Exposure and acceptance parity of the test slates the model would serve, per group
-    of the rules' fairness attributes (the workspace's customers table); None without
-    served slates."""
-    if result.served is None:
+    """Exposure and acceptance parity of the test slates a model would serve
+    (``TrainResult.served``, ``Evaluation.served``), per group of the rules' fairness
+    attributes (the workspace's customers table); None without served slates."""
+    if served is None:
         return None
-    return fairness_report(workspace.read("customers"), result.served, rules.fairness)
+    return fairness_report(workspace.read("customers"), served, rules.fairness)
 
 
 def quality_tags(metrics: dict[str, Any]) -> dict[str, str]:
@@ -311,7 +313,4 @@ def _of_no_one(values: Any) -> Any:
     """The model's input example (MLflow keeps it beside the model): one row, each
     feature's mean over the rows (NaN where none has it), so that no customer's own
     features (tenure, loyalty tier, spend) are written into the artifacts."""
-    import numpy as np
-    import pandas as pd
-
     return pd.DataFrame(values).mean().to_numpy(dtype=np.asarray(values).dtype)[None, :]
