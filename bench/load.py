@@ -380,7 +380,10 @@ def _canary(into: list[tuple[float, float]] | None) -> Iterator[float]:
             process.wait()
             sink.seek(0)
             for line in sink:
-                started, took = (float(v) for v in line.split())
+                values = line.split()
+                if len(values) != 2:  # a line cut by the kill
+                    continue
+                started, took = float(values[0]), float(values[1])
                 if started >= monotonic_zero:
                     into.append((started - monotonic_zero, took))
 
