@@ -169,6 +169,37 @@ class LoadReport:
             for (t0, s0, a0), (t1, s1, a1) in zip(self.cpu, self.cpu[1:], strict=False)
             if a1 > a0 and (s1 - s0) / (a1 - a0) >= STOLEN
         ]
+        found = self._in_flight(stolen, endpoint)
+        if found is None:
+            return None
+        return {
+            "p99_ms": found["p99_ms"],
+            "slow": found["slow"],
+            "slow_in_flight_while_stolen_pct": found["slow_pct"],
+            "all_in_flight_while_stolen_pct": found["all_pct"],
+            "stolen_intervals": len(stolen),
+            "intervals": len(self.cpu) - 1,
+        }
+
+    def slow_while_canary_slow(self, endpoint: str = RECOMMEND) -> dict[str, Any] | None:
+        """Whether the slowest answers (above the run's p99) were in flight while a unit
+        of the canary took at least 1.5x its median (the machine slowed, at the scale of
+        an episode rather than a window), against the same share for every answer. None
+        without the canary."""
+        if not self.canary:
+            return None
+        median = float(np.median([d for _, d in self.canary]))
+        slow_units = [(t, t + d) for t, d in self.canary if d >= 1.5 * median]
+        found = self._in_flight(slow_units, endpoint)
+        if found is None:
+            return None
+        return found | {"slow_units": len(slow_units), "units": len(self.canary)}
+
+    def _in_flight(
+        self, intervals: list[tuple[float, float]], endpoint: str
+    ) -> dict[str, Any] | None:
+        """The run's p99 of ``endpoint``, and the share (%) of the answers above it, and of
+        every answer, that were in flight during one of ``intervals``."""
         samples = [s for s in self.samples if s.endpoint == endpoint and s.status == "200"]
         if not samples:
             return None
@@ -176,20 +207,14 @@ class LoadReport:
 
         def overlaps(sample: Sample) -> bool:
             start, end = sample.due, sample.due + sample.latency_s
-            return any(t0 < end and start < t1 for t0, t1 in stolen)
+            return any(t0 < end and start < t1 for t0, t1 in intervals)
 
         slow = [s for s in samples if s.latency_s > p99]
         return {
             "p99_ms": round(p99 * 1e3, 1),
             "slow": len(slow),
-            "slow_in_flight_while_stolen_pct": round(
-                100.0 * sum(map(overlaps, slow)) / max(1, len(slow)), 1
-            ),
-            "all_in_flight_while_stolen_pct": round(
-                100.0 * sum(map(overlaps, samples)) / len(samples), 1
-            ),
-            "stolen_intervals": len(stolen),
-            "intervals": len(self.cpu) - 1,
+            "slow_pct": round(100.0 * sum(map(overlaps, slow)) / max(1, len(slow)), 1),
+            "all_pct": round(100.0 * sum(map(overlaps, samples)) / len(samples), 1),
         }
 
     def steal_pct(self, start: float, end: float) -> float | None:
@@ -248,6 +273,7 @@ class LoadReport:
             "targets": self.targets(),
             "targets_on_steady_windows": self.targets_on_whole_windows()[0],
             "slow_while_stolen": self.slow_while_stolen(),
+            "slow_while_canary_slow": self.slow_while_canary_slow(),
             "machine_load_average_1min": {
                 "start": self.load_average[0],
                 "end": self.load_average[1],
@@ -600,6 +626,14 @@ def print_report(report: LoadReport) -> None:
             f"slower than the run's p99 ({stolen['p99_ms']:g} ms): "
             f"{stolen['slow_in_flight_while_stolen_pct']:g} % in flight during one of them "
             f"(n={stolen['slow']}), every answer: {stolen['all_in_flight_while_stolen_pct']:g} %"
+        )
+    canary = report.slow_while_canary_slow()
+    if canary is not None:
+        print(
+            f"the canary's unit took >= 1.5x its median in {canary['slow_units']} of "
+            f"{canary['units']}; /recommend answers slower than the run's p99: "
+            f"{canary['slow_pct']:g} % in flight during one of them (n={canary['slow']}), "
+            f"every answer: {canary['all_pct']:g} %"
         )
     print(f"errors by status: {report.errors() or 'none'}")
     print(

@@ -142,3 +142,15 @@ def test_the_report_says_which_windows_ran_on_a_slower_machine() -> None:
     whole, count = report.targets_on_whole_windows()
     assert count == 2 and whole["recommend_p99_within_1.5x_of_median_window"] is True
     assert report.as_dict()["targets_on_steady_windows"] == whole
+    # episodes: every unit 2 ms but one of 10 ms (5x the median), from 14.0 s to 14.01 s;
+    # the 40 ms answer, due at 14.5 s, was not in flight then, nor was any other
+    steady = [(i * 0.5, 0.002) for i in range(60)]
+    report.canary = [*steady[:28], (14.0, 0.010), *steady[29:]]
+    found = report.slow_while_canary_slow()
+    assert found is not None
+    assert (found["slow_units"], found["units"], found["slow"]) == (1, 60, 1)
+    assert found["slow_pct"] == 0.0 and found["all_pct"] == 0.0
+    report.canary = [*steady[:29], (14.5, 0.010), *steady[30:]]  # during it, now
+    found = report.slow_while_canary_slow()
+    assert found is not None and found["slow_pct"] == 100.0
+    assert found["all_pct"] == round(100 / 30, 1)  # one answer of 30 was in flight
