@@ -184,12 +184,26 @@ def running(
     command: list[str], env: dict[str, str], ready_url: str, log: Path, timeout: float = 180
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Start a server, wait until ``ready_url`` answers 200 (failing with its log when it
-    dies or is late), and stop it with SIGTERM at the end."""
-    with log.open("w") as sink:
-        process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT)
+    dies or is late), and stop it with SIGTERM at the end.
+
+    Started again, once, when BentoML's process manager lost its control port: BentoML
+    picks a free port for it, lets it go and binds it later, and a server another test
+    worker starts meanwhile can take it (``ZMQError: Address already in use``, seen in
+    CI). Any other failure fails at once."""
+    for attempt in (1, 2):
+        with log.open("w") as sink:
+            process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            if wait_ready(ready_url, process, timeout) is None:
+                break
+            text = log.read_text()
+            if attempt == 2 or "ZMQError: Address already in use" not in text:
+                raise AssertionError(f"{command[0]} did not start:\n{text}")
+        except BaseException:
+            stop(process, signal.SIGTERM)
+            raise
+        stop(process, signal.SIGTERM)
     try:
-        if wait_ready(ready_url, process, timeout) is not None:
-            raise AssertionError(f"{command[0]} did not start:\n{log.read_text()}")
         yield process
     finally:
         stop(process, signal.SIGTERM)
