@@ -147,6 +147,9 @@ class NextBest:
         self.secure_cookies = settings.secure_cookies
         self._sync_lock = threading.Lock()
         self._registry_down = False
+        # the store's stamp (runtime.registry.store_stamp) when the alias was last resolved
+        # to what is served or refused: None until then
+        self._resolved_stamp: tuple[tuple[str, int, int], ...] | None = None
         # what was refused is not tried again until it changes (no reload loop)
         self._refused_version: str | None = None
         self._refused_fingerprint: str | None = None
@@ -199,14 +202,21 @@ class NextBest:
             load_bundle,
             remember_last_known_good,
             resolve_version,
+            store_stamp,
         )
 
         with self._sync_lock:
             self._apply_blocks()
             alias = self.settings.alias
+            # an unchanged SQLite store still says what it said at the last resolve: the
+            # registry's ORM is not asked again (8-15 ms of the interpreter every tick)
+            stamp = store_stamp()
+            if stamp is not None and stamp == self._resolved_stamp:
+                return
             try:
                 version, _ = resolve_version(self.model_name, alias=alias)
             except LookupError:
+                self._resolved_stamp = stamp  # no such alias in this store, yet
                 return
             except Exception as error:  # the registry briefly unreachable must not kill serving
                 if not self._registry_down:  # said once per outage, not every few seconds
@@ -217,6 +227,7 @@ class NextBest:
                 log.info("the model registry answers again (alias %s: version %s)", alias, version)
                 self._registry_down = False
             if version in (self._current_version(), self._refused_version):
+                self._resolved_stamp = stamp
                 return
             try:
                 bundle = load_bundle(self.model_name, version=version)

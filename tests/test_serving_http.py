@@ -142,10 +142,29 @@ def test_operations_endpoints(client, served: Served) -> None:  # type: ignore[n
     assert "/recommend" in docs["paths"] and "/feedback" in docs["paths"]
 
 
-def test_hot_reload_moves_to_the_new_champion_without_errors(client, served: Served) -> None:  # type: ignore[no-untyped-def]
+def test_hot_reload_moves_to_the_new_champion_without_errors(  # type: ignore[no-untyped-def]
+    client, served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Also: the watcher (every 0.2 s here) leaves a settled, unchanged store alone, and a
+    write after that is still followed."""
     from mlflow import MlflowClient
 
+    from runtime import registry
+
     newer = train_and_register(served.home, champion=False)
+    resolved: list[str] = []
+    real_resolve = registry.resolve_version
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        resolved.append(kwargs.get("alias") or "")
+        return real_resolve(*args, **kwargs)
+
+    monkeypatch.setattr(registry, "SETTLED_S", 0.5)
+    monkeypatch.setattr(registry, "resolve_version", counted)
+    time.sleep(0.6)  # the store settles: the next tick resolves once, then none do
+    resolved.clear()
+    time.sleep(2.0)  # about 10 ticks
+    assert len(resolved) <= 1, resolved
     errors: list[str] = []
     versions: list[str] = []
     stop = threading.Event()

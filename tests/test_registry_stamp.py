@@ -1,0 +1,75 @@
+"""The store stamp that lets the service's watcher skip asking an unchanged registry
+(runtime.registry.store_stamp): equal stamps only when nothing was written in between."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+
+from runtime import registry
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A SQLite database as the tracking URI, last written a minute ago."""
+    import mlflow
+
+    database = tmp_path / "mlflow.db"
+    with closing(sqlite3.connect(database)) as connection:
+        connection.execute("CREATE TABLE aliases (name TEXT PRIMARY KEY, version TEXT)")
+        connection.execute("INSERT INTO aliases VALUES ('champion', '1')")
+        connection.commit()
+    a_minute_ago = time.time() - 60
+    os.utime(database, (a_minute_ago, a_minute_ago))
+    monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: f"sqlite:///{database}")
+    return database
+
+
+def _write(database: Path, version: str) -> None:
+    with closing(sqlite3.connect(database)) as connection:
+        connection.execute("UPDATE aliases SET version = ? WHERE name = 'champion'", (version,))
+        connection.commit()
+
+
+def test_an_unwritten_store_keeps_its_stamp_and_a_read_does_not_change_it(store: Path) -> None:
+    first = registry.store_stamp()
+    assert first is not None and first[0][0] == "mlflow.db"
+    with closing(sqlite3.connect(store)) as connection:
+        assert connection.execute("SELECT version FROM aliases").fetchall() == [("1",)]
+    assert registry.store_stamp() == first
+
+
+def test_a_write_is_a_new_stamp_even_of_the_same_size(store: Path) -> None:
+    first = registry.store_stamp()
+    _write(store, "2")  # one character for another: the file's size does not change
+    assert store.stat().st_size == first[0][1]  # type: ignore[index]
+    # just written: not trusted, the registry is asked
+    assert registry.store_stamp() is None
+    later = registry.store_stamp(now=time.time() + registry.SETTLED_S + 1)
+    assert later is not None and later != first
+
+
+def test_a_journal_or_wal_beside_the_database_is_part_of_the_stamp(store: Path) -> None:
+    first = registry.store_stamp()
+    wal = store.with_name("mlflow.db-wal")
+    wal.write_bytes(b"\0" * 32)
+    a_minute_ago = time.time() - 60
+    os.utime(wal, (a_minute_ago, a_minute_ago))
+    second = registry.store_stamp()
+    assert second is not None and second != first and len(second) == 2
+
+
+def test_a_store_that_cannot_be_stamped_is_asked(
+    store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+
+    store.unlink()
+    assert registry.store_stamp() is None  # gone: the registry says why
+    monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: "http://127.0.0.1:5000")
+    assert registry.store_stamp() is None  # a tracking server: always asked
