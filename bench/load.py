@@ -14,7 +14,9 @@
    by a client that waited for it).
 3. **The report**: p50 and p99 of each endpoint per 10-second window, errors by status,
    and every feedback the service accepted found again in the ledger database (read after
-   the run, with plain SQL). The targets: zero errors, zero lost feedback, and each
+   the run, with plain SQL); beside them, the machine's steal and speed (a canary process)
+   per window, and the service's own CPU, run and waited for, over the run and while its
+   slowest answers were in flight. The targets: zero errors, zero lost feedback, and each
    endpoint's p99 in every window within 1.5x of its median window. PASS/FAIL per target;
    the exit status is 1 if any fails.
 
@@ -41,11 +43,11 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-__all__ = ["LoadPlan", "LoadReport", "lost_feedback", "measure", "serve"]
+__all__ = ["LoadPlan", "LoadReport", "Running", "lost_feedback", "measure", "serve"]
 
 RECOMMEND = "/recommend"
 FEEDBACK = "/feedback"
@@ -70,6 +72,56 @@ while True:
         total += i * i
     print(f"{start} {time.monotonic() - start}", flush=True)
     time.sleep(max(0.0, period - (time.monotonic() - start)))
+"""
+
+# the service's own processes, read from outside them: every SCHED_SAMPLE_S, the CPU time
+# its threads ran and the time they waited runnable for a CPU (Linux schedstat: the
+# kernel's run queue, not the interpreter lock), summed over every thread of the
+# ``bentoml serve`` process and its descendants (the worker); each line is the interval's
+# end on the monotonic clock and its two deltas in ns. A thread born or gone in between
+# counts from when it is seen
+SCHED_SAMPLE_S = 0.02
+_SCHED = """
+import os, sys, time
+root, period = int(sys.argv[1]), float(sys.argv[2])
+def tree(pid):
+    found = [pid]
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children") as f:
+                    kids = f.read().split()
+            except OSError:
+                kids = []
+            for kid in kids:
+                found += tree(int(kid))
+    except OSError:
+        pass
+    return found
+last, pids, seen = {}, [], 0.0
+while True:
+    now = time.monotonic()
+    if now - seen > 1.0:
+        pids, seen = tree(root), now
+    counts = {}
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    ran, waited = f.read().split()[:2]
+                counts[(pid, tid)] = (int(ran), int(waited))
+            except (OSError, ValueError):
+                continue
+    if last:
+        ran = sum(max(0, c[0] - last.get(k, c)[0]) for k, c in counts.items())
+        waited = sum(max(0, c[1] - last.get(k, c)[1]) for k, c in counts.items())
+        print(f"{now} {ran} {waited}", flush=True)
+    last = counts
+    time.sleep(max(0.0, period - (time.monotonic() - now)))
 """
 
 
@@ -112,6 +164,10 @@ class LoadReport:
     # the canary's units through the steady run: (seconds since its start, seconds the
     # unit took); empty where it could not run
     canary: list[tuple[float, float]] = field(default_factory=list)
+    # the service's processes through the steady run, per SCHED_SAMPLE_S: (seconds since its
+    # start at the interval's end, seconds its threads ran, seconds they waited for a CPU);
+    # empty where /proc has no schedstat or the service's pid is not known
+    service: list[tuple[float, float, float]] = field(default_factory=list)
 
     def errors(self) -> dict[str, int]:
         """Non-200 answers, in the ramp or the steady run, by endpoint and status (a 404
@@ -195,6 +251,42 @@ class LoadReport:
             return None
         return found | {"slow_units": len(slow_units), "units": len(self.canary)}
 
+    def service_while_slow(self, endpoint: str = RECOMMEND) -> dict[str, Any] | None:
+        """The service's CPU over the steady run, and over the intervals in which one of
+        the slowest answers (above the run's p99) was in flight: cores it ran on, and cores'
+        worth of its threads waiting runnable for a CPU. Work of its own piling up (a
+        burst, a background task) shows as more running there; the CPU taken by the
+        hypervisor or another process, as more waiting with the same running. None without
+        readings."""
+        if len(self.service) < 2:
+            return None
+        samples = [s for s in self.samples if s.endpoint == endpoint and s.status == "200"]
+        if not samples:
+            return None
+        p99 = float(np.percentile([s.latency_s for s in samples], 99))
+        slow = [(s.due, s.due + s.latency_s) for s in samples if s.latency_s > p99]
+        spans = [
+            (t0, t1, ran, waited)
+            for (t0, _, _), (t1, ran, waited) in zip(self.service, self.service[1:], strict=False)
+        ]
+
+        def cores(chosen: list[tuple[float, float, float, float]]) -> dict[str, float]:
+            seconds = sum(t1 - t0 for t0, t1, _, _ in chosen)
+            return {
+                "running": round(sum(r for _, _, r, _ in chosen) / max(seconds, 1e-9), 2),
+                "waiting": round(sum(w for _, _, _, w in chosen) / max(seconds, 1e-9), 2),
+            }
+
+        during = [
+            span for span in spans if any(span[0] < end and start < span[1] for start, end in slow)
+        ]
+        return {
+            "p99_ms": round(p99 * 1e3, 1),
+            "slow": len(slow),
+            "run": cores(spans),
+            "while_slow": cores(during),
+        }
+
     def _in_flight(
         self, intervals: list[tuple[float, float]], endpoint: str
     ) -> dict[str, Any] | None:
@@ -274,6 +366,7 @@ class LoadReport:
             "targets_on_steady_windows": self.targets_on_whole_windows()[0],
             "slow_while_stolen": self.slow_while_stolen(),
             "slow_while_canary_slow": self.slow_while_canary_slow(),
+            "service_cpu_cores": self.service_while_slow(),
             "machine_load_average_1min": {
                 "start": self.load_average[0],
                 "end": self.load_average[1],
@@ -384,34 +477,62 @@ async def _closed_loop(visitor: _Visitor, clients: int, seconds: float) -> float
 
 
 @contextmanager
-def _canary(into: list[tuple[float, float]] | None) -> Iterator[float]:
-    """The canary (see CANARY_WORK) in a process of its own while the block runs; yields
-    the visits' clock zero (``time.perf_counter()``), and puts the canary's units into
-    ``into``: seconds since that zero (read on the monotonic clock, which the canary's
-    process shares), seconds taken."""
-    if into is None:
+def _probes(
+    canary: list[tuple[float, float]] | None,
+    service: list[tuple[float, float, float]] | None = None,
+    service_pid: int | None = None,
+) -> Iterator[float]:
+    """While the block runs, the canary (see CANARY_WORK) and, given the service's pid,
+    the reading of its processes (see SCHED_SAMPLE_S), each in a process of its own;
+    yields the visits' clock zero (``time.perf_counter()``), and puts the canary's units
+    into ``canary`` (seconds since that zero, seconds taken) and the service's intervals
+    into ``service`` (seconds since that zero, seconds run, seconds waited). Both
+    processes read the monotonic clock, which this one shares."""
+    if canary is None:
         yield time.perf_counter()
         return
-    with tempfile.TemporaryFile("w+") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-c", _CANARY, str(CANARY_WORK), str(CPU_SAMPLE_S)],
-            stdout=sink,
-            stderr=subprocess.DEVNULL,
-        )
+    reading = service is not None and service_pid is not None
+    with tempfile.TemporaryFile("w+") as units, tempfile.TemporaryFile("w+") as sched:
+        processes = [
+            subprocess.Popen(
+                [sys.executable, "-c", _CANARY, str(CANARY_WORK), str(CPU_SAMPLE_S)],
+                stdout=units,
+                stderr=subprocess.DEVNULL,
+            )
+        ]
+        if reading and os.path.exists(f"/proc/{service_pid}/task"):
+            processes.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", _SCHED, str(service_pid), str(SCHED_SAMPLE_S)],
+                    stdout=sched,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
         zero, monotonic_zero = time.perf_counter(), time.monotonic()
         try:
             yield zero
         finally:
-            process.kill()
-            process.wait()
-            sink.seek(0)
-            for line in sink:
-                values = line.split()
-                if len(values) != 2:  # a line cut by the kill
-                    continue
-                started, took = float(values[0]), float(values[1])
+            for process in processes:
+                process.kill()
+                process.wait()
+            for values in _lines(units, 2):
+                started, took = values
                 if started >= monotonic_zero:
-                    into.append((started - monotonic_zero, took))
+                    canary.append((started - monotonic_zero, took))
+            if service is not None:
+                for values in _lines(sched, 3):
+                    ended, ran, waited = values
+                    if ended >= monotonic_zero:
+                        service.append((ended - monotonic_zero, ran / 1e9, waited / 1e9))
+
+
+def _lines(sink: Any, width: int) -> Iterator[list[float]]:
+    """A probe's output, each whole line as numbers (a line cut by the kill is skipped)."""
+    sink.seek(0)
+    for line in sink:
+        values = line.split()
+        if len(values) == width:
+            yield [float(v) for v in values]
 
 
 async def _open_loop(
@@ -422,14 +543,17 @@ async def _open_loop(
     *,
     probe: bool = False,
     canary: list[tuple[float, float]] | None = None,
+    service: list[tuple[float, float, float]] | None = None,
+    service_pid: int | None = None,
 ) -> float:
     """Visits due evenly at ``rate`` per second for ``seconds``, whatever the server does;
     beyond MAX_IN_FLIGHT a due visit is counted as an error rather than queued (a
     ``probe`` of the maximum skips it instead: the load generator held back, the service
-    refused nothing). The machine's CPU counters go into ``cpu`` meanwhile, and the
-    canary's units into ``canary`` (when given). Returns the visits per second that ended
+    refused nothing). The machine's CPU counters go into ``cpu`` meanwhile, the
+    canary's units into ``canary`` and the service's readings into ``service`` (when
+    given; see :func:`_probes`). Returns the visits per second that ended
     within ``seconds``: the rate the service answered."""
-    with _canary(canary) as clock_zero:
+    with _probes(canary, service, service_pid) as clock_zero:
         return await _visits(visitor, rate, seconds, cpu, clock_zero, probe=probe)
 
 
@@ -464,7 +588,9 @@ async def _visits(
     return sum(t <= seconds for t in visitor.finished[ended_before:]) / seconds
 
 
-async def _measure(base: str, customers: Sequence[str], plan: LoadPlan) -> LoadReport:
+async def _measure(
+    base: str, customers: Sequence[str], plan: LoadPlan, service_pid: int | None
+) -> LoadReport:
     import aiohttp
 
     load_at_start = os.getloadavg()[0]
@@ -505,7 +631,16 @@ async def _measure(base: str, customers: Sequence[str], plan: LoadPlan) -> LoadR
         rate = plan.share * best
         cpu: list[tuple[float, int, int]] = []
         canary: list[tuple[float, float]] = []
-        await _open_loop(steady, rate, plan.seconds, cpu, canary=canary)
+        service: list[tuple[float, float, float]] = []
+        await _open_loop(
+            steady,
+            rate,
+            plan.seconds,
+            cpu,
+            canary=canary,
+            service=service,
+            service_pid=service_pid,
+        )
     # the ramp's answers count too: everything the service accepted must be in the ledger
     return LoadReport(
         best,
@@ -519,13 +654,20 @@ async def _measure(base: str, customers: Sequence[str], plan: LoadPlan) -> LoadR
         load_average=(round(load_at_start, 2), round(os.getloadavg()[0], 2)),
         cpu=cpu,
         canary=canary,
+        service=service,
     )
 
 
-def measure(base: str, customers: Sequence[str], plan: LoadPlan | None = None) -> LoadReport:
-    """Ramp, then the steady run, against the service at ``base``. The ledger is not read
-    here: call :func:`lost_feedback` with the service's database once it has written."""
-    return asyncio.run(_measure(base.rstrip("/"), customers, plan or LoadPlan()))
+def measure(
+    base: str,
+    customers: Sequence[str],
+    plan: LoadPlan | None = None,
+    service_pid: int | None = None,
+) -> LoadReport:
+    """Ramp, then the steady run, against the service at ``base`` (whose processes are
+    read through the steady run when its pid is given). The ledger is not read here: call
+    :func:`lost_feedback` with the service's database once it has written."""
+    return asyncio.run(_measure(base.rstrip("/"), customers, plan or LoadPlan(), service_pid))
 
 
 def lost_feedback(
@@ -552,11 +694,18 @@ def lost_feedback(
     return {"feedback": len(posted - rows), "slates": len(served - slates)}
 
 
+class Running(NamedTuple):
+    """A served instance: its base URL, and the pid of its ``bentoml serve`` process."""
+
+    base: str
+    pid: int
+
+
 @contextmanager
-def serve(env: dict[str, str], log: Path, timeout: float = 180) -> Iterator[str]:
+def serve(env: dict[str, str], log: Path, timeout: float = 180) -> Iterator[Running]:
     """``bentoml serve`` of the service (as ``nextbest serve`` starts it) on a free
-    loopback port, with ``env`` over this process's environment; yields its base URL once
-    /readyz answers, and stops it with SIGINT (BentoML's clean shutdown) at the end."""
+    loopback port, with ``env`` over this process's environment; yields it once /readyz
+    answers, and stops it with SIGINT (BentoML's clean shutdown) at the end."""
     import signal
 
     from bench.serving import _free_port
@@ -579,7 +728,7 @@ def serve(env: dict[str, str], log: Path, timeout: float = 180) -> Iterator[str]
         base = f"http://127.0.0.1:{port}"
         if wait_ready(f"{base}/readyz", process, timeout) is not None:
             raise RuntimeError(f"the service did not start:\n{log.read_text()[-4000:]}")
-        yield base
+        yield Running(base, process.pid)
     finally:
         stop(process, signal.SIGINT)
 
@@ -634,6 +783,15 @@ def print_report(report: LoadReport) -> None:
             f"{canary['units']}; /recommend answers slower than the run's p99: "
             f"{canary['slow_pct']:g} % in flight during one of them (n={canary['slow']}), "
             f"every answer: {canary['all_pct']:g} %"
+        )
+    service = report.service_while_slow()
+    if service is not None:
+        run, slow = service["run"], service["while_slow"]
+        print(
+            f"the service's processes ran on {run['running']:g} cores and waited for a CPU "
+            f"{run['waiting']:g} cores' worth over the steady run; while /recommend answers "
+            f"slower than its p99 were in flight (n={service['slow']}): ran on "
+            f"{slow['running']:g}, waited {slow['waiting']:g}"
         )
     print(f"errors by status: {report.errors() or 'none'}")
     print(
@@ -779,7 +937,7 @@ def run_isolation() -> dict[str, Any]:
         env, customers, _, version = _demo(Path(folder))
         products = Workspace(Path(env["NEXTBEST_WORKSPACE"])).read("products", ["product_id"])
         cart = products["product_id"].astype(str).head(HEAVY_CART).tolist()
-        with serve(env, Path(folder) / "serve.log") as base:
+        with serve(env, Path(folder) / "serve.log") as (base, _):
             request = urllib.request.Request(
                 f"{base}{RECOMMEND}",
                 data=json.dumps({"customer_id": customers[0], "channel": "web"}).encode(),
@@ -859,8 +1017,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="nextbest-load-") as folder:
         env, customers, db_url, version = _demo(Path(folder))
-        with serve(env, Path(folder) / "serve.log") as base:
-            report = measure(base, customers, plan)
+        with serve(env, Path(folder) / "serve.log") as running:
+            report = measure(running.base, customers, plan, service_pid=running.pid)
         report.lost = lost_feedback(db_url, report.posted, report.served)
         if args.keep_ledger is not None:
             _keep(db_url, args.keep_ledger)

@@ -29,9 +29,12 @@ def test_ten_seconds_of_load_lose_nothing_and_fail_nothing(
         "BENTOML_HOME": str(folder / "bentoml"),
     }
     customers = served.workspace.read("customers", ["customer_id"])["customer_id"].tolist()
-    with serve(env, folder / "serve.log") as base:
-        report = measure(base, customers, SHORT)
+    with serve(env, folder / "serve.log") as (base, pid):
+        report = measure(base, customers, SHORT, service_pid=pid)
     assert report.errors() == {}, (folder / "serve.log").read_text()[-4000:]
+    # the service's processes were read from outside through the steady run
+    reading = report.service_while_slow()
+    assert reading is not None and reading["run"]["running"] > 0
     # the steady run sent what it was planned to, in every window, and fed back what it got
     windows = report.windows()
     assert len(windows) == 5 and all(w["/recommend"]["requests"] > 0 for w in windows)
@@ -154,3 +157,22 @@ def test_the_report_says_which_windows_ran_on_a_slower_machine() -> None:
     found = report.slow_while_canary_slow()
     assert found is not None and found["slow_pct"] == 100.0
     assert found["all_pct"] == round(100 / 30, 1)  # one answer of 30 was in flight
+
+
+def test_the_report_says_whether_the_service_ran_more_or_waited_more_while_slow() -> None:
+    """The service's readings written by hand, every 0.5 s: it ran half a core throughout
+    and waited 0.05 cores' worth for a CPU, except from 14.5 to 15.0 s, when it waited half
+    a core's worth: the one slow answer (40 ms, due at 14.5 s) was in flight then."""
+    from bench.load import LoadReport, Sample
+
+    samples = [Sample("/recommend", i + 0.5, 0.040 if i == 14 else 0.010, "200") for i in range(30)]
+    report = LoadReport(10.0, [], 1.0, samples, 10.0)
+    assert report.service_while_slow() is None  # no readings
+    report.service = [
+        (k * 0.5, 0.25, 0.25 if k == 30 else 0.025) for k in range(61)
+    ]  # the entry at 15.0 s closes the interval 14.5-15.0 s
+    found = report.service_while_slow()
+    assert found is not None and found["slow"] == 1
+    assert found["run"] == {"running": 0.5, "waiting": round((59 * 0.025 + 0.25) / 30, 2)}
+    assert found["while_slow"] == {"running": 0.5, "waiting": 0.5}
+    assert report.as_dict()["service_cpu_cores"] == found
