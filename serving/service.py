@@ -184,9 +184,22 @@ class NextBest:
         steady load), and those objects live as long as they are served."""
         _freeze_heap()
         frozen = (self.recommender, self._current_version())
+        failing = False
         while not self._stop.wait(self.settings.reload_seconds):
-            self._refresh_snapshot()
-            self.sync()
+            try:
+                self._refresh_snapshot()
+                self.sync()
+            except Exception:  # unforeseen: said once, and the watching goes on
+                if not failing:
+                    log.exception(
+                        "the alias watcher's check failed; tried again every %g s",
+                        self.settings.reload_seconds,
+                    )
+                failing = True
+                continue
+            if failing:
+                log.info("the alias watcher's check succeeds again")
+                failing = False
             # a switch made here or by the review page (its own sync()) since the last freeze
             serving = (self.recommender, self._current_version())
             if serving != frozen:

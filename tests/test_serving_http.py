@@ -196,6 +196,42 @@ def test_hot_reload_moves_to_the_new_champion_without_errors(  # type: ignore[no
     MlflowClient().set_registered_model_alias(served.model_name, "champion", served.version)
 
 
+def test_a_check_that_fails_unforeseen_does_not_end_the_watching(  # type: ignore[no-untyped-def]
+    client, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The watcher (every 0.2 s here) meets an error nothing foresaw in one check: it says
+    so once and checks again, where the error ended its thread and the alias was never
+    followed again."""
+    from runtime import registry
+
+    calls: list[float] = []
+    real_stamp = registry.store_stamp
+
+    def failing_once(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            raise RuntimeError("unforeseen")
+        return real_stamp(*args, **kwargs)
+
+    monkeypatch.setattr(registry, "store_stamp", failing_once)
+    with caplog.at_level("INFO", logger="nextbest.serving"):
+        deadline = time.monotonic() + 10
+        while len(calls) < 5 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert len(calls) >= 5, calls  # checked again after the failure
+    said = [r.getMessage() for r in caplog.records if "alias watcher" in r.getMessage()]
+    assert said[:2] == [
+        "the alias watcher's check failed; tried again every 0.2 s",
+        "the alias watcher's check succeeds again",
+    ]
+    assert (
+        client.post(
+            "/recommend", json={"customer_id": "S00010", "channel": "app", "k": 1}
+        ).status_code
+        == 200
+    )
+
+
 def test_nextbest_serve_end_to_end(served: Served, tmp_path: Path) -> None:
     port = free_port()
     env = os.environ | {
