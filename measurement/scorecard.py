@@ -1206,11 +1206,11 @@ def read_ledger_opportunities(url: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     import sqlalchemy as sa
 
     from serving.export import exposure_id, read_ledger
-    from serving.ledger import GHOST_MODE, ghost_offers, slates
+    from serving.ledger import GHOST_MODE, engine_url, ghost_offers, slates
 
     rows = read_ledger(url)
     served = rows.served
-    engine = sa.create_engine(url)
+    engine = sa.create_engine(engine_url(url))
     try:
         with engine.connect() as connection:
             ghosts = pd.DataFrame(columns=served.columns)

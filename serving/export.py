@@ -43,7 +43,14 @@ import sqlalchemy as sa
 
 from features.contract import LEDGER_EXPOSURE_PREFIX, OUTCOMES, coerce_table
 from features.workspace import Workspace, rewrite_workspace
-from serving.ledger import CONNECT_TIMEOUT_S, GHOST_MODE, feedback, slate_offers, slates
+from serving.ledger import (
+    CONNECT_TIMEOUT_S,
+    GHOST_MODE,
+    engine_url,
+    feedback,
+    slate_offers,
+    slates,
+)
 
 __all__ = [
     "EXPOSURE_PREFIX",
@@ -150,6 +157,7 @@ def read_ledger(url: str) -> LedgerRows:
     does not exist (it is not created), a database without the ledger's tables, or one
     that cannot be reached.
     """
+    url = engine_url(url)
     parsed = sa.make_url(url)
     options: dict[str, Any] = {}
     if parsed.get_backend_name() == "sqlite":

@@ -69,6 +69,7 @@ __all__ = [
     "Logged",
     "ServedOffer",
     "SqlLedger",
+    "engine_url",
     "erasures",
     "ghost_offers",
     "offer_kills",
@@ -106,6 +107,18 @@ slates = sa.Table(
     sa.Column("holdout", sa.Boolean, nullable=False),
     sa.Column("at_s", sa.BigInteger, nullable=False, index=True),
 )
+
+
+def engine_url(url: str) -> str:
+    """A ledger URL as it is opened: PostgreSQL named without a driver (``postgresql://``,
+    or the ``postgres://`` many hosting services hand out, which SQLAlchemy does not know)
+    is opened with psycopg 3, the driver installed and the one the client-side deadline
+    watches (:mod:`serving.deadline`), whatever SQLAlchemy's own default driver (psycopg2
+    before 2.1). Any other URL is returned as given."""
+    parsed = sa.make_url(url)
+    if parsed.drivername not in ("postgresql", "postgres"):
+        return url
+    return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
 
 
 def _offer_columns() -> list[sa.Column[Any]]:
@@ -349,6 +362,7 @@ class SqlLedger:
         retry_after_s: float = RETRY_AFTER_S,
         read_only: bool = False,
     ) -> None:
+        url = engine_url(url)
         self.url = url
         self.read_only = read_only
         self.retry_after_s = retry_after_s

@@ -208,3 +208,26 @@ def test_live_offer_counts_land_on_their_rows(small_workspace) -> None:  # type:
             live[(ids[i], names[offers[i]])] = rng.randint(1, 5)
         expected = [live.get((c, names[o]), 0) for c, o in zip(ids, offers, strict=True)]
         assert combined._per_row(live, ids, offers).tolist() == expected
+
+
+@pytest.mark.parametrize("scheme", ["postgresql://", "postgres://"])
+def test_a_postgresql_url_without_a_driver_opens_with_psycopg_3(
+    scheme: str, postgres_url: str
+) -> None:
+    """The URL a database host hands out names no driver, often as ``postgres://``, which
+    SQLAlchemy does not know (NoSuchModuleError before). Both open with psycopg 3, with the
+    client-side deadline, and the export reads what was written."""
+    from serving.export import read_ledger
+    from serving.ledger import _metadata
+
+    plain = scheme + postgres_url.split("://", 1)[1]
+    ledger = SqlLedger(plain)
+    try:
+        assert ledger.engine.dialect.driver == "psycopg" and ledger._deadlines is not None
+        _slate(ledger, "r-plain", "c1", "email", 1_000)
+        served = read_ledger(plain).served
+        assert served["request_id"].tolist() == ["r-plain", "r-plain"]
+        assert served["offer_id"].tolist() == ["a", "b"]
+    finally:
+        _metadata.drop_all(ledger.engine)
+        ledger.dispose()

@@ -4,6 +4,8 @@ here."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import sqlalchemy as sa
 from serving_helpers import train_and_register
@@ -32,9 +34,10 @@ def test_ten_seconds_of_load_lose_nothing_and_fail_nothing(
     with serve(env, folder / "serve.log") as (base, pid):
         report = measure(base, customers, SHORT, service_pid=pid)
     assert report.errors() == {}, (folder / "serve.log").read_text()[-4000:]
-    # the service's processes were read from outside through the steady run
-    reading = report.service_while_slow()
-    assert reading is not None and reading["run"]["running"] > 0
+    # the service's processes were read from outside through the steady run (Linux)
+    if os.path.isdir("/proc/self/task"):
+        reading = report.service_while_slow()
+        assert reading is not None and reading["run"]["running"] > 0
     # the steady run sent what it was planned to, in every window, and fed back what it got
     windows = report.windows()
     assert len(windows) == 5 and all(w["/recommend"]["requests"] > 0 for w in windows)
