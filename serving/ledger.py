@@ -362,6 +362,9 @@ class SqlLedger:
         retry_after_s: float = RETRY_AFTER_S,
         read_only: bool = False,
     ) -> None:
+        # the buffer's name comes from the URL as given, as before engine_url: a buffer left
+        # by an earlier process under a driverless URL is found and flushed
+        self._given_url = sa.make_url(url)
         url = engine_url(url)
         self.url = url
         self.read_only = read_only
@@ -472,7 +475,7 @@ class SqlLedger:
             return self.file.with_name(self.file.name + ".buffer")
         from runtime.settings import Settings
 
-        safe = self.engine.url.render_as_string(hide_password=True)
+        safe = self._given_url.render_as_string(hide_password=True)
         digest = hashlib.sha256(safe.encode()).hexdigest()[:12]
         return Settings.load().home / f"ledger-buffer-{digest}.db"
 

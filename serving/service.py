@@ -186,20 +186,24 @@ class NextBest:
         frozen = (self.recommender, self._current_version())
         failing = False
         while not self._stop.wait(self.settings.reload_seconds):
-            try:
-                self._refresh_snapshot()
-                self.sync()
-            except Exception:  # unforeseen: said once, and the watching goes on
-                if not failing:
-                    log.exception(
-                        "the alias watcher's check failed; tried again every %g s",
-                        self.settings.reload_seconds,
-                    )
-                failing = True
-                continue
-            if failing:
+            failed = False
+            # each check on its own: a workspace that cannot be read must not stop the
+            # reviewers' blocks and the alias from being followed
+            for check in (self._refresh_snapshot, self.sync):
+                try:
+                    check()
+                except Exception:  # unforeseen: said once, and the watching goes on
+                    if not failing:
+                        log.exception(
+                            "the alias watcher's check failed; tried again every %g s",
+                            self.settings.reload_seconds,
+                        )
+                    failed = True
+            if failing and not failed:
                 log.info("the alias watcher's check succeeds again")
-                failing = False
+            failing = failed
+            if failed:
+                continue
             # a switch made here or by the review page (its own sync()) since the last freeze
             serving = (self.recommender, self._current_version())
             if serving != frozen:
