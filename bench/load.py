@@ -258,13 +258,11 @@ class LoadReport:
         burst, a background task) shows as more running there; the CPU taken by the
         hypervisor or another process, as more waiting with the same running. None without
         readings."""
-        if len(self.service) < 2:
+        found = self._slowest(endpoint)
+        if len(self.service) < 2 or found is None:
             return None
-        samples = [s for s in self.samples if s.endpoint == endpoint and s.status == "200"]
-        if not samples:
-            return None
-        p99 = float(np.percentile([s.latency_s for s in samples], 99))
-        slow = [(s.due, s.due + s.latency_s) for s in samples if s.latency_s > p99]
+        _, p99, slowest = found
+        slow = [(s.due, s.due + s.latency_s) for s in slowest]
         spans = [
             (t0, t1, ran, waited)
             for (t0, _, _), (t1, ran, waited) in zip(self.service, self.service[1:], strict=False)
@@ -287,21 +285,29 @@ class LoadReport:
             "while_slow": cores(during),
         }
 
+    def _slowest(self, endpoint: str) -> tuple[list[Sample], float, list[Sample]] | None:
+        """The steady run's answered ``endpoint`` samples, their p99 (s), and the answers
+        above it; None without answers."""
+        samples = [s for s in self.samples if s.endpoint == endpoint and s.status == "200"]
+        if not samples:
+            return None
+        p99 = float(np.percentile([s.latency_s for s in samples], 99))
+        return samples, p99, [s for s in samples if s.latency_s > p99]
+
     def _in_flight(
         self, intervals: list[tuple[float, float]], endpoint: str
     ) -> dict[str, Any] | None:
         """The run's p99 of ``endpoint``, and the share (%) of the answers above it, and of
         every answer, that were in flight during one of ``intervals``."""
-        samples = [s for s in self.samples if s.endpoint == endpoint and s.status == "200"]
-        if not samples:
+        found = self._slowest(endpoint)
+        if found is None:
             return None
-        p99 = float(np.percentile([s.latency_s for s in samples], 99))
+        samples, p99, slow = found
 
         def overlaps(sample: Sample) -> bool:
             start, end = sample.due, sample.due + sample.latency_s
             return any(t0 < end and start < t1 for t0, t1 in intervals)
 
-        slow = [s for s in samples if s.latency_s > p99]
         return {
             "p99_ms": round(p99 * 1e3, 1),
             "slow": len(slow),
