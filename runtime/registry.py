@@ -50,10 +50,12 @@ __all__ = [
     "EXPERIMENT",
     "FEATURES_TAG",
     "MODEL_PREFIX",
+    "STAMP_TRUST_S",
     "ModelArtifactError",
     "ModelBundle",
     "ModelMismatchError",
     "RegistryUnavailable",
+    "Stamp",
     "UnknownVersion",
     "booster_checksum",
     "check_logged_model",
@@ -136,11 +138,11 @@ def model_name(workspace_id: str) -> str:
 def configure_tracking(settings: Settings | None = None, *, serving: bool = False) -> str:
     """Point MLflow at ``MLFLOW_TRACKING_URI`` or the embedded store; return the URI.
 
-    Keeps MLflow offline and quiet. For training (the default) it also makes sure the
-    experiment exists, with its artifacts in this store's ``artifacts/`` (also after the
-    store was copied or moved). ``serving=True`` only reads: no experiment is made, and a
-    tracking server is given up on after a few seconds instead of minutes (the
-    ``MLFLOW_HTTP_REQUEST_*`` settings, unless set already).
+    Keeps MLflow offline and quiet, and its pickle-based flavors shut. For training (the
+    default) it also makes sure the experiment exists, with its artifacts in this store's
+    ``artifacts/`` (also after the store was copied or moved). ``serving=True`` only
+    reads: no experiment is made, and a tracking server is given up on after a few seconds
+    instead of minutes (the ``MLFLOW_HTTP_REQUEST_*`` settings, unless set already).
 
     The models folder must exist unless it is the default one (see
     ``Settings.require_models_dir``).
@@ -148,6 +150,12 @@ def configure_tracking(settings: Settings | None = None, *, serving: bool = Fals
     import mlflow
 
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # MLflow's pickle-based flavors (scikit-learn, pyfunc's Python models, …) refuse to
+    # unpickle in a nextbest process, unless the variable says otherwise: nextbest loads
+    # no model through a flavor (the booster is read as text here), so a crafted model in
+    # a shared store cannot run code through one (CVE-2024-37052 to 37060, which have no
+    # fixed version; see docs/RELIABILITY.md, pip-audit)
+    os.environ.setdefault("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
     if serving:
         for key, value in BOUNDED_HTTP.items():
             os.environ.setdefault(key, value)
@@ -260,12 +268,23 @@ SETTLED_S = 2.0
 modification time moves in clock ticks (a few ms, a second on some file systems), so a
 write in the same tick as the last look would leave the stamp unchanged."""
 
+STAMP_TRUST_S = 60.0
+"""How long an unchanged stamp is trusted: the service's watcher asks the registry at
+least this often whatever the stamp says, so a write that no stamp shows (a file system
+that does not move modification times, a store written through another path) is followed
+within a minute, never missed for good."""
 
-def store_stamp(now: float | None = None) -> tuple[tuple[str, int, int], ...] | None:
-    """What changes whenever a SQLite store (the embedded one, or any ``sqlite:///``
-    tracking URI) is written: the size and modification time of its database and of its
-    journal and WAL files, where they exist. Two equal stamps mean that nothing was written
-    in between, so an alias resolved at the first is still what the registry says.
+Stamp = tuple[tuple[str, int, int, int, int], ...]
+
+
+def store_stamp(now: float | None = None) -> Stamp | None:
+    """What changes whenever a SQLite registry store (the embedded one, or any
+    ``sqlite:///`` registry URI) is written or replaced: the size, modification time,
+    change time and inode of its database and of its journal and WAL files, where they
+    exist. The database's path is resolved first (a symlinked ``mlflow.db`` keeps its
+    journal and WAL beside the file it points to, where SQLite writes them). Two equal
+    stamps mean that nothing was written in between, so an alias resolved at the first is
+    still what the registry says.
 
     None means "ask the registry": a tracking server or any other store, a database that
     cannot be read, or one written within SETTLED_S of ``now`` (``time.time()``).
@@ -273,14 +292,15 @@ def store_stamp(now: float | None = None) -> tuple[tuple[str, int, int], ...] | 
     Resolving an alias through ``MlflowClient`` costs 8-15 ms of the serving process's
     interpreter; the service's watcher asks every few seconds, so skipping an unchanged
     store keeps that pause off the requests in flight."""
+    import os
     import time
 
     import mlflow
 
-    uri = mlflow.get_tracking_uri()
+    uri = mlflow.get_registry_uri()
     if not uri.startswith("sqlite:///"):
         return None
-    database = Path(uri.removeprefix("sqlite:///"))
+    database = Path(os.path.realpath(uri.removeprefix("sqlite:///")))
     now = time.time() if now is None else now
     stamp = []
     for path in (database, *(database.with_name(database.name + s) for s in ("-wal", "-journal"))):
@@ -294,7 +314,7 @@ def store_stamp(now: float | None = None) -> tuple[tuple[str, int, int], ...] | 
             return None
         if now - info.st_mtime < SETTLED_S:
             return None
-        stamp.append((path.name, info.st_size, info.st_mtime_ns))
+        stamp.append((path.name, info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino))
     return tuple(stamp)
 
 

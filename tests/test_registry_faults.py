@@ -172,6 +172,28 @@ def test_a_model_that_would_be_unpickled_is_refused(
     assert not marker.exists()
 
 
+def test_mlflow_flavors_that_unpickle_are_shut_in_a_nextbest_process(
+    trained: Served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scikit-learn model in the store (anyone who can write to a shared store can log
+    one) cannot be unpickled through MLflow once nextbest has configured it."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from sklearn.dummy import DummyClassifier
+
+    monkeypatch.delenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", raising=False)
+    copy_home(trained, tmp_path, monkeypatch)  # configure_tracking, as every command does
+    assert os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "false"
+    with mlflow.start_run():
+        info = mlflow.sklearn.log_model(
+            DummyClassifier().fit([[0], [1]], [0, 1]), name="crafted", pip_requirements=[]
+        )
+    with pytest.raises(MlflowException, match="MLFLOW_ALLOW_PICKLE_DESERIALIZATION"):
+        mlflow.sklearn.load_model(info.model_uri)
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")  # the oracle: it loads
+    assert mlflow.sklearn.load_model(info.model_uri).predict([[1]]).tolist() in ([0], [1])
+
+
 def _register_a_copy_of_version_1(served: Served) -> str:
     """Version 2: version 1's booster and bundle logged again (its own files) and
     registered as training registers (checksum tag, alias challenger)."""
@@ -270,8 +292,13 @@ def test_an_unreachable_registry_serves_the_last_known_good_copy(
     # /metadata (its answer goes out through the Metadata schema) says where it came from
     from serving.contract import Metadata
 
+    # (the service adds its watcher's state to the recommender's metadata)
+    watcher = {"following": True, "checked_at": None, "failing_since": None, "failure": None}
+    watcher |= {"registry_reachable": False}
     published = {
-        name: Metadata.model_validate(r.metadata()).model_dump()["model_source"]
+        name: Metadata.model_validate(r.metadata() | {"watcher": watcher}).model_dump()[
+            "model_source"
+        ]
         for name, r in (("registry", served), ("cache", fallback))
     }
     assert published == {
