@@ -168,6 +168,9 @@ class LoadReport:
     # start at the interval's end, seconds its threads ran, seconds they waited for a CPU);
     # empty where /proc has no schedstat or the service's pid is not known
     service: list[tuple[float, float, float]] = field(default_factory=list)
+    # what the probes themselves took of the two cores over the steady run, in cores: the
+    # canary and the service's sampler (each is one more process beside the service)
+    probes: dict[str, float] = field(default_factory=dict)
 
     def errors(self) -> dict[str, int]:
         """Non-200 answers, in the ramp or the steady run, by endpoint and status (a 404
@@ -282,7 +285,9 @@ class LoadReport:
             "p99_ms": round(p99 * 1e3, 1),
             "slow": len(slow),
             "run": cores(spans),
-            "while_slow": cores(during),
+            # no reading overlaps an answer above the p99 (none is, or none was read then):
+            # nothing is known of those intervals, which is not "ran on 0 cores"
+            "while_slow": cores(during) if during else None,
         }
 
     def _slowest(self, endpoint: str) -> tuple[list[Sample], float, list[Sample]] | None:
@@ -373,6 +378,7 @@ class LoadReport:
             "slow_while_stolen": self.slow_while_stolen(),
             "slow_while_canary_slow": self.slow_while_canary_slow(),
             "service_cpu_cores": self.service_while_slow(),
+            "probes_cpu_cores": self.probes,
             "machine_load_average_1min": {
                 "start": self.load_average[0],
                 "end": self.load_average[1],
@@ -487,38 +493,42 @@ def _probes(
     canary: list[tuple[float, float]] | None,
     service: list[tuple[float, float, float]] | None = None,
     service_pid: int | None = None,
+    costs: dict[str, float] | None = None,
 ) -> Iterator[float]:
     """While the block runs, the canary (see CANARY_WORK) and, given the service's pid,
     the reading of its processes (see SCHED_SAMPLE_S), each in a process of its own;
     yields the visits' clock zero (``time.perf_counter()``), and puts the canary's units
     into ``canary`` (seconds since that zero, seconds taken) and the service's intervals
     into ``service`` (seconds since that zero, seconds run, seconds waited). Both
-    processes read the monotonic clock, which this one shares."""
+    processes read the monotonic clock, which this one shares. Into ``costs``: the cores
+    each probe itself took over the block (``canary``, ``sampler``), where /proc says."""
     if canary is None:
         yield time.perf_counter()
         return
     reading = service is not None and service_pid is not None
     with tempfile.TemporaryFile("w+") as units, tempfile.TemporaryFile("w+") as sched:
-        processes = [
-            subprocess.Popen(
+        processes = {
+            "canary": subprocess.Popen(
                 [sys.executable, "-c", _CANARY, str(CANARY_WORK), str(CPU_SAMPLE_S)],
                 stdout=units,
                 stderr=subprocess.DEVNULL,
             )
-        ]
-        if reading and os.path.exists(f"/proc/{service_pid}/task"):
-            processes.append(
-                subprocess.Popen(
-                    [sys.executable, "-c", _SCHED, str(service_pid), str(SCHED_SAMPLE_S)],
-                    stdout=sched,
-                    stderr=subprocess.DEVNULL,
-                )
+        }
+        if reading and os.path.exists(f"/proc/{service_pid}/schedstat"):
+            processes["sampler"] = subprocess.Popen(
+                [sys.executable, "-c", _SCHED, str(service_pid), str(SCHED_SAMPLE_S)],
+                stdout=sched,
+                stderr=subprocess.DEVNULL,
             )
         zero, monotonic_zero = time.perf_counter(), time.monotonic()
         try:
             yield zero
         finally:
-            for process in processes:
+            elapsed = time.monotonic() - monotonic_zero
+            for name, process in processes.items():
+                took = _cpu_seconds(process.pid)
+                if costs is not None and took is not None and elapsed > 0:
+                    costs[name] = round(took / elapsed, 3)
                 process.kill()
                 process.wait()
             for values in _lines(units, 2):
@@ -530,6 +540,17 @@ def _probes(
                     ended, ran, waited = values
                     if ended >= monotonic_zero:
                         service.append((ended - monotonic_zero, ran / 1e9, waited / 1e9))
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """The CPU time a live process has taken (user and system, /proc/<pid>/stat), in
+    seconds; None where it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _lines(sink: Any, width: int) -> Iterator[list[float]]:
@@ -551,15 +572,16 @@ async def _open_loop(
     canary: list[tuple[float, float]] | None = None,
     service: list[tuple[float, float, float]] | None = None,
     service_pid: int | None = None,
+    costs: dict[str, float] | None = None,
 ) -> float:
     """Visits due evenly at ``rate`` per second for ``seconds``, whatever the server does;
     beyond MAX_IN_FLIGHT a due visit is counted as an error rather than queued (a
     ``probe`` of the maximum skips it instead: the load generator held back, the service
     refused nothing). The machine's CPU counters go into ``cpu`` meanwhile, the
-    canary's units into ``canary`` and the service's readings into ``service`` (when
-    given; see :func:`_probes`). Returns the visits per second that ended
-    within ``seconds``: the rate the service answered."""
-    with _probes(canary, service, service_pid) as clock_zero:
+    canary's units into ``canary``, the service's readings into ``service`` and the
+    probes' own CPU into ``costs`` (when given; see :func:`_probes`). Returns the visits
+    per second that ended within ``seconds``: the rate the service answered."""
+    with _probes(canary, service, service_pid, costs) as clock_zero:
         return await _visits(visitor, rate, seconds, cpu, clock_zero, probe=probe)
 
 
@@ -638,6 +660,7 @@ async def _measure(
         cpu: list[tuple[float, int, int]] = []
         canary: list[tuple[float, float]] = []
         service: list[tuple[float, float, float]] = []
+        costs: dict[str, float] = {}
         await _open_loop(
             steady,
             rate,
@@ -646,6 +669,7 @@ async def _measure(
             canary=canary,
             service=service,
             service_pid=service_pid,
+            costs=costs,
         )
     # the ramp's answers count too: everything the service accepted must be in the ledger
     return LoadReport(
@@ -661,6 +685,7 @@ async def _measure(
         cpu=cpu,
         canary=canary,
         service=service,
+        probes=costs,
     )
 
 
@@ -796,8 +821,17 @@ def print_report(report: LoadReport) -> None:
         print(
             f"the service's processes ran on {run['running']:g} cores and waited for a CPU "
             f"{run['waiting']:g} cores' worth over the steady run; while /recommend answers "
-            f"slower than its p99 were in flight (n={service['slow']}): ran on "
-            f"{slow['running']:g}, waited {slow['waiting']:g}"
+            f"slower than its p99 were in flight (n={service['slow']}): "
+            + (
+                f"ran on {slow['running']:g}, waited {slow['waiting']:g}"
+                if slow is not None
+                else "no reading"
+            )
+        )
+    if report.probes:
+        print(
+            "the probes' own CPU over the steady run, beside the service on the same cores: "
+            + ", ".join(f"{name} {cores:g} cores" for name, cores in sorted(report.probes.items()))
         )
     print(f"errors by status: {report.errors() or 'none'}")
     print(

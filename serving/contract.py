@@ -34,6 +34,7 @@ __all__ = [
     "Metadata",
     "ModelSource",
     "RecommendAnswer",
+    "WatcherInfo",
     "openapi",
 ]
 
@@ -197,6 +198,26 @@ class ModelSource(BaseModel):
     sha256: str | None = Field(description="the sha256 of its LightGBM text model, verified")
 
 
+class WatcherInfo(BaseModel):
+    """The service's watcher, which follows the alias, the reviewers' blocks and the
+    workspace every few seconds: an operator sees here that it stopped following."""
+
+    following: bool = Field(description="its last check succeeded")
+    checked_at: str | None = Field(
+        description="when its last check ended (UTC, ISO 8601); null before the first"
+    )
+    failing_since: str | None = Field(
+        description="when its checks began to fail (UTC, ISO 8601); null while they succeed"
+    )
+    failure: str | None = Field(
+        description="the kind of error its last check met (never the message, which may "
+        "hold a URL); null while they succeed"
+    )
+    registry_reachable: bool = Field(
+        description="the model registry answered the last time it was asked"
+    )
+
+
 class Metadata(BaseModel):
     """What ``/metadata`` publishes: only these fields, so no secret can slip in."""
 
@@ -211,6 +232,7 @@ class Metadata(BaseModel):
     clock: str
     holdout: HoldoutInfo
     ledger: str
+    watcher: WatcherInfo
 
 
 _REF = "#/components/schemas/{model}"

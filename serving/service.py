@@ -16,9 +16,9 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import cache
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import bentoml
 from fastapi import FastAPI
@@ -49,6 +49,9 @@ from serving.contract import (
 from serving.review.web import site as review_site
 
 __all__ = ["NextBest"]
+
+if TYPE_CHECKING:
+    from runtime.registry import Stamp
 
 log = logging.getLogger("nextbest.serving")
 
@@ -147,9 +150,17 @@ class NextBest:
         self.secure_cookies = settings.secure_cookies
         self._sync_lock = threading.Lock()
         self._registry_down = False
+        # the watcher's last word, for /metadata (replaced whole: read without a lock)
+        self.watching: dict[str, Any] = {
+            "following": True,
+            "checked_at": None,
+            "failing_since": None,
+            "failure": None,
+        }
         # the store's stamp (runtime.registry.store_stamp) when the alias was last resolved
-        # to what is served or refused: None until then
-        self._resolved_stamp: tuple[tuple[str, int, int], ...] | None = None
+        # to what is served or refused (None until then), and when (time.monotonic())
+        self._resolved_stamp: Stamp | None = None
+        self._resolved_at = 0.0
         # what was refused is not tried again until it changes (no reload loop)
         self._refused_version: str | None = None
         self._refused_fingerprint: str | None = None
@@ -186,22 +197,29 @@ class NextBest:
         frozen = (self.recommender, self._current_version())
         failing = False
         while not self._stop.wait(self.settings.reload_seconds):
-            failed = False
+            failed: str | None = None
             # each check on its own: a workspace that cannot be read must not stop the
             # reviewers' blocks and the alias from being followed
             for check in (self._refresh_snapshot, self.sync):
                 try:
                     check()
-                except Exception:  # unforeseen: said once, and the watching goes on
+                except Exception as error:  # unforeseen: said once, and the watching goes on
                     if not failing:
                         log.exception(
                             "the alias watcher's check failed; tried again every %g s",
                             self.settings.reload_seconds,
                         )
-                    failed = True
+                    failed = type(error).__name__
             if failing and not failed:
                 log.info("the alias watcher's check succeeds again")
-            failing = failed
+            now = datetime.now(UTC).isoformat(timespec="seconds")
+            self.watching = {
+                "following": not failed,
+                "checked_at": now,
+                "failing_since": (self.watching["failing_since"] or now) if failed else None,
+                "failure": failed,
+            }
+            failing = bool(failed)
             if failed:
                 continue
             # a switch made here or by the review page (its own sync()) since the last freeze
@@ -213,6 +231,9 @@ class NextBest:
     def sync(self) -> None:
         """Apply the reviewers' blocks and follow the alias now (the watcher does it every
         few seconds; the review page calls it right after a block or a release)."""
+        import time
+
+        from runtime import registry
         from runtime.registry import (
             ModelArtifactError,
             ModelMismatchError,
@@ -226,14 +247,20 @@ class NextBest:
             self._apply_blocks()
             alias = self.settings.alias
             # an unchanged SQLite store still says what it said at the last resolve: the
-            # registry's ORM is not asked again (8-15 ms of the interpreter every tick)
+            # registry's ORM is not asked again (8-15 ms of the interpreter every tick),
+            # but at least every STAMP_TRUST_S whatever the stamp says
             stamp = store_stamp()
-            if stamp is not None and stamp == self._resolved_stamp:
+            now = time.monotonic()
+            if (
+                stamp is not None
+                and stamp == self._resolved_stamp
+                and now - self._resolved_at < registry.STAMP_TRUST_S
+            ):
                 return
             try:
                 version, _ = resolve_version(self.model_name, alias=alias)
             except LookupError:
-                self._resolved_stamp = stamp  # no such alias in this store, yet
+                self._resolved_stamp, self._resolved_at = stamp, now  # no such alias, yet
                 return
             except Exception as error:  # the registry briefly unreachable must not kill serving
                 if not self._registry_down:  # said once per outage, not every few seconds
@@ -244,7 +271,7 @@ class NextBest:
                 log.info("the model registry answers again (alias %s: version %s)", alias, version)
                 self._registry_down = False
             if version in (self._current_version(), self._refused_version):
-                self._resolved_stamp = stamp
+                self._resolved_stamp, self._resolved_at = stamp, now
                 return
             try:
                 bundle = load_bundle(self.model_name, version=version)
@@ -527,7 +554,8 @@ def metadata() -> dict[str, Any]:
     """Model version, feature list, rules version and holdout settings (never a secret:
     only the fields of ``Metadata`` are published)."""
     service: NextBest = bentoml.get_current_service()
-    return service.recommender.metadata()
+    watcher = service.watching | {"registry_reachable": not service._registry_down}
+    return service.recommender.metadata() | {"watcher": watcher}
 
 
 @ops.get("/", include_in_schema=False)

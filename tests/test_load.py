@@ -34,10 +34,13 @@ def test_ten_seconds_of_load_lose_nothing_and_fail_nothing(
     with serve(env, folder / "serve.log") as (base, pid):
         report = measure(base, customers, SHORT, service_pid=pid)
     assert report.errors() == {}, (folder / "serve.log").read_text()[-4000:]
-    # the service's processes were read from outside through the steady run (Linux)
-    if os.path.isdir("/proc/self/task"):
+    # the service's processes were read from outside through the steady run, where the
+    # kernel keeps scheduler counters (Linux); the probes' own CPU was read too
+    if os.path.exists(f"/proc/{os.getpid()}/schedstat"):
         reading = report.service_while_slow()
         assert reading is not None and reading["run"]["running"] > 0
+        assert set(report.probes) == {"canary", "sampler"}
+        assert all(0 < cores < 1 for cores in report.probes.values()), report.probes
     # the steady run sent what it was planned to, in every window, and fed back what it got
     windows = report.windows()
     assert len(windows) == 5 and all(w["/recommend"]["requests"] > 0 for w in windows)
@@ -179,3 +182,8 @@ def test_the_report_says_whether_the_service_ran_more_or_waited_more_while_slow(
     assert found["run"] == {"running": 0.5, "waiting": round((59 * 0.025 + 0.25) / 30, 2)}
     assert found["while_slow"] == {"running": 0.5, "waiting": 0.5}
     assert report.as_dict()["service_cpu_cores"] == found
+    # readings that stop before the slow answer: nothing is known of its interval
+    report.service = report.service[:20]  # up to 9.5 s
+    found = report.service_while_slow()
+    assert found is not None and found["while_slow"] is None
+    assert found["run"] == {"running": 0.5, "waiting": 0.05}

@@ -16,7 +16,7 @@ from runtime import registry
 
 @pytest.fixture
 def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A SQLite database as the tracking URI, last written a minute ago."""
+    """A SQLite database as the registry URI, last written a minute ago."""
     import mlflow
 
     database = tmp_path / "mlflow.db"
@@ -26,7 +26,7 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         connection.commit()
     a_minute_ago = time.time() - 60
     os.utime(database, (a_minute_ago, a_minute_ago))
-    monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: f"sqlite:///{database}")
+    monkeypatch.setattr(mlflow, "get_registry_uri", lambda: f"sqlite:///{database}")
     return database
 
 
@@ -71,5 +71,47 @@ def test_a_store_that_cannot_be_stamped_is_asked(
 
     store.unlink()
     assert registry.store_stamp() is None  # gone: the registry says why
-    monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: "http://127.0.0.1:5000")
+    monkeypatch.setattr(mlflow, "get_registry_uri", lambda: "http://127.0.0.1:5000")
     assert registry.store_stamp() is None  # a tracking server: always asked
+
+
+def _a_minute_ago(path: Path) -> None:
+    then = time.time() - 60
+    os.utime(path, (then, then))
+
+
+def test_a_symlinked_store_is_stamped_with_the_wal_beside_the_file_it_points_to(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite keeps the journal and WAL beside the file a symlink points to: a write that
+    only reached the WAL is seen through the link."""
+    import mlflow
+
+    linked = tmp_path / "elsewhere"
+    linked.mkdir()
+    (linked / "mlflow.db").symlink_to(store)
+    monkeypatch.setattr(mlflow, "get_registry_uri", lambda: f"sqlite:///{linked / 'mlflow.db'}")
+    first = registry.store_stamp()
+    assert first is not None and [entry[0] for entry in first] == ["mlflow.db"]
+    wal = store.with_name("mlflow.db-wal")  # beside the target, not beside the link
+    wal.write_bytes(b"\0" * 32)
+    _a_minute_ago(wal)
+    second = registry.store_stamp()
+    assert second is not None and [entry[0] for entry in second] == ["mlflow.db", "mlflow.db-wal"]
+
+
+def test_a_store_replaced_by_a_copy_with_the_same_size_and_times_is_a_new_stamp(
+    store: Path, tmp_path: Path
+) -> None:
+    """A copy that keeps the original's times (cp -p, rsync -a) moved into place: the size
+    and the modification time are the same, the file is not."""
+    import shutil
+
+    first = registry.store_stamp()
+    copy = tmp_path / "copy.db"
+    shutil.copy2(store, copy)
+    os.replace(copy, store)
+    assert store.stat().st_mtime_ns == first[0][2]  # type: ignore[index]
+    assert store.stat().st_size == first[0][1]  # type: ignore[index]
+    second = registry.store_stamp()
+    assert second is not None and second != first

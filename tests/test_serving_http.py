@@ -145,26 +145,38 @@ def test_operations_endpoints(client, served: Served) -> None:  # type: ignore[n
 def test_hot_reload_moves_to_the_new_champion_without_errors(  # type: ignore[no-untyped-def]
     client, served: Served, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Also: the watcher (every 0.2 s here) leaves a settled, unchanged store alone, and a
-    write after that is still followed."""
+    """Also: the watcher (every 0.2 s here) leaves a settled, unchanged store alone, yet
+    asks at least every STAMP_TRUST_S, and a write after that is still followed."""
     from mlflow import MlflowClient
 
     from runtime import registry
 
     newer = train_and_register(served.home, champion=False)
     resolved: list[str] = []
-    real_resolve = registry.resolve_version
+    stamped: list[float] = []
+    real_resolve, real_stamp = registry.resolve_version, registry.store_stamp
 
     def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
         resolved.append(kwargs.get("alias") or "")
         return real_resolve(*args, **kwargs)
 
+    def stamp(*args, **kwargs):  # type: ignore[no-untyped-def]
+        stamped.append(time.monotonic())
+        return real_stamp(*args, **kwargs)
+
     monkeypatch.setattr(registry, "SETTLED_S", 0.5)
     monkeypatch.setattr(registry, "resolve_version", counted)
+    monkeypatch.setattr(registry, "store_stamp", stamp)
     time.sleep(0.6)  # the store settles: the next tick resolves once, then none do
     resolved.clear()
+    stamped.clear()
     time.sleep(2.0)  # about 10 ticks
+    assert len(stamped) >= 5, stamped  # the watcher did look, every tick
     assert len(resolved) <= 1, resolved
+    monkeypatch.setattr(registry, "STAMP_TRUST_S", 0.5)  # an unchanged stamp, trusted 0.5 s
+    resolved.clear()
+    time.sleep(2.0)
+    assert len(resolved) >= 2, resolved
     errors: list[str] = []
     versions: list[str] = []
     stop = threading.Event()
@@ -199,26 +211,43 @@ def test_hot_reload_moves_to_the_new_champion_without_errors(  # type: ignore[no
 def test_a_check_that_fails_unforeseen_does_not_end_the_watching(  # type: ignore[no-untyped-def]
     client, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The watcher (every 0.2 s here) meets an error nothing foresaw in one check: it says
-    so once and checks again, where the error ended its thread and the alias was never
-    followed again."""
+    """The watcher (every 0.2 s here) meets an error nothing foresaw in its checks: it says
+    so once, /metadata says it is not following, and it checks again, where the error
+    ended its thread and the alias was never followed again."""
     from runtime import registry
 
     calls: list[float] = []
     real_stamp = registry.store_stamp
+    failures = 8  # about 1.6 s of failing checks
 
-    def failing_once(*args, **kwargs):  # type: ignore[no-untyped-def]
+    def failing(*args, **kwargs):  # type: ignore[no-untyped-def]
         calls.append(time.monotonic())
-        if len(calls) == 1:
-            raise RuntimeError("unforeseen")
+        if len(calls) <= failures:
+            raise RuntimeError("unforeseen: sqlite:///secret/path")
         return real_stamp(*args, **kwargs)
 
-    monkeypatch.setattr(registry, "store_stamp", failing_once)
+    def watcher() -> dict[str, object]:
+        return client.get("/metadata").json()["watcher"]  # type: ignore[no-any-return]
+
+    assert watcher()["following"] is True
+    monkeypatch.setattr(registry, "store_stamp", failing)
+    seen: list[dict[str, object]] = []
     with caplog.at_level("INFO", logger="nextbest.serving"):
-        deadline = time.monotonic() + 10
-        while len(calls) < 5 and time.monotonic() < deadline:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            seen.append(watcher())
+            if len(calls) > failures + 3 and seen[-1]["following"]:
+                break
             time.sleep(0.1)
-    assert len(calls) >= 5, calls  # checked again after the failure
+    assert len(calls) > failures + 3, calls  # checked again after the failures
+    failing_seen = [w for w in seen if not w["following"]]
+    assert failing_seen, seen
+    # the kind of error, never its message; one start of the failing, kept while it lasts
+    assert {w["failure"] for w in failing_seen} == {"RuntimeError"}
+    assert len({w["failing_since"] for w in failing_seen}) == 1
+    assert all(w["registry_reachable"] for w in seen)
+    assert seen[-1]["following"] and seen[-1]["failure"] is seen[-1]["failing_since"] is None
+    assert "secret" not in json.dumps(seen)
     said = [r.getMessage() for r in caplog.records if "alias watcher" in r.getMessage()]
     assert said[:2] == [
         "the alias watcher's check failed; tried again every 0.2 s",
