@@ -911,7 +911,9 @@ def serve_command(
     Before BentoML starts, the model to serve is resolved and verified (or, with the
     registry unreachable, the last known good version is taken from the local cache);
     when there is none to serve, it says why in one line and exits 2. SIGTERM stops it at
-    any stage, and BentoML (its whole process group) never outlives it."""
+    any stage, and BentoML (its whole process group) never outlives it. BentoML losing
+    the port it chose for its process manager while it starts (a race in BentoML) is said
+    in one line, and BentoML is started again, once."""
     import os
     import signal
     import subprocess
@@ -953,25 +955,38 @@ def serve_command(
             env["NEXTBEST_RULES"] = str(rules.resolve())
         _check_servable(target, alias)
         bentoml = Path(sys.executable).with_name("bentoml")
-        starting = True
-        process = subprocess.Popen(
-            [
-                str(bentoml),
-                "serve",
-                "serving.service:NextBest",
-                "--host",
-                host,
-                "--port",
-                str(port),
-            ],
-            env=env,
-            start_new_session=True,  # its own process group, so that all of it stops with us
-        )
-        starting = False
-        if stopped:
-            raise _Stopped(signal.SIGTERM)
         base = f"http://{host}:{port}"
-        _wait_ready(process, base, failure)
+        for attempt in (1, 2):
+            starting = True
+            process = subprocess.Popen(
+                [
+                    str(bentoml),
+                    "serve",
+                    "serving.service:NextBest",
+                    "--host",
+                    host,
+                    "--port",
+                    str(port),
+                ],
+                env=env,
+                stderr=subprocess.PIPE,  # read for BentoML's port race, and passed on
+                start_new_session=True,  # its own process group: all of it stops with us
+            )
+            starting = False
+            said = _Passed(process.stderr)
+            if stopped:
+                raise _Stopped(signal.SIGTERM)
+            raced = said.lost_port if attempt == 1 else (lambda: False)
+            if not _wait_ready(process, base, failure, raced=raced):
+                break
+            _stop_group(process)
+            typer.echo(
+                "warning: BentoML lost the port it had chosen for its process manager to "
+                "another process while it started (a race in BentoML's port choice); "
+                "starting it again",
+                err=True,
+            )
+        assert process is not None  # the second start is never retried: ready, or exit
         if example:
             _print_example(base)
         _print_review_help(base, db_url)
@@ -1010,11 +1025,59 @@ def _check_servable(workspace: Path, alias: str) -> None:
         )
 
 
-def _wait_ready(process: Any, base: str, failure: Path, timeout: float = 300) -> None:
+# what BentoML says when the port it chose for its process manager (and let go of, to bind
+# later) was taken meanwhile by another process: it then exits before serving
+LOST_PORT = "ZMQError: Address already in use"
+
+
+class _Passed:
+    """BentoML's standard error, passed on line by line to ours by a thread of its own,
+    its recent lines kept to be read (a bounded number)."""
+
+    def __init__(self, stream: Any, keep: int = 200) -> None:
+        import collections
+        import threading
+
+        self._lines: collections.deque[bytes] = collections.deque(maxlen=keep)
+        self._thread = threading.Thread(
+            target=self._pass, args=(stream,), daemon=True, name="bentoml-stderr"
+        )
+        self._thread.start()
+
+    def _pass(self, stream: Any) -> None:
+        sink = getattr(sys.stderr, "buffer", None)
+        for line in iter(stream.readline, b""):
+            self._lines.append(line)
+            try:
+                if sink is not None:
+                    sink.write(line)
+                    sink.flush()
+                else:
+                    sys.stderr.write(line.decode(errors="replace"))
+            except (OSError, ValueError):  # our standard error closed: keep reading
+                continue
+        stream.close()
+
+    def lost_port(self, wait: float = 5.0) -> bool:
+        """Whether BentoML said it lost its process manager's port (read to the end of
+        what it wrote, for at most ``wait`` seconds)."""
+        self._thread.join(timeout=wait)
+        return any(LOST_PORT.encode() in line for line in self._lines)
+
+
+def _wait_ready(
+    process: Any,
+    base: str,
+    failure: Path,
+    timeout: float = 300,
+    *,
+    raced: Callable[[], bool] = lambda: False,
+) -> bool:
     """Until ``/readyz`` answers 200, or says the service serves degraded (its ledger's
-    database down at start: said in one line, and serving); exit 1 with one line if
-    BentoML dies, a worker reports it cannot start, or ``timeout`` passes (the caller then
-    stops BentoML)."""
+    database down at start: said in one line, and serving): False. True when BentoML
+    exited before it was ready and ``raced`` says it lost its process manager's port: the
+    caller starts it again. Else exit 1 with one line: BentoML died, a worker reports it
+    cannot start, or ``timeout`` passed (the caller then stops BentoML)."""
     from runtime.processes import DEGRADED, wait_ready
 
     def reported() -> str:
@@ -1032,7 +1095,9 @@ def _wait_ready(process: Any, base: str, failure: Path, timeout: float = 300) ->
         f"{base}/readyz", process, timeout, failed=lambda: bool(reported()), degraded=degraded
     )
     if why is None:
-        return
+        return False
+    if why == "exited" and raced():
+        return True
     said = {
         "failed": f"the service cannot start: {reported()}",
         "exited": f"BentoML exited with code {process.returncode} before it was ready",

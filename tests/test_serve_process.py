@@ -213,6 +213,52 @@ def test_a_worker_that_cannot_start_is_one_line_and_nothing_is_left(
     )
 
 
+# BentoML's port race, made to happen: in the `bentoml serve` process only, and only the
+# first time (a marker file), the port BentoML reserves for its process manager is one this
+# process already listens on, as when another process takes it between BentoML's choice
+# and its bind
+_LOSE_THE_PORT = """
+import os, sys
+marker = os.environ.get("NEXTBEST_TEST_LOSE_PORT")
+if marker and os.path.basename(sys.argv[0]) == "bentoml" and not os.path.exists(marker):
+    open(marker, "w").close()
+    import contextlib, socket
+    import bentoml._internal.utils as utils
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    real, used = utils.reserve_free_port, []
+    def taken(*args, **kwargs):
+        if not used and sys._getframe(1).f_globals["__name__"].endswith("utils.circus"):
+            used.append(1)
+            return contextlib.nullcontext(held.getsockname()[1])
+        return real(*args, **kwargs)
+    utils.reserve_free_port = taken
+"""
+
+
+def test_bentoml_losing_its_process_managers_port_is_started_again(
+    trained: Served, home: Path, tmp_path: Path
+) -> None:
+    """BentoML chooses a free port for its process manager, lets it go and binds it later;
+    another process can take it meanwhile, and BentoML exits before serving. `nextbest
+    serve` says so and starts it again, once."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(_LOSE_THE_PORT)
+    marker = tmp_path / "lost-once"
+    log = tmp_path / "serve.log"
+    env = {"PYTHONPATH": f"{inject}{os.pathsep}{ROOT}", "NEXTBEST_TEST_LOSE_PORT": str(marker)}
+    with serve(home, trained, log, **env) as process:
+        wait_ready(process, log)
+        text = log.read_text()
+        assert marker.exists() and "ZMQError: Address already in use" in text
+        warnings = [line for line in text.splitlines() if "lost the port" in line]
+        assert len(warnings) == 1 and warnings[0].startswith("warning: BentoML lost"), text
+        assert "error: " not in text
+        assert process.poll() is None
+
+
 def test_no_registry_and_no_cache_refuses_in_one_line(
     trained: Served, home: Path, tmp_path: Path
 ) -> None:
