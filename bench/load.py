@@ -521,14 +521,16 @@ def _probes(
                 stderr=subprocess.DEVNULL,
             )
         zero, monotonic_zero = time.perf_counter(), time.monotonic()
+        # what each probe took before the block (its interpreter's start) is not the block's
+        at_zero = {name: _cpu_seconds(process.pid) for name, process in processes.items()}
         try:
             yield zero
         finally:
             elapsed = time.monotonic() - monotonic_zero
             for name, process in processes.items():
-                took = _cpu_seconds(process.pid)
-                if costs is not None and took is not None and elapsed > 0:
-                    costs[name] = round(took / elapsed, 3)
+                took, before = _cpu_seconds(process.pid), at_zero[name]
+                if costs is not None and took is not None and before is not None and elapsed:
+                    costs[name] = round((took - before) / elapsed, 3)
                 process.kill()
                 process.wait()
             for values in _lines(units, 2):

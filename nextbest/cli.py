@@ -931,6 +931,7 @@ def serve_command(
 
     signal.signal(signal.SIGTERM, stop)
     process: subprocess.Popen[bytes] | None = None
+    said: _Passed | None = None  # BentoML's standard error, passed on
     handle, name = tempfile.mkstemp(prefix="nextbest-serve-", suffix=".failure")
     os.close(handle)
     failure = Path(name)
@@ -976,8 +977,7 @@ def serve_command(
             said = _Passed(process.stderr)
             if stopped:
                 raise _Stopped(signal.SIGTERM)
-            raced = said.lost_port if attempt == 1 else (lambda: False)
-            if not _wait_ready(process, base, failure, raced=raced):
+            if not _wait_ready(process, base, failure, passed=said, retry=attempt == 1):
                 break
             _stop_group(process)
             typer.echo(
@@ -992,6 +992,8 @@ def serve_command(
         _print_review_help(base, db_url)
         code = process.wait()
         if code != 0:
+            if said is not None:
+                said.finish()  # its last words first
             typer.echo(f"error: BentoML stopped with exit code {code}", err=True)
             raise typer.Exit(code=1)
     except (_Stopped, KeyboardInterrupt):
@@ -1000,6 +1002,8 @@ def serve_command(
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut this
         if process is not None:
             _stop_group(process)
+        if said is not None:
+            said.finish(wait=2.0)  # its shutdown's lines, before this process ends
         failure.unlink(missing_ok=True)
 
 
@@ -1039,6 +1043,7 @@ class _Passed:
         import threading
 
         self._lines: collections.deque[bytes] = collections.deque(maxlen=keep)
+        self._lock = threading.Lock()
         self._thread = threading.Thread(
             target=self._pass, args=(stream,), daemon=True, name="bentoml-stderr"
         )
@@ -1047,7 +1052,8 @@ class _Passed:
     def _pass(self, stream: Any) -> None:
         sink = getattr(sys.stderr, "buffer", None)
         for line in iter(stream.readline, b""):
-            self._lines.append(line)
+            with self._lock:
+                self._lines.append(line)
             try:
                 if sink is not None:
                     sink.write(line)
@@ -1058,11 +1064,18 @@ class _Passed:
                 continue
         stream.close()
 
+    def finish(self, wait: float = 5.0) -> None:
+        """Until everything BentoML wrote is passed on (its end of the pipe closed), for
+        at most ``wait`` seconds: its last lines come before ours, and are not cut off."""
+        self._thread.join(timeout=wait)
+
     def lost_port(self, wait: float = 5.0) -> bool:
         """Whether BentoML said it lost its process manager's port (read to the end of
         what it wrote, for at most ``wait`` seconds)."""
-        self._thread.join(timeout=wait)
-        return any(LOST_PORT.encode() in line for line in self._lines)
+        self.finish(wait)
+        with self._lock:
+            lines = tuple(self._lines)
+        return any(LOST_PORT.encode() in line for line in lines)
 
 
 def _wait_ready(
@@ -1071,13 +1084,15 @@ def _wait_ready(
     failure: Path,
     timeout: float = 300,
     *,
-    raced: Callable[[], bool] = lambda: False,
+    passed: _Passed | None = None,
+    retry: bool = False,
 ) -> bool:
     """Until ``/readyz`` answers 200, or says the service serves degraded (its ledger's
-    database down at start: said in one line, and serving): False. True when BentoML
-    exited before it was ready and ``raced`` says it lost its process manager's port: the
-    caller starts it again. Else exit 1 with one line: BentoML died, a worker reports it
-    cannot start, or ``timeout`` passed (the caller then stops BentoML)."""
+    database down at start: said in one line, and serving): False. With ``retry``, True
+    when BentoML exited before it was ready saying it lost its process manager's port
+    (in what ``passed`` read): the caller starts it again. Else exit 1 with one line, after
+    BentoML's own last words: BentoML died, a worker reports it cannot start, or
+    ``timeout`` passed (the caller then stops BentoML)."""
     from runtime.processes import DEGRADED, wait_ready
 
     def reported() -> str:
@@ -1096,8 +1111,10 @@ def _wait_ready(
     )
     if why is None:
         return False
-    if why == "exited" and raced():
-        return True
+    if why == "exited" and passed is not None:
+        passed.finish()
+        if retry and passed.lost_port():
+            return True
     said = {
         "failed": f"the service cannot start: {reported()}",
         "exited": f"BentoML exited with code {process.returncode} before it was ready",

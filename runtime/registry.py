@@ -201,7 +201,8 @@ class ModelBundle:
 
     ``model_text`` is the verified LightGBM text model (what the cache keeps), ``sha256``
     its checksum; ``source`` says where it was loaded from: ``registry`` or
-    ``last-known-good cache``."""
+    ``last-known-good cache``, and ``instead_of`` why a cached copy serves: the kind of
+    error the registry's version met (``RegistryUnavailable``, ``ModelArtifactError``)."""
 
     name: str
     version: str
@@ -213,6 +214,7 @@ class ModelBundle:
     sha256: str | None = None
     source: str = "registry"
     model_text: str | None = None
+    instead_of: str | None = None
 
     @property
     def feature_names(self) -> list[str]:

@@ -89,6 +89,7 @@ def _last_known_good(name: str, alias: str, error: Exception) -> ModelBundle:
     cached = load_last_known_good(name, alias)
     if cached is None:
         raise type(error)(f"{error}; and no last known good version is cached") from error
+    cached.instead_of = type(error).__name__
     log.warning(
         "%s; serving the last known good version %s of %s@%s from the local cache "
         "(sha256 %s, verified)",

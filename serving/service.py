@@ -149,7 +149,8 @@ class NextBest:
         self.review_threshold = settings.review_threshold
         self.secure_cookies = settings.secure_cookies
         self._sync_lock = threading.Lock()
-        self._registry_down = False
+        # the registry did not answer when the model was loaded (a cached copy serves)
+        self._registry_down = bundle is not None and bundle.instead_of == "RegistryUnavailable"
         # the watcher's last word, for /metadata (replaced whole: read without a lock)
         self.watching: dict[str, Any] = {
             "following": True,
