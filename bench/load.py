@@ -520,9 +520,16 @@ def _probes(
                 stdout=sched,
                 stderr=subprocess.DEVNULL,
             )
-        zero, monotonic_zero = time.perf_counter(), time.monotonic()
-        # what each probe took before the block (its interpreter's start) is not the block's
+        # what each probe takes to start (its interpreter) is not the block's: the block
+        # begins once each has written its first line, or after 2 s
+        sinks = {"canary": units, "sampler": sched}
+        started = time.monotonic()
+        while time.monotonic() - started < 2.0 and not all(
+            os.fstat(sinks[name].fileno()).st_size for name in processes
+        ):
+            time.sleep(0.005)
         at_zero = {name: _cpu_seconds(process.pid) for name, process in processes.items()}
+        zero, monotonic_zero = time.perf_counter(), time.monotonic()
         try:
             yield zero
         finally:

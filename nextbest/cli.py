@@ -992,6 +992,7 @@ def serve_command(
         _print_review_help(base, db_url)
         code = process.wait()
         if code != 0:
+            _stop_group(process)  # what is left of its group, which holds the pipe open
             if said is not None:
                 said.finish()  # its last words first
             typer.echo(f"error: BentoML stopped with exit code {code}", err=True)
@@ -1090,9 +1091,9 @@ def _wait_ready(
     """Until ``/readyz`` answers 200, or says the service serves degraded (its ledger's
     database down at start: said in one line, and serving): False. With ``retry``, True
     when BentoML exited before it was ready saying it lost its process manager's port
-    (in what ``passed`` read): the caller starts it again. Else exit 1 with one line, after
-    BentoML's own last words: BentoML died, a worker reports it cannot start, or
-    ``timeout`` passed (the caller then stops BentoML)."""
+    (in what ``passed`` read): the caller starts it again. Else exit 1 with one line:
+    BentoML died (the line comes after its last words), a worker reports it cannot start,
+    or ``timeout`` passed (the caller then stops BentoML, whose shutdown lines follow)."""
     from runtime.processes import DEGRADED, wait_ready
 
     def reported() -> str:
@@ -1112,8 +1113,11 @@ def _wait_ready(
     if why is None:
         return False
     if why == "exited" and passed is not None:
+        # what is left of its group (the main process is gone) holds the pipe open: stop
+        # it, then read BentoML's last words to their end
+        _stop_group(process)
         passed.finish()
-        if retry and passed.lost_port():
+        if retry and passed.lost_port(wait=0):
             return True
     said = {
         "failed": f"the service cannot start: {reported()}",

@@ -214,7 +214,8 @@ class WatcherInfo(BaseModel):
         "hold a URL); null while they succeed"
     )
     registry_reachable: bool = Field(
-        description="the model registry answered the last time it was asked"
+        description="the model registry (and its artifact store) answered the last time it "
+        "was asked; false from the start when a cached copy serves because it did not"
     )
 
 

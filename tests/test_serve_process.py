@@ -268,6 +268,8 @@ def test_bentoml_losing_its_process_managers_port_is_started_again_once(
         else:
             line = one_line_refusal(process, log, code=1)
             assert line == "error: BentoML exited with code 1 before it was ready"
+            text = log.read_text()  # BentoML's last words come before ours
+            assert text.rindex("ZMQError") < text.index("error: BentoML exited")
         text = log.read_text()
         assert marker.read_text() == "x" * losses
         assert text.count("ZMQError: Address already in use") >= losses
