@@ -979,7 +979,7 @@ def serve_command(
                 raise _Stopped(signal.SIGTERM)
             if not _wait_ready(process, base, failure, passed=said, retry=attempt == 1):
                 break
-            _stop_group(process)
+            # _wait_ready stopped what was left of its group before reading its last words
             typer.echo(
                 "warning: BentoML lost the port it had chosen for its process manager to "
                 "another process while it started (a race in BentoML's port choice); "
@@ -1070,10 +1070,9 @@ class _Passed:
         at most ``wait`` seconds: its last lines come before ours, and are not cut off."""
         self._thread.join(timeout=wait)
 
-    def lost_port(self, wait: float = 5.0) -> bool:
-        """Whether BentoML said it lost its process manager's port (read to the end of
-        what it wrote, for at most ``wait`` seconds)."""
-        self.finish(wait)
+    def lost_port(self) -> bool:
+        """Whether BentoML said it lost its process manager's port, in what was read (call
+        :meth:`finish` first to read to the end)."""
         with self._lock:
             lines = tuple(self._lines)
         return any(LOST_PORT.encode() in line for line in lines)
@@ -1117,7 +1116,7 @@ def _wait_ready(
         # it, then read BentoML's last words to their end
         _stop_group(process)
         passed.finish()
-        if retry and passed.lost_port(wait=0):
+        if retry and passed.lost_port():
             return True
     said = {
         "failed": f"the service cannot start: {reported()}",

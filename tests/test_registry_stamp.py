@@ -14,6 +14,11 @@ import pytest
 from runtime import registry
 
 
+def _a_minute_ago(path: Path) -> None:
+    then = time.time() - 60
+    os.utime(path, (then, then))
+
+
 @pytest.fixture
 def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A SQLite database as the registry URI, last written a minute ago."""
@@ -24,8 +29,7 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         connection.execute("CREATE TABLE aliases (name TEXT PRIMARY KEY, version TEXT)")
         connection.execute("INSERT INTO aliases VALUES ('champion', '1')")
         connection.commit()
-    a_minute_ago = time.time() - 60
-    os.utime(database, (a_minute_ago, a_minute_ago))
+    _a_minute_ago(database)
     monkeypatch.setattr(mlflow, "get_registry_uri", lambda: f"sqlite:///{database}")
     return database
 
@@ -58,8 +62,7 @@ def test_a_journal_or_wal_beside_the_database_is_part_of_the_stamp(store: Path) 
     first = registry.store_stamp()
     wal = store.with_name("mlflow.db-wal")
     wal.write_bytes(b"\0" * 32)
-    a_minute_ago = time.time() - 60
-    os.utime(wal, (a_minute_ago, a_minute_ago))
+    _a_minute_ago(wal)
     second = registry.store_stamp()
     assert second is not None and second != first and len(second) == 2
 
@@ -73,11 +76,6 @@ def test_a_store_that_cannot_be_stamped_is_asked(
     assert registry.store_stamp() is None  # gone: the registry says why
     monkeypatch.setattr(mlflow, "get_registry_uri", lambda: "http://127.0.0.1:5000")
     assert registry.store_stamp() is None  # a tracking server: always asked
-
-
-def _a_minute_ago(path: Path) -> None:
-    then = time.time() - 60
-    os.utime(path, (then, then))
 
 
 def test_a_symlinked_store_is_stamped_with_the_wal_beside_the_file_it_points_to(
