@@ -155,6 +155,9 @@ class LoadReport:
     window: float
     posted: set[tuple[str, str, str]] = field(default_factory=set)
     served: set[str] = field(default_factory=set)  # request ids answered 200
+    # /recommend answers served with short becauses (the latency budget used up): in the
+    # steady run, and in the ramp (where the closed loops' queues use it up first)
+    short: dict[str, int] = field(default_factory=dict)
     lost: dict[str, int] = field(default_factory=dict)
     ramp_samples: list[Sample] = field(default_factory=list)
     load_average: tuple[float, float] = (0.0, 0.0)  # the machine's, at the start and end
@@ -372,6 +375,7 @@ class LoadReport:
             "errors": self.errors(),
             "feedback_posted": len(self.posted),
             "slates_served": len(self.served),
+            "short_becauses": self.short,
             "lost": self.lost,
             "targets": self.targets(),
             "targets_on_steady_windows": self.targets_on_whole_windows()[0],
@@ -431,6 +435,7 @@ class _Visitor:
         self.samples: list[Sample] = []
         self.posted: set[tuple[str, str, str]] = set()
         self.served: set[str] = set()
+        self.short = 0  # answers whose latency budget was used up (short becauses)
         self.finished: list[float] = []  # when each visit ended, by the loop's clock
 
     async def _post(self, endpoint: str, body: dict[str, Any]) -> tuple[str, Any]:
@@ -459,6 +464,8 @@ class _Visitor:
         status, payload = await self._post(RECOMMEND, body)
         sent = time.perf_counter()
         self.samples.append(Sample(RECOMMEND, due, sent - clock_zero - due, status))
+        if status == "200":
+            self.short += bool(payload.get("budget_exceeded"))
         if status != "200" or not payload["offers"]:
             return
         self.served.add(payload["request_id"])
@@ -689,6 +696,7 @@ async def _measure(
         plan.window,
         posted=steady.posted | warm.posted,
         served=steady.served | warm.served,
+        short={"steady": steady.short, "ramp": warm.short},
         ramp_samples=warm.samples,
         load_average=(round(load_at_start, 2), round(os.getloadavg()[0], 2)),
         cpu=cpu,
@@ -841,6 +849,12 @@ def print_report(report: LoadReport) -> None:
         print(
             "the probes' own CPU over the steady run, beside the service on the same cores: "
             + ", ".join(f"{name} {cores:g} cores" for name, cores in sorted(report.probes.items()))
+        )
+    if report.short:
+        answered = Counter(s.endpoint for s in report.samples if s.status == "200")[RECOMMEND]
+        print(
+            f"short becauses (the latency budget used up): {report.short['steady']} of "
+            f"{answered} /recommend answers in the steady run, {report.short['ramp']} in the ramp"
         )
     print(f"errors by status: {report.errors() or 'none'}")
     print(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -31,8 +32,9 @@ __all__ = ["Coalescer", "Serve"]
 
 log = logging.getLogger(__name__)
 
-# one call for many customers: (customer ids, their contexts) -> their answers, in order
-Serve = Callable[[list[str], list[dict[str, Any]]], list[dict[str, Any]]]
+# one call for many customers: (customer ids, their contexts, the seconds each waited
+# here before the call: the latency budget counts them) -> their answers, in order
+Serve = Callable[[list[str], list[dict[str, Any]], list[float]], list[dict[str, Any]]]
 
 
 @dataclass
@@ -42,6 +44,7 @@ class _Waiting:
     context: dict[str, Any]
     serve: Serve
     future: asyncio.Future[dict[str, Any]] = field(repr=False)
+    arrived: float = field(default_factory=time.perf_counter)
 
 
 class Coalescer:
@@ -120,8 +123,14 @@ class Coalescer:
         customers = [w.customer_id for w in batch]
         contexts = [w.context for w in batch]
         self.sizes[len(batch)] += 1
+
+        def call() -> list[dict[str, Any]]:
+            # on the worker thread, when the call starts: the wait for the thread counts
+            started = time.perf_counter()
+            return serve(customers, contexts, [started - w.arrived for w in batch])
+
         try:
-            answers = await self._run_sync(lambda: serve(customers, contexts))
+            answers = await self._run_sync(call)
         except Exception as error:
             if len(batch) == 1:
                 _settle(batch[0], error=error)

@@ -65,6 +65,36 @@ def in_holdout(key: str, salt: str, share: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < share
 
 
+class _BudgetLog:
+    """The latency budget's warning: one line when it is first used up, then at most one
+    every ``every_s`` with how many customers went short since (under overload every
+    request may go short: a line each would flood the log)."""
+
+    def __init__(self, budget_ms: float, every_s: float = 10.0) -> None:
+        self.budget_ms, self.every_s = budget_ms, every_s
+        self._lock = threading.Lock()
+        self._logged_at: float | None = None
+        self._short = 0
+
+    def used_up(self, short: int, spent_ms: float, customers: int) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._short += short
+            if self._logged_at is not None and now - self._logged_at < self.every_s:
+                return
+            since = "" if self._logged_at is None else f" in the last {now - self._logged_at:.0f} s"
+            total, self._short, self._logged_at = self._short, 0, now
+        log.warning(
+            "latency budget used up (%.0f ms each): %d customer(s) served with short "
+            "becauses%s (the last call: %.0f ms of work for %d customer(s))",
+            self.budget_ms,
+            total,
+            since,
+            spent_ms,
+            customers,
+        )
+
+
 @dataclass(frozen=True)
 class _Plan:
     holdout: list[bool]
@@ -138,6 +168,7 @@ class Recommender:
         self.history = SnapshotLedger(snapshot)
         self._lock = threading.Lock()
         self._fitting = threading.Lock()
+        self._budget_log = _BudgetLog(settings.budget_ms)
         ordered = np.unique(snapshot.orders_by_customer.groups)
         self._known = set(snapshot.customers.decode(ordered).tolist())
         self.model = self._model(bundle)
@@ -325,9 +356,12 @@ class Recommender:
         debug: bool = False,
         as_of: Any = None,
         log_exposure: bool = True,
+        waited_s: Sequence[float] | None = None,
     ) -> list[dict[str, Any]]:
         """Slates for many customers at one moment, computed together (campaigns), with
-        exactly the per-request semantics of the service."""
+        exactly the per-request semantics of the service. ``waited_s``: how long each
+        request already waited in the service before this call (the latency budget counts
+        it); without it, the call is one job whose n customers share n budgets."""
         model = self.model  # one version for the whole call, even if it is swapped meanwhile
         s = self.snapshot
         contexts = contexts or [{} for _ in customer_ids]
@@ -386,8 +420,8 @@ class Recommender:
         )
         # the budget used up: the ranked slate now, with a short true because (a fact)
         spent_ms = (time.perf_counter() - started) * 1000
-        over_budget = spent_ms > self.settings.budget_ms * len(customer_ids)
-        explanations = {} if over_budget else self._explain(model, matrix, builder, slates, plan)
+        over_budget = self._over_budget(spent_ms, len(customer_ids), waited_s)
+        explanations = self._explain(model, matrix, builder, slates, plan, ~over_budget)
         responses, logs = self._respond(
             model,
             customer_ids,
@@ -411,18 +445,26 @@ class Recommender:
             for response, logged in zip(responses, logs, strict=True):
                 if logged["request_id"] in limits:
                     _keep(response, admitted[logged["request_id"]])
-        for response in responses:
+        for response, over in zip(responses, over_budget, strict=True):
             response["degraded"] = degraded
-            response["budget_exceeded"] = over_budget
-        if over_budget:
-            log.warning(
-                "latency budget used up (%.0f ms for %d customer(s), budget %.0f ms each): "
-                "served with short becauses",
-                spent_ms,
-                len(customer_ids),
-                self.settings.budget_ms,
-            )
+            response["budget_exceeded"] = bool(over)
+        if over_budget.any():
+            self._budget_log.used_up(int(over_budget.sum()), spent_ms, len(customer_ids))
         return responses
+
+    def _over_budget(self, spent_ms: float, n: int, waited_s: Sequence[float] | None) -> np.ndarray:
+        """Which customers' budget is used up. A request the service answers has the
+        budget from when it reached the service: the time it waited for the present's
+        thread, then this call's own work (a batch's, for each of the requests it serves
+        together). A call of its own (a campaign's chunk, a test) has n budgets for its
+        own work."""
+        budget = self.settings.budget_ms
+        if waited_s is None:
+            return np.full(n, spent_ms > budget * n)
+        waited_ms = np.asarray(waited_s, dtype=np.float64) * 1000
+        if waited_ms.shape != (n,):
+            raise ValueError(f"waited_s has {waited_ms.size} values for {n} customers")
+        return waited_ms + spent_ms > budget
 
     def _request_ids(
         self, customer_ids: list[str], t: int, channel: str, placement: str
@@ -610,13 +652,15 @@ class Recommender:
         builder: FeatureBuilder,
         slates: list[tuple[Slate, list[int]]],
         plan: _Plan,
+        within_budget: np.ndarray,
     ) -> dict[int, Any]:
-        """SHAP explanations of the returned offers only (model-ranked slates)."""
+        """SHAP explanations of the returned offers only (model-ranked slates), for the
+        customers whose latency budget is not used up."""
         s = self.snapshot
         explain = [
             j
             for i, (_, chosen) in enumerate(slates)
-            if plan.modes[i] == "model" and not plan.control[i]
+            if plan.modes[i] == "model" and not plan.control[i] and within_budget[i]
             for j in chosen
         ]
         if model.bundle is None or not explain:

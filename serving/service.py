@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from datetime import UTC, datetime
 from functools import cache
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -183,6 +184,12 @@ class NextBest:
             target=self._watch_alias, daemon=True, name="nextbest-alias-watcher"
         )
         self._watcher.start()
+
+    @property
+    def watcher_state(self) -> dict[str, Any]:
+        """What ``/metadata`` says of the watcher: its last word, and whether the registry
+        answered the last time it was asked."""
+        return self.watching | {"registry_reachable": not self._registry_down}
 
     def _current_version(self) -> str | None:
         bundle = self.recommender.model.bundle
@@ -446,8 +453,11 @@ class NextBest:
                 log.warning("POST /recommend refused with 400: %s", refused)
                 return _error(400, refused)
         fields = (context or Context.model_validate({})).model_dump()
+        arrived = time.perf_counter()  # the latency budget counts from here
 
-        def serve(customers: list[str], contexts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        def serve(
+            customers: list[str], contexts: list[dict[str, Any]], waited_s: list[float]
+        ) -> list[dict[str, Any]]:
             return self.recommender.recommend_many(
                 customers,
                 channel=channel,
@@ -456,13 +466,15 @@ class NextBest:
                 k=k,
                 debug=debug,
                 as_of=as_of,
+                waited_s=waited_s,
             )
 
         # a replay of the past may have a builder to fit (a second or so): it runs on a
         # thread of its own, and the present's requests never queue behind it
         if moment_s is not None and not recommender.is_present(moment_s):
             answers = await anyio.to_thread.run_sync(
-                lambda: serve([customer_id], [fields]), limiter=self._past
+                lambda: serve([customer_id], [fields], [time.perf_counter() - arrived]),
+                limiter=self._past,
             )
             return _answer(answers[0])
         # the present: requests that queued while its thread was busy are served together
@@ -555,8 +567,7 @@ def metadata() -> dict[str, Any]:
     """Model version, feature list, rules version and holdout settings (never a secret:
     only the fields of ``Metadata`` are published)."""
     service: NextBest = bentoml.get_current_service()
-    watcher = service.watching | {"registry_reachable": not service._registry_down}
-    return service.recommender.metadata() | {"watcher": watcher}
+    return service.recommender.metadata() | {"watcher": service.watcher_state}
 
 
 @ops.get("/", include_in_schema=False)

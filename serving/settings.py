@@ -45,12 +45,17 @@ class ServingSettings:
     * ``max_batch``: how many waiting ``/recommend`` requests (same parameters, distinct
       customers) the present's thread may serve in one call when they queued while it
       was busy (``serving.coalesce``); 1 serves every request alone.
-    * ``budget_ms``: the latency budget of one customer's slate, in milliseconds of the
-      recommender's own work after its feature builder is ready (a call for n customers
-      has n times it; checked once, before the explanation). When features,
-      eligibility and ranking have used it up, the ranked slate is served at once with a
-      short, true because (a stated fact, as the rules-only ranking says it) instead of
-      the SHAP explanation, and the answer says ``"budget_exceeded": true``.
+    * ``budget_ms``: the latency budget of one customer's slate, in milliseconds, checked
+      once, before the explanation. A request the service answers has it from when it
+      reached the handler: the time it waited for the present's thread (behind other
+      requests, or a queue under overload) counts, then the recommender's own work after
+      its feature builder is ready (a past moment's one-off fit does not count); requests
+      served together each have their own. A call of its own for n customers (a
+      campaign's chunk) has n times it for its work. When it is used up, the ranked slate
+      is served at once with a short, true because (a stated fact, as the rules-only
+      ranking says it) instead of the SHAP explanation, and the answer says
+      ``"budget_exceeded": true``: under overload the explanation's work is shed before
+      any request is.
     * exploration (:mod:`policy.exploration`): ``exploration`` is ``off`` (the default:
       the arbitration's best slate, logged as deterministic), ``epsilon`` or ``softmax``;
       ``exploration_rates`` is the rate per channel (``*``: every channel not named; a

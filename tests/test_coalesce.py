@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,13 +25,17 @@ class _Gate:
 
     def __init__(self, fail_for: str | None = None) -> None:
         self.calls: list[list[str]] = []
+        self.waited: list[list[float]] = []
         self.release = threading.Event()
         self.fail_for = fail_for
 
-    def serve(self, customers: list[str], contexts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def serve(
+        self, customers: list[str], contexts: list[dict[str, Any]], waited_s: list[float]
+    ) -> list[dict[str, Any]]:
         if not self.calls:
             assert self.release.wait(10)
         self.calls.append(list(customers))
+        self.waited.append(list(waited_s))
         if self.fail_for in customers:
             raise ValueError(f"bad customer {self.fail_for}")
         return [{"customer_id": c, "context": x} for c, x in zip(customers, contexts, strict=True)]
@@ -114,6 +119,33 @@ def test_a_request_whose_client_went_away_is_not_served() -> None:
 
     asyncio.run(scenario())
     assert gate.calls == [["x"], ["z"]]
+
+
+def test_each_request_is_served_with_how_long_it_waited_for_the_thread() -> None:
+    """The latency budget counts a request's wait: the requests queued behind a call held
+    for 0.3 s are handed at least that wait (each its own, measured here with the test's
+    clock around the hold), the first one almost none."""
+    gate = _Gate()
+    held_s = 0.3
+
+    async def scenario() -> float:
+        coalescer = _coalescer(8)
+        first = asyncio.create_task(coalescer.submit("A", "x", {}, gate.serve))
+        while not coalescer.sizes:
+            await asyncio.sleep(0.001)
+        started = time.perf_counter()
+        later = [asyncio.create_task(coalescer.submit("A", c, {}, gate.serve)) for c in ("y", "z")]
+        await asyncio.sleep(0.01)  # both queued by now
+        await asyncio.sleep(held_s)
+        gate.release.set()
+        await asyncio.gather(first, *later)
+        return time.perf_counter() - started
+
+    elapsed = asyncio.run(scenario())
+    assert gate.calls == [["x"], ["y", "z"]]
+    [[first_wait], queued] = gate.waited
+    assert 0 <= first_wait < held_s / 3
+    assert all(held_s <= w <= elapsed for w in queued), (queued, elapsed)
 
 
 def test_max_batch_below_one_is_refused() -> None:

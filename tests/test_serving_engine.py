@@ -373,3 +373,34 @@ def test_a_used_up_budget_serves_the_ranked_slate_with_short_true_becauses(
             assert offer["because"].startswith("One of our current offers"), offer["because"]
             assert all(r["role"] == "fact" and r["shap"] is None for r in offer["reasons"])
         assert any(o["contributions"] for o in full["offers"])
+
+
+def test_the_budget_counts_each_request_s_wait_in_the_service(
+    served: Served, tmp_path: Path
+) -> None:
+    """Requests served together (the service's coalescing) each bring the time they
+    waited for the thread: one that waited past the budget goes short, the ones that did
+    not keep their SHAP because, in the same call. Without waits, the call's customers
+    share its work's budgets as before."""
+    budget_ms = 10_000.0  # no call here works that long; the waits decide
+    within = recommender_for(served, tmp_path / "within.db", budget_ms=budget_ms)
+    together = recommender_for(served, tmp_path / "together.db", budget_ms=budget_ms)
+    customers = _customers(within)[:4]
+    waited_s = [0.0, 20.0, 0.5, 10.001]  # by hand: the second and the fourth are past it
+    answers = together.recommend_many(
+        customers, channel="web", placement="home", k=3, waited_s=waited_s
+    )
+    assert [a["budget_exceeded"] for a in answers] == [False, True, False, True]
+    for customer, answer in zip(customers, answers, strict=True):
+        full = within.recommend(customer, channel="web", placement="home", k=3)
+        offers = [o["offer_id"] for o in answer["offers"]]
+        assert offers == [o["offer_id"] for o in full["offers"]]
+        becauses = [o["because"] for o in answer["offers"]]
+        if answer["budget_exceeded"]:
+            assert all(b.startswith("One of our current offers") for b in becauses), becauses
+        else:
+            assert becauses == [o["because"] for o in full["offers"]]
+    plain = together.recommend_many(customers, channel="web", placement="home", k=3)
+    assert [a["budget_exceeded"] for a in plain] == [False] * 4
+    with pytest.raises(ValueError, match="waited_s has 2 values for 4 customers"):
+        together.recommend_many(customers, channel="web", k=3, waited_s=[0.0, 0.0])
