@@ -2,7 +2,10 @@
 
 1. **The ramp** measures the maximum throughput: after a warm-up as long as a level (one
    client), closed loops of 1, 2, 4, … clients, each for ``ramp_seconds`` (10), until a
-   doubling no longer raises the rate by 5 %; the best level's rate is then offered again,
+   doubling no longer raises the rate by 5 %, or a level's answers go short (the latency
+   budget used up: the explanation shed) more than ``SHORT_PCT`` of the time, which does
+   not count: past its budget the service answers faster by answering less, and the
+   maximum is what it holds with whole answers; the best level's rate is then offered again,
    open-loop as the steady run sends, and the rate the service answered in that level is
    the maximum (the best of noisy levels overstates it, and so do closed loops where
    requests are served together: clients that wait for their answers arrive together, in
@@ -14,7 +17,8 @@
    by a client that waited for it).
 3. **The report**: p50 and p99 of each endpoint per 10-second window, errors by status,
    and every feedback the service accepted found again in the ledger database (read after
-   the run, with plain SQL); beside them, the machine's steal and speed (a canary process)
+   the run, with plain SQL), and the answers that came with short becauses; beside
+   them, the machine's steal and speed (a canary process)
    per window, and the service's own CPU, run and waited for, over the run and while its
    slowest answers were in flight. The targets: zero errors, zero lost feedback, and each
    endpoint's p99 in every window within 1.5x of its median window. PASS/FAIL per target;
@@ -54,6 +58,9 @@ FEEDBACK = "/feedback"
 REQUEST_TIMEOUT_S = 30.0
 CPU_SAMPLE_S = 0.1  # how often the steady run reads the machine's CPU counters
 STOLEN = 0.02  # an interval counts as stolen when the hypervisor took >= 2 % of its CPU
+# a ramp level whose /recommend answers went short (the latency budget used up) more often
+# than this, in %, is past what the service holds with whole answers: it ends the ramp
+SHORT_PCT = 1.0
 MAX_IN_FLIGHT = 256  # an open loop's bound: visits beyond it are counted as errors, not queued
 # the machine's own speed, beside the service: a process of its own times a fixed unit of
 # pure-Python work every CPU_SAMPLE_S through the steady run (about 1-2 ms of one core's
@@ -436,6 +443,7 @@ class _Visitor:
         self.posted: set[tuple[str, str, str]] = set()
         self.served: set[str] = set()
         self.short = 0  # answers whose latency budget was used up (short becauses)
+        self.answered = 0  # /recommend answers (200)
         self.finished: list[float] = []  # when each visit ended, by the loop's clock
 
     async def _post(self, endpoint: str, body: dict[str, Any]) -> tuple[str, Any]:
@@ -465,6 +473,7 @@ class _Visitor:
         sent = time.perf_counter()
         self.samples.append(Sample(RECOMMEND, due, sent - clock_zero - due, status))
         if status == "200":
+            self.answered += 1
             self.short += bool(payload.get("budget_exceeded"))
         if status != "200" or not payload["offers"]:
             return
@@ -632,6 +641,18 @@ async def _visits(
     return sum(t <= seconds for t in visitor.finished[ended_before:]) / seconds
 
 
+def _level_verdict(best: float, rate: float, short_pct: float) -> tuple[bool, bool]:
+    """A ramp level's verdict: (whether its rate is the new best, whether the ramp goes
+    on). Past the latency budget (more than SHORT_PCT of its answers short) the service
+    sheds the explanation and answers faster: that rate is not one it holds with whole
+    answers, so the level does not count and ends the ramp (the first level always
+    counts: there must be a maximum). Otherwise the ramp goes on while a doubling raises
+    the rate by 5 %."""
+    if short_pct > SHORT_PCT and best > 0:
+        return False, False
+    return rate > best, rate > best * 1.05
+
+
 async def _measure(
     base: str, customers: Sequence[str], plan: LoadPlan, service_pid: int | None
 ) -> LoadReport:
@@ -648,12 +669,20 @@ async def _measure(
         ramp: list[dict[str, float]] = []
         best, best_clients = 0.0, plan.levels[0]
         for clients in plan.levels:
+            answered, short = warm.answered, warm.short
             rate = await _closed_loop(warm, clients, plan.ramp_seconds)
-            ramp.append({"clients": clients, "visits_per_s": round(rate, 1)})
-            grew = rate > best * 1.05
-            if rate > best:
+            short_pct = 100.0 * (warm.short - short) / max(1, warm.answered - answered)
+            ramp.append(
+                {
+                    "clients": clients,
+                    "visits_per_s": round(rate, 1),
+                    "short_pct": round(short_pct, 1),
+                }
+            )
+            counts, go_on = _level_verdict(best, rate, short_pct)
+            if counts:
                 best, best_clients = rate, clients
-            if not grew:
+            if not go_on:
                 break
         # the best of noisy levels is biased up (the service's rate varies by about 10 %
         # from one level to the next), and closed loops where requests are served together
@@ -662,13 +691,16 @@ async def _measure(
         # answers when the best level's rate is offered again, open-loop, apart from the
         # choice
         offered = best
+        answered, short = warm.answered, warm.short
         best = await _open_loop(warm, offered, plan.ramp_seconds, [], probe=True)
+        short_pct = 100.0 * (warm.short - short) / max(1, warm.answered - answered)
         ramp.append(
             {
                 "clients": best_clients,
                 "visits_per_s": round(best, 1),
                 "again": 1,
                 "offered_per_s": round(offered, 1),
+                "short_pct": round(short_pct, 1),
             }
         )
         steady = _Visitor(session, base, customers, plan)
@@ -791,6 +823,7 @@ def print_report(report: LoadReport) -> None:
                 if r.get("again")
                 else f"{r['clients']:g} clients {r['visits_per_s']:g}/s"
             )
+            + (f" ({r['short_pct']:g} % short)" if r.get("short_pct") else "")
             for r in report.ramp
         )
         + f"); steady run at {report.rate:.1f} visits/s "

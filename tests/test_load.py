@@ -49,6 +49,9 @@ def test_ten_seconds_of_load_lose_nothing_and_fail_nothing(
     assert len(report.posted) >= recommends > 0
     assert report.served >= {request for request, _, _ in report.posted}
     assert lost_feedback(db_url, report.posted, report.served) == {"feedback": 0, "slates": 0}
+    # every ramp level says how often its answers went short (the latency budget used up)
+    assert all(0 <= level["short_pct"] <= 100 for level in report.ramp), report.ramp
+    assert set(report.short) == {"steady", "ramp"} and report.short["steady"] <= recommends
 
     # the ledger check itself can see a loss: one feedback row and one slate removed
     request, offer, outcome = sorted(report.posted)[0]
@@ -69,6 +72,18 @@ def test_ten_seconds_of_load_lose_nothing_and_fail_nothing(
     assert lost["slates"] == 1 and lost["feedback"] == 1 + sum(
         r == slate for r, _, _ in report.posted
     )
+
+
+def test_a_ramp_level_past_the_latency_budget_does_not_count_and_ends_the_ramp() -> None:
+    """By hand: a level whose answers went short more than 1 % of the time is no new best,
+    however fast, and the ramp stops; the first level counts whatever it served."""
+    from bench.load import _level_verdict
+
+    assert _level_verdict(0.0, 40.0, 100.0) == (True, True)  # the first level counts
+    assert _level_verdict(40.0, 60.0, 0.5) == (True, True)
+    assert _level_verdict(40.0, 41.0, 0.0) == (True, False)  # under 5 % more: the last
+    assert _level_verdict(40.0, 80.0, 5.0) == (False, False)  # faster, by going short
+    assert _level_verdict(40.0, 30.0, 0.0) == (False, False)
 
 
 def test_the_report_counts_errors_and_judges_each_window() -> None:
