@@ -453,7 +453,6 @@ class NextBest:
                 log.warning("POST /recommend refused with 400: %s", refused)
                 return _error(400, refused)
         fields = (context or Context.model_validate({})).model_dump()
-        arrived = time.perf_counter()  # the latency budget counts from here
 
         def serve(
             customers: list[str], contexts: list[dict[str, Any]], waited_s: list[float]
@@ -472,12 +471,14 @@ class NextBest:
         # a replay of the past may have a builder to fit (a second or so): it runs on a
         # thread of its own, and the present's requests never queue behind it
         if moment_s is not None and not recommender.is_present(moment_s):
+            arrived = time.perf_counter()  # its wait for the past's thread counts in the budget
             answers = await anyio.to_thread.run_sync(
                 lambda: serve([customer_id], [fields], [time.perf_counter() - arrived]),
                 limiter=self._past,
             )
             return _answer(answers[0])
         # the present: requests that queued while its thread was busy are served together
+        # (each with its wait since this submit, for the latency budget)
         key = (channel, placement, k, debug, as_of)
         return _answer(await self._coalescer.submit(key, customer_id, fields, serve))
 
