@@ -10,7 +10,9 @@ grew, instead of growing for as long as the service is a little slower than its 
 (a busy neighbour on the machine, a burst): a queue shortens itself. With no backlog every
 request is served alone, exactly as before, at the same latency.
 
-The answers are those of the requests served one by one: ``recommend_many`` has the
+The answers are those of the requests served one by one (but for the latency budget,
+which each request spends on its wait and then on its whole batch's work; one past it
+has the short because, and is answered with its batch): ``recommend_many`` has the
 per-request semantics of the service, and a batch holds each customer at most once (a
 customer's second request waits for the next batch, so it sees the first one's slate in
 the ledger, for caps and sequencing, as it would have). Requests are served in the order

@@ -59,6 +59,19 @@ _PAST_BUILDERS = 4
 DAY = 86_400
 
 
+def _waits(waited_s: Sequence[float] | None, n: int) -> np.ndarray | None:
+    """Each request's wait before the call, in seconds (finite, not negative, one per
+    customer), as an array; None without waits."""
+    if waited_s is None:
+        return None
+    waits = np.asarray(waited_s, dtype=np.float64)
+    if waits.shape != (n,):
+        raise ValueError(f"waited_s has {waits.size} values for {n} customers")
+    if not np.isfinite(waits).all() or (waits < 0).any():
+        raise ValueError(f"waited_s must be finite and not negative: {waited_s}")
+    return waits
+
+
 def in_holdout(key: str, salt: str, share: float) -> bool:
     """Sticky assignment: a hash of the key and the experiment salt, uniform in [0, 1)."""
     digest = hashlib.sha256(f"{salt}:{key}".encode()).digest()
@@ -365,6 +378,7 @@ class Recommender:
         model = self.model  # one version for the whole call, even if it is swapped meanwhile
         s = self.snapshot
         contexts = contexts or [{} for _ in customer_ids]
+        waits = _waits(waited_s, len(customer_ids))  # checked before anything is done
         t = self.now_s() if as_of is None else second_ceil(as_of)
         requests = self._requests(customer_ids, t, channel, placement, contexts)
         # without consent to personalisation, candidates and features are those of an
@@ -420,7 +434,7 @@ class Recommender:
         )
         # the budget used up: the ranked slate now, with a short true because (a fact)
         spent_ms = (time.perf_counter() - started) * 1000
-        over_budget = self._over_budget(spent_ms, len(customer_ids), waited_s)
+        over_budget = self._over_budget(spent_ms, len(customer_ids), waits)
         explanations = self._explain(model, matrix, builder, slates, plan, ~over_budget)
         responses, logs = self._respond(
             model,
@@ -452,19 +466,16 @@ class Recommender:
             self._budget_log.used_up(int(over_budget.sum()), spent_ms, len(customer_ids))
         return responses
 
-    def _over_budget(self, spent_ms: float, n: int, waited_s: Sequence[float] | None) -> np.ndarray:
+    def _over_budget(self, spent_ms: float, n: int, waits: np.ndarray | None) -> np.ndarray:
         """Which customers' budget is used up. A request the service answers has the
-        budget from when it reached the service: the time it waited for the present's
-        thread, then this call's own work (a batch's, for each of the requests it serves
+        budget from when it was queued for the present's thread: the time it waited there,
+        then this call's own work (a batch's, for each of the requests it serves
         together). A call of its own (a campaign's chunk, a test) has n budgets for its
         own work."""
         budget = self.settings.budget_ms
-        if waited_s is None:
+        if waits is None:
             return np.full(n, spent_ms > budget * n)
-        waited_ms = np.asarray(waited_s, dtype=np.float64) * 1000
-        if waited_ms.shape != (n,):
-            raise ValueError(f"waited_s has {waited_ms.size} values for {n} customers")
-        return waited_ms + spent_ms > budget
+        return waits * 1000 + spent_ms > budget
 
     def _request_ids(
         self, customer_ids: list[str], t: int, channel: str, placement: str

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from datetime import UTC, datetime
 from functools import cache
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -469,12 +468,11 @@ class NextBest:
             )
 
         # a replay of the past may have a builder to fit (a second or so): it runs on a
-        # thread of its own, and the present's requests never queue behind it
+        # thread of its own, and the present's requests never queue behind it; its budget
+        # is its own work (not its wait: that thread may be fitting another moment's)
         if moment_s is not None and not recommender.is_present(moment_s):
-            arrived = time.perf_counter()  # its wait for the past's thread counts in the budget
             answers = await anyio.to_thread.run_sync(
-                lambda: serve([customer_id], [fields], [time.perf_counter() - arrived]),
-                limiter=self._past,
+                lambda: serve([customer_id], [fields], [0.0]), limiter=self._past
             )
             return _answer(answers[0])
         # the present: requests that queued while its thread was busy are served together

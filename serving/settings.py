@@ -46,12 +46,14 @@ class ServingSettings:
       customers) the present's thread may serve in one call when they queued while it
       was busy (``serving.coalesce``); 1 serves every request alone.
     * ``budget_ms``: the latency budget of one customer's slate, in milliseconds, checked
-      once, before the explanation. A request the service answers has it from when it
-      reached the handler: the time it waited for the present's thread (behind other
-      requests, or a queue under overload) counts, then the recommender's own work after
-      its feature builder is ready (a past moment's one-off fit does not count); requests
-      served together each have their own. A call of its own for n customers (a
-      campaign's chunk) has n times it for its work. When it is used up, the ranked slate
+      once, before the explanation. A request for the present has it from when its
+      handler queued it for the present's thread (its body read and validated): the time
+      it waited there (behind other requests, or a queue under overload; behind the
+      present's builder refitted after a switch, once) counts, then the recommender's own
+      work after its feature builder is ready; requests served together each have their
+      own. A replay of the past (``as_of``) has it for its own work, not counting a builder
+      fit; a call of its own for n customers (a campaign's chunk) has n times it for its
+      work. When it is used up, the ranked slate
       is served at once with a short, true because (a stated fact, as the rules-only
       ranking says it) instead of the SHAP explanation, and the answer says
       ``"budget_exceeded": true``: under overload the explanation's work is shed before

@@ -404,3 +404,6 @@ def test_the_budget_counts_each_request_s_wait_in_the_service(
     assert [a["budget_exceeded"] for a in plain] == [False] * 4
     with pytest.raises(ValueError, match="waited_s has 2 values for 4 customers"):
         together.recommend_many(customers, channel="web", k=3, waited_s=[0.0, 0.0])
+    for bad in (float("nan"), -1.0):
+        with pytest.raises(ValueError, match="finite and not negative"):
+            together.recommend_many(customers, channel="web", k=3, waited_s=[0.0, bad, 0, 0])
