@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -407,3 +408,27 @@ def test_the_budget_counts_each_request_s_wait_in_the_service(
     for bad in (float("nan"), -1.0):
         with pytest.raises(ValueError, match="finite and not negative"):
             together.recommend_many(customers, channel="web", k=3, waited_s=[0.0, bad, 0, 0])
+
+
+def test_the_budget_warning_is_one_line_then_one_per_interval_with_the_count(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Under overload every request may go short: the first time says so at once, the
+    next ones within 10 s are counted, not logged, and the next line gives their count."""
+    from serving import engine
+
+    clock = [100.0]
+    monkeypatch.setattr(engine.time, "monotonic", lambda: clock[0])
+    budget_log = engine._BudgetLog(150.0, every_s=10.0)
+    caplog.set_level(logging.WARNING, logger="nextbest.serving")
+    budget_log.used_up(1, 200.0, 1)
+    for at in (101.0, 105.0, 109.9):
+        clock[0] = at
+        budget_log.used_up(2, 300.0, 4)
+    clock[0] = 112.0
+    budget_log.used_up(3, 400.0, 8)
+    lines = [r.getMessage() for r in caplog.records if "latency budget" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert "1 customer(s) served with short becauses (the last call" in lines[0]
+    # by hand: 2 + 2 + 2 counted in between, and the 3 of the call that logs
+    assert "9 customer(s) served with short becauses in the last 12 s" in lines[1], lines[1]
