@@ -6,7 +6,8 @@
    budget used up: the explanation shed) more than ``SHORT_PCT`` of the time, which does
    not count: past its budget the service answers faster by answering less, and the
    maximum is what it holds with whole answers; the best level's rate is then offered again,
-   open-loop as the steady run sends, and the rate the service answered in that level is
+   open-loop as the steady run sends (and, while that level's answers go short, 90 % of
+   the rate offered, again), and the rate the service answered in that level is
    the maximum (the best of noisy levels overstates it, and so do closed loops where
    requests are served together: clients that wait for their answers arrive together, in
    the batches an open loop does not make). A unit of
@@ -61,6 +62,10 @@ STOLEN = 0.02  # an interval counts as stolen when the hypervisor took >= 2 % of
 # a ramp level whose /recommend answers went short (the latency budget used up) more often
 # than this, in %, is past what the service holds with whole answers: it ends the ramp
 SHORT_PCT = 1.0
+# the open-loop offer of the maximum, when its answers went short: offered again at this
+# share of the rate, at most MAX_PROBES times in all (the maximum errs low by < 10 %)
+PROBE_STEP = 0.9
+MAX_PROBES = 6
 MAX_IN_FLIGHT = 256  # an open loop's bound: visits beyond it are counted as errors, not queued
 # the machine's own speed, beside the service: a process of its own times a fixed unit of
 # pure-Python work every CPU_SAMPLE_S through the steady run (about 1-2 ms of one core's
@@ -653,6 +658,13 @@ def _level_verdict(best: float, rate: float, short_pct: float) -> tuple[bool, bo
     return rate > best, rate > best * 1.05
 
 
+def _offer_again(offered: float, short_pct: float) -> float | None:
+    """The maximum's open-loop probe: None when its answers stayed whole (more than
+    SHORT_PCT short is past the latency budget); else the rate to offer next, PROBE_STEP
+    of this one."""
+    return None if short_pct <= SHORT_PCT else offered * PROBE_STEP
+
+
 async def _measure(
     base: str, customers: Sequence[str], plan: LoadPlan, service_pid: int | None
 ) -> LoadReport:
@@ -689,20 +701,26 @@ async def _measure(
         # overstate what an open loop gets (16 clients measured 151 visits/s, and a steady
         # run at 80 % of it fell behind by seconds): the maximum is the rate the service
         # answers when the best level's rate is offered again, open-loop, apart from the
-        # choice
+        # choice. Offered so, a closed loop's rate may be past the latency budget (its
+        # answers go short): then PROBE_STEP of it is offered, until the answers stay whole
         offered = best
-        answered, short = warm.answered, warm.short
-        best = await _open_loop(warm, offered, plan.ramp_seconds, [], probe=True)
-        short_pct = 100.0 * (warm.short - short) / max(1, warm.answered - answered)
-        ramp.append(
-            {
-                "clients": best_clients,
-                "visits_per_s": round(best, 1),
-                "again": 1,
-                "offered_per_s": round(offered, 1),
-                "short_pct": round(short_pct, 1),
-            }
-        )
+        for _ in range(MAX_PROBES):
+            answered, short = warm.answered, warm.short
+            best = await _open_loop(warm, offered, plan.ramp_seconds, [], probe=True)
+            short_pct = 100.0 * (warm.short - short) / max(1, warm.answered - answered)
+            ramp.append(
+                {
+                    "clients": best_clients,
+                    "visits_per_s": round(best, 1),
+                    "again": 1,
+                    "offered_per_s": round(offered, 1),
+                    "short_pct": round(short_pct, 1),
+                }
+            )
+            again = _offer_again(offered, short_pct)
+            if again is None:
+                break
+            offered = again
         steady = _Visitor(session, base, customers, plan)
         rate = plan.share * best
         cpu: list[tuple[float, int, int]] = []

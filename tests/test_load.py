@@ -86,6 +86,17 @@ def test_a_ramp_level_past_the_latency_budget_does_not_count_and_ends_the_ramp()
     assert _level_verdict(40.0, 30.0, 0.0) == (False, False)
 
 
+def test_the_maximum_is_offered_again_lower_while_its_answers_go_short() -> None:
+    """By hand: a probe with whole answers (1 % short at most) ends the search; one past
+    the budget is followed by a probe at 90 % of its rate."""
+    from bench.load import _offer_again
+
+    assert _offer_again(80.0, 0.0) is None
+    assert _offer_again(80.0, 1.0) is None
+    assert _offer_again(80.0, 41.7) == pytest.approx(72.0)
+    assert _offer_again(72.0, 1.5) == pytest.approx(64.8)
+
+
 def test_the_report_counts_errors_and_judges_each_window() -> None:
     """The targets, on samples written by hand: a 404 is an error, and one window's p99
     above 1.5x the median window's fails the latency target."""
