@@ -451,6 +451,15 @@ class _Visitor:
         self.answered = 0  # /recommend answers (200)
         self.finished: list[float] = []  # when each visit ended, by the loop's clock
 
+    def tally(self) -> tuple[int, int]:
+        """(answers, short answers) so far: a mark for :meth:`short_pct_since`."""
+        return self.answered, self.short
+
+    def short_pct_since(self, mark: tuple[int, int]) -> float:
+        """The share of /recommend answers since ``mark`` that came short, in %."""
+        answered, short = mark
+        return 100.0 * (self.short - short) / max(1, self.answered - answered)
+
     async def _post(self, endpoint: str, body: dict[str, Any]) -> tuple[str, Any]:
         try:
             async with self.session.post(self.base + endpoint, json=body) as response:
@@ -681,9 +690,9 @@ async def _measure(
         ramp: list[dict[str, float]] = []
         best, best_clients = 0.0, plan.levels[0]
         for clients in plan.levels:
-            answered, short = warm.answered, warm.short
+            mark = warm.tally()
             rate = await _closed_loop(warm, clients, plan.ramp_seconds)
-            short_pct = 100.0 * (warm.short - short) / max(1, warm.answered - answered)
+            short_pct = warm.short_pct_since(mark)
             ramp.append(
                 {
                     "clients": clients,
@@ -705,9 +714,9 @@ async def _measure(
         # answers go short): then PROBE_STEP of it is offered, until the answers stay whole
         offered = best
         for _ in range(MAX_PROBES):
-            answered, short = warm.answered, warm.short
+            mark = warm.tally()
             best = await _open_loop(warm, offered, plan.ramp_seconds, [], probe=True)
-            short_pct = 100.0 * (warm.short - short) / max(1, warm.answered - answered)
+            short_pct = warm.short_pct_since(mark)
             ramp.append(
                 {
                     "clients": best_clients,
