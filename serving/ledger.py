@@ -38,6 +38,7 @@ made by the same thread when the database answers, before the buffer is flushed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -213,6 +214,10 @@ GHOST_MODE = "holdout_nothing"
 shown to nobody. Every other slate was delivered (a rules-only holdout's slate too)."""
 _DELIVERED = sa.or_(slates.c.holdout.is_(False), slates.c.mode != GHOST_MODE)
 
+_CUSTOMERS: sa.BindParameter[Any] = sa.bindparam("customers", expanding=True)
+_START: sa.BindParameter[int] = sa.bindparam("start")
+_END: sa.BindParameter[int] = sa.bindparam("end")
+
 _LAST_BY_KIND = (
     sa.select(
         feedback.c.customer_id,
@@ -221,11 +226,87 @@ _LAST_BY_KIND = (
         sa.func.max(feedback.c.at_s),
     )
     .where(
-        feedback.c.customer_id.in_(sa.bindparam("customers", expanding=True)),
+        feedback.c.customer_id.in_(_CUSTOMERS),
         feedback.c.at_s <= sa.bindparam("before"),
     )
     .group_by(feedback.c.customer_id, feedback.c.offer_id, feedback.c.outcome)
 )
+
+
+_SHOWN = (
+    sa.select(slates.c.customer_id, slate_offers.c.offer_id)
+    .select_from(slates.join(slate_offers))
+    .where(
+        slates.c.customer_id.in_(_CUSTOMERS), _DELIVERED, slates.c.at_s <= sa.bindparam("before")
+    )
+    .distinct()
+)
+
+
+# The caps' reads, built once (bound: customers, start, end, and channels or offers): a
+# statement built for each call cost more than the database's own work on it (0.23 of
+# 0.31 ms, the per-offer counts on a demo ledger), and every request makes them
+@functools.cache
+def _count_query(unit: str) -> sa.Select[Any]:
+    """customer → sends, offers served or 'viewed' outcomes in [start, end] on the
+    channels (ghost and empty slates never count)."""
+    window = (
+        slates.c.customer_id.in_(_CUSTOMERS),
+        _DELIVERED,
+        slates.c.channel.in_(sa.bindparam("channels", expanding=True)),
+    )
+    if unit == "sends":
+        carried = sa.exists().where(slate_offers.c.request_id == slates.c.request_id)
+        query = sa.select(slates.c.customer_id, sa.func.count()).where(
+            *window, slates.c.at_s >= _START, slates.c.at_s <= _END, carried
+        )
+    elif unit == "served":
+        query = (
+            sa.select(slates.c.customer_id, sa.func.count())
+            .select_from(slates.join(slate_offers))
+            .where(*window, slates.c.at_s >= _START, slates.c.at_s <= _END)
+        )
+    elif unit == "viewed":
+        query = (
+            sa.select(slates.c.customer_id, sa.func.count())
+            .select_from(slates.join(feedback, feedback.c.request_id == slates.c.request_id))
+            .where(
+                *window,
+                feedback.c.outcome == "viewed",
+                feedback.c.at_s >= _START,
+                feedback.c.at_s <= _END,
+            )
+        )
+    else:
+        raise ValueError(f"unknown cap unit {unit!r}")
+    return query.group_by(slates.c.customer_id)
+
+
+@functools.cache
+def _offer_count_query(unit: str, by_offer: bool) -> sa.Select[Any]:
+    """(customer, offer) → times served (or viewed) in [start, end]; for the bound
+    offers only if ``by_offer``."""
+    base = slates.join(slate_offers)
+    if unit == "viewed":
+        base = base.join(
+            feedback,
+            (feedback.c.request_id == slate_offers.c.request_id)
+            & (feedback.c.offer_id == slate_offers.c.offer_id)
+            & (feedback.c.outcome == "viewed"),
+        )
+        at = feedback.c.at_s
+    elif unit == "served":
+        at = slates.c.at_s
+    else:
+        raise ValueError(f"unknown per-offer cap unit {unit!r}")
+    query = (
+        sa.select(slates.c.customer_id, slate_offers.c.offer_id, sa.func.count())
+        .select_from(base)
+        .where(_DELIVERED, at >= _START, at <= _END, slates.c.customer_id.in_(_CUSTOMERS))
+    )
+    if by_offer:
+        query = query.where(slate_offers.c.offer_id.in_(sa.bindparam("offers", expanding=True)))
+    return query.group_by(slates.c.customer_id, slate_offers.c.offer_id)
 
 
 @dataclass(frozen=True)
@@ -1089,34 +1170,13 @@ class SqlLedger:
         end_s: int,
         channels: Sequence[str],
     ) -> dict[str, int]:
-        window = (
-            slates.c.customer_id.in_(list(customers)),
-            _DELIVERED,
-            slates.c.channel.in_(list(channels)),
-        )
-        if unit == "sends":
-            carried = sa.exists().where(slate_offers.c.request_id == slates.c.request_id)
-            query = sa.select(slates.c.customer_id, sa.func.count()).where(
-                *window, slates.c.at_s >= start_s, slates.c.at_s <= end_s, carried
-            )
-        elif unit == "served":
-            query = (
-                sa.select(slates.c.customer_id, sa.func.count())
-                .select_from(slates.join(slate_offers))
-                .where(*window, slates.c.at_s >= start_s, slates.c.at_s <= end_s)
-            )
-        else:
-            query = (
-                sa.select(slates.c.customer_id, sa.func.count())
-                .select_from(slates.join(feedback, feedback.c.request_id == slates.c.request_id))
-                .where(
-                    *window,
-                    feedback.c.outcome == "viewed",
-                    feedback.c.at_s >= start_s,
-                    feedback.c.at_s <= end_s,
-                )
-            )
-        rows = connection.execute(query.group_by(slates.c.customer_id))
+        parameters = {
+            "customers": list(customers),
+            "channels": list(channels),
+            "start": start_s,
+            "end": end_s,
+        }
+        rows = connection.execute(_count_query(unit), parameters)
         return {str(customer): int(n) for customer, n in rows}
 
     def offer_counts(
@@ -1137,30 +1197,10 @@ class SqlLedger:
         offers: Sequence[str] | None = None,
     ) -> dict[tuple[str, str], int]:
         """:meth:`offer_counts` on a connection, for these offers only if given."""
-        base = slates.join(slate_offers)
-        if unit == "viewed":
-            base = base.join(
-                feedback,
-                (feedback.c.request_id == slate_offers.c.request_id)
-                & (feedback.c.offer_id == slate_offers.c.offer_id)
-                & (feedback.c.outcome == "viewed"),
-            )
-            at = feedback.c.at_s
-        else:
-            at = slates.c.at_s
-        query = (
-            sa.select(slates.c.customer_id, slate_offers.c.offer_id, sa.func.count())
-            .select_from(base)
-            .where(
-                _DELIVERED,
-                at >= start_s,
-                at <= end_s,
-                slates.c.customer_id.in_(list(customers)),
-            )
-        )
+        parameters: dict[str, Any] = {"customers": list(customers), "start": start_s, "end": end_s}
         if offers is not None:
-            query = query.where(slate_offers.c.offer_id.in_(list(offers)))
-        rows = connection.execute(query.group_by(slates.c.customer_id, slate_offers.c.offer_id))
+            parameters["offers"] = list(offers)
+        rows = connection.execute(_offer_count_query(unit, offers is not None), parameters)
         return {(str(c), str(o)): int(n) for c, o, n in rows}
 
     def last_outcomes(
@@ -1185,18 +1225,10 @@ class SqlLedger:
 
     def shown_offers(self, customers: Sequence[str], before_s: int) -> set[tuple[str, str]]:
         """(customer, offer) pairs the customers were shown up to ``before_s``."""
-        query = (
-            sa.select(slates.c.customer_id, slate_offers.c.offer_id)
-            .select_from(slates.join(slate_offers))
-            .where(
-                slates.c.customer_id.in_(list(customers)),
-                _DELIVERED,
-                slates.c.at_s <= before_s,
-            )
-            .distinct()
-        )
+        parameters = {"customers": list(customers), "before": before_s}
         return self._read(
-            "shown offers", lambda c: {(str(who), str(o)) for who, o in c.execute(query)}
+            "shown offers",
+            lambda c: {(str(who), str(o)) for who, o in c.execute(_SHOWN, parameters)},
         )
 
     def slate(self, request_id: str) -> dict[str, Any] | None:
