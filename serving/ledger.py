@@ -243,6 +243,20 @@ _SHOWN = (
 )
 
 
+_SERVED_TO = (
+    sa.select(slates.c.customer_id)
+    .select_from(slates.join(slate_offers))
+    .where(
+        slates.c.request_id == sa.bindparam("request_id"),
+        slate_offers.c.offer_id == sa.bindparam("offer_id"),
+    )
+)
+_INSERT_FEEDBACK = feedback.insert()
+_INSERT_SLATES = slates.insert()
+_INSERT_SLATE_OFFERS = slate_offers.insert()
+_INSERT_GHOSTS = ghost_offers.insert()
+
+
 # The caps' reads, built once (bound: customers, start, end, and channels or offers): a
 # statement built for each call cost more than the database's own work on it (0.23 of
 # 0.31 ms, the per-offer counts on a demo ledger), and every request makes them
@@ -938,7 +952,7 @@ class SqlLedger:
                         {"key": f"nextbest-caps:{customer}"},
                     )
             connection.execute(
-                slates.insert(),
+                _INSERT_SLATES,
                 [
                     {key: value for key, value in slate.items() if key not in _OFFER_LISTS}
                     for slate in slates_to_log
@@ -957,7 +971,7 @@ class SqlLedger:
                 for o in slate.get("ghosts", ())
             ]
             if withheld:
-                connection.execute(ghost_offers.insert(), withheld)
+                connection.execute(_INSERT_GHOSTS, withheld)
             items = [
                 {
                     "request_id": slate["request_id"],
@@ -972,7 +986,7 @@ class SqlLedger:
                 for o in slate["offers"]
             ]
             if items:
-                connection.execute(slate_offers.insert(), items)
+                connection.execute(_INSERT_SLATE_OFFERS, items)
             logged = {
                 str(slate["request_id"]): [o.offer_id for o in slate["offers"]]
                 for slate in slates_to_log
@@ -1125,14 +1139,15 @@ class SqlLedger:
         try:
             with self._write_turn(), self.engine.begin() as connection:
                 connection.execute(
-                    feedback.insert().values(
-                        request_id=request_id,
-                        offer_id=offer_id,
-                        outcome=outcome,
-                        customer_id=customer_id,
-                        value=value,
-                        at_s=at_s,
-                    )
+                    _INSERT_FEEDBACK,
+                    {
+                        "request_id": request_id,
+                        "offer_id": offer_id,
+                        "outcome": outcome,
+                        "customer_id": customer_id,
+                        "value": value,
+                        "at_s": at_s,
+                    },
                 )
             return True
         except IntegrityError:
@@ -1141,11 +1156,9 @@ class SqlLedger:
     def _served_to(self, request_id: str, offer_id: str) -> str:
         """The customer the database's slate ``request_id`` served ``offer_id`` to; a
         LookupError if it holds no such slate, or that slate did not serve it."""
-        with self.engine.begin() as connection:
+        with self.engine.connect() as connection:
             row = connection.execute(
-                sa.select(slates.c.customer_id)
-                .select_from(slates.join(slate_offers))
-                .where(slates.c.request_id == request_id, slate_offers.c.offer_id == offer_id)
+                _SERVED_TO, {"request_id": request_id, "offer_id": offer_id}
             ).first()
         if row is None:
             raise LookupError(f"request {request_id!r} did not serve offer {offer_id!r}")

@@ -184,6 +184,16 @@ class NextBest:
         )
         self._watcher.start()
 
+    @bentoml.on_shutdown
+    def stop(self) -> None:
+        """At shutdown the watcher stops, then the ledger closes its connections (and its
+        buffer). A service built again in the same process (an app per test module) met
+        the earlier ones' watchers still following their stores, through the same registry
+        functions; and a service left to the collector left its pooled connections open."""
+        self._stop.set()
+        self._watcher.join(timeout=10)
+        self.ledger.dispose()
+
     @property
     def watcher_state(self) -> dict[str, Any]:
         """What ``/metadata`` says of the watcher: its last word, and whether the registry

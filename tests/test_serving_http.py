@@ -400,3 +400,21 @@ def test_a_workspace_whose_offers_changed_is_refused_and_not_reloaded(  # type: 
     assert after["snapshot_customers"] == before["snapshot_customers"]
     answer = client.post("/recommend", json={"customer_id": "S00005", "channel": "web"})
     assert answer.status_code == 200 and answer.json()["model"]["mode"] == "model"
+
+
+def test_a_service_shut_down_stops_its_alias_watcher(  # type: ignore[no-untyped-def]
+    served: Served, tmp_path: Path
+) -> None:
+    """An app shut down (its lifespan ended) leaves no watcher behind: the earlier apps'
+    watchers, still following their stores through the same registry functions, made the
+    watcher tests of a later module count their calls and log lines."""
+
+    def watchers() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name == "nextbest-alias-watcher"}
+
+    before = watchers()
+    with asgi_client(served, tmp_path, NEXTBEST_RELOAD_SECONDS="0.2") as test_client:
+        assert test_client.get("/livez").status_code == 200
+        mine = watchers() - before
+        assert len(mine) == 1
+    assert not any(t.is_alive() for t in mine)
