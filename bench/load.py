@@ -69,20 +69,25 @@ MAX_PROBES = 6
 MAX_IN_FLIGHT = 256  # an open loop's bound: visits beyond it are counted as errors, not queued
 # the machine's own speed, beside the service: a process of its own times a fixed unit of
 # pure-Python work every CPU_SAMPLE_S through the steady run (about 1-2 ms of one core's
-# time, a 2 % share). A window whose units took SLOWER longer than the run's median ran on a
-# slower machine (steal that /proc/stat did not count, a neighbour's load on the caches,
-# the clock): at 80 % of the maximum, 10 % slower puts the service at 88 %
+# time, a 2 % share), on the wall clock and on its thread's CPU clock. The CPU clock leaves
+# out the time the canary waited for a CPU (our own client and service filling both
+# cores), so what slows it slowed the CPU itself: the hypervisor's steal that /proc/stat
+# did not count, a neighbour on the same physical core, the clock. This machine's CPU runs
+# at about half its speed for 1-3 s at a time, even idle, so a window's speed is the mean
+# of its units (a median hides a 2 s episode in a 10 s window). A window whose units took SLOWER
+# longer than the run's median ran on a slower machine: at 80 % of the maximum, 10 %
+# slower puts the service at 88 %
 CANARY_WORK = 20_000
 SLOWER = 0.10
 _CANARY = """
 import sys, time
 work, period = int(sys.argv[1]), float(sys.argv[2])
 while True:
-    start = time.monotonic()
+    start, cpu = time.monotonic(), time.thread_time()
     total = 0
     for i in range(work):
         total += i * i
-    print(f"{start} {time.monotonic() - start}", flush=True)
+    print(f"{start} {time.monotonic() - start} {time.thread_time() - cpu}", flush=True)
     time.sleep(max(0.0, period - (time.monotonic() - start)))
 """
 
@@ -177,8 +182,8 @@ class LoadReport:
     # jiffies, all jiffies), from /proc/stat (empty where there is none)
     cpu: list[tuple[float, int, int]] = field(default_factory=list)
     # the canary's units through the steady run: (seconds since its start, seconds the
-    # unit took); empty where it could not run
-    canary: list[tuple[float, float]] = field(default_factory=list)
+    # unit took, CPU seconds it took); empty where it could not run
+    canary: list[tuple[float, float, float]] = field(default_factory=list)
     # the service's processes through the steady run, per SCHED_SAMPLE_S: (seconds since its
     # start at the interval's end, seconds its threads ran, seconds they waited for a CPU);
     # empty where /proc has no schedstat or the service's pid is not known
@@ -221,15 +226,15 @@ class LoadReport:
         ]
 
     def machine_slower_pct(self, start: float, end: float) -> float | None:
-        """How much longer the canary's units took between ``start`` and ``end`` than over
-        the whole steady run (medians), in %; None without units there. The canary is no
-        part of the service: what slows it slowed the machine (our own client and
-        service included, when together they took both cores)."""
-        inside = [d for t, d in self.canary if start <= t < end]
+        """How much more CPU time the canary's units took between ``start`` and ``end``
+        (their mean) than over the whole steady run (the median unit), in %; None without
+        units there. The canary is no part of the service, and its CPU clock leaves out
+        its waits for a CPU: what slows it slowed the machine, not our own load."""
+        inside = [cpu for t, _, cpu in self.canary if start <= t < end]
         if not inside:
             return None
-        overall = float(np.median([d for _, d in self.canary]))
-        return round(100.0 * (float(np.median(inside)) / overall - 1.0), 1)
+        overall = float(np.median([cpu for _, _, cpu in self.canary]))
+        return round(100.0 * (float(np.mean(inside)) / overall - 1.0), 1)
 
     def slow_while_stolen(self, endpoint: str = RECOMMEND) -> dict[str, Any] | None:
         """Whether the slowest answers (above the steady run's own p99) were in flight
@@ -257,13 +262,13 @@ class LoadReport:
 
     def slow_while_canary_slow(self, endpoint: str = RECOMMEND) -> dict[str, Any] | None:
         """Whether the slowest answers (above the run's p99) were in flight while a unit
-        of the canary took at least 1.5x its median (the machine slowed, at the scale of
-        an episode rather than a window), against the same share for every answer. None
-        without the canary."""
+        of the canary took at least 1.5x its median CPU time (the machine slowed, at the
+        scale of an episode rather than a window), against the same share for every
+        answer. None without the canary."""
         if not self.canary:
             return None
-        median = float(np.median([d for _, d in self.canary]))
-        slow_units = [(t, t + d) for t, d in self.canary if d >= 1.5 * median]
+        median = float(np.median([cpu for _, _, cpu in self.canary]))
+        slow_units = [(t, t + wall) for t, wall, cpu in self.canary if cpu >= 1.5 * median]
         found = self._in_flight(slow_units, endpoint)
         if found is None:
             return None
@@ -520,7 +525,7 @@ async def _closed_loop(visitor: _Visitor, clients: int, seconds: float) -> float
 
 @contextmanager
 def _probes(
-    canary: list[tuple[float, float]] | None,
+    canary: list[tuple[float, float, float]] | None,
     service: list[tuple[float, float, float]] | None = None,
     service_pid: int | None = None,
     costs: dict[str, float] | None = None,
@@ -528,10 +533,11 @@ def _probes(
     """While the block runs, the canary (see CANARY_WORK) and, given the service's pid,
     the reading of its processes (see SCHED_SAMPLE_S), each in a process of its own;
     yields the visits' clock zero (``time.perf_counter()``), and puts the canary's units
-    into ``canary`` (seconds since that zero, seconds taken) and the service's intervals
-    into ``service`` (seconds since that zero, seconds run, seconds waited). Both
-    processes read the monotonic clock, which this one shares. Into ``costs``: the cores
-    each probe itself took over the block (``canary``, ``sampler``), where /proc says."""
+    into ``canary`` (seconds since that zero, seconds taken, CPU seconds taken) and the
+    service's intervals into ``service`` (seconds since that zero, seconds run, seconds
+    waited). Both processes read the monotonic clock, which this one shares. Into
+    ``costs``: the cores each probe itself took over the block (``canary``, ``sampler``),
+    where /proc says."""
     if canary is None:
         yield time.perf_counter()
         return
@@ -570,10 +576,10 @@ def _probes(
                     costs[name] = round((took - before) / elapsed, 3)
                 process.kill()
                 process.wait()
-            for values in _lines(units, 2):
-                started, took = values
+            for values in _lines(units, 3):
+                started, took, cpu = values
                 if started >= monotonic_zero:
-                    canary.append((started - monotonic_zero, took))
+                    canary.append((started - monotonic_zero, took, cpu))
             if service is not None:
                 for values in _lines(sched, 3):
                     ended, ran, waited = values
@@ -608,7 +614,7 @@ async def _open_loop(
     cpu: list[tuple[float, int, int]],
     *,
     probe: bool = False,
-    canary: list[tuple[float, float]] | None = None,
+    canary: list[tuple[float, float, float]] | None = None,
     service: list[tuple[float, float, float]] | None = None,
     service_pid: int | None = None,
     costs: dict[str, float] | None = None,
@@ -733,7 +739,7 @@ async def _measure(
         steady = _Visitor(session, base, customers, plan)
         rate = plan.share * best
         cpu: list[tuple[float, int, int]] = []
-        canary: list[tuple[float, float]] = []
+        canary: list[tuple[float, float, float]] = []
         service: list[tuple[float, float, float]] = []
         costs: dict[str, float] = {}
         await _open_loop(
@@ -887,7 +893,7 @@ def print_report(report: LoadReport) -> None:
     canary = report.slow_while_canary_slow()
     if canary is not None:
         print(
-            f"the canary's unit took >= 1.5x its median in {canary['slow_units']} of "
+            f"the canary's unit took >= 1.5x its median CPU time in {canary['slow_units']} of "
             f"{canary['units']}; /recommend answers slower than the run's p99: "
             f"{canary['slow_pct']:g} % in flight during one of them (n={canary['slow']}), "
             f"every answer: {canary['all_pct']:g} %"

@@ -41,8 +41,11 @@ def test_ten_seconds_of_load_lose_nothing_and_fail_nothing(
         assert reading is not None and reading["run"]["running"] > 0
         assert set(report.probes) == {"canary", "sampler"}
         assert all(0 < cores < 1 for cores in report.probes.values()), report.probes
+    # the canary timed its units on both clocks through the steady run, in every window
+    assert report.canary and all(wall > 0 and cpu > 0 for _, wall, cpu in report.canary)
     # the steady run sent what it was planned to, in every window, and fed back what it got
     windows = report.windows()
+    assert all(w["machine_slower_pct"] is not None for w in windows), windows
     assert len(windows) == 5 and all(w["/recommend"]["requests"] > 0 for w in windows)
     recommends = sum(s.endpoint == "/recommend" for s in report.samples)
     assert recommends == int(report.rate * SHORT.seconds)
@@ -156,9 +159,12 @@ def test_the_report_says_which_slow_answers_were_in_flight_while_the_cpu_was_sto
 
 
 def test_the_report_says_which_windows_ran_on_a_slower_machine() -> None:
-    """The canary's units per window, written by hand: 2 ms in the first and the third
-    window, 3 ms in the second, so the run's median unit is 2 ms and the second window ran
-    50 % slower. Its 40 ms p99 fails the target; on the two steady windows it holds."""
+    """The canary's units per window, written by hand: 2 ms of CPU in the first and the
+    third window, 3 ms in the second, so the run's median unit is 2 ms and the second window
+    ran 50 % slower. Its 40 ms p99 fails the target; on the two steady windows it holds.
+    Units that took long on the wall clock while their CPU time stayed 2 ms waited for a
+    CPU (our own load), and do not make a window slower; an episode of 2 s at twice the
+    CPU time does: a mean, where the window's median unit would hide it."""
     from bench.load import LoadReport, Sample
 
     samples = [
@@ -166,7 +172,11 @@ def test_the_report_says_which_windows_ran_on_a_slower_machine() -> None:
         for w in (0, 1, 2)
         for i in range(10)
     ]
-    canary = [(w * 10 + i * 0.5, 0.003 if w == 1 else 0.002) for w in (0, 1, 2) for i in range(20)]
+    canary = [
+        (w * 10 + i * 0.5, 0.003 if w == 1 else 0.002, 0.003 if w == 1 else 0.002)
+        for w in (0, 1, 2)
+        for i in range(20)
+    ]
     report = LoadReport(10.0, [], 3.0, samples, 10.0, lost={"feedback": 0, "slates": 0})
     assert [w["machine_slower_pct"] for w in report.windows()] == [None, None, None]
     whole, count = report.targets_on_whole_windows()  # no canary: every window counts
@@ -177,18 +187,32 @@ def test_the_report_says_which_windows_ran_on_a_slower_machine() -> None:
     whole, count = report.targets_on_whole_windows()
     assert count == 2 and whole["recommend_p99_within_1.5x_of_median_window"] is True
     assert report.as_dict()["targets_on_steady_windows"] == whole
+    # the first window's units waited for a CPU (9 ms on the wall clock, 2 ms of CPU): the
+    # machine was no slower then
+    report.canary = [(t, 0.009 if t < 10 else wall, cpu) for t, wall, cpu in canary]
+    assert [w["machine_slower_pct"] for w in report.windows()] == [0.0, 50.0, 0.0]
+    # an episode: the third window's units from 24 to 26 s took 4 ms of CPU (4 of its 20
+    # units), the rest 2 ms: its median is 2 ms, its mean (16 x 2 + 4 x 4) / 20 = 2.4 ms
+    report.canary = [(t, wall, 0.004 if 24 <= t < 26 else cpu) for t, wall, cpu in canary]
+    assert [w["machine_slower_pct"] for w in report.windows()] == [0.0, 50.0, 20.0]
+    whole, count = report.targets_on_whole_windows()
+    assert count == 1
     # episodes: every unit 2 ms but one of 10 ms (5x the median), from 14.0 s to 14.01 s;
     # the 40 ms answer, due at 14.5 s, was not in flight then, nor was any other
-    steady = [(i * 0.5, 0.002) for i in range(60)]
-    report.canary = [*steady[:28], (14.0, 0.010), *steady[29:]]
+    steady = [(i * 0.5, 0.002, 0.002) for i in range(60)]
+    report.canary = [*steady[:28], (14.0, 0.010, 0.010), *steady[29:]]
     found = report.slow_while_canary_slow()
     assert found is not None
     assert (found["slow_units"], found["units"], found["slow"]) == (1, 60, 1)
     assert found["slow_pct"] == 0.0 and found["all_pct"] == 0.0
-    report.canary = [*steady[:29], (14.5, 0.010), *steady[30:]]  # during it, now
+    report.canary = [*steady[:29], (14.5, 0.010, 0.010), *steady[30:]]  # during it, now
     found = report.slow_while_canary_slow()
     assert found is not None and found["slow_pct"] == 100.0
     assert found["all_pct"] == round(100 / 30, 1)  # one answer of 30 was in flight
+    # the same unit long on the wall clock only (it waited for a CPU): not a slow machine
+    report.canary = [*steady[:29], (14.5, 0.010, 0.002), *steady[30:]]
+    found = report.slow_while_canary_slow()
+    assert found is not None and found["slow_units"] == 0 and found["slow_pct"] == 0.0
 
 
 def test_the_report_says_whether_the_service_ran_more_or_waited_more_while_slow() -> None:
